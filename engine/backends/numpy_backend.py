@@ -1,0 +1,128 @@
+"""The NumPy reference backend: float32 arithmetic on dequantized weights.
+
+Plain and obviously right: it is the oracle that every OpenCL kernel is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..gguf_file import QTensor
+from ..model import Weights
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # [dim]
+    wqkv: np.ndarray       # [q_dim + 2*kv_dim, dim]
+    wo: np.ndarray         # [dim, q_dim]
+    ffn_norm: np.ndarray   # [dim]
+    w_gate_up: np.ndarray  # [2*ffn, dim]
+    w_down: np.ndarray     # [dim, ffn]
+
+
+@dataclass
+class DeviceWeights:
+    tok_embd: np.ndarray     # [vocab, dim]
+    layers: list[Layer]
+    output_norm: np.ndarray  # [dim]
+    output: np.ndarray       # [vocab, dim]; the same array as tok_embd when tied
+
+
+def stack(tensors: list[QTensor]) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([t.dequantize() for t in tensors], axis=0))
+
+
+def rope_tables(config: ModelConfig, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [ctx, rope_dim/2] for rotating adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/rope_dim)."""
+    inv_freq = config.rope_base ** (-np.arange(0, config.rope_dim, 2, dtype=np.float64) / config.rope_dim)
+    angles = np.outer(np.arange(ctx, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -> np.ndarray:
+    """x [T, heads, head_dim]; cos, sin [T, rope_dim/2]. Rotates the first rope_dim dims pairwise."""
+    out = x.copy()
+    even, odd = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out[..., 0:rope_dim:2] = even * c - odd * s
+    out[..., 1:rope_dim:2] = even * s + odd * c
+    return out
+
+
+class NumpyBackend:
+    name = "numpy"
+    description = "NumPy (float32 reference)"
+
+    def load(self, config: ModelConfig, weights: Weights, ctx: int) -> DeviceWeights:
+        self.config, self.ctx = config, ctx
+        embd = weights.tok_embd.dequantize()
+        output = embd if weights.output is weights.tok_embd else weights.output.dequantize()
+        layers = [
+            Layer(
+                attn_norm=l.attn_norm.dequantize(),
+                wqkv=stack(l.wqkv),
+                wo=l.wo.dequantize(),
+                ffn_norm=l.ffn_norm.dequantize(),
+                w_gate_up=stack(l.w_gate_up),
+                w_down=l.w_down.dequantize(),
+            )
+            for l in weights.layers
+        ]
+        shape = (config.n_layers, ctx, config.n_kv_heads, config.head_dim)
+        self.k_cache = np.zeros(shape, np.float32)  # [layer, pos, kv_head, head_dim]
+        self.v_cache = np.zeros(shape, np.float32)
+        self.cos, self.sin = rope_tables(config, ctx)
+        return DeviceWeights(embd, layers, weights.output_norm.dequantize(), output)
+
+    # --- operators --------------------------------------------------------------------------
+
+    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return table[np.asarray(ids)].astype(np.float32)  # [T, dim]
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        return x / np.sqrt(ms + self.config.norm_eps) * w
+
+    def add_rmsnorm(self, x: np.ndarray, delta: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = x + delta
+        return x, self.rmsnorm(x, w)
+
+    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x @ w.T  # [T, in] x [out, in]^T -> [T, out]
+
+    def swiglu(self, x: np.ndarray, w_gate_up: np.ndarray) -> np.ndarray:
+        gu = x @ w_gate_up.T
+        gate, up = np.split(gu, 2, axis=-1)
+        return gate / (1.0 + np.exp(-gate)) * up
+
+    def attention(self, qkv: np.ndarray, layer: int, start_pos: int) -> np.ndarray:
+        c = self.config
+        T, D = qkv.shape[0], c.head_dim
+        end = start_pos + T
+        q = qkv[:, : c.q_dim].reshape(T, c.n_heads, D)
+        k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, D)
+        v = qkv[:, c.q_dim + c.kv_dim :].reshape(T, c.n_kv_heads, D)
+        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        q = apply_rope(q, cos, sin, c.rope_dim)
+        self.k_cache[layer, start_pos:end] = apply_rope(k, cos, sin, c.rope_dim)
+        self.v_cache[layer, start_pos:end] = v
+
+        keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]   # [S, kv_heads, D]
+        group = c.n_heads // c.n_kv_heads
+        qg = q.reshape(T, c.n_kv_heads, group, D)
+        scores = np.einsum("tkgd,skd->kgts", qg, keys) * np.float32(1.0 / np.sqrt(D))           # [kv_heads, group, T, S]
+        causal = np.arange(end)[None, :] > (start_pos + np.arange(T))[:, None]  # [T, S]
+        scores[..., causal] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = np.einsum("kgts,skd->tkgd", p, values)                         # [T, kv_heads, group, D]
+        return out.reshape(T, c.q_dim)
+
+    def logits(self, h: np.ndarray, output: np.ndarray, all_logits: bool) -> np.ndarray:
+        if not all_logits:
+            h = h[-1:]
+        return h @ output.T  # [T, vocab]

@@ -1,0 +1,88 @@
+"""The transformer, written once against a backend's small set of fused operators.
+
+Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
+
+    qkv  = linear(h, wqkv)                      Q, K and V as one matrix product
+    a    = attention(qkv, layer, start_pos)     RoPE, KV-cache write, QK^T, softmax, .V
+    x, h = add_rmsnorm(x, linear(a, wo), ffn_norm)
+    f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
+    x, h = add_rmsnorm(x, linear(f, w_down), next norm)
+
+The last layer's "next norm" is the output norm, so the logits are linear(h, output).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig
+from .gguf_file import GGUFModel, QTensor
+from .errors import PerfxError
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: QTensor             # [dim]
+    wqkv: list[QTensor]            # [q_dim, dim], [kv_dim, dim], [kv_dim, dim]: stacked into one matrix
+    wo: QTensor                    # [dim, q_dim]
+    ffn_norm: QTensor              # [dim]
+    w_gate_up: list[QTensor]       # [ffn, dim], [ffn, dim]: stacked into one matrix
+    w_down: QTensor                # [dim, ffn]
+
+
+@dataclass
+class Weights:
+    tok_embd: QTensor              # [vocab, dim]
+    layers: list[LayerWeights]
+    output_norm: QTensor           # [dim]
+    output: QTensor                # [vocab, dim]; the embedding itself when tied
+
+
+def weights_from_gguf(model: GGUFModel) -> Weights:
+    t = model.tensors
+
+    def need(name: str) -> QTensor:
+        if name not in t:
+            raise PerfxError(f"{model.path}: tensor {name} is missing; the file is incomplete")
+        return t[name]
+
+    layers = [
+        LayerWeights(
+            attn_norm=need(f"blk.{i}.attn_norm.weight"),
+            wqkv=[need(f"blk.{i}.attn_q.weight"), need(f"blk.{i}.attn_k.weight"), need(f"blk.{i}.attn_v.weight")],
+            wo=need(f"blk.{i}.attn_output.weight"),
+            ffn_norm=need(f"blk.{i}.ffn_norm.weight"),
+            w_gate_up=[need(f"blk.{i}.ffn_gate.weight"), need(f"blk.{i}.ffn_up.weight")],
+            w_down=need(f"blk.{i}.ffn_down.weight"),
+        )
+        for i in range(model.config.n_layers)
+    ]
+    embd = need("token_embd.weight")
+    return Weights(embd, layers, need("output_norm.weight"), t.get("output.weight", embd))
+
+
+class Transformer:
+    """Runs the forward pass on a backend, which owns the weights on its device and the KV cache."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, backend: Any, ctx: int):
+        self.config = config
+        self.ctx = ctx
+        self.backend = backend
+        self.w = backend.load(config, weights, ctx)
+
+    def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = True) -> np.ndarray:
+        """Logits [len(ids), vocab] (or [1, vocab] for the last token) continuing the cache at start_pos."""
+        ops, w = self.backend, self.w
+        n = len(w.layers)
+        x = ops.embed(w.tok_embd, ids)
+        h = ops.rmsnorm(x, w.layers[0].attn_norm)
+        for i, layer in enumerate(w.layers):
+            qkv = ops.linear(h, layer.wqkv)
+            a = ops.attention(qkv, i, start_pos)
+            x, h = ops.add_rmsnorm(x, ops.linear(a, layer.wo), layer.ffn_norm)
+            f = ops.swiglu(h, layer.w_gate_up)
+            next_norm = w.layers[i + 1].attn_norm if i + 1 < n else w.output_norm
+            x, h = ops.add_rmsnorm(x, ops.linear(f, layer.w_down), next_norm)
+        return ops.logits(h, w.output, all_logits)

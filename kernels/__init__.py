@@ -1,0 +1,1 @@
+"""perfx's OpenCL kernels (one .cl file per operator) and their tuned parameters."""
