@@ -1,0 +1,171 @@
+"""A loaded model: transformer + tokenizer + chat template, with prefill/decode generation.
+
+    model = load_model("smollm2-135m-instruct")
+    ids = model.tokenizer.encode(model.chat_template.render([{"role": "user", "content": "Hi"}]))
+    for token in model.generate(ids, Sampling(temperature=0)): ...
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .chat import ChatTemplate
+from .errors import PerfxError
+from .gguf_file import read_gguf
+from .model import Transformer, weights_from_gguf
+from .sampler import Sampler, Sampling
+from .tokenizer import Tokenizer
+
+DEFAULT_CTX = 2048
+
+
+@dataclass
+class Stats:
+    """Timings of the last generate() call."""
+
+    prompt_tokens: int = 0      # tokens actually prefilled (the cached prefix is not counted)
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0          # from the first generated token to the last
+    ttft_s: float = 0.0         # from the call to the first generated token
+    finish: str = ""            # "stop" (end of turn), "length" (max_tokens) or "context" (cache full)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return (self.gen_tokens - 1) / self.gen_s if self.gen_s > 0 and self.gen_tokens > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens, "prompt_s": self.prompt_s, "prompt_tps": self.prompt_tps,
+            "gen_tokens": self.gen_tokens, "gen_s": self.gen_s, "gen_tps": self.gen_tps,
+            "ttft_s": self.ttft_s, "finish": self.finish,
+        }
+
+
+@dataclass
+class LLM:
+    path: Path
+    transformer: Transformer
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    metadata: dict
+    cached: list[int] = field(default_factory=list)   # the tokens whose K and V sit in the cache
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def ctx(self) -> int:
+        return self.transformer.ctx
+
+    @property
+    def device(self) -> str:
+        return self.transformer.backend.description
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def forward(self, ids, start_pos: int = 0) -> np.ndarray:
+        """Teacher-forced logits [len(ids), vocab], continuing the cache at start_pos."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if start_pos < 0 or start_pos > len(self.cached):
+            raise PerfxError(f"start_pos {start_pos} is past the {len(self.cached)} cached tokens")
+        self._check_fits(start_pos + len(ids))
+        logits = self.transformer.forward(ids, start_pos)
+        self.cached = self.cached[:start_pos] + ids.tolist()
+        return logits
+
+    def _check_fits(self, n: int) -> None:
+        if n > self.ctx:
+            raise PerfxError(
+                f"the prompt is {n} tokens, longer than the context of {self.ctx}; shorten it or raise --ctx"
+            )
+
+    def generate(self, prompt_ids, sampling: Sampling = Sampling()) -> Iterator[int]:
+        """Yields generated tokens one by one. Tokens already in the cache (a shared prefix with the
+        previous call, as in a chat) are not computed again."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise PerfxError("the prompt is empty")
+        self._check_fits(len(prompt) + 1)
+        self.stats = stats = Stats()
+        sampler = Sampler(sampling)
+        t0 = time.perf_counter()
+
+        reuse = common_prefix(self.cached, prompt)
+        reuse = min(reuse, len(prompt) - 1)          # at least one token must run to give logits
+        new = np.asarray(prompt[reuse:], dtype=np.int64)
+        logits = self.transformer.forward(new, reuse, all_logits=False)[-1]
+        self.cached = prompt[:]
+        stats.prompt_tokens, stats.prompt_s = len(new), time.perf_counter() - t0
+
+        history = list(prompt)
+        stop = self.tokenizer.eot_ids
+        t_first = 0.0
+        while True:
+            token = sampler(logits, history)
+            now = time.perf_counter()
+            if stats.gen_tokens == 0:
+                t_first = now
+                stats.ttft_s = now - t0
+            if token in stop:
+                stats.finish = "stop"
+                break
+            stats.gen_tokens += 1
+            stats.gen_s = now - t_first
+            history.append(token)
+            yield token
+            if stats.gen_tokens >= sampling.max_tokens:
+                stats.finish = "length"
+                break
+            if len(self.cached) >= self.ctx:
+                stats.finish = "context"
+                break
+            logits = self.transformer.forward(np.asarray([token]), len(self.cached), all_logits=False)[-1]
+            self.cached.append(token)
+        stats.gen_s = time.perf_counter() - t_first if stats.gen_tokens else 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def make_backend(device: str):
+    if device in ("numpy", "auto"):
+        from .backends.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    raise PerfxError(f"device '{device}' is not available (choose from: auto, numpy)")
+
+
+def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ctx: int | None = None,
+               progress: bool = False) -> LLM:
+    """Load a registry model (downloaded on first use) or a model file, on `device`."""
+    from .registry import resolve
+
+    path, _ = resolve(None if name_or_path is None else str(name_or_path), progress=progress)
+    gguf = read_gguf(path)
+    config = gguf.config
+    ctx = min(ctx or DEFAULT_CTX, config.ctx_len)
+    if ctx < 1:
+        raise PerfxError(f"context must be at least 1 token (got {ctx})")
+    tokenizer = Tokenizer.from_gguf(gguf.metadata)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
+    transformer = Transformer(config, weights_from_gguf(gguf), make_backend(device), ctx)
+    return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), gguf.metadata)

@@ -1,0 +1,188 @@
+"""The `perfx` command line: a thin layer over the engine."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import PerfxError
+
+app = typer.Typer(
+    name="perfx",
+    help="Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False)
+
+ModelOpt = typer.Option(None, "-m", "--model", help="Registry name or model file (default: the registry's default).")
+DeviceOpt = typer.Option("auto", "--device", help="auto | numpy")
+CtxOpt = typer.Option(None, "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
+
+
+def command(fn):
+    """Turns engine errors into a one-line message and Ctrl-C into a quiet exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PerfxError as e:
+            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+
+    return app.command()(wrapper)
+
+
+def load(model: Optional[str], device: str, ctx: Optional[int]):
+    from engine.llm import load_model
+
+    with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext():
+        llm = load_model(model, device=device, ctx=ctx, progress=True)
+    return llm
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@command
+def run(
+    prompt: str = typer.Argument(..., help="The prompt; '-' reads it from standard input."),
+    model: Optional[str] = ModelOpt,
+    n: int = typer.Option(256, "-n", "--n-predict", help="Most tokens to generate."),
+    temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 is greedy."),
+    top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    device: str = DeviceOpt,
+    ctx: Optional[int] = CtxOpt,
+):
+    """Generate a reply to one prompt, streamed to standard output."""
+    from engine.sampler import Sampling
+    from engine.tokenizer import StreamDecoder
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=n)
+    llm = load(model, device, ctx)
+    tok = llm.tokenizer
+    if raw:
+        prompt_ids = tok.encode(prompt, special=False)  # with BOS where the model wants one
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt_ids = tok.encode(llm.chat_template.render(messages), special=True)
+
+    ids: list[int] = []
+    stream = StreamDecoder(tok)
+    for token in llm.generate(prompt_ids, sampling):
+        ids.append(token)
+        if not as_json:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+    if as_json:
+        print(json.dumps({"prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
+                          "device": llm.device, "timings": llm.stats.to_dict()}))
+    else:
+        sys.stdout.write(stream.flush() + "\n")
+        s = llm.stats
+        err.print(f"[dim]prompt {s.prompt_tokens} tok, {s.prompt_tps:.1f} tok/s · "
+                  f"reply {s.gen_tokens} tok, {s.gen_tps:.1f} tok/s · {llm.device}[/]")
+
+
+@command
+def perplexity(
+    file: Path = typer.Argument(..., help="A text file."),
+    model: Optional[str] = ModelOpt,
+    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = DeviceOpt,
+):
+    """Perplexity of a model on a text file, as llama-perplexity measures it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from engine.perplexity import perplexity as measure
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PerfxError(f"cannot read {file} as UTF-8 text: {e}") from None
+    llm = load(model, device, ctx)
+    columns = [TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ppl]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
+        task = progress.add_task("ppl", total=None, ppl="")
+
+        def on_chunk(done: int, total: int, ppl: float) -> None:
+            progress.update(task, completed=done, total=total, ppl=f"PPL {ppl:.4f}")
+
+        result = measure(llm, text, ctx=ctx, chunks=chunks, on_chunk=on_chunk)
+    if as_json:
+        print(json.dumps({"file": str(file), "ctx": ctx, "chunks": len(result.chunk_ppl), "device": llm.device,
+                          **result.to_dict()}))
+    else:
+        print(f"PPL = {result.ppl:.4f} ± {result.ppl_error:.4f}  "
+              f"({len(result.chunk_ppl)} chunks of {ctx}, {result.tokens_scored} tokens scored, {llm.device})")
+
+
+@command
+def download(
+    name: Optional[str] = typer.Argument(None, help="Registry name (default: the default model)."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash a file already downloaded."),
+):
+    """Fetch a registry model into the model cache (a no-op when it is there)."""
+    from engine import download as dl
+    from engine.registry import load_registry, local_path
+
+    registry = load_registry()
+    entry = registry.get(name or registry.default)
+    path = dl.ensure(entry, progress=True)
+    if verify and not dl.verify(entry):
+        raise PerfxError(f"{path} does not match its sha256; delete it and run `perfx download {entry.name}`")
+    print(local_path(entry))
+
+
+@command
+def models():
+    """List the registry's models and which are downloaded."""
+    from engine.registry import load_registry, local_path
+
+    registry = load_registry()
+    table = Table(title="perfx models")
+    for col in ("name", "arch", "params", "quant", "size", "license", "local"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for name, e in registry.models.items():
+        path = local_path(e)
+        here = "[green]yes[/]" if path.exists() and path.stat().st_size == e.size else "[dim]no[/]"
+        label = f"{name} [dim](default)[/]" if name == registry.default else name
+        table.add_row(label, e.architecture, e.params, e.quantization, f"{e.size / 1e6:.1f} MB", e.license, here)
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

