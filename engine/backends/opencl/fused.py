@@ -1,0 +1,263 @@
+"""The fused, non-matmul operators of the forward pass on OpenCL: residual add + RMSNorm, attention
+(RoPE, KV-cache write, QK^T, causal online softmax, .V in one kernel, with a split-KV path for long
+contexts), the token embedding gather and the greedy argmax.
+
+`FusedOps` builds the kernels and allocates everything they need once (KV cache, RoPE table,
+split-KV partials, argmax partials); its methods only enqueue kernels. All buffers are f32 and
+row-major unless said otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+
+from ...config import ModelConfig
+from ...errors import PerfxError
+from ..numpy_backend import rope_tables
+from .runtime import Runtime
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "rms_wg": 64,          # add_rmsnorm work-group size (power of two)
+    "att_wg": 128,         # attention work-group size = keys per block
+                           # (a multiple of att_vec and of head_dim / att_vec)
+    "att_vec": 4,          # attention vector width per work-item: 4, 8 or 16
+    "att_rows": 32,        # most query rows (tile tokens x query heads of a KV head) per work-group
+    "split_max_t": 8,      # split-KV (flash-decoding) only for T up to this ...
+    "split_min_chunk": 128,  # ... with at least this many keys per slice ...
+    "split_wgs": 0,        # ... aiming at this many work-groups per launch (0: the device's compute units)
+    "max_splits": 64,      # ... and at most this many slices per KV head
+    "kv_half": False,      # KV cache stored as fp16 (vstore_half / vload_half)
+    "argmax_wg": 64,       # argmax work-group size (power of two)
+    "argmax_groups": 64,   # argmax stage-1 work-groups
+}
+
+# The attention defaults above were measured on an NVIDIA H100. CPUs (PoCL) want wide vectors per
+# work-item (the work-item loop is not vectorised across work-items) and smaller work-groups;
+# measured on PoCL 3.1 (AVX-512).
+CPU_PARAMS: dict[str, Any] = {"att_vec": 16, "att_wg": 64}
+
+
+def default_params(device: cl.Device) -> dict[str, Any]:
+    """DEFAULT_PARAMS with the overrides for the device's type."""
+    is_cpu = bool(device.type & cl.device_type.CPU)
+    return {**DEFAULT_PARAMS, **(CPU_PARAMS if is_cpu else {})}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rope_table(config: ModelConfig, ctx: int) -> np.ndarray:
+    """f32 [ctx, 2, head_dim]: per position, cos and signed sin per dimension, so that
+    roped(x) = x * table[pos, 0] + swap_pairs(x) * table[pos, 1] with swap_pairs(x)[2i] = x[2i+1]:
+    dims 2i and 2i+1 both carry cos(a_i), and -sin(a_i), +sin(a_i), a_i = pos * base^(-2i/rope_dim);
+    dims past rope_dim carry cos 1 and sin 0."""
+    cos, sin = rope_tables(config, ctx)   # [ctx, rope_dim / 2]
+    table = np.zeros((ctx, 2, config.head_dim), np.float32)
+    table[:, 0, :] = 1.0
+    table[:, 0, 0:config.rope_dim:2] = table[:, 0, 1:config.rope_dim:2] = cos
+    table[:, 1, 0:config.rope_dim:2] = -sin
+    table[:, 1, 1:config.rope_dim:2] = sin
+    return table
+
+
+@dataclass
+class EmbeddingTable:
+    """A token-embedding table on the device: Q8_0 (q int8 [vocab, dim], scale f32 [vocab, dim/32])
+    or f32 (w [vocab, dim])."""
+
+    vocab: int
+    dim: int
+    q: cl.Buffer | None = None        # int8 [vocab, dim]
+    scale: cl.Buffer | None = None    # f32 [vocab, dim / 32]
+    w: cl.Buffer | None = None        # f32 [vocab, dim]
+
+    @classmethod
+    def from_q8(cls, rt: Runtime, q: np.ndarray, scale: np.ndarray) -> EmbeddingTable:
+        vocab, dim = q.shape
+        if dim % 32 or scale.shape != (vocab, dim // 32):
+            raise PerfxError(f"Q8_0 embedding: q {q.shape} and scale {scale.shape} do not match")
+        return cls(vocab, dim, q=rt.to_device(q.astype(np.int8, copy=False)),
+                   scale=rt.to_device(scale.astype(np.float32, copy=False)))
+
+    @classmethod
+    def from_f32(cls, rt: Runtime, w: np.ndarray) -> EmbeddingTable:
+        vocab, dim = w.shape
+        return cls(vocab, dim, w=rt.to_device(w.astype(np.float32, copy=False)))
+
+
+class FusedOps:
+    """The fused operators of one model on one device, with its KV cache.
+
+    k_cache, v_cache: [n_layers, n_kv_heads, ctx, head_dim], f32 or fp16 (params["kv_half"]);
+    K is stored after RoPE. One (layer, KV head) is a contiguous [ctx, head_dim] matrix.
+    """
+
+    def __init__(self, rt: Runtime, config: ModelConfig, ctx: int, n_layers: int,
+                 params: dict[str, Any] | None = None):
+        unknown = set(params or {}) - set(DEFAULT_PARAMS)
+        if unknown:
+            raise PerfxError(f"unknown fused-operator parameters: {', '.join(sorted(unknown))}")
+        self.rt, self.config, self.ctx, self.n_layers = rt, config, ctx, n_layers
+        self.params = p = {**default_params(rt.device), **(params or {})}
+        if not p["split_wgs"]:
+            p["split_wgs"] = rt.device.max_compute_units
+        c = config
+        self.group = c.n_heads // c.n_kv_heads
+        self._check(c, p)
+
+        # RMSNorm and embedding, argmax.
+        rms = rt.program("rmsnorm", RMS_WG=p["rms_wg"])
+        self._add_rmsnorm, self._rmsnorm = cl.Kernel(rms, "add_rmsnorm"), cl.Kernel(rms, "rmsnorm")
+        self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32])
+        self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32])
+        emb = rt.program("embed")
+        self._embed_q8, self._embed_f32 = cl.Kernel(emb, "embed_q8"), cl.Kernel(emb, "embed_f32")
+        self._embed_q8.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.int32])
+        self._embed_f32.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
+        am = rt.program("argmax", ARGMAX_WG=p["argmax_wg"], ARGMAX_GROUPS=p["argmax_groups"])
+        self._argmax_partial = cl.Kernel(am, "argmax_partial")
+        self._argmax_final = cl.Kernel(am, "argmax_final")
+        self._argmax_partial.set_scalar_arg_dtypes([None, np.int32, None, None])
+        self.argmax_val = rt.empty(4 * p["argmax_groups"])   # f32 [argmax_groups]
+        self.argmax_idx = rt.empty(4 * p["argmax_groups"])   # int32 [argmax_groups]
+
+        # Attention: KV cache, RoPE table, split-KV partials; kernels built per query-tile size.
+        self.kv_bytes = 2 if p["kv_half"] else 4
+        cache_bytes = n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv_bytes
+        self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
+        self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
+        for buf in (self.k_cache, self.v_cache):
+            cl.enqueue_fill_buffer(rt.queue, buf, np.uint8(0), 0, cache_bytes)
+        self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
+        slots = p["max_splits"] * p["split_max_t"] * c.n_heads
+        self.part_o = rt.empty(4 * slots * c.head_dim)  # [max_splits, split_max_t, n_heads, head_dim]
+        self.part_ml = rt.empty(4 * slots * 2)          # [max_splits, split_max_t, n_heads, 2]
+        self._attend: dict[int, cl.Kernel] = {}
+        self._combine = cl.Kernel(self._attention_program(1), "combine")
+        self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
+        self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
+
+    @staticmethod
+    def _check(c: ModelConfig, p: dict[str, Any]) -> None:
+        vec = p["att_vec"]
+        problems = []
+        if c.n_heads % c.n_kv_heads:
+            problems.append(f"n_heads {c.n_heads} is not a multiple of n_kv_heads {c.n_kv_heads}")
+        if vec not in (4, 8, 16) or c.head_dim % vec:
+            problems.append(f"att_vec {vec} must be 4, 8 or 16 and divide head_dim {c.head_dim}")
+        if c.rope_dim % 2 or not 0 <= c.rope_dim <= c.head_dim:
+            problems.append(f"rope_dim {c.rope_dim} must be even and at most head_dim {c.head_dim}")
+        dv = max(c.head_dim // vec, 1)
+        if p["att_wg"] % dv or p["att_wg"] % vec:
+            problems.append(f"att_wg {p['att_wg']} must be a multiple of att_vec {vec} and of "
+                            f"head_dim / att_vec = {dv}")
+        for name in ("rms_wg", "argmax_wg"):
+            if p[name] & (p[name] - 1):
+                problems.append(f"{name} {p[name]} is not a power of two")
+        if problems:
+            raise PerfxError("fused operators: " + "; ".join(problems))
+
+    def _attention_program(self, qt: int) -> cl.Program:
+        c, p = self.config, self.params
+        return self.rt.program(
+            "attention", HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
+            ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]))
+
+    def _attend_kernel(self, qt: int) -> cl.Kernel:
+        knl = self._attend.get(qt)
+        if knl is None:
+            knl = cl.Kernel(self._attention_program(qt), "attend")
+            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 6)
+            self._attend[qt] = knl
+        return knl
+
+    # --- operators ------------------------------------------------------------------------------
+
+    def add_rmsnorm(self, x: cl.Buffer, delta: cl.Buffer | None, w: cl.Buffer, T: int,
+                    h: cl.Buffer) -> None:
+        """x [T, dim] += delta [T, dim] (skipped when delta is None); h [T, dim] = rmsnorm(x) * w [dim]."""
+        wg = self.params["rms_wg"]
+        c = self.config
+        if delta is None:
+            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps)
+        else:
+            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps)
+
+    def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer) -> None:
+        """h [T, dim] = rmsnorm(x [T, dim]) * w [dim]."""
+        self.add_rmsnorm(x, None, w, T, h)
+
+    def splits_for(self, T: int, end: int) -> int:
+        """How many key slices per KV head the attention of T tokens ending at position `end` uses:
+        enough work-groups to fill the device, each slice at least split_min_chunk keys long."""
+        p = self.params
+        if T > p["split_max_t"]:
+            return 1
+        groups = self.config.n_kv_heads * _ceil_div(T, self._tile(T))
+        return max(1, min(p["max_splits"], end // p["split_min_chunk"], _ceil_div(p["split_wgs"], groups)))
+
+    def _tile(self, T: int) -> int:
+        """Query tokens per work-group: the next power of two of T, capped by att_rows."""
+        return min(self.qt_max, 1 << (T - 1).bit_length())
+
+    def attention(self, qkv: cl.Buffer, T: int, layer: int, start_pos: int, out: cl.Buffer,
+                  *, n_splits: int | None = None) -> None:
+        """out [T, q_dim] = causal attention of the T tokens of qkv [T, q_dim + 2 kv_dim] at positions
+        start_pos.., whose K (roped) and V are written to the layer's cache. n_splits forces the
+        number of key slices (1: no split)."""
+        c, p = self.config, self.params
+        end = start_pos + T
+        if T < 1 or start_pos < 0 or end > self.ctx:
+            raise PerfxError(f"attention: positions {start_pos}..{end - 1} do not fit "
+                             f"the context of {self.ctx}")
+        if not 0 <= layer < self.n_layers:
+            raise PerfxError(f"attention: layer {layer} is outside 0..{self.n_layers - 1}")
+        if n_splits is None:
+            n_splits = self.splits_for(T, end)
+        elif n_splits > 1 and (T > p["split_max_t"] or n_splits > p["max_splits"]):
+            raise PerfxError(f"attention: split-KV needs T <= {p['split_max_t']} and "
+                             f"n_splits <= {p['max_splits']}")
+        wg = p["att_wg"]
+        chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
+        n_splits = _ceil_div(end, chunk)
+        partial = int(n_splits > 1)
+        qt = self._tile(T)
+        knl = self._attend_kernel(qt)
+        q = self.rt.queue
+        knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
+            qkv, self.rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
+            T, start_pos, self.ctx, layer, chunk, partial)
+        if partial:
+            self._combine(q, (c.head_dim // 4, c.n_heads, T), None,
+                          self.part_o, self.part_ml, out, T, n_splits)
+
+    def embed(self, table: EmbeddingTable, ids: cl.Buffer, T: int, x: cl.Buffer) -> None:
+        """x [T, dim] = table[ids [T] int32] as f32."""
+        q, gsize = self.rt.queue, (_ceil_div(table.dim, 4), T)
+        if table.q is not None:
+            self._embed_q8(q, gsize, None, ids, table.q, table.scale, x, table.dim, table.vocab)
+        else:
+            self._embed_f32(q, gsize, None, ids, table.w, x, table.dim, table.vocab)
+
+    def argmax(self, logits: cl.Buffer, n: int, out: cl.Buffer) -> None:
+        """out [1] int32 = the index of the largest of logits [n] (the first of equals)."""
+        p, q = self.params, self.rt.queue
+        wg, groups = p["argmax_wg"], p["argmax_groups"]
+        self._argmax_partial(q, (wg * groups,), (wg,), logits, n, self.argmax_val, self.argmax_idx)
+        self._argmax_final(q, (wg,), (wg,), self.argmax_val, self.argmax_idx, out)
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's K and V caches as f32 [ctx, n_kv_heads, head_dim] (the NumPy backend's layout)."""
+        c = self.config
+        dtype = np.float16 if self.params["kv_half"] else np.float32
+        shape = (self.n_layers, c.n_kv_heads, self.ctx, c.head_dim)
+        k = self.rt.read(self.k_cache, shape, dtype)[layer]
+        v = self.rt.read(self.v_cache, shape, dtype)[layer]
+        return (np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32),
+                np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))

@@ -1,0 +1,72 @@
+"""One OpenCL device in use: its context, its queue, and the kernels built for it.
+
+Kernels are `.cl` files in the `kernels` package, one per operator; tunables are `-D NAME=VALUE`
+defines with defaults in the source. Built programs are cached on disk by pyopencl, keyed by
+source, options and device, so a second start builds nothing.
+"""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pyopencl as cl
+
+from ...errors import PerfxError
+
+
+def kernel_source(name: str) -> str:
+    """The text of kernels/<name>.cl."""
+    return resources.files("kernels").joinpath(f"{name}.cl").read_text(encoding="utf-8")
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    home = os.environ.get("PERFX_HOME")
+    return Path(home) / "cl-cache" if home else Path(user_cache_dir("perfx")) / "cl-cache"
+
+
+class Runtime:
+    def __init__(self, device: cl.Device):
+        self.device = device
+        self.ctx = cl.Context([device])
+        self.queue = cl.CommandQueue(self.ctx)
+        self._programs: dict[tuple, cl.Program] = {}
+
+    def program(self, name: str, **defines) -> cl.Program:
+        """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME)."""
+        options = tuple(
+            f"-D{k}" if v is True else f"-D{k}={v}" for k, v in sorted(defines.items()) if v is not False
+        ) + ("-cl-mad-enable", "-cl-fast-relaxed-math")
+        key = (name, options)
+        if key not in self._programs:
+            directory = cache_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                prg = cl.Program(self.ctx, kernel_source(name)).build(options=list(options), cache_dir=str(directory))
+            except cl.RuntimeError as e:
+                log = str(e).strip().splitlines()
+                raise PerfxError(
+                    f"{self.device.name}: building kernel {name}.cl failed: " + " | ".join(log[:6])
+                ) from None
+            self._programs[key] = prg
+        return self._programs[key]
+
+    def kernel(self, name: str, entry: str, **defines) -> cl.Kernel:
+        return getattr(self.program(name, **defines), entry)
+
+    # --- buffers --------------------------------------------------------------------------
+
+    def to_device(self, array: np.ndarray) -> cl.Buffer:
+        array = np.ascontiguousarray(array)
+        return cl.Buffer(self.ctx, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=array)
+
+    def empty(self, nbytes: int) -> cl.Buffer:
+        return cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, size=max(int(nbytes), 4))
+
+    def read(self, buf: cl.Buffer, shape, dtype=np.float32) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        cl.enqueue_copy(self.queue, out, buf)
+        return out

@@ -1,0 +1,88 @@
+/* RMSNorm, with the residual addition fused in.
+
+   One work-group per token row; each work-item walks the row in float4 steps (stride RMS_WG float4s,
+   so neighbouring work-items touch neighbouring memory), the sum of squares is reduced in local
+   memory, and the same work-items then write the normalised row. Rows of any length work: a
+   scalar tail covers dim % 4.
+
+   Buffers (f32, row-major):
+     x     [T, dim]   residual stream; add_rmsnorm updates it in place: x += delta
+     delta [T, dim]   what the sub-layer adds to the residual stream
+     w     [dim]      norm weight
+     h     [T, dim]   out: x / sqrt(mean(x^2) + eps) * w
+
+   Launch: global (RMS_WG * T), local (RMS_WG).
+   Tunable: RMS_WG, the work-group size, a power of two. */
+
+#ifndef RMS_WG
+#define RMS_WG 64
+#endif
+
+/* The sum of v over the work-group; scratch [RMS_WG]. */
+inline float wg_sum(float v, __local float *scratch)
+{
+    const int lid = get_local_id(0);
+    scratch[lid] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int half_n = RMS_WG / 2; half_n > 0; half_n >>= 1) {
+        if (lid < half_n)
+            scratch[lid] += scratch[lid + half_n];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    return scratch[0];
+}
+
+/* One row: x += delta when add is set, then h = normalised x * w. */
+inline void norm_row(__global float *x, __global const float *delta, __global const float *w,
+                     __global float *h, const int dim, const float eps, const bool add,
+                     __local float *scratch)
+{
+    const int lid = get_local_id(0);
+    const int n4 = dim >> 2;
+
+    float4 sq4 = (float4)(0.0f);
+    for (int i = lid; i < n4; i += RMS_WG) {
+        float4 v = vload4(i, x);
+        if (add) {
+            v += vload4(i, delta);
+            vstore4(v, i, x);
+        }
+        sq4 = mad(v, v, sq4);
+    }
+    float sq = (sq4.x + sq4.y) + (sq4.z + sq4.w);
+    for (int i = 4 * n4 + lid; i < dim; i += RMS_WG) {
+        float v = x[i];
+        if (add) {
+            v += delta[i];
+            x[i] = v;
+        }
+        sq = mad(v, v, sq);
+    }
+
+    const float r = rsqrt(wg_sum(sq, scratch) / (float)dim + eps);
+
+    for (int i = lid; i < n4; i += RMS_WG)
+        vstore4(vload4(i, x) * r * vload4(i, w), i, h);
+    for (int i = 4 * n4 + lid; i < dim; i += RMS_WG)
+        h[i] = x[i] * r * w[i];
+}
+
+/* x [T, dim] += delta [T, dim]; h [T, dim] = rmsnorm(x) * w [dim]. */
+__kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
+void add_rmsnorm(__global float *x, __global const float *delta, __global const float *w,
+                 __global float *h, const int dim, const float eps)
+{
+    __local float scratch[RMS_WG];
+    const size_t row = (size_t)get_group_id(0) * dim;
+    norm_row(x + row, delta + row, w, h + row, dim, eps, true, scratch);
+}
+
+/* h [T, dim] = rmsnorm(x [T, dim]) * w [dim]; x is only read. */
+__kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
+void rmsnorm(__global float *x, __global const float *w, __global float *h, const int dim,
+             const float eps)
+{
+    __local float scratch[RMS_WG];
+    const size_t row = (size_t)get_group_id(0) * dim;
+    norm_row(x + row, x + row, w, h + row, dim, eps, false, scratch);
+}
