@@ -104,25 +104,27 @@ class LLM:
 
         reuse = common_prefix(self.cached, prompt)
         reuse = min(reuse, len(prompt) - 1)          # at least one token must run to give logits
-        new = np.asarray(prompt[reuse:], dtype=np.int64)
-        logits = self.transformer.forward(new, reuse, all_logits=False)[-1]
-        self.cached = prompt[:]
-        stats.prompt_tokens, stats.prompt_s = len(new), time.perf_counter() - t0
-
         history = list(prompt)
+        greedy = sampling.greedy and sampling.repeat_penalty == 1.0
+
+        def next_token(ids: list[int], pos: int) -> int:
+            ids = np.asarray(ids, dtype=np.int64)
+            if greedy:                                 # argmax on the device: one int comes back
+                return self.transformer.next_token(ids, pos)
+            return sampler(self.transformer.forward(ids, pos, all_logits=False)[-1], history)
+
+        self.cached = self.cached[:reuse]
+        token = next_token(prompt[reuse:], reuse)
+        self.cached = prompt[:]
+        t_first = time.perf_counter()
+        stats.prompt_tokens, stats.prompt_s, stats.ttft_s = len(prompt) - reuse, t_first - t0, t_first - t0
         stop = self.tokenizer.eot_ids
-        t_first = 0.0
         while True:
-            token = sampler(logits, history)
-            now = time.perf_counter()
-            if stats.gen_tokens == 0:
-                t_first = now
-                stats.ttft_s = now - t0
             if token in stop:
                 stats.finish = "stop"
                 break
             stats.gen_tokens += 1
-            stats.gen_s = now - t_first
+            stats.gen_s = time.perf_counter() - t_first
             history.append(token)
             yield token
             if stats.gen_tokens >= sampling.max_tokens:
@@ -131,8 +133,8 @@ class LLM:
             if len(self.cached) >= self.ctx:
                 stats.finish = "context"
                 break
-            logits = self.transformer.forward(np.asarray([token]), len(self.cached), all_logits=False)[-1]
-            self.cached.append(token)
+            token = next_token([token], len(self.cached))
+            self.cached.append(history[-1])
         stats.gen_s = time.perf_counter() - t_first if stats.gen_tokens else 0.0
 
 

@@ -74,6 +74,27 @@ class Transformer:
 
     def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = True) -> np.ndarray:
         """Logits [len(ids), vocab] (or [1, vocab] for the last token) continuing the cache at start_pos."""
+        step = getattr(self.backend, "max_tokens", len(ids))   # a backend may take a long prompt in passes
+        out = []
+        for i in range(0, len(ids), step):
+            part = ids[i:i + step]
+            last_pass = i + step >= len(ids)
+            h = self._layers(part, start_pos + i)
+            if all_logits or last_pass:
+                out.append(self.backend.logits(h, self.w.output, all_logits))
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def next_token(self, ids: np.ndarray, start_pos: int) -> int:
+        """The greedy next token after ids; a backend with a device argmax reads back one int."""
+        step = getattr(self.backend, "max_tokens", len(ids))
+        for i in range(0, len(ids), step):
+            h = self._layers(ids[i:i + step], start_pos + i)
+        if hasattr(self.backend, "argmax_last"):
+            return self.backend.argmax_last(h, self.w.output)
+        return int(np.argmax(self.backend.logits(h, self.w.output, False)[-1]))
+
+    def _layers(self, ids: np.ndarray, start_pos: int):
+        """Runs every layer; returns the normalised final hidden states (a backend handle)."""
         ops, w = self.backend, self.w
         n = len(w.layers)
         x = ops.embed(w.tok_embd, ids)
@@ -85,4 +106,4 @@ class Transformer:
             f = ops.swiglu(h, layer.w_gate_up)
             next_norm = w.layers[i + 1].attn_norm if i + 1 < n else w.output_norm
             x, h = ops.add_rmsnorm(x, ops.linear(f, layer.w_down), next_norm)
-        return ops.logits(h, w.output, all_logits)
+        return h

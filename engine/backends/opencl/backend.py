@@ -1,0 +1,161 @@
+"""The OpenCL backend: the operators of `engine.model` as kernel launches on one device.
+
+Weights are repacked once at load (`DeviceMatrix`, see matmul.py); every activation buffer is
+allocated once for up to `max_tokens` tokens, so a decode step only enqueues kernels. Operators take
+and return `Act` handles (a buffer and its row width); the token count of the pass in flight is set
+by `embed` and read by the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyopencl as cl
+
+from ...config import ModelConfig
+from ...model import Weights
+from ...quants import split_q8_0
+from .fused import EmbeddingTable, FusedOps
+from .matmul import DeviceMatrix, Matmul
+from .runtime import Runtime
+
+MAX_TOKENS = 512      # tokens per pass; longer prompts run in passes of this size
+LOGIT_ROWS = 64       # logits computed and read back this many rows at a time
+
+
+@dataclass(frozen=True)
+class Act:
+    buf: cl.Buffer    # f32 [max_tokens, width]
+    width: int
+
+
+@dataclass
+class Layer:
+    attn_norm: cl.Buffer     # f32 [dim]
+    wqkv: DeviceMatrix       # [q_dim + 2 kv_dim, dim]
+    wo: DeviceMatrix         # [dim, q_dim]
+    ffn_norm: cl.Buffer      # f32 [dim]
+    w_gate_up: DeviceMatrix  # [2 ffn, dim]
+    w_down: DeviceMatrix     # [dim, ffn]
+
+
+@dataclass
+class DeviceWeights:
+    tok_embd: EmbeddingTable
+    layers: list[Layer]
+    output_norm: cl.Buffer   # f32 [dim]
+    output: DeviceMatrix     # [vocab, dim]
+
+    @property
+    def nbytes(self) -> int:
+        mats = [m for l in self.layers for m in (l.wqkv, l.wo, l.w_gate_up, l.w_down)] + [self.output]
+        return sum(m.nbytes for m in mats)
+
+
+class OpenCLBackend:
+    def __init__(self, device: cl.Device, params: dict | None = None):
+        self.rt = Runtime(device)
+        self.params = params or {}
+        self.name = "opencl"
+        self.description = f"OpenCL {device.name.strip()} ({device.platform.name.strip()})"
+
+    # --- loading --------------------------------------------------------------------------
+
+    def load(self, config: ModelConfig, weights: Weights, ctx: int) -> DeviceWeights:
+        rt, c = self.rt, config
+        self.config, self.ctx = c, ctx
+        self.max_tokens = min(MAX_TOKENS, ctx)
+        self.matmul = Matmul(rt, self.params.get("matmul"))
+        self.fused = FusedOps(rt, c, ctx, c.n_layers, self.params.get("fused"))
+
+        def vec(t) -> cl.Buffer:
+            return rt.to_device(t.dequantize().astype(np.float32))
+
+        layers = [
+            Layer(vec(l.attn_norm), DeviceMatrix.from_qtensors(rt, l.wqkv), DeviceMatrix.from_qtensors(rt, [l.wo]),
+                  vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
+                  DeviceMatrix.from_qtensors(rt, [l.w_down]))
+            for l in weights.layers
+        ]
+        e = weights.tok_embd
+        if e.qtype == "Q8_0":
+            table = EmbeddingTable.from_q8(rt, *split_q8_0(e.raw, e.shape))
+        else:
+            table = EmbeddingTable.from_f32(rt, e.dequantize())
+        output = DeviceMatrix.from_qtensors(rt, [weights.output])
+
+        # Activations [max_tokens, width], f32, allocated once.
+        T, f32 = self.max_tokens, 4
+
+        def act(width: int) -> Act:
+            return Act(rt.empty(T * width * f32), width)
+
+        self.x, self.h, self.delta = act(c.dim), act(c.dim), act(c.dim)
+        self.qkv, self.attn, self.ffn = act(c.q_dim + 2 * c.kv_dim), act(c.q_dim), act(c.ffn_dim)
+        self.h_rows = rt.empty(LOGIT_ROWS * c.dim * f32)              # f32 [LOGIT_ROWS, dim]
+        self.logits_buf = rt.empty(LOGIT_ROWS * c.vocab_size * f32)   # f32 [LOGIT_ROWS, vocab]
+        self.logits_host = np.empty((LOGIT_ROWS, c.vocab_size), np.float32)
+        self.ids = rt.empty(T * 4)                                    # int32 [max_tokens]
+        self.ids_host = np.empty(T, np.int32)
+        self.token = rt.empty(4)                                      # int32 [1]: argmax result
+        self.token_host = np.empty(1, np.int32)
+        self.T = 0
+        # Where each matrix writes: QKV into qkv, the o and down projections into delta.
+        self.out_of = {id(l.wqkv): self.qkv for l in layers}
+        self.out_of.update({id(m): self.delta for l in layers for m in (l.wo, l.w_down)})
+        rt.queue.finish()
+        return DeviceWeights(table, layers, vec(weights.output_norm), output)
+
+    # --- operators --------------------------------------------------------------------------
+
+    def embed(self, table: EmbeddingTable, ids: np.ndarray) -> Act:
+        self.T = T = len(ids)
+        self.ids_host[:T] = ids
+        cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
+        self.fused.embed(table, self.ids, T, self.x.buf)
+        return self.x
+
+    def rmsnorm(self, x: Act, w: cl.Buffer) -> Act:
+        self.fused.rmsnorm(x.buf, w, self.T, self.h.buf)
+        return self.h
+
+    def add_rmsnorm(self, x: Act, delta: Act, w: cl.Buffer) -> tuple[Act, Act]:
+        self.fused.add_rmsnorm(x.buf, delta.buf, w, self.T, self.h.buf)
+        return x, self.h
+
+    def linear(self, x: Act, w: DeviceMatrix) -> Act:
+        out = self.out_of[id(w)]
+        self.matmul.linear(x.buf, w, self.T, out.buf)
+        return out
+
+    def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
+        self.fused.attention(qkv.buf, self.T, layer, start_pos, self.attn.buf)
+        return self.attn
+
+    def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
+        self.matmul.swiglu(h.buf, w_gate_up, self.T, self.ffn.buf)
+        return self.ffn
+
+    def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
+        """Logits of every token [T, vocab], or of the last one [1, vocab], read back to the host."""
+        T, dim, vocab = self.T, self.config.dim, self.config.vocab_size
+        first = 0 if all_logits else T - 1
+        out = np.empty((T - first, vocab), np.float32)
+        for start in range(first, T, LOGIT_ROWS):
+            n = min(LOGIT_ROWS, T - start)
+            cl.enqueue_copy(self.rt.queue, self.h_rows, h.buf, byte_count=n * dim * 4,
+                            src_offset=start * dim * 4, dst_offset=0)
+            self.matmul.linear(self.h_rows, output, n, self.logits_buf)
+            cl.enqueue_copy(self.rt.queue, self.logits_host[:n], self.logits_buf)
+            out[start - first:start - first + n] = self.logits_host[:n]
+        return out
+
+    def argmax_last(self, h: Act, output: DeviceMatrix) -> int:
+        """The most likely next token after the last one, computed on the device: one int read back."""
+        dim = self.config.dim
+        cl.enqueue_copy(self.rt.queue, self.h_rows, h.buf, byte_count=dim * 4,
+                        src_offset=(self.T - 1) * dim * 4, dst_offset=0)
+        self.matmul.linear(self.h_rows, output, 1, self.logits_buf)
+        self.fused.argmax(self.logits_buf, self.config.vocab_size, self.token)
+        cl.enqueue_copy(self.rt.queue, self.token_host, self.token)
+        return int(self.token_host[0])
