@@ -57,6 +57,7 @@ class LLM:
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     metadata: dict
+    notices: list[str] = field(default_factory=list)  # what the device choice had to say
     cached: list[int] = field(default_factory=list)   # the tokens whose K and V sit in the cache
     stats: Stats = field(default_factory=Stats)
 
@@ -147,12 +148,30 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def make_backend(device: str):
-    if device in ("numpy", "auto"):
-        from .backends.numpy_backend import NumpyBackend
+def make_backend(device: str) -> tuple[object, list[str]]:
+    """The backend for a device spec (auto | numpy | opencl | cpu | gpu | opencl:P:D), and the
+    notices about the choice (a device skipped, a fallback to NumPy)."""
+    from .backends.numpy_backend import NumpyBackend
 
-        return NumpyBackend()
-    raise PerfxError(f"device '{device}' is not available (choose from: auto, numpy)")
+    if device == "numpy":
+        return NumpyBackend(), []
+    try:
+        from .backends.opencl.devices import select
+    except ImportError as e:  # pyopencl not installed (e.g. Termux without a compiler)
+        if device == "auto":
+            return NumpyBackend(), [f"OpenCL unavailable ({e}): using NumPy"]
+        raise PerfxError(f"OpenCL is unavailable ({e}); install perfx[opencl] or use --device numpy") from None
+    selection = select(device)
+    if selection.backend == "numpy":
+        return NumpyBackend(), selection.notices
+    from .backends.opencl import fused, matmul
+    from .backends.opencl.backend import OpenCLBackend
+    from .backends.opencl.tuning import params_for
+
+    info = selection.info
+    params = {"matmul": params_for(info, "matmul", matmul.DEFAULT_PARAMS),
+              "fused": params_for(info, "fused", fused.DEFAULT_PARAMS)}
+    return OpenCLBackend(selection.runtime(), f"OpenCL {info.id} {info.name}", params), selection.notices
 
 
 def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ctx: int | None = None,
@@ -169,5 +188,7 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
     if tokenizer.vocab_size != config.vocab_size:
         raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
-    transformer = Transformer(config, weights_from_gguf(gguf), make_backend(device), ctx)
-    return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), gguf.metadata)
+    backend, notices = make_backend(device)
+    transformer = Transformer(config, weights_from_gguf(gguf), backend, ctx)
+    return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), gguf.metadata,
+               notices=notices)

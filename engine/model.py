@@ -39,6 +39,14 @@ class Weights:
     output_norm: QTensor           # [dim]
     output: QTensor                # [vocab, dim]; the embedding itself when tied
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights as stored (the tied embedding counted once)."""
+        tensors = {id(t): t for l in self.layers for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up,
+                                                         l.w_down)}
+        tensors.update({id(t): t for t in (self.tok_embd, self.output_norm, self.output)})
+        return sum(t.nbytes for t in tensors.values())
+
 
 def weights_from_gguf(model: GGUFModel) -> Weights:
     t = model.tensors

@@ -23,7 +23,8 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 ModelOpt = typer.Option(None, "-m", "--model", help="Registry name or model file (default: the registry's default).")
-DeviceOpt = typer.Option("auto", "--device", help="auto | numpy")
+DeviceOpt = typer.Option("auto", "--device", help="auto | numpy | opencl | cpu | gpu | opencl:P:D (see `perfx devices`).")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for an OpenCL CPU device (PoCL).")
 CtxOpt = typer.Option(None, "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
 
 
@@ -44,11 +45,19 @@ def command(fn):
     return app.command()(wrapper)
 
 
-def load(model: Optional[str], device: str, ctx: Optional[int]):
+def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optional[int] = None):
     from engine.llm import load_model
 
+    if threads is not None:
+        if threads < 1:
+            raise PerfxError(f"--threads must be at least 1 (got {threads})")
+        from engine.backends.opencl.devices import set_cpu_threads
+
+        set_cpu_threads(threads)
     with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext():
         llm = load_model(model, device=device, ctx=ctx, progress=True)
+    for notice in llm.notices:
+        err.print(f"[dim]{notice}[/]")
     return llm
 
 
@@ -75,6 +84,7 @@ def run(
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
@@ -85,7 +95,7 @@ def run(
         prompt = sys.stdin.read()
     sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, max_tokens=n)
-    llm = load(model, device, ctx)
+    llm = load(model, device, ctx, threads)
     tok = llm.tokenizer
     if raw:
         prompt_ids = tok.encode(prompt, special=False)  # with BOS where the model wants one
@@ -107,7 +117,7 @@ def run(
         sys.stdout.write(stream.flush() + "\n")
         s = llm.stats
         err.print(f"[dim]prompt {s.prompt_tokens} tok, {s.prompt_tps:.1f} tok/s · "
-                  f"reply {s.gen_tokens} tok, {s.gen_tps:.1f} tok/s · {llm.device}[/]")
+                  f"reply {s.gen_tokens} tok, {s.gen_tps:.1f} tok/s · {llm.device}[/]", soft_wrap=True)
 
 
 @command
@@ -118,6 +128,7 @@ def perplexity(
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Perplexity of a model on a text file, as llama-perplexity measures it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -128,7 +139,7 @@ def perplexity(
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PerfxError(f"cannot read {file} as UTF-8 text: {e}") from None
-    llm = load(model, device, ctx)
+    llm = load(model, device, ctx, threads)
     columns = [TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ppl]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
@@ -178,6 +189,16 @@ def models():
         label = f"{name} [dim](default)[/]" if name == registry.default else name
         table.add_row(label, e.architecture, e.params, e.quantization, f"{e.size / 1e6:.1f} MB", e.license, here)
     Console().print(table)
+
+
+@command
+def devices(
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Measure copy bandwidth (once; cached)."),
+):
+    """List OpenCL platforms and devices, with their measured copy bandwidth."""
+    from perfxcli.devices_cmd import devices_command
+
+    devices_command(measure=measure)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...model import Weights
 from ...quants import split_q8_0
+from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul
 from .runtime import Runtime
@@ -53,17 +54,20 @@ class DeviceWeights:
 
 
 class OpenCLBackend:
-    def __init__(self, device: cl.Device, params: dict | None = None):
-        self.rt = Runtime(device)
+    def __init__(self, rt: Runtime, label: str, params: dict | None = None):
+        """params: {"matmul": {...}, "fused": {...}}, the device's tuned -D values (tuning.py)."""
+        self.rt = rt
         self.params = params or {}
         self.name = "opencl"
-        self.description = f"OpenCL {device.name.strip()} ({device.platform.name.strip()})"
+        self.description = label
 
     # --- loading --------------------------------------------------------------------------
 
     def load(self, config: ModelConfig, weights: Weights, ctx: int) -> DeviceWeights:
         rt, c = self.rt, config
         self.config, self.ctx = c, ctx
+        check_memory(rt.device, weights.nbytes + 2 * c.n_layers * c.kv_dim * ctx * 4,
+                     f"{c.name or 'the model'} at context {ctx}")
         self.max_tokens = min(MAX_TOKENS, ctx)
         self.matmul = Matmul(rt, self.params.get("matmul"))
         self.fused = FusedOps(rt, c, ctx, c.n_layers, self.params.get("fused"))

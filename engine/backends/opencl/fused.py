@@ -37,15 +37,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
 # The attention defaults above were measured on an NVIDIA H100. CPUs (PoCL) want wide vectors per
 # work-item (the work-item loop is not vectorised across work-items) and smaller work-groups;
 # measured on PoCL 3.1 (AVX-512).
-CPU_PARAMS: dict[str, Any] = {"att_vec": 16, "att_wg": 64}
-
-
-def default_params(device: cl.Device) -> dict[str, Any]:
-    """DEFAULT_PARAMS with the overrides for the device's type."""
-    is_cpu = bool(device.type & cl.device_type.CPU)
-    return {**DEFAULT_PARAMS, **(CPU_PARAMS if is_cpu else {})}
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -102,7 +93,7 @@ class FusedOps:
         if unknown:
             raise PerfxError(f"unknown fused-operator parameters: {', '.join(sorted(unknown))}")
         self.rt, self.config, self.ctx, self.n_layers = rt, config, ctx, n_layers
-        self.params = p = {**default_params(rt.device), **(params or {})}
+        self.params = p = {**DEFAULT_PARAMS, **(params or {})}   # per-device values: kernels/tuning.toml
         if not p["split_wgs"]:
             p["split_wgs"] = rt.device.max_compute_units
         c = config

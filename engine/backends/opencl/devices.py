@@ -1,0 +1,480 @@
+"""OpenCL devices: discovery, selection, memory checks and measured copy bandwidth.
+
+    sel = select("auto")          # an OpenCL GPU, else an OpenCL CPU, else NumPy
+    sel.backend, sel.device, sel.notices
+
+Device specs: `auto`, `numpy`, `opencl` (auto, but never NumPy), `gpu`, `cpu`, `opencl:P:D`
+(platform P, device D, numbered as `perfx devices` shows them). A device is used only once it has
+built a kernel (kernels/copy.cl); the result of that probe is kept for the life of the process.
+
+PoCL CPU threads: PoCL reads its thread count once, when the process first lists the OpenCL
+platforms. `set_cpu_threads(n)` sets it and must come before anything lists them (list_devices,
+select, pyopencl.get_platforms); it raises PerfxError when called later.
+
+The copy bandwidth of each device is measured once and kept in `<root>/devices.json`, `<root>`
+being $PERFX_HOME or the user cache directory (the parent of the kernel cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import PerfxError
+
+if TYPE_CHECKING:
+    import pyopencl as cl
+
+    from .runtime import Runtime
+
+MiB = 1 << 20
+NO_PLATFORM = "no OpenCL platform found (install pocl-opencl-icd or your GPU's driver)"
+AUTO_ORDER = ("gpu", "cpu")                                     # device types that auto tries, in order
+THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "POCL_CPU_MAX_CU_COUNT")   # PoCL 3, PoCL 4 and later
+_BUILD_NOISE = ("clbuildprogram failed", "build_program_failure", "build on <", "(options:")
+
+_platforms_listed = False
+_probe_results: dict[cl.Device, str | None] = {}   # device -> why it cannot build kernels (None: it can)
+_runtimes: dict[cl.Device, Runtime] = {}          # device -> the Runtime its probe built
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What perfx needs to know about one OpenCL device."""
+
+    platform_index: int
+    platform_name: str
+    platform_version: str
+    device_index: int
+    name: str
+    vendor: str
+    type: str                     # "gpu", "cpu" or "accelerator"
+    global_mem: int               # bytes
+    max_alloc: int                # bytes in one buffer at most
+    compute_units: int
+    max_work_group_size: int
+    local_mem: int                # bytes per work-group
+    has_images: bool
+    image1d_buffer_max: int       # texels of an image1d_buffer_t at most (0 without images)
+    has_fp16: bool                # cl_khr_fp16
+    driver_version: str
+
+    @property
+    def id(self) -> str:
+        return f"opencl:{self.platform_index}:{self.device_index}"
+
+    @property
+    def platform_label(self) -> str:
+        """The platform's version without the OpenCL prefix and build notes: "PoCL 3.1+debian", "CUDA 12.4.89"."""
+        text = re.sub(r"^OpenCL\s+\d+(\.\d+)*\s*", "", self.platform_version.strip())
+        text = re.split(r"\s{2,}|,", text)[0].strip()
+        return text or self.platform_name
+
+    @property
+    def label(self) -> str:
+        """`opencl:P:D (device, platform)`, as notices and errors name a device."""
+        return f"{self.id} ({self.name}, {self.platform_label})"
+
+    @property
+    def key(self) -> str:
+        """Names the device across processes and restarts: platform, device and driver."""
+        return f"{self.platform_name} | {self.name} | {self.driver_version}"
+
+
+@dataclass
+class Selection:
+    """The backend that a device spec chose, and what the CLI should print about the choice."""
+
+    backend: str                                  # "opencl" or "numpy"
+    device: cl.Device | None = None               # for OpenCL
+    info: DeviceInfo | None = None
+    notices: list[str] = field(default_factory=list)   # printed dimly on stderr
+
+    @property
+    def description(self) -> str:
+        return self.info.label if self.info else "numpy"
+
+    def runtime(self) -> Runtime:
+        """The Runtime (context, queue, kernels) that the probe built for the device."""
+        if self.device is None:
+            raise PerfxError("the NumPy backend has no OpenCL runtime")
+        return runtime(self.device)
+
+
+# ---- discovery ------------------------------------------------------------------------------------
+
+
+def _opencl():
+    """pyopencl, or None where it is not installed or its ICD loader does not load."""
+    try:
+        import pyopencl
+    except (ImportError, OSError):
+        return None
+    return pyopencl
+
+
+def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
+    """Every OpenCL device with its pyopencl handle, in platform then device order."""
+    global _platforms_listed
+    cl = _opencl()
+    if cl is None:
+        return []
+    _platforms_listed = True
+    try:
+        platforms = cl.get_platforms()
+    except (cl.Error, RuntimeError, OSError):       # PLATFORM_NOT_FOUND_KHR: an ICD loader, no driver
+        return []
+    found = []
+    for p_index, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:
+            continue
+        for d_index, device in enumerate(devices):
+            found.append((_describe(cl, p_index, platform, d_index, device), device))
+    return found
+
+
+def _describe(cl: Any, p_index: int, platform: cl.Platform, d_index: int, device: cl.Device) -> DeviceInfo:
+    def query(name: str, default):
+        try:
+            return getattr(device, name)
+        except (cl.Error, AttributeError):
+            return default
+
+    kind = query("type", 0)
+    images = bool(query("image_support", False))
+    return DeviceInfo(
+        platform_index=p_index,
+        platform_name=platform.name.strip(),
+        platform_version=platform.version.strip(),
+        device_index=d_index,
+        name=query("name", "?").strip(),
+        vendor=query("vendor", "").strip(),
+        type="gpu" if kind & cl.device_type.GPU else "cpu" if kind & cl.device_type.CPU else "accelerator",
+        global_mem=int(query("global_mem_size", 0)),
+        max_alloc=int(query("max_mem_alloc_size", 0)),
+        compute_units=int(query("max_compute_units", 0)),
+        max_work_group_size=int(query("max_work_group_size", 1)),
+        local_mem=int(query("local_mem_size", 0)),
+        has_images=images,
+        image1d_buffer_max=int(query("image_max_buffer_size", 0)) if images else 0,
+        has_fp16="cl_khr_fp16" in query("extensions", "").split(),
+        driver_version=query("driver_version", "").strip(),
+    )
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Every OpenCL device on this machine; empty without pyopencl, an ICD loader or a platform."""
+    return [info for info, _ in enumerate_devices()]
+
+
+def describe(device: cl.Device | DeviceInfo) -> DeviceInfo:
+    """The DeviceInfo of a pyopencl Device (a DeviceInfo is returned as it is)."""
+    if isinstance(device, DeviceInfo):
+        return device
+    for info, handle in enumerate_devices():
+        if handle == device:
+            return info
+    raise PerfxError(f"{device!r} is not among this machine's OpenCL devices")
+
+
+def _handle(info: DeviceInfo) -> cl.Device:
+    for other, handle in enumerate_devices():
+        if other.id == info.id and other.name == info.name:
+            return handle
+    raise PerfxError(f"{info.label} is no longer among this machine's OpenCL devices")
+
+
+def _resolve(device: cl.Device | DeviceInfo) -> tuple[DeviceInfo, cl.Device]:
+    if isinstance(device, DeviceInfo):
+        return device, _handle(device)
+    return describe(device), device
+
+
+# ---- the build probe ------------------------------------------------------------------------------
+
+
+def probe(device: cl.Device) -> str | None:
+    """None when `device` (a pyopencl Device) builds kernels, else why not: the build log's first
+    line. Checked once per process."""
+    if device not in _probe_results:
+        _probe_results[device] = _build_probe(device)
+    return _probe_results[device]
+
+
+def _build_probe(device: cl.Device) -> str | None:
+    """Builds kernels/copy.cl in a new Runtime for `device`, kept for runtime() when it succeeds."""
+    cl = _opencl()
+    from .runtime import Runtime
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", cl.CompilerWarning)
+            rt = Runtime(device)
+            rt.program("copy")
+    except PerfxError as e:
+        return first_log_line(str(e))
+    except cl.Error as e:
+        return first_log_line(str(e))
+    _runtimes[device] = rt
+    return None
+
+
+def first_log_line(text: str) -> str:
+    """The line of an OpenCL build failure that says why: its first error, else its first message."""
+    parts = [p.strip() for line in text.splitlines() for p in line.split(" | ")]
+    parts = [p for p in parts if p and not any(noise in p.lower() for noise in _BUILD_NOISE)]
+    for part in parts:
+        if "error" in part.lower():
+            return part
+    return parts[0] if parts else text.strip().splitlines()[0] if text.strip() else "unknown error"
+
+
+def runtime(device: cl.Device) -> Runtime:
+    """The process's Runtime for `device`: the one its probe built."""
+    reason = probe(device)
+    if reason is not None:
+        raise PerfxError(f"{describe(device).label} cannot build kernels: {reason}")
+    if device not in _runtimes:                     # a probe result recorded without one
+        from .runtime import Runtime
+
+        _runtimes[device] = Runtime(device)
+    return _runtimes[device]
+
+
+def clear_caches() -> None:
+    """Forget the probe results and their runtimes (tests)."""
+    _probe_results.clear()
+    _runtimes.clear()
+
+
+# ---- selection ------------------------------------------------------------------------------------
+
+
+def _available(found: list[tuple[DeviceInfo, cl.Device]]) -> str:
+    names = [f"{info.id} ({info.name}, {info.type})" for info, _ in found] + ["numpy"]
+    return f"available: {', '.join(names)} (see `perfx devices`)"
+
+
+def select(spec: str = "auto") -> Selection:
+    """The backend and device for a device spec: auto | numpy | opencl | cpu | gpu | opencl:P:D."""
+    spec = spec.strip().lower()
+    if spec == "numpy":
+        return Selection("numpy")
+    found = enumerate_devices()
+    if spec in ("auto", "opencl"):
+        candidates = [c for kind in AUTO_ORDER for c in found if c[0].type == kind]
+        wanted = "GPU or CPU"
+    elif spec in ("gpu", "cpu"):
+        candidates = [c for c in found if c[0].type == spec]
+        wanted = spec.upper()
+    elif re.fullmatch(r"opencl:\d+:\d+", spec):
+        p, d = (int(x) for x in spec.split(":")[1:])
+        candidates = [c for c in found if (c[0].platform_index, c[0].device_index) == (p, d)]
+        wanted = f"device {spec}"
+    else:
+        raise PerfxError(
+            f"unknown device '{spec}' (choose from: auto, numpy, opencl, gpu, cpu, opencl:P:D; "
+            "`perfx devices` lists them)"
+        )
+    if not candidates:
+        missing = NO_PLATFORM if not found else f"no OpenCL {wanted} found"
+        if spec == "auto":
+            return Selection("numpy", notices=[f"{missing}: using NumPy"])
+        if not found:
+            raise PerfxError(f"{NO_PLATFORM}; --device numpy runs the NumPy reference backend")
+        raise PerfxError(f"{missing}; {_available(found)}")
+
+    notices: list[str] = []
+    failures: list[str] = []
+    for info, device in candidates:
+        reason = probe(device)
+        if reason is None:
+            return Selection("opencl", device, info, notices)
+        failures.append(f"{info.label} cannot build kernels: {reason}")
+        notices.append(f"{failures[-1]}; trying the next device")
+    if spec == "auto":
+        return Selection("numpy", notices=notices[:-1] + [f"{failures[-1]}; using NumPy"])
+    raise PerfxError(f"{'; '.join(failures)}; {_available(found)}")
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MiB:,.0f}"
+
+
+def check_memory(device: cl.Device | DeviceInfo, needed_bytes: int, what: str,
+                 largest_bytes: int | None = None) -> None:
+    """PerfxError when `what` (needing `needed_bytes` in all, `largest_bytes` in its largest buffer)
+    does not fit on `device` (a pyopencl Device or a DeviceInfo)."""
+    info = describe(device)
+    if needed_bytes > info.global_mem:
+        raise PerfxError(
+            f"{info.id} ({info.name}) has {_mib(info.global_mem)} MiB of memory; {what} needs {_mib(needed_bytes)} MiB"
+        )
+    if largest_bytes is not None and largest_bytes > info.max_alloc:
+        raise PerfxError(
+            f"{info.id} ({info.name}) allocates at most {_mib(info.max_alloc)} MiB in one buffer; "
+            f"{what} needs a buffer of {_mib(largest_bytes)} MiB"
+        )
+
+
+# ---- PoCL threads ---------------------------------------------------------------------------------
+
+
+def opencl_initialised() -> bool:
+    """Whether this process has listed the OpenCL platforms (so PoCL has fixed its thread count)."""
+    if _platforms_listed:
+        return True
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libpocl" in line for line in maps)
+    except OSError:
+        return False
+
+
+def set_cpu_threads(n: int) -> None:
+    """Run PoCL CPU devices on `n` threads (sets POCL_MAX_PTHREAD_COUNT and its PoCL 4 name).
+    Must come before the process first lists the OpenCL platforms."""
+    if int(n) < 1:
+        raise PerfxError(f"the thread count must be at least 1 (got {n})")
+    value = str(int(n))
+    current = os.environ.get(THREAD_VARIABLES[0])
+    if opencl_initialised():
+        if current == value:
+            return
+        raise PerfxError(
+            f"cannot set {value} CPU threads: OpenCL was already initialised in this process, with "
+            f"{current or 'all'} threads; set them before listing or selecting devices "
+            f"(or run with POCL_MAX_PTHREAD_COUNT={value})"
+        )
+    for name in THREAD_VARIABLES:
+        os.environ[name] = value
+
+
+# ---- bandwidth ------------------------------------------------------------------------------------
+
+
+def root_dir() -> Path:
+    """perfx's cache root: $PERFX_HOME or the user cache directory (runtime.cache_dir()'s parent)."""
+    home = os.environ.get("PERFX_HOME")
+    if home:
+        return Path(home)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("perfx"))
+
+
+def devices_json() -> Path:
+    return root_dir() / "devices.json"
+
+
+def _bandwidth_key(info: DeviceInfo) -> str:
+    """The device key plus its compute units: a PoCL CPU's bandwidth depends on its thread count."""
+    return f"{info.key} | {info.compute_units} CU"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(devices_json().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, entry: dict) -> None:
+    """Adds `entry` under `key` in devices.json (temp file + rename); a read-only cache is left as is."""
+    path = devices_json()
+    data = _read_cache()
+    old = data.get(key)
+    data[key] = {**(old if isinstance(old, dict) else {}), **entry}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `path` through a temporary file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def bandwidth_buffer_bytes(info: DeviceInfo) -> int:
+    """Bytes per copy buffer: min(256 MiB, max_alloc / 4) on GPUs, 64 MiB on CPUs, within an eighth of memory."""
+    size = 64 * MiB if info.type == "cpu" else min(256 * MiB, info.max_alloc // 4)
+    return max(min(size, info.max_alloc, info.global_mem // 8), MiB)
+
+
+def measure_bandwidth(device: cl.Device | DeviceInfo, nbytes: int | None = None, runs: int = 5) -> float:
+    """Copy bandwidth of `device` in bytes/s (bytes read + written): kernels/copy.cl over buffers
+    of `nbytes` (default: bandwidth_buffer_bytes), one warm-up then the median of `runs`."""
+    cl = _opencl()
+    info, handle = _resolve(device)
+    rt = runtime(handle)
+    local = max(1, min(64 if info.type == "cpu" else 256, info.max_work_group_size))
+    n4 = (nbytes or bandwidth_buffer_bytes(info)) // (16 * local) * local       # float4 elements
+    if n4 == 0:
+        raise PerfxError(f"a copy of {nbytes} bytes is too small to measure")
+    size = 16 * n4
+    queue = cl.CommandQueue(rt.ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+    src, dst = rt.empty(size), rt.empty(size)
+    try:
+        cl.enqueue_fill_buffer(queue, src, b"\0\0\x80\x3f", 0, size)
+        cl.enqueue_fill_buffer(queue, dst, b"\0\0\0\0", 0, size)
+        kernel = cl.Kernel(rt.program("copy"), "copy4")
+        kernel.set_args(src, dst)
+        seconds = []
+        for _ in range(runs + 1):
+            queue.finish()
+            start = time.perf_counter()
+            event = cl.enqueue_nd_range_kernel(queue, kernel, (n4,), (local,))
+            event.wait()
+            wall = time.perf_counter() - start
+            try:
+                seconds.append((event.profile.end - event.profile.start) * 1e-9 or wall)
+            except cl.Error:
+                seconds.append(wall)
+    finally:
+        src.release()
+        dst.release()
+    return 2 * size / statistics.median(seconds[1:])
+
+
+def bandwidth(device: cl.Device | DeviceInfo, measure: bool = True) -> float | None:
+    """The copy bandwidth of `device` (a pyopencl Device or a DeviceInfo) in bytes/s, from
+    devices.json, else measured once and stored there; None when not cached and `measure` is False."""
+    info = describe(device)
+    key = _bandwidth_key(info)
+    entry = _read_cache().get(key)
+    cached = entry.get("copy_bandwidth") if isinstance(entry, dict) else None
+    if isinstance(cached, (int, float)) and cached > 0:
+        return float(cached)
+    if not measure:
+        return None
+    value = measure_bandwidth(device)
+    _write_cache(key, {
+        "copy_bandwidth": value,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return value

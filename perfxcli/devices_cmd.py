@@ -1,0 +1,82 @@
+"""`perfx devices`: the OpenCL devices of this machine, whether they build kernels, and their copy
+bandwidth (measured once, then read from devices.json), with the NumPy backend last."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from engine.backends.opencl import devices as dev
+from engine.errors import PerfxError
+
+GiB = 1 << 30
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[dim]no[/]"
+
+
+def _bandwidth_cell(info: dev.DeviceInfo, handle: Any, measure: bool, err: Console) -> tuple[str, str | None]:
+    """The bandwidth column's text, and why it has no figure where a failure is the reason."""
+    reason = dev.probe(handle)
+    if reason is not None:
+        return "—", f"cannot build kernels: {reason}"
+    try:
+        value = dev.bandwidth(info, measure=False)
+        if value is None and measure:
+            spinner = err.status(f"measuring the copy bandwidth of {info.id}…", spinner="dots")
+            with spinner if err.is_terminal else nullcontext():
+                value = dev.bandwidth(handle)
+    except PerfxError as e:
+        return "—", str(e)
+    return (f"{value / 1e9:,.1f}", None) if value is not None else ("[dim]not measured[/]", None)
+
+
+def _numpy_row() -> list[str]:
+    import numpy as np
+    import psutil
+
+    memory = psutil.virtual_memory().total / GiB
+    return ["numpy", f"NumPy\n[dim]{np.__version__}[/]", "reference backend (host CPU)", "cpu", f"{memory:,.1f}",
+            str(os.cpu_count() or "?"), "—", "—", "—"]
+
+
+def devices_command(measure: bool = True) -> None:
+    """Prints the table of devices; `measure` measures the bandwidth of devices not yet in the cache."""
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    err = Console(stderr=True, highlight=False)
+    found = dev.enumerate_devices()
+    table = Table(title="perfx devices")
+    for name, right in (("id", False), ("platform", False), ("device", False), ("type", False),
+                        ("memory GiB", True), ("CUs", True), ("images", False), ("fp16", False),
+                        ("copy GB/s", True)):
+        table.add_column(name, justify="right" if right else "left")
+    notes: list[str] = []
+    for info, handle in found:
+        cell, why = _bandwidth_cell(info, handle, measure, err)
+        if why:
+            notes.append(f"{info.id}: {why}")
+        table.add_row(
+            info.id,
+            f"{escape(info.platform_name)}\n[dim]{escape(info.platform_label)}[/]",
+            escape(info.name),
+            info.type,
+            f"{info.global_mem / GiB:,.1f}",
+            str(info.compute_units),
+            _yes(info.has_images),
+            _yes(info.has_fp16),
+            cell,
+        )
+    table.add_row(*_numpy_row())
+    out.print(table)
+    if not found:
+        notes.append(dev.NO_PLATFORM)
+    for note in notes:
+        out.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
+    out.print("[dim]--device takes an id, or auto, opencl, gpu, cpu, numpy; "
+              "copy bandwidth counts bytes read + written[/]")

@@ -1,0 +1,440 @@
+"""Device discovery and selection, the bandwidth cache, the tuned-parameter database, memory checks.
+
+Most tests run on stand-in devices (enumerate_devices and the build probe replaced), so they pass on
+any machine; those that touch real OpenCL skip without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.backends.opencl import devices as dev
+from engine.backends.opencl import tuning
+from engine.errors import PerfxError
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1 << 30
+
+
+def fake_info(p: int = 0, d: int = 0, kind: str = "cpu", name: str = "pthread-test", **kw) -> dev.DeviceInfo:
+    fields = {
+        "platform_index": p, "platform_name": "Portable Computing Language",
+        "platform_version": "OpenCL 3.0 PoCL 3.1+debian  Linux, Release", "device_index": d, "name": name,
+        "vendor": "AuthenticAMD", "type": kind, "global_mem": 8 * GiB, "max_alloc": 2 * GiB, "compute_units": 2,
+        "max_work_group_size": 4096, "local_mem": 256 << 10, "has_images": True, "image1d_buffer_max": 1 << 27,
+        "has_fp16": False, "driver_version": "3.1+debian",
+    }
+    return dev.DeviceInfo(**{**fields, **kw})
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe_cache():
+    dev.clear_caches()
+    yield
+    dev.clear_caches()
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A stand-in machine: a GPU that cannot build, two CPUs of which the first cannot build."""
+    found = [
+        (fake_info(0, 0, "gpu", "Fake GPU", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA",
+                   platform_version="OpenCL 3.0 CUDA 12.8.90"), "gpu0"),
+        (fake_info(1, 0, "cpu", "pthread-AMD EPYC", platform_version="OpenCL 3.0 PoCL 3.0-rc2  Linux"), "cpu-broken"),
+        (fake_info(2, 0, "cpu", "pthread-skylake-avx512-AMD EPYC"), "cpu-good"),
+    ]
+    failures = {"gpu0": "error: no sm_90 in this build", "cpu-broken": "error: unknown target CPU 'generic'"}
+    calls: list[str] = []
+
+    def build_probe(device):
+        calls.append(device)
+        return failures.get(device)
+
+    monkeypatch.setattr(dev, "enumerate_devices", lambda: found)
+    monkeypatch.setattr(dev, "_build_probe", build_probe)
+    return found, failures, calls
+
+
+def real_devices() -> list[dev.DeviceInfo]:
+    infos = dev.list_devices()
+    if not infos:
+        pytest.skip("no OpenCL device on this machine")
+    return infos
+
+
+# ---- discovery and selection on this machine --------------------------------------------------------
+
+
+def test_list_devices_on_this_machine():
+    infos = real_devices()
+    assert len({i.id for i in infos}) == len(infos)
+    for info in infos:
+        assert info.id == f"opencl:{info.platform_index}:{info.device_index}"
+        assert info.type in ("gpu", "cpu", "accelerator")
+        assert info.global_mem > 0 and 0 < info.max_alloc <= info.global_mem
+        assert info.compute_units > 0 and info.max_work_group_size > 0
+        assert info.has_images or info.image1d_buffer_max == 0
+        assert info.platform_label and info.label.startswith(info.id)
+
+
+def test_select_auto_on_this_machine():
+    infos = real_devices()
+    sel = dev.select("auto")
+    if sel.backend == "numpy":
+        assert sel.notices and all("cannot build kernels" in n for n in sel.notices)
+        return
+    assert sel.info in infos and dev.probe(sel.device) is None
+    debian = [i for i in infos if "debian" in i.platform_version.lower()]
+    if debian and not any(i.type == "gpu" for i in infos):
+        assert "debian" in sel.info.platform_version.lower()
+    for notice in sel.notices:       # devices tried before the chosen one
+        assert "cannot build kernels" in notice and notice.endswith("trying the next device")
+    assert sel.runtime() is sel.runtime()
+
+
+def test_broken_pocl_is_refused_with_its_build_error():
+    broken = [i for i in real_devices() if "3.0-rc" in i.platform_version]
+    if not broken:
+        pytest.skip("pip's PoCL 3.0 is not installed here")
+    try:
+        dev.select(broken[0].id)
+    except PerfxError as e:
+        assert broken[0].id in str(e) and "cannot build kernels" in str(e) and "available:" in str(e)
+    else:
+        pytest.skip(f"{broken[0].label} builds kernels on this CPU")
+
+
+def test_select_numpy_touches_no_opencl(monkeypatch):
+    monkeypatch.setattr(dev, "enumerate_devices", lambda: pytest.fail("numpy must not list devices"))
+    sel = dev.select("numpy")
+    assert sel.backend == "numpy" and sel.device is None and sel.notices == [] and sel.description == "numpy"
+
+
+def test_select_out_of_range_lists_devices():
+    with pytest.raises(PerfxError) as e:
+        dev.select("opencl:99:0")
+    message = str(e.value)
+    assert "\n" not in message
+    if dev.list_devices():
+        assert "opencl:99:0" in message and "available:" in message and "numpy" in message
+        assert all(i.id in message for i in dev.list_devices())
+    else:
+        assert "no OpenCL platform" in message
+
+
+def test_unknown_spec():
+    with pytest.raises(PerfxError, match="unknown device 'tpu'"):
+        dev.select("tpu")
+
+
+# ---- selection on stand-in machines ---------------------------------------------------------------
+
+
+def _no_platform(monkeypatch, how: str) -> None:
+    if how == "no pyopencl":
+        monkeypatch.setattr(dev, "_opencl", lambda: None)
+        return
+    cl = pytest.importorskip("pyopencl")
+    if how == "no platform":
+        monkeypatch.setattr(cl, "get_platforms", list)
+    else:
+        def raise_not_found():
+            raise RuntimeError("clGetPlatformIDs failed: PLATFORM_NOT_FOUND_KHR")
+        monkeypatch.setattr(cl, "get_platforms", raise_not_found)
+
+
+@pytest.mark.parametrize("how", ["no pyopencl", "no platform", "platform not found"])
+def test_no_opencl_falls_back_to_numpy(monkeypatch, how):
+    _no_platform(monkeypatch, how)
+    assert dev.list_devices() == []
+    sel = dev.select("auto")
+    assert sel.backend == "numpy"
+    assert sel.notices == ["no OpenCL platform found (install pocl-opencl-icd or your GPU's driver): using NumPy"]
+    for spec in ("opencl", "gpu", "cpu", "opencl:0:0"):
+        with pytest.raises(PerfxError, match="no OpenCL platform found"):
+            dev.select(spec)
+
+
+def test_build_failure_falls_back_to_the_next_device(machine):
+    *_, calls = machine
+    sel = dev.select("auto")
+    assert sel.backend == "opencl" and sel.device == "cpu-good" and sel.info.id == "opencl:2:0"
+    assert sel.notices == [
+        ("opencl:0:0 (Fake GPU, CUDA 12.8.90) cannot build kernels: error: no sm_90 in this build; "
+         "trying the next device"),
+        ("opencl:1:0 (pthread-AMD EPYC, PoCL 3.0-rc2) cannot build kernels: error: unknown target CPU 'generic'; "
+         "trying the next device"),
+    ]
+    assert dev.select("opencl").device == "cpu-good"
+    assert dev.select("cpu").device == "cpu-good"
+    assert calls == ["gpu0", "cpu-broken", "cpu-good"]          # probed once per process
+
+
+def test_explicit_spec_that_cannot_build_raises(machine):
+    with pytest.raises(PerfxError) as e:
+        dev.select("gpu")
+    assert "opencl:0:0 (Fake GPU, CUDA 12.8.90) cannot build kernels: error: no sm_90" in str(e.value)
+    assert "available: opencl:0:0 (Fake GPU, gpu), opencl:1:0" in str(e.value) and "numpy" in str(e.value)
+    with pytest.raises(PerfxError, match="unknown target CPU 'generic'"):
+        dev.select("opencl:1:0")
+    assert dev.select("OpenCL:2:0").device == "cpu-good"
+
+
+def test_auto_with_only_an_accelerator_uses_numpy(monkeypatch):
+    monkeypatch.setattr(dev, "enumerate_devices", lambda: [(fake_info(kind="accelerator", name="FPGA emu"), "fpga")])
+    monkeypatch.setattr(dev, "_build_probe", lambda device: None)
+    assert dev.select("auto").notices == ["no OpenCL GPU or CPU found: using NumPy"]
+    with pytest.raises(PerfxError, match=r"no OpenCL GPU found; available: opencl:0:0 \(FPGA emu, accelerator\)"):
+        dev.select("gpu")
+    assert dev.select("opencl:0:0").device == "fpga"
+
+
+def test_auto_with_no_device_that_builds_uses_numpy(machine):
+    _, failures, _ = machine
+    failures["cpu-good"] = "error: out of resources"
+    sel = dev.select("auto")
+    assert sel.backend == "numpy"
+    assert sel.notices[-1] == ("opencl:2:0 (pthread-skylake-avx512-AMD EPYC, PoCL 3.1+debian) cannot build kernels: "
+                               "error: out of resources; using NumPy")
+    with pytest.raises(PerfxError, match="cannot build kernels"):
+        dev.select("opencl")
+
+
+def test_first_log_line_of_a_pyopencl_build_error():
+    text = ("clBuildProgram failed: BUILD_PROGRAM_FAILURE - clBuildProgram failed: BUILD_PROGRAM_FAILURE\n\n"
+            "Build on <pyopencl.Device 'pthread-AMD EPYC' on 'Portable Computing Language' at 0x5623>:\n\n"
+            "warning: something harmless\nerror: unknown target CPU 'generic'\n"
+            "Device pthread-AMD EPYC failed to build the program\n\n(options: -I /x/pyopencl/cl)")
+    assert dev.first_log_line(text) == "error: unknown target CPU 'generic'"
+    wrapped = "pthread-AMD EPYC: building kernel copy.cl failed: " + " | ".join(text.splitlines()[:6])
+    assert dev.first_log_line(wrapped) == "error: unknown target CPU 'generic'"
+    assert dev.first_log_line(" | ".join(text.splitlines()[:5])) == "warning: something harmless"
+    assert dev.first_log_line("clCreateContext failed: DEVICE_NOT_AVAILABLE") == (
+        "clCreateContext failed: DEVICE_NOT_AVAILABLE")
+
+
+# ---- memory and threads -------------------------------------------------------------------------
+
+
+def test_check_memory_message():
+    info = fake_info(name="Tiny GPU", kind="gpu", global_mem=4 * GiB, max_alloc=1 * GiB)
+    dev.check_memory(info, 3 * GiB, "the model", largest_bytes=GiB)
+    with pytest.raises(PerfxError) as e:
+        dev.check_memory(info, 6 * GiB, "llama-8b (Q4_1, ctx 2048)")
+    assert str(e.value) == "opencl:0:0 (Tiny GPU) has 4,096 MiB of memory; llama-8b (Q4_1, ctx 2048) needs 6,144 MiB"
+    with pytest.raises(PerfxError, match="at most 1,024 MiB in one buffer; the model needs a buffer of 1,500 MiB"):
+        dev.check_memory(info, 2 * GiB, "the model", largest_bytes=1500 << 20)
+
+
+def test_set_cpu_threads_before_and_after_initialisation(monkeypatch):
+    for name in dev.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dev, "opencl_initialised", lambda: False)
+    dev.set_cpu_threads(3)
+    assert all(os.environ[name] == "3" for name in dev.THREAD_VARIABLES)
+    monkeypatch.setattr(dev, "opencl_initialised", lambda: True)
+    dev.set_cpu_threads(3)                                          # what PoCL already has: fine
+    with pytest.raises(PerfxError, match="already initialised"):
+        dev.set_cpu_threads(1)
+    with pytest.raises(PerfxError, match="at least 1"):
+        dev.set_cpu_threads(0)
+
+
+def test_set_cpu_threads_reaches_pocl():
+    code = ("from engine.backends.opencl import devices as d; d.set_cpu_threads(1); "
+            "print([i.compute_units for i in d.list_devices() if 'Portable' in i.platform_name])")
+    env = {k: v for k, v in os.environ.items() if k not in dev.THREAD_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout)
+    if not counts:
+        pytest.skip("no PoCL platform here")
+    assert set(counts) == {1}
+
+
+# ---- bandwidth -----------------------------------------------------------------------------------
+
+
+def test_bandwidth_is_measured_once_then_read_from_devices_json(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
+    info = fake_info()
+    assert dev.bandwidth(info, measure=False) is None
+    assert dev.bandwidth(info) == 12.5e9 and dev.bandwidth(info) == 12.5e9
+    assert calls == [info]
+    data = json.loads((tmp_path / "devices.json").read_text())
+    (entry,) = data.values()
+    assert entry["copy_bandwidth"] == 12.5e9 and "measured_at" in entry
+    assert dev.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
+    assert dev.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
+    assert dev.bandwidth(info, measure=False) == 12.5e9
+
+
+def test_bandwidth_survives_a_corrupt_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    (tmp_path / "devices.json").write_text("{not json")
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 1e9)
+    assert dev.bandwidth(fake_info()) == 1e9
+    assert len(json.loads((tmp_path / "devices.json").read_text())) == 1
+
+
+def test_measure_bandwidth_on_a_real_device(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    real_devices()
+    try:
+        sel = dev.select("opencl")
+    except PerfxError as e:
+        pytest.skip(str(e))
+    value = dev.measure_bandwidth(sel.device, nbytes=4 << 20, runs=3)
+    assert 1e8 < value < 1e14
+
+
+def test_root_dir_is_the_kernel_cache_parent(monkeypatch, tmp_path):
+    pytest.importorskip("pyopencl")
+    from engine.backends.opencl.runtime import cache_dir
+
+    assert dev.root_dir() == cache_dir().parent
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    assert dev.root_dir() == cache_dir().parent == tmp_path
+
+
+# ---- tuned parameters ----------------------------------------------------------------------------
+
+DATABASE = """
+[cpu.default.attention]
+att_vec = 16
+att_wg = 64
+
+[cpu.default.gemv]
+vec = 8
+
+[gpu.default.attention]
+att_wg = 256
+
+[cpu.vendor.amd.attention]
+att_rows = 8
+att_wg = 32
+
+[cpu.vendor."portable computing".attention]
+att_rows = 16
+
+[cpu.device.skylake.attention]
+att_vec = 8
+
+[cpu.device."skylake-avx512".attention]
+att_vec = 4
+kv_half = true
+"""
+
+
+@pytest.fixture
+def database(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path / "home"))
+    path = tmp_path / "tuning.toml"
+    path.write_text(DATABASE)
+    return path
+
+
+def test_params_for_precedence(database):
+    defaults = {"att_vec": 4, "att_wg": 128, "att_rows": 32, "kv_half": False, "split_wgs": 0}
+    cpu = fake_info(name="pthread-skylake-avx512-AMD EPYC", vendor="AuthenticAMD")
+    assert tuning.params_for(cpu, "attention", defaults, database) == {
+        "att_vec": 4,          # device "skylake-avx512" over device "skylake"
+        "att_wg": 32,          # vendor over type default
+        "att_rows": 16,        # the longer vendor match ("portable computing", the platform) over "amd"
+        "kv_half": True,
+        "split_wgs": 0,        # built-in default
+    }
+    gpu = fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA")
+    assert tuning.params_for(gpu, "attention", defaults, database) == {**defaults, "att_wg": 256}
+    assert tuning.params_for(gpu, "rmsnorm", {"rms_wg": 64}, database) == {"rms_wg": 64}
+    assert tuning.params_for(cpu, "gemv", None, database) == {"vec": 8}
+
+    tuning.write_override(cpu, "attention", {"att_wg": 16})
+    assert tuning.params_for(cpu, "attention", defaults, database)["att_wg"] == 16
+    assert tuning.params_for(fake_info(name="pthread-skylake-avx512-AMD EPYC", driver_version="4.0"),
+                             "attention", defaults, database)["att_wg"] == 32
+
+
+def test_the_shipped_database():
+    cpu, gpu = fake_info(), fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation")
+    assert tuning.params_for(cpu, "fused", {"att_vec": 4, "att_wg": 128})["att_vec"] == 16
+    assert tuning.params_for(gpu, "fused", {"att_vec": 4, "att_wg": 128}) == {"att_vec": 4, "att_wg": 128}
+
+
+def test_write_override_is_atomic_and_merges(database, monkeypatch):
+    info = fake_info(name="pthread-skylake-avx512-AMD EPYC")
+    path = tuning.write_override(info, "attention", {"att_vec": 16, "att_wg": 64})
+    assert path == tuning.override_path(info) and path.parent.name == "tuning"
+    assert path.name == "portable-computing-language_pthread-skylake-avx512-amd-epyc_3.1+debian.toml"
+    tuning.write_override(info, "gemv", {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'})
+    tuning.write_override(info, "attention", {"att_vec": 8})     # replaces this kernel's entry only
+    assert tuning.load_override(info) == {
+        "attention": {"att_vec": 8},
+        "gemv": {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'},
+    }
+    before = path.read_text()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        tuning.write_override(info, "rmsnorm", {"rms_wg": 128})
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]       # no temporary file left
+
+
+def test_bad_override_file_names_the_file(database):
+    info = fake_info()
+    path = tuning.override_path(info)
+    path.parent.mkdir(parents=True)
+    path.write_text("[attention\natt_vec = 16\n")
+    with pytest.raises(PerfxError, match=re.escape(f"{path} is not valid TOML")):
+        tuning.params_for(info, "attention", {}, database)
+    path.write_text("att_vec = 16\n")
+    with pytest.raises(PerfxError, match=re.escape(str(path))):
+        tuning.params_for(info, "attention", {}, database)
+    path.write_text("[attention]\natt_vec = [16, 8]\n")
+    with pytest.raises(PerfxError, match=re.escape(str(path))):
+        tuning.params_for(info, "attention", {}, database)
+    with pytest.raises(PerfxError, match="must be numbers, booleans or strings"):
+        tuning.write_override(info, "attention", {"att_vec": [1, 2]})
+
+
+def test_bad_database_is_reported(tmp_path):
+    path = tmp_path / "tuning.toml"
+    path.write_text("[phone.default.gemv]\nvec = 4\n")
+    with pytest.raises(PerfxError, match="not a device type"):
+        tuning.params_for(fake_info(), "gemv", {}, path)
+    path.write_text("[cpu.default]\nvec = 4\n")
+    with pytest.raises(PerfxError, match=r"\[cpu.default.vec\] must be a table of parameters"):
+        tuning.params_for(fake_info(), "gemv", {}, path)
+    path.write_text("[cpu.vendor]\namd = 4\n")
+    with pytest.raises(PerfxError, match=r'\[cpu.vendor."amd"\] must hold one table per kernel'):
+        tuning.params_for(fake_info(), "gemv", {}, path)
+
+
+# ---- perfx devices ----------------------------------------------------------------------------------
+
+
+def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
+    from perfxcli.devices_cmd import devices_command
+
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
+    devices_command()
+    out = capsys.readouterr().out
+    assert "opencl:0:0" in out and "opencl:2:0" in out and "numpy" in out
+    assert "44.9" in out and "PoCL 3.0-rc2" in out and "CUDA 12.8.90" in out
+    assert "opencl:1:0: cannot build kernels: error: unknown target CPU 'generic'" in out
+    devices_command(measure=False)
+    assert "44.9" in capsys.readouterr().out
