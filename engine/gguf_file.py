@@ -1,7 +1,6 @@
 """GGUF model files: metadata into a ModelConfig, tensors memory-mapped and kept as stored.
 
-Tensors stay in their quantized blocks (`QTensor`); backends decide whether to dequantize
-(the NumPy reference) or to repack the blocks for their kernels (OpenCL).
+Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 """
 from __future__ import annotations
 
@@ -12,28 +11,11 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import PerfxError
-from .quants import BLOCK_SIZES, dequantize
+from .quants import BLOCK_SIZES
+from .tensors import QTensor
 
 SUPPORTED_ARCHS = ("llama",)
 GGUF_MAGIC = b"GGUF"
-
-
-@dataclass(frozen=True)
-class QTensor:
-    """One weight as stored in the file: `raw` are its bytes (memory-mapped), `shape` is
-    [rows, cols] in math order (cols, the input dimension, is contiguous)."""
-
-    name: str
-    qtype: str            # "Q4_1", "Q8_0", "F32", ...
-    shape: tuple[int, ...]
-    raw: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.nbytes)
-
-    def dequantize(self) -> np.ndarray:
-        return dequantize(self.raw, self.qtype, self.shape)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
-from .gguf_file import GGUFModel, QTensor
+from .gguf_file import GGUFModel
+from .tensors import QTensor
 from .errors import PerfxError
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..gguf_file import QTensor
+from ..tensors import QTensor
 from ..model import Weights
 
 
