@@ -15,10 +15,9 @@ import numpy as np
 
 from .chat import ChatTemplate
 from .errors import PerfxError
-from .gguf_file import read_gguf
-from .model import Transformer, weights_from_gguf
+from .loader import open_model
+from .model import Transformer, weights_from_tensors
 from .sampler import Sampler, Sampling
-from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048
 
@@ -180,15 +179,15 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     from .registry import resolve
 
     path, _ = resolve(None if name_or_path is None else str(name_or_path), progress=progress)
-    gguf = read_gguf(path)
-    config = gguf.config
+    model = open_model(path)
+    config = model.config
     ctx = min(ctx or DEFAULT_CTX, config.ctx_len)
     if ctx < 1:
         raise PerfxError(f"context must be at least 1 token (got {ctx})")
-    tokenizer = Tokenizer.from_gguf(gguf.metadata)
+    tokenizer = model.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
     backend, notices = make_backend(device)
-    transformer = Transformer(config, weights_from_gguf(gguf), backend, ctx)
-    return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), gguf.metadata,
+    transformer = Transformer(config, weights_from_tensors(model.tensors, config, path), backend, ctx)
+    return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
                notices=notices)

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
-from .gguf_file import GGUFModel
 from .tensors import QTensor
 from .errors import PerfxError
 
@@ -49,12 +48,23 @@ class Weights:
         return sum(t.nbytes for t in tensors.values())
 
 
-def weights_from_gguf(model: GGUFModel) -> Weights:
-    t = model.tensors
+def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> Weights:
+    """The model's weights from tensors named as in GGUF, each checked for its expected shape."""
+    c = config
+    expected = {
+        "token_embd.weight": (c.vocab_size, c.dim), "output.weight": (c.vocab_size, c.dim),
+        "output_norm.weight": (c.dim,), "attn_norm.weight": (c.dim,), "ffn_norm.weight": (c.dim,),
+        "attn_q.weight": (c.q_dim, c.dim), "attn_k.weight": (c.kv_dim, c.dim), "attn_v.weight": (c.kv_dim, c.dim),
+        "attn_output.weight": (c.dim, c.q_dim), "ffn_gate.weight": (c.ffn_dim, c.dim),
+        "ffn_up.weight": (c.ffn_dim, c.dim), "ffn_down.weight": (c.dim, c.ffn_dim),
+    }
 
     def need(name: str) -> QTensor:
         if name not in t:
-            raise PerfxError(f"{model.path}: tensor {name} is missing; the file is incomplete")
+            raise PerfxError(f"{path}: tensor {name} is missing; the file is incomplete")
+        shape = expected[name.split(".", 2)[-1] if name.startswith("blk.") else name]
+        if tuple(t[name].shape) != shape:
+            raise PerfxError(f"{path}: tensor {name} has shape {list(t[name].shape)}, expected {list(shape)}")
         return t[name]
 
     layers = [
@@ -66,10 +76,11 @@ def weights_from_gguf(model: GGUFModel) -> Weights:
             w_gate_up=[need(f"blk.{i}.ffn_gate.weight"), need(f"blk.{i}.ffn_up.weight")],
             w_down=need(f"blk.{i}.ffn_down.weight"),
         )
-        for i in range(model.config.n_layers)
+        for i in range(c.n_layers)
     ]
     embd = need("token_embd.weight")
-    return Weights(embd, layers, need("output_norm.weight"), t.get("output.weight", embd))
+    output = need("output.weight") if "output.weight" in t else embd
+    return Weights(embd, layers, need("output_norm.weight"), output)
 
 
 class Transformer:
