@@ -3,7 +3,8 @@
 Two families are supported:
 
 * byte-level BPE (GGUF ``tokenizer.ggml.model == "gpt2"`` or a ``tokenizer.json``), run by the
-  ``tokenizers`` library with the pre-tokenizer llama.cpp picks for ``tokenizer.ggml.pre``;
+  ``tokenizers`` library (or, where it is not installed, by ``engine.bpe`` with the same ids) with
+  the pre-tokenizer llama.cpp picks for ``tokenizer.ggml.pre``;
 * SentencePiece (GGUF ``tokenizer.ggml.model == "llama"`` or a ``tokenizer.model``), run by the
   ``sentencepiece`` library.
 
@@ -23,12 +24,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import sentencepiece
-from sentencepiece import sentencepiece_model_pb2 as spm_pb2
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-from tokenizers import Tokenizer as HFTokenizer
-
 from engine.errors import PerfxError
+
+NOTICES: list[str] = []  # what is lost where a compiled dependency is missing (shown by the CLI)
+
+try:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+except ImportError:  # no wheel for this platform (Termux): the pure-Python BPE, same ids
+    from engine import bpe
+    from engine.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
+    from engine.bpe import Tokenizer as HFTokenizer
+
+    NOTICES.append(bpe.notice())
+
+try:
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+except ImportError:
+    sentencepiece = spm_pb2 = None
+    NOTICES.append("sentencepiece not installed: models with a SentencePiece vocabulary cannot be "
+                   "loaded (pip install sentencepiece)")
+
+
+def _require_sentencepiece() -> None:
+    if sentencepiece is None:
+        raise PerfxError("this model has a SentencePiece vocabulary, which needs the sentencepiece "
+                         "package: pip install sentencepiece")
+
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -349,6 +372,7 @@ class Tokenizer:
             return cls._from_hf(tok, add_bos=add_bos, **common)
 
         if model == "llama":
+            _require_sentencepiece()
             proto = _gguf_spm_proto(tokens, types, fields)
             add_bos = fields.get("tokenizer.ggml.add_bos_token", True)
             return cls._from_spm(proto, n_tokens=len(tokens), add_bos=add_bos, **common)
@@ -381,6 +405,7 @@ class Tokenizer:
                                 chat_template=template)
 
         if (directory / "tokenizer.model").is_file():
+            _require_sentencepiece()
             proto = spm_pb2.ModelProto()
             try:
                 proto.ParseFromString((directory / "tokenizer.model").read_bytes())

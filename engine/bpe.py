@@ -1,0 +1,521 @@
+"""Byte-level BPE in pure Python, for where the `tokenizers` package (a Rust extension) is missing.
+
+`engine.tokenizer` imports this module in place of `tokenizers` when that import fails (Termux,
+where no wheel exists and building one needs a Rust toolchain). It offers the part of the
+`tokenizers` API that `engine.tokenizer` uses (`Tokenizer`, `AddedToken`, `Regex`, `models.BPE`,
+`pre_tokenizers.Split/ByteLevel/Sequence`, `decoders.ByteLevel`) and gives the same token ids:
+
+* added tokens are cut out first, leftmost-longest, as the `tokenizers` added vocabulary does
+  (special ones only when asked for);
+* each pre-tokenizer regex splits every piece left by the previous one, keeping matches and gaps;
+* each piece's UTF-8 bytes become GPT-2's printable characters, and BPE merges them lowest rank
+  first, leftmost first among equal ranks (the `tokenizers` merge queue).
+
+The regexes use ``\\p{L}``, ``\\p{N}`` and other Unicode classes, which Python's `re` lacks. With the
+`regex` module installed they run there as written. Without it they are rewritten for `re`: each
+``\\p{..}`` becomes a character class built once from `unicodedata` (0.2 s on a desktop core).
+Both engines class every character that Python's `unicodedata` knows as `tokenizers`
+(Oniguruma) does. The difference is in characters newer than that: `re` knows the Unicode of
+Python's `unicodedata` (14.0 in Python 3.11, 15.1 in 3.13), Oniguruma in `tokenizers` 0.2x knows
+16.0, so a letter or digit assigned since (Unicode 16 adds ~9,000 letters, mostly historic
+scripts) is not one to `re`, and text containing such characters may split differently. The
+`regex` module follows its own, usually newer, Unicode version. ``\\s`` is written out as
+Unicode White_Space in both engines, as Oniguruma reads it (Python would add U+001C..U+001F).
+
+Lost against `tokenizers`: speed only. On a desktop core, GPL-3 (7,639 tokens) encodes in ~50 ms
+instead of ~25, and reading SmolLM2's 49,152-token vocabulary takes ~0.6 s. Models with a
+SentencePiece vocabulary still need `sentencepiece`.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import sys
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from engine.errors import PerfxError
+
+try:
+    import regex as _regex
+except ImportError:
+    _regex = None
+
+ENGINE = "regex" if _regex is not None else "re"
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# Unicode White_Space, which Oniguruma's \s matches.
+_WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def notice() -> str:
+    """What the CLI says when this module stands in for `tokenizers`."""
+    how = ("the regex module" if ENGINE == "regex" else
+           f"Python's re with Unicode {unicodedata.unidata_version} classes; pip install regex for newer ones")
+    return f"tokenizers not installed: byte-level BPE runs in pure Python ({how}); same token ids, slower encoding"
+
+
+# --------------------------------------------------------------------------- regex engines
+
+@cache
+def _category_table() -> dict[str, list[tuple[int, int]]]:
+    """Runs of code points of each two-letter general category, from one pass over Unicode."""
+    table: dict[str, list[tuple[int, int]]] = {}
+    category = unicodedata.category
+    last, start, prev = "", 0, -1
+    for cp in range(sys.maxunicode + 1):
+        cat = category(chr(cp))
+        if cat != last:
+            if last:
+                table.setdefault(last, []).append((start, prev))
+            last, start = cat, cp
+        prev = cp
+    table.setdefault(last, []).append((start, prev))
+    return table
+
+
+def _escape(cp: int) -> str:
+    return f"\\U{cp:08x}" if cp > 0xFFFF else f"\\u{cp:04x}"
+
+
+@cache
+def _class_body(name: str) -> str:
+    """The inside of a `re` character class for a Unicode general category (``L``, ``Lu``...)."""
+    table = _category_table()
+    cats = [c for c in table if c == name or (len(name) == 1 and c[0] == name)]
+    if not cats:
+        raise PerfxError(f"unknown Unicode category \\p{{{name}}} in a pre-tokenizer regex")
+    runs = sorted(r for c in cats for r in table[c])
+    merged: list[list[int]] = []
+    for a, b in runs:
+        if merged and a == merged[-1][1] + 1:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    return "".join(_escape(a) if a == b else f"{_escape(a)}-{_escape(b)}" for a, b in merged)
+
+
+_TOKEN = re.compile(r"\\[pP]\{(\w+)\}|\\[sS]|\\.|\[\^?|\]|.", re.DOTALL)
+
+
+def translate(pattern: str, engine: str | None = None) -> str:
+    """The pattern with ``\\s``/``\\S`` written out, and for `re` each ``\\p{..}``/``\\P{..}`` too."""
+    engine = engine or ENGINE
+    out: list[str] = []
+    depth = 0                                   # inside a [...] class when > 0
+    for m in _TOKEN.finditer(pattern):
+        tok = m.group()
+        if tok.startswith("["):
+            depth += 1
+        elif tok == "]" and depth:
+            depth -= 1
+        elif tok in (r"\s", r"\S"):
+            negate = tok == r"\S"
+            if depth and negate:
+                raise PerfxError(f"\\S inside a character class is not supported: {pattern!r}")
+            tok = _WHITE_SPACE if depth else f"[{'^' if negate else ''}{_WHITE_SPACE}]"
+        elif m.group(1) and engine == "re":
+            negate = tok[1] == "P"
+            if depth and negate:
+                raise PerfxError(f"\\P{{..}} inside a character class is not supported: {pattern!r}")
+            body = _class_body(m.group(1))
+            tok = body if depth else f"[{'^' if negate else ''}{body}]"
+        out.append(tok)
+    return "".join(out)
+
+
+def compile_pattern(pattern: str, engine: str | None = None) -> re.Pattern[str]:
+    """A pre-tokenizer regex compiled for `engine` ("regex" or "re"; default: `ENGINE`), with
+    Oniguruma's ``^``/``$`` (line anchors)."""
+    engine = engine or ENGINE
+    text = translate(pattern, engine)
+    if engine == "regex":
+        if _regex is None:
+            raise PerfxError("the regex module is not installed; pip install regex")
+        return _regex.compile(text, _regex.MULTILINE | _regex.VERSION0)
+    return re.compile(text, re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- byte level
+
+@cache
+def byte_to_char() -> tuple[str, ...]:
+    """GPT-2's printable stand-in for each byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return tuple(chars)
+
+
+def byte_level(text: str) -> str:
+    table = byte_to_char()
+    return "".join(table[b] for b in text.encode())
+
+
+# --------------------------------------------------------------------------- the tokenizers API
+
+@dataclass
+class AddedToken:
+    """A token matched in the text before BPE, as `tokenizers.AddedToken` (no strip options)."""
+
+    content: str
+    special: bool = False
+    normalized: bool = False
+    single_word: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.single_word or self.lstrip or self.rstrip:
+            raise PerfxError(f"added token {self.content!r}: single_word/lstrip/rstrip need the tokenizers package")
+
+
+@dataclass(frozen=True)
+class Regex:
+    pattern: str
+
+
+class models:
+    class BPE:
+        """Byte-level BPE over a vocab (text -> id) and merges (pairs of texts, by rank)."""
+
+        def __init__(self, vocab: Mapping[str, int], merges: Iterable[Sequence[str]],
+                     ignore_merges: bool = False, **options: Any) -> None:
+            unsupported = {k: v for k, v in options.items()
+                           if v not in (None, False) and k not in ("fuse_unk", "dropout")}
+            if unsupported or options.get("dropout"):
+                raise PerfxError(f"BPE options {sorted(unsupported) or ['dropout']} need the tokenizers package")
+            self.vocab = dict(vocab)
+            self.ignore_merges = ignore_merges
+            self.merges = [(str(a), str(b)) for a, b in merges]
+            self.ranks: dict[tuple[int, int], tuple[int, int]] = {}
+            for rank, (a, b) in enumerate(self.merges):
+                missing = [t for t in (a, b, a + b) if t not in self.vocab]
+                if missing:
+                    raise PerfxError(f"merge {a!r} {b!r}: token {missing[0]!r} is not in the vocabulary")
+                self.ranks[(self.vocab[a], self.vocab[b])] = (rank, self.vocab[a + b])
+            self._cache: dict[str, list[int]] = {}
+
+        def tokenize(self, word: str) -> list[int]:
+            """Ids of one byte-level piece."""
+            ids = self._cache.get(word)
+            if ids is None:
+                ids = self._merge(word)
+                if len(self._cache) < 100_000:
+                    self._cache[word] = ids
+            return ids
+
+        def _merge(self, word: str) -> list[int]:
+            if self.ignore_merges and word in self.vocab:
+                return [self.vocab[word]]
+            symbols = [self.vocab[c] for c in word if c in self.vocab]
+            n = len(symbols)
+            nxt = list(range(1, n + 1))
+            prv = list(range(-1, n - 1))
+            alive = [True] * n
+            ranks = self.ranks
+            queue: list[tuple[int, int, int]] = []          # (rank, position, id of the merged token)
+            for pos, pair in enumerate(pairwise(symbols)):
+                if hit := ranks.get(pair):
+                    queue.append((hit[0], pos, hit[1]))
+            heapq.heapify(queue)
+            while queue:
+                _, pos, new = heapq.heappop(queue)
+                if not alive[pos] or nxt[pos] >= n:
+                    continue
+                right = nxt[pos]
+                if ranks.get((symbols[pos], symbols[right]), (0, -1))[1] != new:
+                    continue                                # the pair changed since it was queued
+                symbols[pos] = new
+                alive[right] = False
+                nxt[pos] = nxt[right]
+                if nxt[pos] < n:
+                    prv[nxt[pos]] = pos
+                if prv[pos] >= 0 and (hit := ranks.get((symbols[prv[pos]], new))):
+                    heapq.heappush(queue, (hit[0], prv[pos], hit[1]))
+                if nxt[pos] < n and (hit := ranks.get((new, symbols[nxt[pos]]))):
+                    heapq.heappush(queue, (hit[0], pos, hit[1]))
+            return [s for s, a in zip(symbols, alive) if a]
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "ignore_merges": self.ignore_merges,
+                    "vocab": dict(sorted(self.vocab.items(), key=lambda item: item[1])),
+                    "merges": [list(m) for m in self.merges]}
+
+
+class pre_tokenizers:
+    class Split:
+        """Splits on a regex, keeping the matches and the text between them ("isolated")."""
+
+        def __init__(self, pattern: Regex | str, behavior: str = "isolated", invert: bool = False) -> None:
+            if behavior.lower() != "isolated" or invert:
+                raise PerfxError(f"Split behavior {behavior!r} (invert={invert}) needs the tokenizers package")
+            self.pattern = pattern
+            source = pattern.pattern if isinstance(pattern, Regex) else re.escape(pattern)
+            self._regex = compile_pattern(source)
+
+        def split(self, piece: str) -> list[str]:
+            out: list[str] = []
+            prev = 0
+            for m in self._regex.finditer(piece):
+                start, end = m.span()
+                if start > prev:
+                    out.append(piece[prev:start])
+                if end > start:
+                    out.append(piece[start:end])
+                prev = end
+            if prev < len(piece):
+                out.append(piece[prev:])
+            return out
+
+        def to_dict(self) -> dict[str, Any]:
+            key = "Regex" if isinstance(self.pattern, Regex) else "String"
+            source = self.pattern.pattern if isinstance(self.pattern, Regex) else self.pattern
+            return {"type": "Split", "pattern": {key: source}, "behavior": "Isolated", "invert": False}
+
+    class ByteLevel:
+        """Maps bytes to GPT-2's printable characters; with `use_regex`, splits by GPT-2's regex first."""
+
+        def __init__(self, add_prefix_space: bool = True, use_regex: bool = True, **_: Any) -> None:
+            self.add_prefix_space = add_prefix_space
+            self.use_regex = use_regex
+            self._split = pre_tokenizers.Split(Regex(GPT2_REGEX)) if use_regex else None
+
+        def split(self, piece: str) -> list[str]:
+            if self.add_prefix_space and not piece.startswith(" "):
+                piece = " " + piece
+            return self._split.split(piece) if self._split else [piece]
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"type": "ByteLevel", "add_prefix_space": self.add_prefix_space, "trim_offsets": True,
+                    "use_regex": self.use_regex}
+
+    class Sequence:
+        def __init__(self, steps: Sequence[Any]) -> None:
+            self.steps = list(steps)
+
+        def split(self, piece: str) -> list[str]:
+            pieces = [piece]
+            for step in self.steps:
+                pieces = [p for q in pieces for p in step.split(q)]
+            return pieces
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"type": "Sequence", "pretokenizers": [s.to_dict() for s in self.steps]}
+
+
+class decoders:
+    class ByteLevel:
+        def to_dict(self) -> dict[str, Any]:
+            return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+
+@dataclass
+class Encoding:
+    ids: list[int]
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with the methods of `tokenizers.Tokenizer` that perfx calls."""
+
+    def __init__(self, model: models.BPE) -> None:
+        self.model = model
+        self.pre_tokenizer: Any = None
+        self.decoder: Any = None
+        self.encode_special_tokens = False
+        self._added: dict[int, AddedToken] = {}
+        self._added_ids: dict[str, int] = {}
+        self._template: tuple[list[int], list[int]] = ([], [])  # ids a post-processor puts around the text
+        self._post_processor: Any = None
+        self._texts: dict[int, str] | None = None
+        self._splitter: re.Pattern[str] | None = None
+        self._next_id = max(model.vocab.values(), default=-1) + 1
+
+    # ------------------------------------------------------------------ added tokens
+
+    def add_special_tokens(self, tokens: Iterable[AddedToken | str]) -> int:
+        return self._add(tokens, special=True)
+
+    def add_tokens(self, tokens: Iterable[AddedToken | str]) -> int:
+        return self._add(tokens, special=False)
+
+    def _add(self, tokens: Iterable[AddedToken | str], special: bool) -> int:
+        added = 0
+        for token in tokens:
+            if isinstance(token, str):
+                token = AddedToken(token, special=special)
+            if special:
+                token.special = True
+            if not token.content or token.content in self._added_ids:
+                continue
+            token_id = self.model.vocab.get(token.content)
+            if token_id is None:
+                token_id = self._next_id
+            self._register(token, token_id)
+            added += 1
+        return added
+
+    def _register(self, token: AddedToken, token_id: int) -> None:
+        self._added[token_id] = token
+        self._added_ids[token.content] = token_id
+        self._next_id = max(self._next_id, token_id + 1)
+        self._splitter = None
+
+    def _added_splitter(self) -> re.Pattern[str] | None:
+        """Matches the added tokens leftmost-longest, as the `tokenizers` added vocabulary does."""
+        if self._splitter is None and self._added_ids:
+            alternatives = sorted(self._added_ids, key=len, reverse=True)
+            self._splitter = re.compile("|".join(map(re.escape, alternatives)))
+        return self._splitter
+
+    def get_added_tokens_decoder(self) -> dict[int, AddedToken]:
+        return dict(self._added)
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        n = len(self.model.vocab)
+        if with_added_tokens:
+            n += sum(1 for t in self._added_ids if t not in self.model.vocab)
+        return n
+
+    def token_to_id(self, token: str) -> int | None:
+        found = self._added_ids.get(token)
+        return found if found is not None else self.model.vocab.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._added:
+            return self._added[token_id].content
+        if self._texts is None:
+            self._texts = {i: t for t, i in self.model.vocab.items()}
+        return self._texts.get(token_id)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        ids: list[int] = []
+        start = 0
+        splitter = self._added_splitter()
+        if splitter is not None:
+            for m in splitter.finditer(text):
+                token_id = self._added_ids[m.group()]
+                if self.encode_special_tokens and self._added[token_id].special:
+                    continue
+                if m.start() > start:
+                    ids += self._encode_plain(text[start:m.start()])
+                ids.append(token_id)
+                start = m.end()
+        if start < len(text):
+            ids += self._encode_plain(text[start:])
+        if add_special_tokens:
+            ids = self._template[0] + ids + self._template[1]
+        return Encoding(ids)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        pieces = self.pre_tokenizer.split(text) if self.pre_tokenizer is not None else [text]
+        ids: list[int] = []
+        for piece in pieces:
+            ids += self.model.tokenize(byte_level(piece))
+        return ids
+
+    # ------------------------------------------------------------------ tokenizer.json
+
+    def to_str(self) -> str:
+        added = [{"id": i, "content": t.content, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": t.normalized, "special": t.special} for i, t in sorted(self._added.items())]
+        data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": None,
+                "pre_tokenizer": self.pre_tokenizer.to_dict() if self.pre_tokenizer is not None else None,
+                "post_processor": self._post_processor,
+                "decoder": self.decoder.to_dict() if self.decoder is not None else None,
+                "model": self.model.to_dict()}
+        return json.dumps(data, ensure_ascii=False)
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    @classmethod
+    def from_file(cls, path: str) -> Tokenizer:
+        return cls.from_str(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        """Reads a tokenizer.json of the byte-level BPE kind; other kinds raise PerfxError."""
+        data = json.loads(text)
+        spec = data.get("model") or {}
+        if spec.get("type") != "BPE":
+            raise _unsupported(f"model {spec.get('type')!r}")
+        if data.get("normalizer") is not None:
+            raise _unsupported(f"normalizer {data['normalizer'].get('type')!r}")
+        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in spec.get("merges", [])]
+        options = {k: spec.get(k) for k in ("unk_token", "continuing_subword_prefix", "end_of_word_suffix",
+                                             "byte_fallback", "dropout", "fuse_unk")}
+        tok = cls(models.BPE(spec.get("vocab", {}), merges, ignore_merges=bool(spec.get("ignore_merges")),
+                             **options))
+        tok.pre_tokenizer = _pre_tokenizer_from_dict(data.get("pre_tokenizer"))
+        decoder = data.get("decoder")
+        if decoder is not None and decoder.get("type") != "ByteLevel":
+            raise _unsupported(f"decoder {decoder.get('type')!r}")
+        tok.decoder = decoders.ByteLevel() if decoder is not None else None
+        for entry in sorted(data.get("added_tokens", []), key=lambda e: e["id"]):
+            token = AddedToken(entry["content"], special=entry.get("special", False),
+                               normalized=entry.get("normalized", False), single_word=entry.get("single_word", False),
+                               lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False))
+            tok._register(token, int(entry["id"]))
+        tok._set_post_processor(data.get("post_processor"))
+        return tok
+
+    def _set_post_processor(self, spec: Mapping[str, Any] | None) -> None:
+        self._post_processor = spec
+        if spec is None:
+            return
+        steps = [spec] if spec.get("type") != "Sequence" else spec.get("processors", [])
+        for step in steps:
+            kind = step.get("type")
+            if kind == "ByteLevel":
+                continue
+            if kind != "TemplateProcessing":
+                raise _unsupported(f"post-processor {kind!r}")
+            side = 0
+            for item in step.get("single", []):
+                if "SpecialToken" in item:
+                    name = item["SpecialToken"]["id"]
+                    self._template[side].extend(step.get("special_tokens", {}).get(name, {}).get("ids", []))
+                else:
+                    side = 1
+
+
+def _unsupported(what: str) -> PerfxError:
+    return PerfxError(f"this tokenizer.json uses {what}, which perfx's pure-Python tokenizer does not "
+                      "support; pip install tokenizers")
+
+
+def _pre_tokenizer_from_dict(spec: Mapping[str, Any] | None) -> Any:
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return pre_tokenizers.Sequence([_pre_tokenizer_from_dict(s) for s in spec.get("pretokenizers", [])])
+    if kind == "Split":
+        pattern = spec.get("pattern", {})
+        source: Regex | str = Regex(pattern["Regex"]) if "Regex" in pattern else pattern.get("String", "")
+        return pre_tokenizers.Split(source, behavior=spec.get("behavior", "Isolated"),
+                                    invert=spec.get("invert", False))
+    if kind == "ByteLevel":
+        return pre_tokenizers.ByteLevel(add_prefix_space=spec.get("add_prefix_space", True),
+                                        use_regex=spec.get("use_regex", True))
+    raise _unsupported(f"pre-tokenizer {kind!r}")
