@@ -1,0 +1,370 @@
+"""Matrix products with quantized weights: y[T, N] (+)= x[T, K] @ W[N, K]^T on OpenCL.
+
+Weights live on the device as one `DeviceMatrix` per linear layer, repacked once at load into the
+"row tile" layout that kernels/gemv.cl and kernels/gemm.cl read:
+
+- rows are grouped in tiles of RT = 4 (N padded with zero rows to a multiple of 4); a tile is one
+  contiguous run of 32-bit words, so a work-item streams a single address range;
+- along K a tile is cut into chunks of 128 elements, then 64 if K % 128 >= 64, then 32 if K % 64 == 32;
+  a chunk of C elements is 8 planes of L = C/8 consecutive elements;
+- one chunk's block holds the data of its 4 rows, then their scales and zeros:
+    int4  uint q[4][L] (nibble p of word l = q of element p*L + l), half scale[4][C/G], half zero[4][C/G]
+    int8  char q[4][C], half scale[4][C/32]
+    f16   half w[4][C]
+  With the int4 packing one 64-byte load, shifted and masked per plane, gives 16 consecutive weights
+  that line up with a plain vector load of x.
+
+`Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
+for the zero terms), `gemm_few` (weights dequantized once per TT tokens into registers) up to
+`few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
+tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Kernels are built
+once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
+its kernel objects with arguments set once, so a decode step only enqueues. Tunables are the -D defines
+of the kernels; `params` overrides DEFAULT_PARAMS (PoCL, AVX-512) and NVIDIA_PARAMS suits GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyopencl as cl
+
+from ...errors import PerfxError
+from ...quants import split_q8_0
+from ...tensors import QTensor
+from .runtime import Runtime
+
+RT = 4                                # rows per tile
+FORMAT_CODE = {"int4": 4, "int8": 8, "f16": 16}
+GROUPS = (32, 64, 128)
+
+# Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
+DEFAULT_PARAMS: dict[str, int | bool] = {
+    "gemv_vec": 16,         # piece width (lanes of the explicit vectors along K)
+    "gemv_ksplit": 1,       # work-items splitting K within a work-group (local-memory reduction)
+    "gemv_wg_rows": 8,      # row tiles (4 rows each) per work-group
+    "use_image": False,     # read x through an image1d_buffer_t
+    "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
+    "few_vec": 16,
+    "few_tt": 4,            # tokens per work-item in gemm_few (fewer when T is smaller)
+    "few_wg_rows": 1,       # row tiles per work-group in gemm_few
+    "tiled_vec": 16,        # piece width when dequantizing into local memory
+    "tiled_bn": 16,         # rows per work-group
+    "tiled_bt": 48,         # tokens per work-group
+    "tiled_rr": 4,          # rows per work-item
+    "tiled_tr": 6,          # tokens per work-item
+    "tiled_kc": 0,          # chunks of 128 of K staged per barrier (0: all of K, as local memory allows)
+    "tiled_x_local": 0,     # stage X in local memory too (0: read it from global memory)
+}
+
+# Best found on an NVIDIA H100 (OpenCL 3.0 CUDA driver): a starting point for desktop and server GPUs,
+# where neighbouring work-items must read neighbouring bytes and registers are scarce.
+NVIDIA_PARAMS: dict[str, int | bool] = {
+    **DEFAULT_PARAMS,
+    "gemv_vec": 4, "gemv_ksplit": 16, "gemv_wg_rows": 4, "use_image": True,
+    "few_vec": 4, "few_tt": 4, "few_wg_rows": 16,
+    "tiled_vec": 4, "tiled_bn": 64, "tiled_bt": 32, "tiled_rr": 4, "tiled_tr": 4, "tiled_kc": 1,
+    "tiled_x_local": 0,
+}
+
+SCHEMES = ("gemv", "few", "tiled")
+
+
+# ---- layout ---------------------------------------------------------------------------------------
+
+
+def chunk_widths(cols: int) -> list[int]:
+    """Widths of the chunks a row is cut into: 128s, then 64 and/or 32 for the rest."""
+    if cols % 32:
+        raise PerfxError(f"matrix needs a multiple of 32 columns, got {cols}")
+    rest = cols % 128
+    return [128] * (cols // 128) + ([64] if rest >= 64 else []) + ([32] if rest % 64 else [])
+
+
+def _tiles(a: np.ndarray) -> np.ndarray:
+    """[rows, ...] -> [ceil(rows/4), 4, ...], padding with zero rows."""
+    pad = (-a.shape[0]) % RT
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape(a.shape[0] // RT, RT, *a.shape[1:])
+
+
+def _as_words(a: np.ndarray) -> np.ndarray:
+    """[tiles, 4, n] of any dtype -> [tiles, words] uint32."""
+    a = np.ascontiguousarray(a.reshape(a.shape[0], -1))
+    return a.view(np.uint32)
+
+
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
+    """q uint8 [N, K] in 0..15, scale and zero [N, K/group] (w = q*scale + zero) -> uint32 row tiles."""
+    rows, cols = q.shape
+    if group not in GROUPS or cols % group:
+        raise PerfxError(f"int4 group must be one of {GROUPS} and divide the {cols} columns, got {group}")
+    if scale.shape != (rows, cols // group) or zero.shape != scale.shape:
+        raise PerfxError(f"int4 scale and zero must be [{rows}, {cols // group}], got {scale.shape}, {zero.shape}")
+    q = np.asarray(q, np.uint8)
+    if q.size and q.max() > 15:
+        raise PerfxError(f"int4 values must be 0..15, got {int(q.max())}")
+    qt = _tiles(q)                                          # [tiles, 4, K]
+    st = _tiles(np.asarray(scale, np.float16))              # [tiles, 4, K/G]
+    zt = _tiles(np.asarray(zero, np.float16))
+    blocks, k0 = [], 0
+    for c in chunk_widths(cols):
+        lanes = c // 8
+        planes = qt[:, :, k0 : k0 + c].reshape(qt.shape[0], RT, 8, lanes).astype(np.uint32)
+        words = np.zeros((qt.shape[0], RT, lanes), np.uint32)
+        for p in range(8):
+            words |= planes[:, :, p, :] << np.uint32(4 * p)
+        g0, g1 = k0 // group, (k0 + c) // group
+        blocks += [_as_words(words), _as_words(st[:, :, g0:g1]), _as_words(zt[:, :, g0:g1])]
+        k0 += c
+    return np.concatenate(blocks, axis=1).reshape(-1)
+
+
+def pack_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q int8 [N, K], scale [N, K/32] (w = q*scale) -> uint32 row tiles."""
+    rows, cols = q.shape
+    if scale.shape != (rows, cols // 32):
+        raise PerfxError(f"int8 scale must be [{rows}, {cols // 32}], got {scale.shape}")
+    qt, st = _tiles(np.asarray(q, np.int8)), _tiles(np.asarray(scale, np.float16))
+    blocks, k0 = [], 0
+    for c in chunk_widths(cols):
+        blocks += [_as_words(qt[:, :, k0 : k0 + c]), _as_words(st[:, :, k0 // 32 : (k0 + c) // 32])]
+        k0 += c
+    return np.concatenate(blocks, axis=1).reshape(-1)
+
+
+def pack_f16(w: np.ndarray) -> np.ndarray:
+    """w [N, K] -> uint32 row tiles of fp16 values."""
+    wt = _tiles(np.asarray(w, np.float16))
+    blocks, k0 = [], 0
+    for c in chunk_widths(w.shape[1]):
+        blocks.append(_as_words(wt[:, :, k0 : k0 + c]))
+        k0 += c
+    return np.concatenate(blocks, axis=1).reshape(-1)
+
+
+def quantize_int4(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest asymmetric int4 per group: (q uint8 [N, K], scale, zero [N, K/group]) with
+    scale and zero rounded to fp16 first, so w ~ q*scale + zero holds for the stored values."""
+    rows, cols = w.shape
+    g = np.asarray(w, np.float32).reshape(rows, cols // group, group)
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    scale = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+    zero = lo.astype(np.float16).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1)[..., None]
+    q = np.clip(np.rint((g - zero[..., None]) / safe), 0, 15).astype(np.uint8)
+    return q.reshape(rows, cols), scale, zero
+
+
+@dataclass(eq=False)
+class DeviceMatrix:
+    """A weight matrix W [rows, cols] (rows = outputs N, cols = inputs K) in row tiles on the device."""
+
+    fmt: str          # "int4", "int8" or "f16"
+    rows: int
+    cols: int
+    group: int        # int4 group size (32, 64 or 128); 32 for int8; 0 for f16
+    buf: cl.Buffer    # uint32 row tiles, see the module docstring
+    nbytes: int
+
+    @classmethod
+    def _upload(cls, rt: Runtime, fmt: str, rows: int, cols: int, group: int, words: np.ndarray) -> DeviceMatrix:
+        return cls(fmt, rows, cols, group, rt.to_device(words), int(words.nbytes))
+
+    @classmethod
+    def from_int4(cls, rt: Runtime, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> DeviceMatrix:
+        """q uint8 [N, K] (0..15), scale and zero [N, K/group]: w = q*scale + zero (stored as fp16)."""
+        return cls._upload(rt, "int4", *q.shape, group, pack_int4(q, scale, zero, group))
+
+    @classmethod
+    def from_q8(cls, rt: Runtime, q: np.ndarray, scale: np.ndarray) -> DeviceMatrix:
+        """q int8 [N, K], scale [N, K/32]: w = q*scale (GGUF Q8_0)."""
+        return cls._upload(rt, "int8", *q.shape, 32, pack_int8(q, scale))
+
+    @classmethod
+    def from_f16(cls, rt: Runtime, w: np.ndarray) -> DeviceMatrix:
+        """w [N, K], stored as fp16."""
+        return cls._upload(rt, "f16", *w.shape, 0, pack_f16(w))
+
+    @classmethod
+    def from_qtensors(cls, rt: Runtime, tensors: list[QTensor]) -> DeviceMatrix:
+        """The rows of `tensors` stacked in order (Q, K, V as one matrix; gate then up).
+
+        Q4_0, Q4_1 and INT4 become int4, exactly: with mixed group sizes the smallest is used and the
+        larger groups' scales and zeros repeated. Q8_0 and INT8 become int8 (exact), F16 and F32 fp16.
+        Any other type (Q4_K, Q6_K, BF16, or a mix of kinds) is dequantized and requantized to int4 with
+        groups of 32 by round-to-nearest (`quantize_int4`), which is not exact.
+        """
+        if not tensors:
+            raise PerfxError("from_qtensors needs at least one tensor")
+        cols = {t.shape[-1] for t in tensors}
+        if len(cols) != 1 or any(len(t.shape) != 2 for t in tensors):
+            raise PerfxError(f"tensors to stack must be 2-D with equal columns: {[t.shape for t in tensors]}")
+        types = {t.qtype for t in tensors}
+        if types <= {"Q4_0", "Q4_1", "INT4"}:
+            parts = [t.int4() for t in tensors]                     # (q, scale, zero, group) each
+            group = min(p[3] for p in parts)
+            q = np.concatenate([p[0] for p in parts])
+            scale, zero = (np.concatenate([np.repeat(p[i], p[3] // group, axis=1) for p in parts]) for i in (1, 2))
+            return cls.from_int4(rt, q, scale, zero, group)
+        if types <= {"Q8_0", "INT8"}:
+            parts = [t.int8() if hasattr(t, "int8") else split_q8_0(t.raw, t.shape) for t in tensors]
+            return cls.from_q8(rt, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        w = np.concatenate([t.dequantize() for t in tensors])
+        if types <= {"F16", "F32"}:
+            return cls.from_f16(rt, w)
+        return cls.from_int4(rt, *quantize_int4(w, 32), 32)
+
+
+# ---- launching ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """The kernel launches of one call, arguments set; `keep` holds what the arguments refer to."""
+
+    steps: list[tuple[cl.Kernel, tuple[int, ...], tuple[int, ...]]]   # (kernel, global size, local size)
+    keep: tuple
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Matmul:
+    """y = x @ W^T (linear) and silu(x @ Wg^T) * (x @ Wu^T) (swiglu) with device-resident weights."""
+
+    MAX_PLANS = 1024
+
+    def __init__(self, rt: Runtime, params: dict | None = None):
+        unknown = set(params or {}) - set(DEFAULT_PARAMS)
+        if unknown:
+            raise PerfxError(f"unknown matmul parameters: {sorted(unknown)}")
+        self.rt = rt
+        self.params = {**DEFAULT_PARAMS, **(params or {})}
+        self._plans: dict[tuple, _Plan] = {}
+
+    def scheme(self, T: int) -> str:
+        """The kernel used for T tokens: "gemv", "few" or "tiled"."""
+        if T == 1:
+            return "gemv"
+        return "few" if T <= self.params["few_max_tokens"] else "tiled"
+
+    def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
+               scheme: str | None = None) -> None:
+        """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers)."""
+        self._enqueue("linear", x, w, T, y, accumulate, scheme)
+
+    def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None) -> None:
+        """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
+        self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme)
+
+    def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
+                 scheme: str | None) -> None:
+        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T))
+        for kernel, global_size, local_size in plan.steps:
+            cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
+
+    # -- building the launches of one call --
+
+    def _plan(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
+              scheme: str) -> _Plan:
+        if scheme not in SCHEMES:
+            raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
+        if T < 1 or (scheme == "gemv" and T != 1):
+            raise PerfxError(f"the {scheme} scheme cannot take T={T} tokens")
+        K, N = w.cols, w.rows
+        if op == "swiglu":
+            if N % (2 * RT):
+                raise PerfxError(f"swiglu needs gate and up halves of a multiple of {RT} rows, got {N} rows")
+            N //= 2
+        if x.size < T * K * 4 or y.size < T * N * 4:
+            raise PerfxError(f"matmul buffers too small for x [{T}, {K}] and y [{T}, {N}]")
+        defines = {"FORMAT": FORMAT_CODE[w.fmt], "SWIGLU": op == "swiglu"}
+        if w.fmt == "int4":
+            defines["G"] = w.group
+        build = {"gemv": self._gemv, "few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
+        steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
+        return _Plan(steps, (x, y, w.buf) + keep)
+
+    def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
+              accumulate: np.int32) -> tuple[list, tuple]:
+        p = self.params
+        ks, wgr = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"])
+        use_image = bool(p["use_image"]) and self.rt.device.image_support and K // 4 <= self._max_image_texels()
+        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, USE_IMAGE=use_image)
+        program = self.rt.program("gemv", **defines)
+        steps, keep = [], ()
+        xs = x                                   # group sums of x [K/G] (int4; unused otherwise)
+        if w.fmt == "int4":
+            xs = self.rt.empty(4 * (K // w.group))
+            xsum = cl.Kernel(program, "xsum")
+            xsum.set_args(x, xs)
+            steps.append((xsum, (K // w.group,), None))
+            keep += (xs,)
+        xarg = x
+        if use_image:                            # x [K] as K/4 float4 texels
+            fmt = cl.ImageFormat(cl.channel_order.RGBA, cl.channel_type.FLOAT)
+            make_image = getattr(cl, "create_image", cl.Image)
+            xarg = make_image(self.rt.ctx, cl.mem_flags.READ_ONLY, fmt, shape=(K // 4,), buffer=x)
+            keep += (xarg,)
+        gemv = cl.Kernel(program, "gemv")
+        if ks * wgr > self._max_work_group(gemv):
+            raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
+                             f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
+        gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs)
+        steps.append((gemv, (ks, _round_up(-(-N // RT), wgr)), (ks, wgr)))
+        return steps, keep
+
+    def _gemm_few(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
+                  accumulate: np.int32) -> tuple[list, tuple]:
+        p = self.params
+        tt, wgr = min(int(p["few_tt"]), T), int(p["few_wg_rows"])
+        defines.update(VEC=p["few_vec"], TT=tt)
+        kernel = cl.Kernel(self.rt.program("gemm", **defines), "gemm_few")
+        kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), accumulate)
+        limit = self._max_work_group(kernel)
+        wgr = max(1, min(wgr, limit))
+        local = (max(1, min(-(-T // tt), limit // wgr)), wgr)      # token tiles x row tiles
+        return [(kernel, (_round_up(-(-T // tt), local[0]), _round_up(-(-N // RT), wgr)), local)], ()
+
+    def _gemm_tiled(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
+                    accumulate: np.int32) -> tuple[list, tuple]:
+        p = self.params
+        bn, bt, rr, tr = (int(p[k]) for k in ("tiled_bn", "tiled_bt", "tiled_rr", "tiled_tr"))
+        x_local = int(p["tiled_x_local"])
+        few_defines = dict(defines)
+        defines.update(VEC=p["tiled_vec"], BN=bn, BT=bt, RR=rr, TR=tr, X_LOCAL=x_local)
+        kernel = cl.Kernel(self.rt.program("gemm", **defines), "gemm_tiled")
+        local = (bt // tr, bn // rr)
+        # Local memory left for the tiles: drivers keep some for themselves (1 KiB per block on NVIDIA).
+        static = kernel.get_work_group_info(cl.kernel_work_group_info.LOCAL_MEM_SIZE, self.rt.device)
+        budget = self.rt.device.local_mem_size - static - 1024
+        nchunks = len(chunk_widths(K))
+        kc = min(int(p["tiled_kc"]) or nchunks, nchunks)       # chunks staged per barrier
+        while kc > 1 and 4 * 128 * kc * (bn + x_local * bt) > budget:
+            kc -= 1
+        if 4 * 128 * kc * (bn + x_local * bt) > budget or local[0] * local[1] > self._max_work_group(kernel):
+            # The tiles do not fit this device (local memory, or registers for the work-group size).
+            return self._gemm_few(few_defines, x, w, T, K, N, y, accumulate)
+        w_local = cl.LocalMemory(4 * bn * 128 * kc)                        # [BN][kc*128]
+        x_tile = cl.LocalMemory(4 * max(x_local * bt * 128 * kc, 1))        # [BT][kc*128]
+        kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), accumulate, w_local, x_tile,
+                        np.int32(kc))
+        return [(kernel, (local[0] * -(-T // bt), local[1] * -(-N // bn)), local)], ()
+
+    def _max_work_group(self, kernel: cl.Kernel) -> int:
+        """The largest work-group this compiled kernel can run with on the device."""
+        return int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.rt.device))
+
+    def _max_image_texels(self) -> int:
+        try:
+            return int(self.rt.device.image_max_buffer_size)
+        except cl.Error:
+            return 0

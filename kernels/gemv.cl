@@ -1,0 +1,327 @@
+// GEMV for decode (one token): y[n] (+)= sum_k W[n][k] * x[k], W quantized (int4 / int8) or fp16.
+//
+// Weight layout ("row tiles", written by engine/backends/opencl/matmul.py)
+// -------------------------------------------------------------------------
+// Rows are grouped in tiles of RT = 4 consecutive rows (N is padded up to a multiple of 4 with zero
+// rows). Each tile is one contiguous run of 32-bit words, so one work-item streams one address range.
+// Along K a tile is cut into chunks of 128 elements, then one of 64 if K % 128 >= 64, then one of 32 if
+// K % 64 == 32. A chunk of C elements has 8 "planes" of L = C / 8 consecutive elements (plane p holds
+// elements p*L .. p*L + L-1 of the chunk). One chunk's block, per format:
+//
+//   FORMAT 4 (int4, group G = 32/64/128, w = q * scale + zero):
+//     uint  q[RT][L]       nibble p (bits 4p..4p+3) of word l of row r = q of element p*L + l
+//     half  scale[RT][C/G]
+//     half  zero[RT][C/G]                                  -> RT*(L + C/G) words
+//   FORMAT 8 (int8, one scale per 32, w = q * scale):
+//     char  q[RT][C]       natural order
+//     half  scale[RT][C/32]                                -> RT*C/4 + RT*C/64 words
+//   FORMAT 16 (fp16):
+//     half  w[RT][C]       natural order                   -> RT*C/2 words
+//
+// The int4 packing lets one wide load (uint16 = 64 bytes) give, with a shift and a mask per plane,
+// 16 consecutive weights: the plane vectors line up with plain vector loads of x.
+//
+// Work decomposition
+// ------------------
+// Work-group = (KSPLIT, WG_ROWS) work-items. Work-item (ks, i) owns row tile group*WG_ROWS + i (with
+// SWIGLU: the gate tile and the matching up tile, which share each load of x) and the (chunk, piece)
+// items ks, ks+KSPLIT, ... where a piece is VEC lanes of a chunk. Partial sums over ks meet in local
+// memory. int4 zero terms use the group sums of x, computed once per call by the xsum kernel.
+// CPU (PoCL): KSPLIT=1, VEC=16: each work-item runs explicit 512-bit vector code along K (PoCL's own
+// vectorization across work-items reached only 1-2 GB/s on this kernel), with all of a block's loads
+// issued before its arithmetic. GPU: VEC=4 and KSPLIT=16..32 so that neighbouring work-items read
+// neighbouring 16-byte pieces.
+//
+// Per call, SmolLM2-135M shapes (bytes of packed weights incl. scales; FLOPs = 2*N*K):
+//   int4 g32 576x576 (o): 0.21 MB, 0.66 MFLOP      int4 g32 960x576 (qkv): 0.35 MB, 1.1 MFLOP
+//   int4 g32 3072x576 (gate+up): 1.1 MB, 3.5 MFLOP int4 g32 576x1536 (down): 0.55 MB, 1.8 MFLOP
+//   int8 49152x576 (output): 30.1 MB, 57 MFLOP
+// Reached, weights streamed from DRAM, launches included (scripts/bench_kernels.py):
+//   PoCL 3.1 AVX-512, 1 thread: int4 14 (576x576) - 17 (qkv, gate+up) - 24 (down) GB/s, int8 20 GB/s;
+//   2 threads: int4 about the same (PoCL's second thread joins ~15 us late), int8 38 GB/s.
+//   NVIDIA H100 (NVIDIA_PARAMS): int8 1.15 TB/s; the small int4 shapes are launch-bound (20-30 us).
+//
+// Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT, WG_ROWS, SWIGLU, USE_IMAGE.
+
+#ifndef FORMAT
+#define FORMAT 4
+#endif
+#ifndef G
+#define G 32
+#endif
+#ifndef VEC
+#define VEC 16
+#endif
+#ifndef KSPLIT
+#define KSPLIT 1
+#endif
+#ifndef WG_ROWS
+#define WG_ROWS 8
+#endif
+
+#define RT 4
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+// ---- words per chunk block, by chunk width C ----
+#if FORMAT == 4
+#define BLOCK_WORDS(C) (RT * ((C) / 8 + (C) / G))
+#elif FORMAT == 8
+#define BLOCK_WORDS(C) (RT * (C) / 4 + RT * (C) / 64)
+#else
+#define BLOCK_WORDS(C) (RT * (C) / 2)
+#endif
+
+// ---- x: a global vector, or an image1d_buffer_t of float4 texels ----
+#ifdef USE_IMAGE
+#define X_ARG __read_only image1d_buffer_t x
+#define X4(o) read_imagef(x, (o) >> 2)
+#define XLOAD4(o) X4(o)
+#define XLOAD8(o) (float8)(X4(o), X4((o) + 4))
+#define XLOAD16(o) (float16)(X4(o), X4((o) + 4), X4((o) + 8), X4((o) + 12))
+#else
+#define X_ARG __global const float* restrict x
+#define XLOAD4(o) vload4(0, x + (o))
+#define XLOAD8(o) vload8(0, x + (o))
+#define XLOAD16(o) vload16(0, x + (o))
+#endif
+
+// vload_half4/8/16 convert in hardware on PoCL x86 (F16C); RT*groups is always 4, 8 or 16.
+#define VLOAD_HALF_4(p, d) vstore4(vload_half4(0, p), 0, d)
+#define VLOAD_HALF_8(p, d) vstore8(vload_half8(0, p), 0, d)
+#define VLOAD_HALF_16(p, d) vstore16(vload_half16(0, p), 0, d)
+#define VLOAD_HALFS(n, p, d) CAT(VLOAD_HALF_, n)(p, d)
+
+inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
+inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
+inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
+#define HSUM(n, v) CAT(hsum, n)(v)
+
+// A piece is PV lanes, starting at lane j0, of each of the 8 planes (L lanes each) of one chunk of C
+// elements that starts at element k0. XPLANES loads the matching x, TPIECE accumulates the piece of one
+// row tile (chunk block at `blk`) into acc[RT] (floatPV) and, int4 only, zacc (the zero terms; added
+// by the work-item holding lane 0 so that each group's zero is counted once).
+#if FORMAT == 4
+#define XPLANES(C, PV, k0, j0, xp)                                                             \
+    CAT(float, PV) xp[8];                                                                      \
+    _Pragma("unroll") for (int p = 0; p < 8; p++) xp[p] = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));
+// int4: f = 1 + q/16 built in the mantissa (shift, and-or), so w = 16*s*f + (z - 16*s). Scales and
+// zeros of the tile's chunk come as one vector each, lane r*GC + g for row r, group g; the zero terms
+// of all rows and groups go into one vector accumulator zacc against the group sums xs of x.
+#define NIB(PV, w, p) CAT(as_float, PV)((((p) <= 4) ? ((w) << (19 - 4 * (p))) : ((w) >> (4 * (p) - 19))) & 0x00780000u | 0x3F800000u)
+#define GC_(C) ((C) >= G ? (C) / G : 1)   // groups per chunk (tails narrower than G never occur)
+#if G == 32
+#define RT_GC_128 16
+#define RT_GC_64 8
+#define XS_128(o) ((float16)(vload4(0, xs + (o)), vload4(0, xs + (o)), vload4(0, xs + (o)), vload4(0, xs + (o))))
+#define XS_64(o) ((float8)(vload2(0, xs + (o)), vload2(0, xs + (o)), vload2(0, xs + (o)), vload2(0, xs + (o))))
+#elif G == 64
+#define RT_GC_128 8
+#define RT_GC_64 4
+#define XS_128(o) ((float8)(vload2(0, xs + (o)), vload2(0, xs + (o)), vload2(0, xs + (o)), vload2(0, xs + (o))))
+#define XS_64(o) ((float4)(xs[o]))
+#else
+#define RT_GC_128 4
+#define RT_GC_64 4
+#define XS_128(o) ((float4)(xs[o]))
+#define XS_64(o) ((float4)(xs[o]))
+#endif
+#define RT_GC_32 4
+#define XS_32(o) ((float4)(xs[o]))
+#define ZTYPE(C) CAT(float, RT_GC_##C)
+// The data words of all rows are loaded before the scales: the loads go out together.
+#define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
+    {                                                                                          \
+        const int L = (C) / 8;                                                                 \
+        CAT(uint, PV) wr[RT];                                                                  \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * L + (j0)); \
+        __global const half* sz = (__global const half*)((blk) + RT * L);                      \
+        const ZTYPE(C) s16 = CAT(vload_half, RT_GC_##C)(0, sz) * 16.0f;                        \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
+            _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                               \
+                CAT(float, PV) t = 0.0f;                                                       \
+                _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++) \
+                    t = fma(NIB(PV, wr[r], p), xp[p], t);                                      \
+                acc[r] = fma(s16[r * GC_(C) + g], t, acc[r]);                                  \
+            }                                                                                  \
+        }                                                                                      \
+        if ((j0) == 0)                                                                         \
+            zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc); \
+    }
+// out[r] += the zero terms of row r: lanes r*GC .. r*GC + GC-1 of zacc.
+#define ZERO_TERMS(C, zacc, out)                                                               \
+    {                                                                                          \
+        float zl[RT * GC_(C)];                                                                 \
+        CAT(vstore, RT_GC_##C)(zacc, 0, zl);                                                   \
+        for (int r = 0; r < RT; r++)                                                           \
+            for (int g = 0; g < GC_(C); g++) out[r] += zl[r * GC_(C) + g];                     \
+    }
+#elif FORMAT == 8
+// int8 pieces are loaded as 32-bit words (one wide load) and reinterpreted as chars.
+#define QLOAD_16(p) as_char16(vload4(0, (__global const uint*)(p)))
+#define QLOAD_8(p) as_char8(vload2(0, (__global const uint*)(p)))
+#define QLOAD_4(p) as_char4(*(__global const uint*)(p))
+#define QLOAD(PV, p) CAT(QLOAD_, PV)(p)
+#define GC_(C) ((C) / 32)
+#define RT_GC_128 16
+#define RT_GC_64 8
+#define RT_GC_32 4
+#define ZTYPE(C) float
+#define ZERO_TERMS(C, zacc, out)
+#define XPLANES(C, PV, k0, j0, xp)
+#define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
+    {                                                                                          \
+        const int L = (C) / 8;                                                                 \
+        __global const char* q = (__global const char*)(blk);                                  \
+        float s[RT * GC_(C)];                                                                  \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
+            CAT(char, PV) qr[8];                                                               \
+            _Pragma("unroll") for (int p = 0; p < 8; p++) qr[p] = QLOAD(PV, q + r * (C) + p * L + (j0)); \
+            if (r == 0) VLOAD_HALFS(RT_GC_##C, (__global const half*)((blk) + RT * (C) / 4), s); \
+            _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                               \
+                CAT(float, PV) t = 0.0f;                                                       \
+                _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++) \
+                    t = fma(CAT(convert_float, PV)(qr[p]), CAT(XLOAD, PV)((k0) + p * L + (j0)), t); \
+                acc[r] = fma(s[r * GC_(C) + g], t, acc[r]);                                    \
+            }                                                                                  \
+        }                                                                                      \
+    }
+#else
+#define ZTYPE(C) float
+#define ZERO_TERMS(C, zacc, out)
+#define XPLANES(C, PV, k0, j0, xp)
+#define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
+    {                                                                                          \
+        __global const half* h = (__global const half*)(blk);                                  \
+        _Pragma("unroll") for (int p = 0; p < 8; p++) {                                        \
+            const CAT(float, PV) xv = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));             \
+            _Pragma("unroll") for (int r = 0; r < RT; r++)                                     \
+                acc[r] = fma(CAT(vload_half, PV)(0, h + r * (C) + p * ((C) / 8) + (j0)), xv, acc[r]); \
+        }                                                                                      \
+    }
+#endif
+
+#if VEC >= 8
+#define PV64 8                // piece width in a 64-wide chunk
+#else
+#define PV64 4
+#endif
+#define NP128 (16 / VEC)      // pieces per chunk
+#define NP64 (8 / PV64)
+
+#ifdef SWIGLU
+#define NT 2                  // tiles per work-item: gate and up
+#else
+#define NT 1
+#endif
+
+// out[i][r] = this work-item's share of row r of tile i (word offsets tw[i] into W), i < NT: the
+// chunk pieces it, ks, ks+KSPLIT, ... owns. x is loaded once per piece for all NT tiles.
+#define TILES_DOT(tw, out)                                                                     \
+    {                                                                                          \
+        CAT(float, VEC) acc[NT][RT];                                                           \
+        ZTYPE(128) zacc[NT];                                                                   \
+        _Pragma("unroll") for (int i = 0; i < NT; i++) {                                       \
+            zacc[i] = 0.0f;                                                                    \
+            for (int r = 0; r < RT; r++) acc[i][r] = 0.0f;                                     \
+        }                                                                                      \
+        for (int it = ks; it < n128 * NP128; it += KSPLIT) {                                   \
+            const int c = it / NP128, j = (it % NP128) * VEC;                                  \
+            XPLANES(128, VEC, c * 128, j, xp)                                                  \
+            _Pragma("unroll") for (int i = 0; i < NT; i++)                                     \
+                TPIECE(128, VEC, W + tw[i] + c * BLOCK_WORDS(128), c * 128, j, xp, acc[i], zacc[i]) \
+        }                                                                                      \
+        for (int i = 0; i < NT; i++) {                                                         \
+            for (int r = 0; r < RT; r++) out[i][r] = HSUM(VEC, acc[i][r]);                     \
+            ZERO_TERMS(128, zacc[i], out[i])                                                   \
+        }                                                                                      \
+        int it0 = n128 * NP128;                                                                \
+        if (has64) {                                                                           \
+            CAT(float, PV64) acc64[NT][RT];                                                    \
+            ZTYPE(64) zacc64[NT];                                                              \
+            for (int i = 0; i < NT; i++) {                                                     \
+                zacc64[i] = 0.0f;                                                              \
+                for (int r = 0; r < RT; r++) acc64[i][r] = 0.0f;                               \
+            }                                                                                  \
+            for (int it = it0 + (ks + KSPLIT - it0 % KSPLIT) % KSPLIT; it < it0 + NP64; it += KSPLIT) { \
+                XPLANES(64, PV64, n128 * 128, (it - it0) * PV64, xp)                           \
+                _Pragma("unroll") for (int i = 0; i < NT; i++)                                 \
+                    TPIECE(64, PV64, W + tw[i] + n128 * BLOCK_WORDS(128), n128 * 128, (it - it0) * PV64, xp, acc64[i], zacc64[i]) \
+            }                                                                                  \
+            for (int i = 0; i < NT; i++) {                                                     \
+                for (int r = 0; r < RT; r++) out[i][r] += HSUM(PV64, acc64[i][r]);             \
+                ZERO_TERMS(64, zacc64[i], out[i])                                              \
+            }                                                                                  \
+            it0 += NP64;                                                                       \
+        }                                                                                      \
+        if (has32 && it0 % KSPLIT == ks) {                                                     \
+            XPLANES(32, 4, K - 32, 0, xp)                                                      \
+            for (int i = 0; i < NT; i++) {                                                     \
+                float4 acc32[RT];                                                              \
+                ZTYPE(32) zacc32 = 0.0f;                                                       \
+                for (int r = 0; r < RT; r++) acc32[r] = 0.0f;                                  \
+                TPIECE(32, 4, W + tw[i] + n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64), K - 32, 0, xp, acc32, zacc32) \
+                for (int r = 0; r < RT; r++) out[i][r] += hsum4(acc32[r]);                     \
+                ZERO_TERMS(32, zacc32, out[i])                                                 \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+inline float silu(float v) { return v / (1.0f + exp(-v)); }
+
+// Group sums of x for the int4 zero terms: xs[g] = sum of x[g*G .. g*G + G). x: [K], xs: [K/G].
+// Global size K/G.
+__kernel void xsum(__global const float* restrict x, __global float* restrict xs)
+{
+    const int g = get_global_id(0);
+    float16 sum = vload16(0, x + g * G);
+    for (int k = 16; k < G; k += 16) sum += vload16(0, x + g * G + k);
+    xs[g] = hsum16(sum);
+}
+
+// W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [K]; y: [N] where N = rows, or with
+// SWIGLU N = rows/2 = F and y[f] = silu(gate f) * up f; xs: [K/G] group sums of x from xsum (int4;
+// any buffer otherwise). accumulate != 0: y += result.
+// Global size (KSPLIT, WG_ROWS * ceil(ceil(N/4) / WG_ROWS)).
+__kernel __attribute__((reqd_work_group_size(KSPLIT, WG_ROWS, 1)))
+void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
+          const int K, const int N, const int accumulate,
+          __global const float* restrict xs)
+{
+    const int ks = get_local_id(0);
+    const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
+    const int ntiles = (N + RT - 1) / RT;
+    const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
+    const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
+
+    float out[NT][RT];
+    const int t = min(tile, ntiles - 1);
+    size_t tw[NT];                // word offsets of the work-item's tiles
+    for (int i = 0; i < NT; i++) tw[i] = (size_t)(t + i * ntiles) * tile_words;
+    TILES_DOT(tw, out)
+
+#if KSPLIT > 1
+    __local float part[WG_ROWS][NT * RT][KSPLIT];
+    for (int i = 0; i < NT; i++)
+        for (int r = 0; r < RT; r++) part[get_local_id(1)][i * RT + r][ks] = out[i][r];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (ks == 0)
+        for (int i = 0; i < NT; i++)
+            for (int r = 0; r < RT; r++) {
+                float sum = 0.0f;
+                for (int k = 0; k < KSPLIT; k++) sum += part[get_local_id(1)][i * RT + r][k];
+                out[i][r] = sum;
+            }
+#endif
+    if (ks != 0 || tile >= ntiles) return;
+    for (int r = 0; r < RT; r++) {
+        const int n = tile * RT + r;
+        if (n >= N) break;
+#ifdef SWIGLU
+        const float v = silu(out[0][r]) * out[1][r];
+#else
+        const float v = out[0][r];
+#endif
+        y[n] = accumulate ? y[n] + v : v;
+    }
+}

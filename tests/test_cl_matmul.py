@@ -1,0 +1,386 @@
+"""OpenCL matrix products (kernels/gemv.cl, kernels/gemm.cl via Matmul) against a float64 NumPy oracle.
+
+Every output buffer is poisoned (NaN, or random values for accumulate) before a run, and has a guard
+region after it that must come back untouched. Tolerance: 1e-4 of the output's largest magnitude.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # idle BLAS threads would spin against PoCL's
+
+import numpy as np
+import pytest
+
+cl = pytest.importorskip("pyopencl")
+
+from engine.errors import PerfxError
+from engine.tensors import QTensor
+
+RTOL = 1e-4
+GUARD = 64          # floats after each output that must stay untouched
+SENTINEL = 1.0e30
+
+# Parameters of the GPU-style code paths (narrow pieces, K split across work-items with a local-memory
+# reduction, local X tiles, few chunks staged per barrier), run here on the CPU device.
+GPU_LIKE = {
+    "gemv_vec": 4, "gemv_ksplit": 8, "gemv_wg_rows": 4, "use_image": True,
+    "few_vec": 4, "few_wg_rows": 4,
+    "tiled_vec": 4, "tiled_bn": 32, "tiled_bt": 16, "tiled_rr": 2, "tiled_tr": 2, "tiled_kc": 1,
+    "tiled_x_local": 1,
+}
+
+
+def _builds(device) -> bool:
+    """Whether the device's compiler works at all (a broken PoCL install fails every build)."""
+    try:
+        cl.Program(cl.Context([device]), "__kernel void probe(__global float* y) { y[0] = 1.0f; }").build()
+        return True
+    except cl.Error:
+        return False
+
+
+def _pick_device():
+    """PERFX_TEST_CL_PLATFORM (a substring of platform name, version or device name) if set, else the
+    first PoCL or CPU device, else any device; only devices that can build a kernel."""
+    wanted = os.environ.get("PERFX_TEST_CL_PLATFORM", "").lower()
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        return None
+    candidates = []
+    for p in platforms:
+        try:
+            devices = p.get_devices()
+        except cl.Error:
+            continue
+        for d in devices:
+            label = f"{p.name} {p.version} {d.name}".lower()
+            if wanted and wanted not in label:
+                continue
+            cpu = bool(d.type & cl.device_type.CPU)
+            candidates.append((0 if "pocl" in label or "portable" in label or cpu else 1, len(candidates), d))
+    for *_, device in sorted(candidates, key=lambda c: c[:2]):
+        if _builds(device):
+            return device
+    return None
+
+
+@pytest.fixture(scope="session")
+def rt():
+    device = _pick_device()
+    if device is None:
+        pytest.skip("no OpenCL device")
+    from engine.backends.opencl.runtime import Runtime
+
+    return Runtime(device)
+
+
+@pytest.fixture(scope="session")
+def mm(rt):
+    from engine.backends.opencl.matmul import Matmul
+
+    return Matmul(rt)
+
+
+@pytest.fixture(scope="session")
+def mm_gpu_like(rt):
+    from engine.backends.opencl.matmul import Matmul
+
+    return Matmul(rt, GPU_LIKE)
+
+
+@pytest.fixture(scope="session")
+def mm_nvidia(rt):
+    from engine.backends.opencl.matmul import NVIDIA_PARAMS, Matmul
+
+    return Matmul(rt, NVIDIA_PARAMS)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def f16(a: np.ndarray) -> np.ndarray:
+    """Values that fp16 holds exactly (as the device stores scales in fp16)."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def rand_int4(rng, N: int, K: int, G: int):
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    scale = f16(rng.uniform(0.002, 0.02, (N, K // G)))
+    zero = f16(-scale * rng.uniform(4, 12, (N, K // G)))
+    w = q * np.repeat(scale, G, axis=1).astype(np.float64) + np.repeat(zero, G, axis=1)
+    return (q, scale, zero), w
+
+
+def rand_int8(rng, N: int, K: int):
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    scale = f16(rng.uniform(0.001, 0.01, (N, K // 32)))
+    return (q, scale), q.reshape(N, K // 32, 32) * scale[..., None].astype(np.float64)
+
+
+def run(rt, mm, w, x: np.ndarray, out_cols: int, *, op: str = "linear", y0: np.ndarray | None = None,
+        scheme: str | None = None) -> np.ndarray:
+    """Run linear / swiglu on x [T, K] into a poisoned (or y0-filled) output with a guard region."""
+    T = x.shape[0]
+    y = np.full(T * out_cols + GUARD, SENTINEL, np.float32)
+    y[: T * out_cols] = np.nan if y0 is None else y0.reshape(-1)
+    xb = rt.to_device(x.astype(np.float32))
+    yb = cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=y)
+    if op == "swiglu":
+        mm.swiglu(xb, w, T, yb, scheme=scheme)
+    else:
+        mm.linear(xb, w, T, yb, accumulate=y0 is not None, scheme=scheme)
+    got = rt.read(yb, y.shape)
+    assert np.all(got[T * out_cols :] == SENTINEL), "write past the end of the output"
+    return got[: T * out_cols].reshape(T, out_cols)
+
+
+def oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ w.T
+
+
+def silu_mul(gu: np.ndarray) -> np.ndarray:
+    gate, up = np.split(gu, 2, axis=-1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert np.all(np.isfinite(got)), "output has NaN/inf (unwritten or poisoned entries)"
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max()
+    assert err <= RTOL * scale, f"max error {err:.3g} > {RTOL} x {scale:.3g}"
+
+
+# ---- int4 -----------------------------------------------------------------------------------------
+
+INT4_CASES = [
+    # N, K, G, T, scheme (None: Matmul's choice)
+    (960, 576, 32, 1, None),
+    (577, 576, 32, 1, None),
+    (577, 576, 32, 3, None),
+    (577, 576, 32, 17, "few"),
+    (577, 576, 32, 17, "tiled"),
+    (577, 576, 32, 300, None),
+    (1536, 1536, 128, 1, None),
+    (1536, 1536, 128, 3, "tiled"),
+    (1536, 1536, 128, 300, None),
+    (3072, 576, 64, 1, None),
+    (3072, 576, 64, 17, None),
+    (960, 1536, 64, 40, None),
+    (64, 608, 32, 5, "few"),      # K = 4*128 + 64 + 32: every tail chunk
+    (64, 608, 32, 5, "tiled"),
+]
+
+
+@pytest.mark.parametrize("N,K,G,T,scheme", INT4_CASES)
+def test_int4_linear(rt, mm, N, K, G, T, scheme):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    rng = np.random.default_rng(N * 7 + K + G + T)
+    parts, w = rand_int4(rng, N, K, G)
+    dm = DeviceMatrix.from_int4(rt, *parts, G)
+    x = rng.standard_normal((T, K))
+    assert_close(run(rt, mm, dm, x, N, scheme=scheme), oracle(x, w))
+
+
+@pytest.mark.parametrize("T,scheme", [(1, None), (5, None), (40, None), (3, "tiled")])
+def test_int4_accumulate(rt, mm, T, scheme):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K, G = 577, 1536, 32
+    rng = np.random.default_rng(T)
+    parts, w = rand_int4(rng, N, K, G)
+    dm = DeviceMatrix.from_int4(rt, *parts, G)
+    x, y0 = rng.standard_normal((T, K)), rng.standard_normal((T, N)).astype(np.float32)
+    assert_close(run(rt, mm, dm, x, N, y0=y0, scheme=scheme), y0 + oracle(x, w))
+
+
+@pytest.mark.parametrize("T,scheme", [(1, None), (3, None), (17, "few"), (17, "tiled"), (300, None)])
+def test_int4_swiglu(rt, mm, T, scheme):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    F, K, G = 1536, 576, 32
+    rng = np.random.default_rng(100 + T)
+    parts, w = rand_int4(rng, 2 * F, K, G)
+    dm = DeviceMatrix.from_int4(rt, *parts, G)
+    x = rng.standard_normal((T, K))
+    assert_close(run(rt, mm, dm, x, F, op="swiglu", scheme=scheme), silu_mul(oracle(x, w)))
+
+
+# ---- int8 and fp16 --------------------------------------------------------------------------------
+
+
+def test_int8_output_matrix(rt, mm):
+    """The tied embedding / output shape, 49152 x 576, decode and a few tokens."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K = 49152, 576
+    rng = np.random.default_rng(8)
+    parts, w = rand_int8(rng, N, K)
+    dm = DeviceMatrix.from_q8(rt, *parts)
+    for T in (1, 3):
+        x = rng.standard_normal((T, K))
+        assert_close(run(rt, mm, dm, x, N), oracle(x, w.reshape(N, K)))
+
+
+@pytest.mark.parametrize("T,scheme,accumulate", [(1, None, False), (17, "few", True), (300, None, False)])
+def test_int8_odd_rows(rt, mm, T, scheme, accumulate):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K = 577, 1536
+    rng = np.random.default_rng(9 + T)
+    parts, w = rand_int8(rng, N, K)
+    dm = DeviceMatrix.from_q8(rt, *parts)
+    x = rng.standard_normal((T, K))
+    y0 = rng.standard_normal((T, N)).astype(np.float32) if accumulate else None
+    want = oracle(x, w.reshape(N, K)) + (y0 if accumulate else 0)
+    assert_close(run(rt, mm, dm, x, N, y0=y0, scheme=scheme), want)
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_f16(rt, mm, T):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K = 577, 608
+    rng = np.random.default_rng(16 + T)
+    w = f16(rng.standard_normal((N, K)))
+    dm = DeviceMatrix.from_f16(rt, w)
+    x = rng.standard_normal((T, K))
+    assert_close(run(rt, mm, dm, x, N), oracle(x, w))
+
+
+# ---- GPU-style parameters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,T,scheme,op", [
+    ("int4", 1, None, "linear"), ("int4", 1, None, "swiglu"), ("int4", 5, None, "linear"),
+    ("int4", 40, None, "swiglu"), ("int8", 1, None, "linear"), ("int8", 40, None, "linear"),
+    ("f16", 1, None, "linear"), ("int4", 5, "tiled", "linear"),
+])
+def test_gpu_like_params(rt, mm_gpu_like, fmt, T, scheme, op):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K = 1024, 608
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {T} {op}".encode()))
+    if fmt == "int4":
+        parts, w = rand_int4(rng, N, K, 32)
+        dm = DeviceMatrix.from_int4(rt, *parts, 32)
+    elif fmt == "int8":
+        parts, w = rand_int8(rng, N, K)
+        w, dm = w.reshape(N, K), DeviceMatrix.from_q8(rt, *parts)
+    else:
+        w = f16(rng.standard_normal((N, K)))
+        dm = DeviceMatrix.from_f16(rt, w)
+    x = rng.standard_normal((T, K))
+    want = oracle(x, w)
+    if op == "swiglu":
+        assert_close(run(rt, mm_gpu_like, dm, x, N // 2, op="swiglu", scheme=scheme), silu_mul(want))
+    else:
+        assert_close(run(rt, mm_gpu_like, dm, x, N, scheme=scheme), want)
+
+
+@pytest.mark.parametrize("T,scheme", [(1, None), (5, "few"), (300, "tiled"), (40, "tiled")])
+def test_nvidia_params(rt, mm_nvidia, T, scheme):
+    """NVIDIA_PARAMS: X read from global memory by chunk groups that start at the K tails."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    N, K = 577, 608
+    rng = np.random.default_rng(T)
+    parts, w = rand_int4(rng, N, K, 32)
+    dm = DeviceMatrix.from_int4(rt, *parts, 32)
+    x = rng.standard_normal((T, K))
+    assert_close(run(rt, mm_nvidia, dm, x, N, scheme=scheme), oracle(x, w))
+
+
+# ---- GGUF blocks through from_qtensors ------------------------------------------------------------
+
+
+def _qtensor(name: str, qtype: str, w: np.ndarray) -> QTensor:
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
+    raw = gguf_quants.quantize(w.astype(np.float32), GGMLQuantizationType[qtype])
+    return QTensor(name, qtype, w.shape, raw)
+
+
+@pytest.mark.parametrize("qtypes", [("Q4_1", "Q4_1", "Q4_1"), ("Q4_0", "Q4_0"), ("Q4_0", "Q4_1"), ("Q8_0",),
+                                    ("F16", "F16"), ("F32",)])
+def test_from_qtensors_exact(rt, mm, qtypes):
+    """GGUF blocks -> split_q4 / split_q8_0 -> device layout: equal to dequantize() @ x."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    rng = np.random.default_rng(len(qtypes))
+    K = 576
+    tensors = [_qtensor(f"t{i}", qt, rng.standard_normal((rows, K)))
+               for i, (qt, rows) in enumerate(zip(qtypes, (576, 192, 192)))]
+    dm = DeviceMatrix.from_qtensors(rt, tensors)
+    w = np.concatenate([t.dequantize() for t in tensors]).astype(np.float64)
+    if qtypes == ("F32",):
+        w = f16(w).astype(np.float64)              # F32 is stored as fp16 on the device
+    assert dm.rows == w.shape[0] and dm.cols == K
+    assert dm.fmt == {"Q4_1": "int4", "Q4_0": "int4", "Q8_0": "int8", "F16": "f16", "F32": "f16"}[qtypes[0]]
+    for T in (1, 7, 33):
+        x = rng.standard_normal((T, K))
+        assert_close(run(rt, mm, dm, x, w.shape[0]), oracle(x, w))
+
+
+def test_from_qtensors_int4_groups(rt, mm):
+    """perfx's INT4 (AWQ-like, group 128) stacked with Q4_0 rows: groups of 32, scales repeated, exact."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    rng = np.random.default_rng(128)
+    K = 512
+    (q, scale, zero), w_awq = rand_int4(rng, 256, K, 128)
+    raw = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    awq = QTensor("awq", "INT4", (256, K), raw, scale.astype(np.float16), zero.astype(np.float16), 128)
+    q40 = _qtensor("q40", "Q4_0", rng.standard_normal((64, K)))
+    dm = DeviceMatrix.from_qtensors(rt, [awq, q40])
+    assert (dm.fmt, dm.group, dm.rows) == ("int4", 32, 320)
+    w = np.concatenate([w_awq, q40.dequantize().astype(np.float64)])
+    for T in (1, 5, 40):
+        x = rng.standard_normal((T, K))
+        assert_close(run(rt, mm, dm, x, 320), oracle(x, w))
+
+
+@pytest.mark.parametrize("qtypes", [("BF16",), ("Q4_0", "Q8_0")])
+def test_from_qtensors_requantizes_other_types(rt, mm, qtypes):
+    """BF16, or a mix of types, has no device format: int4 g32 by round-to-nearest (quantize_int4)."""
+    from engine.backends.opencl.matmul import DeviceMatrix, quantize_int4
+
+    rng = np.random.default_rng(6)
+    tensors = [_qtensor(f"t{i}", qt, rng.standard_normal((128, 512))) for i, qt in enumerate(qtypes)]
+    dm = DeviceMatrix.from_qtensors(rt, tensors)
+    assert (dm.fmt, dm.group, dm.rows) == ("int4", 32, 128 * len(qtypes))
+    exact = np.concatenate([t.dequantize() for t in tensors])
+    q, scale, zero = quantize_int4(exact, 32)
+    w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
+    step = np.repeat(scale, 32, axis=1)
+    assert np.all(np.abs(w - exact) <= 0.5 * step + 1e-2 * np.abs(exact) + 1e-6)   # within half a step
+    x = rng.standard_normal((2, 512))
+    assert_close(run(rt, mm, dm, x, dm.rows), oracle(x, w))
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors(rt, mm):
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    rng = np.random.default_rng(0)
+    parts, _ = rand_int4(rng, 12, 64, 32)
+    dm = DeviceMatrix.from_int4(rt, *parts, 32)
+    x, y = rt.to_device(np.zeros((2, 64), np.float32)), rt.empty(4 * 2 * 12)
+    with pytest.raises(PerfxError, match="swiglu"):
+        mm.swiglu(x, dm, 1, y)                                   # 12 rows: halves of 6
+    with pytest.raises(PerfxError, match="gemv"):
+        mm.linear(x, dm, 2, y, scheme="gemv")
+    with pytest.raises(PerfxError, match="too small"):
+        mm.linear(x, dm, 3, y)
+    with pytest.raises(PerfxError, match="multiple of 32"):
+        DeviceMatrix.from_f16(rt, np.zeros((4, 48), np.float32))
+    with pytest.raises(PerfxError, match="group"):
+        DeviceMatrix.from_int4(rt, *rand_int4(rng, 4, 192, 64)[0], 128)
+    with pytest.raises(PerfxError, match="unknown matmul parameters"):
+        Matmul(rt, {"gemv_vec": 8, "nonsense": 1})
