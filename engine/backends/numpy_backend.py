@@ -30,6 +30,12 @@ class DeviceWeights:
     output_norm: np.ndarray  # [dim]
     output: np.ndarray       # [vocab, dim]; the same array as tok_embd when tied
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the matrices (every layer's and the output), as a decode step reads them."""
+        mats = [m for l in self.layers for m in (l.wqkv, l.wo, l.w_gate_up, l.w_down)] + [self.output]
+        return sum(m.nbytes for m in mats)
+
 
 def stack(tensors: list[QTensor]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([t.dequantize() for t in tensors], axis=0))
@@ -75,7 +81,16 @@ class NumpyBackend:
         self.k_cache = np.zeros(shape, np.float32)  # [layer, pos, kv_head, head_dim]
         self.v_cache = np.zeros(shape, np.float32)
         self.cos, self.sin = rope_tables(config, ctx)
-        return DeviceWeights(embd, layers, weights.output_norm.dequantize(), output)
+        self.weights = DeviceWeights(embd, layers, weights.output_norm.dequantize(), output)
+        return self.weights
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the arrays this backend holds: weights (as float32), KV cache, RoPE tables."""
+        w = self.weights
+        arrays = [w.tok_embd, w.output, w.output_norm, self.k_cache, self.v_cache, self.cos, self.sin]
+        arrays += [a for l in w.layers for a in vars(l).values()]
+        return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
 
     # --- operators --------------------------------------------------------------------------
 

@@ -53,6 +53,26 @@ class DeviceWeights:
         return sum(m.nbytes for m in mats)
 
 
+def buffer_bytes(root: object) -> int:
+    """Total size of the distinct cl.Buffers reachable from `root` through containers and perfx objects."""
+    seen: set[int] = set()
+    total, stack = 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, cl.Buffer):
+            total += obj.size
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif type(obj).__module__.startswith("engine.") and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return total
+
+
 class OpenCLBackend:
     def __init__(self, rt: Runtime, label: str, params: dict | None = None):
         """params: {"matmul": {...}, "fused": {...}}, the device's tuned -D values (tuning.py)."""
@@ -108,7 +128,13 @@ class OpenCLBackend:
         self.out_of = {id(l.wqkv): self.qkv for l in layers}
         self.out_of.update({id(m): self.delta for l in layers for m in (l.wo, l.w_down)})
         rt.queue.finish()
-        return DeviceWeights(table, layers, vec(weights.output_norm), output)
+        self.weights = DeviceWeights(table, layers, vec(weights.output_norm), output)
+        return self.weights
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the device buffers allocated so far: weights, KV cache, activations, scratch."""
+        return buffer_bytes(vars(self))
 
     # --- operators --------------------------------------------------------------------------
 

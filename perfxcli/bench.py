@@ -1,0 +1,86 @@
+"""`perfx bench`: llama-bench's tests and table, with memory, bandwidth and llama.cpp side by side."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from engine.errors import PerfxError
+from perfxcli.main import command, err
+
+VS_CHOICES = ("llama.cpp",)
+
+
+@command
+def bench(
+    model: Optional[str] = typer.Option(
+        None, "-m", "--model", help="Registry names or model files, comma-separated (default: the default model)."),
+    synthetic: Optional[str] = typer.Option(
+        None, "--synthetic", help="Shapes to run with random int4 weights instead of a file, comma-separated: "
+                                  "llama-7b, llama-3-8b, smollm2-135m, tiny."),
+    n_prompt: str = typer.Option(
+        "512", "-p", "--n-prompt", help="Prompt lengths (ppP tests), comma-separated; 0: none."),
+    n_gen: str = typer.Option(
+        "128", "-n", "--n-gen", help="Generation lengths (tgN tests), comma-separated; 0: none."),
+    pg: Optional[List[str]] = typer.Option(
+        None, "-pg", help="A prompt then a generation, 'P,N' (a ppP+tgN test); may be repeated."),
+    reps: int = typer.Option(5, "-r", "--repetitions", help="Timed runs of each test, after one warm-up."),
+    threads: Optional[str] = typer.Option(
+        None, "-t", "--threads", help="CPU threads, comma-separated (default: every CPU of this process)."),
+    device: str = typer.Option(
+        "auto", "--device", help="Devices, comma-separated: auto | numpy | opencl | cpu | gpu | opencl:P:D."),
+    output: str = typer.Option("md", "-o", "--output", help="md | json | jsonl | csv (to standard output)."),
+    vs: Optional[str] = typer.Option(
+        None, "--vs", help="Also run the tests through llama.cpp (llama-cpp-python), alternating: --vs llama.cpp."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
+):
+    """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from engine import bench as b
+
+    output = output.strip().lower()
+    if output not in b.FORMATS:
+        raise PerfxError(f"unknown output format '{output}' (choose from: {', '.join(b.FORMATS)})")
+    if vs is not None and vs.strip().lower() not in VS_CHOICES:
+        raise PerfxError(f"--vs takes {', '.join(VS_CHOICES)}, got '{vs}'")
+    tests = b.expand_tests(b.parse_ints(n_prompt, "-p"), b.parse_ints(n_gen, "-n"), [b.parse_pg(x) for x in pg or []])
+    config = b.BenchConfig(
+        models=[],
+        tests=tests,
+        devices=b.parse_list(device, "--device"),
+        threads=b.parse_ints(threads, "-t", minimum=1) if threads is not None else [b.default_threads()],
+        reps=reps,
+        ctx=ctx,
+        vs_llama_cpp=vs is not None,
+    )
+    if vs is not None and not b.llama_cpp_available():
+        raise PerfxError(b.INSTALL_HINT)
+    if synthetic is not None:
+        config.models += [b.describe_synthetic(name) for name in b.parse_list(synthetic, "--synthetic")]
+    if model is not None or synthetic is None:
+        names = b.parse_list(model, "-m") if model is not None else [None]
+        config.models += [b.describe_model(name, progress=True) for name in names]
+    config.validate()
+
+    quiet = output != "md" or not err.is_terminal
+    columns = [SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=quiet) as bar:
+        task = bar.add_task("perfx bench", total=config.n_steps)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        run = b.run_bench(config, progress=progress)
+    if not quiet:
+        for notice in dict.fromkeys(n for r in run.results for n in r.info.notices):
+            err.print(f"[dim]{notice}[/]", soft_wrap=True)
+    if run.results or not run.interrupted:
+        b.write(run, output, sys.stdout)
+    if run.error:
+        raise PerfxError(f"{run.error} ({len(run.results)} of {run.n_tests} tests finished)")
+    if run.interrupted:
+        err.print(f"interrupted: {len(run.results)} of {run.n_tests} tests finished")
+        raise typer.Exit(130)
