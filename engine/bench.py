@@ -218,12 +218,15 @@ class BenchConfig:
     ctx: int = 2048               # each model is loaded with max(ctx, the longest test) tokens of context
     vs_llama_cpp: bool = False
     seed: int = 0
+    cooldown: float = 0.0         # seconds of rest before each timed run (thermal throttling on phones)
 
     def validate(self) -> None:
         if self.reps < 1:
             raise PerfxError(f"-r must be at least 1 (got {self.reps})")
         if self.ctx < 1:
             raise PerfxError(f"--ctx must be at least 1 (got {self.ctx})")
+        if self.cooldown < 0:
+            raise PerfxError(f"--cooldown must be at least 0 seconds (got {self.cooldown})")
         if not self.models or not self.tests or not self.devices or not self.threads:
             raise PerfxError("nothing to run: no model, test, device or thread count")
         for t in self.threads:
@@ -739,6 +742,9 @@ def _run_combo(config: BenchConfig, combo: Combo, run: BenchRun, progress: Progr
                 for w, s in zip(workers, samples):
                     step = "warm-up" if rep == 0 else f"run {rep}/{config.reps}"
                     last = f" · {s.ts[-1]:.1f} t/s" if s.ns else ""
+                    if rep and config.cooldown:
+                        progress(f"{where} · cooling down {config.cooldown:g} s", state["done"], state["total"])
+                        time.sleep(config.cooldown)
                     progress(f"{where} · {w.engine} {test.name} {step}{last}", state["done"], state["total"])
                     ns = w.request("run", test=index)["ns"]
                     if rep:

@@ -16,8 +16,10 @@ import numpy as np
 from .chat import ChatTemplate
 from .errors import PerfxError
 from .loader import open_model
+from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, weights_from_tensors
 from .sampler import Sampler, Sampling
+from .tokenizer import NOTICES as TOKENIZER_NOTICES
 
 DEFAULT_CTX = 2048
 
@@ -181,13 +183,24 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     path, _ = resolve(None if name_or_path is None else str(name_or_path), progress=progress)
     model = open_model(path)
     config = model.config
-    ctx = min(ctx or DEFAULT_CTX, config.ctx_len)
+    ctx = min(ctx or (PHONE_CTX if is_android() else DEFAULT_CTX), config.ctx_len)
     if ctx < 1:
         raise PerfxError(f"context must be at least 1 token (got {ctx})")
     tokenizer = model.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
     backend, notices = make_backend(device)
-    transformer = Transformer(config, weights_from_tensors(model.tensors, config, path), backend, ctx)
+    weights = weights_from_tensors(model.tensors, config, path)
+    numpy = backend.name == "numpy"
+    need = estimate(config, weight_bytes(weights, dequantized=numpy), ctx,
+                    batch_tokens=None if numpy else backend_max_tokens())
+    check_available(need.total, f"{config.name or path.name} at --ctx {ctx} ({need.describe()})")
+    transformer = Transformer(config, weights, backend, ctx)
     return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
-               notices=notices)
+               notices=[*TOKENIZER_NOTICES, *notices])
+
+
+def backend_max_tokens() -> int:
+    from .backends.opencl.backend import MAX_TOKENS
+
+    return MAX_TOKENS

@@ -34,6 +34,8 @@ def bench(
     vs: Optional[str] = typer.Option(
         None, "--vs", help="Also run the tests through llama.cpp (llama-cpp-python), alternating: --vs llama.cpp."),
     ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
+    cooldown: float = typer.Option(0.0, "--cooldown", min=0.0,
+                                   help="Seconds to rest before each timed run (phones: thermal throttling)."),
 ):
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -54,6 +56,7 @@ def bench(
         reps=reps,
         ctx=ctx,
         vs_llama_cpp=vs is not None,
+        cooldown=cooldown,
     )
     if vs is not None and not b.llama_cpp_available():
         raise PerfxError(b.INSTALL_HINT)
