@@ -17,7 +17,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class ModelFile:
     path: Path
-    kind: str                       # "gguf"
+    kind: str                       # "gguf", "perfx", "hf" or "awq" (an AutoAWQ checkpoint)
     config: ModelConfig
     tensors: dict[str, QTensor]     # GGUF tensor names
     tokenizer: Tokenizer
@@ -25,10 +25,16 @@ class ModelFile:
 
 
 def open_model(path: str | Path) -> ModelFile:
-    """Reads the file's header and maps its tensors; the kind is recognised from the content."""
+    """Reads the file's header and maps its tensors; the kind is recognised from the content:
+    a GGUF file, a perfx file, or a Hugging Face checkpoint directory (plain or AutoAWQ)."""
     path = Path(path)
     if path.is_dir():
-        raise PerfxError(f"{path} is a directory; give the model file inside it")
+        if (path / "config.json").is_file():
+            from .hf import read_hf
+
+            return read_hf(path)
+        raise PerfxError(f"{path} is a directory without config.json; give a model file or a Hugging Face "
+                         "checkpoint directory")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -39,4 +45,9 @@ def open_model(path: str | Path) -> ModelFile:
 
         g = read_gguf(path)
         return ModelFile(path, "gguf", g.config, g.tensors, Tokenizer.from_gguf(g.metadata), g.metadata)
-    raise PerfxError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
+    from .perfx_format import read_perfx, safetensors_header
+
+    if safetensors_header(path) is not None:
+        p = read_perfx(path)
+        return ModelFile(path, "perfx", p.config, p.tensors, p.tokenizer, p.metadata)
+    raise PerfxError(f"{path} is not a GGUF model file (it does not start with 'GGUF') nor a perfx model file")

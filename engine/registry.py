@@ -221,6 +221,8 @@ def resolve(
         entry = registry.models[name_or_path]
         return download.ensure(entry, progress=progress), entry
     if path.is_dir():
+        if (path / "config.json").is_file():          # a Hugging Face checkpoint directory
+            return path, None
         raise PerfxError(f"{name_or_path} is a directory; give the path of the model file inside it")
     if _looks_like_path(name_or_path):
         raise PerfxError(f"no such file: {name_or_path}")

@@ -4,9 +4,12 @@ Backends decide what to do with it: the NumPy reference dequantizes to float32; 
 repacks the int4 and int8 forms for its kernels.
 
 qtype is a GGUF type name ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", ...), whose bytes are `raw`,
-or "INT4", perfx's own int4 form: `raw` uint8 [rows, cols/2] (element 2j in the low nibble of byte j,
-2j+1 in the high one), `scale` and `zero` fp16 [rows, cols/group], w = q * scale + zero. That holds
-AWQ's (q - z) * s exactly, with zero = -z * s.
+or one of perfx's own forms:
+
+- "INT4": `raw` uint8 [rows, cols/2] (element 2j in the low nibble of byte j, 2j+1 in the high one),
+  `scale` and `zero` fp16 [rows, cols/group], w = q * scale + zero. AWQ's (q - z) * s is held with
+  zero = fp16(-z * s): exact for Q4_0 / Q4_1 (group 32), within one fp16 rounding of the zero otherwise.
+- "INT8": `raw` int8 [rows, cols], `scale` fp16 [rows, cols/32], w = q * scale (GGUF Q8_0's values, unblocked).
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PerfxError
-from .quants import dequantize, split_q4
+from .quants import dequantize, split_q4, split_q8_0
 
 INT4_GROUPS = (32, 64, 128)
+INT8_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,9 @@ class QTensor:
     qtype: str
     shape: tuple[int, ...]          # [rows, cols] in math order: cols (the input dimension) is contiguous
     raw: np.ndarray
-    scale: np.ndarray | None = None  # INT4 only: fp16 [rows, cols/group]
+    scale: np.ndarray | None = None  # INT4, INT8: fp16 [rows, cols/group]
     zero: np.ndarray | None = None   # INT4 only: fp16 [rows, cols/group]
-    group: int = 0                   # INT4 only
+    group: int = 0                   # INT4, INT8
 
     @property
     def nbytes(self) -> int:
@@ -40,6 +44,9 @@ class QTensor:
         if self.qtype == "INT4":
             q, scale, zero, group = self.int4()
             return (q * np.repeat(scale, group, axis=1) + np.repeat(zero, group, axis=1)).astype(np.float32)
+        if self.qtype == "INT8":
+            q, scale, group = self.int8()
+            return q.astype(np.float32) * np.repeat(scale, group, axis=1)
         return dequantize(self.raw, self.qtype, self.shape)
 
     def int4(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -54,3 +61,29 @@ class QTensor:
         if self.qtype in ("Q4_0", "Q4_1"):
             return (*split_q4(self.raw, self.qtype, self.shape), 32)
         raise PerfxError(f"tensor {self.name} of type {self.qtype} has no exact int4 form")
+
+    def int8(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(q int8 [rows, cols], scale float32 [rows, cols/32], 32) with w = q * scale exactly, for INT8 and Q8_0."""
+        if self.qtype == "INT8":
+            return np.asarray(self.raw, np.int8), self.scale.astype(np.float32), self.group
+        if self.qtype == "Q8_0":
+            return (*split_q8_0(self.raw, self.shape), INT8_GROUP)
+        raise PerfxError(f"tensor {self.name} of type {self.qtype} has no exact int8 form")
+
+
+def int4_tensor(name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> QTensor:
+    """An INT4 QTensor from q uint8 [rows, cols] in 0..15 and scale, zero [rows, cols/group] (stored as fp16)."""
+    rows, cols = q.shape
+    if group not in INT4_GROUPS or cols % group:
+        raise PerfxError(f"tensor {name}: int4 group must be one of {INT4_GROUPS} and divide {cols} columns")
+    q = np.asarray(q, np.uint8)
+    raw = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return QTensor(name, "INT4", (rows, cols), raw, np.asarray(scale, np.float16), np.asarray(zero, np.float16), group)
+
+
+def int8_tensor(name: str, q: np.ndarray, scale: np.ndarray) -> QTensor:
+    """An INT8 QTensor from q int8 [rows, cols] and scale [rows, cols/32] (stored as fp16)."""
+    rows, cols = q.shape
+    if cols % INT8_GROUP:
+        raise PerfxError(f"tensor {name}: int8 needs a multiple of {INT8_GROUP} columns, got {cols}")
+    return QTensor(name, "INT8", (rows, cols), np.asarray(q, np.int8), np.asarray(scale, np.float16), None, INT8_GROUP)

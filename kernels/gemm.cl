@@ -19,8 +19,9 @@
 // Per call for SmolLM2-135M shapes at T = 512 (2*T*N*K FLOPs): N x K = 576x576: 0.34 GFLOP,
 // 1536x576: 0.91, 3072x576 (gate+up): 1.81, 576x1536 (down): 0.91; weights 0.2 - 1.1 MB, X 1.2 - 3.1 MB.
 // Reached (scripts/bench_kernels.py, DEFAULT_PARAMS): PoCL 3.1 AVX-512, one thread: gemm_tiled
-// 108 - 137 GFLOP/s, gemm_few at T = 16: 93 - 104 GFLOP/s; two threads: gemm_tiled 212 - 270 GFLOP/s.
-// NVIDIA H100 (NVIDIA_PARAMS): gemm_tiled 2.3 - 4.7 TFLOP/s, gemm_few at T = 16: 0.5 - 0.95 TFLOP/s.
+// 114 - 141 GFLOP/s (swiglu lowest), gemm_few at T = 16: 96 - 104 GFLOP/s; two threads: gemm_tiled
+// 223 - 282 GFLOP/s, gemm_few 190 GFLOP/s. NVIDIA H100 (NVIDIA_PARAMS): gemm_tiled 2.3 - 4.7 TFLOP/s,
+// gemm_few at T = 16: 0.5 - 0.95 TFLOP/s.
 //
 // Defines: FORMAT (4, 8, 16), G (int4 group), VEC (piece and micro-kernel width 4, 8, 16), TT (gemm_few
 // tokens per work-item), BN, BT, RR, TR (gemm_tiled tiles; RR divides BN, TR divides BT, BN % 4 == 0),

@@ -19,7 +19,9 @@
 //     half  w[RT][C]       natural order                   -> RT*C/2 words
 //
 // The int4 packing lets one wide load (uint16 = 64 bytes) give, with a shift and a mask per plane,
-// 16 consecutive weights: the plane vectors line up with plain vector loads of x.
+// 16 consecutive weights: the plane vectors line up with plain vector loads of x. Scales and zeros sit
+// next to their data, so a work-item reads one stream, and are converted in registers (vload_half4/8/16,
+// F16C on x86) rather than staged in local memory, which on a CPU is one more copy through the cache.
 //
 // Work decomposition
 // ------------------
@@ -36,10 +38,11 @@
 //   int4 g32 576x576 (o): 0.21 MB, 0.66 MFLOP      int4 g32 960x576 (qkv): 0.35 MB, 1.1 MFLOP
 //   int4 g32 3072x576 (gate+up): 1.1 MB, 3.5 MFLOP int4 g32 576x1536 (down): 0.55 MB, 1.8 MFLOP
 //   int8 49152x576 (output): 30.1 MB, 57 MFLOP
-// Reached, weights streamed from DRAM, launches included (scripts/bench_kernels.py):
-//   PoCL 3.1 AVX-512, 1 thread: int4 14 (576x576) - 17 (qkv, gate+up) - 24 (down) GB/s, int8 20 GB/s;
-//   2 threads: int4 about the same (PoCL's second thread joins ~15 us late), int8 38 GB/s.
-//   NVIDIA H100 (NVIDIA_PARAMS): int8 1.15 TB/s; the small int4 shapes are launch-bound (20-30 us).
+// Reached, weights streamed from DRAM, launches included (scripts/bench_kernels.py, median):
+//   PoCL 3.1 AVX-512, 1 thread: int4 g32 14 (576x576), 18 (qkv, gate+up), 21 (down) GB/s, int4 g128
+//   K=1536 27 GB/s; int8 17-20 GB/s; fp16 28 GB/s. 2 threads: the small int4 shapes gain nothing (PoCL's
+//   second thread joins ~15 us into a command), gate+up 21 GB/s, int8 36-38 GB/s, fp16 48 GB/s.
+//   NVIDIA H100 (NVIDIA_PARAMS): int8 1.15 TB/s, fp16 1.4 TB/s; the small int4 shapes are launch-bound.
 //
 // Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT, WG_ROWS, SWIGLU, USE_IMAGE.
 

@@ -201,6 +201,10 @@ def devices(
     devices_command(measure=measure)
 
 
+# Commands in their own modules register themselves on `app`.
+from perfxcli import bench, chat, convert  # noqa: E402,F401
+
+
 def main() -> None:
     app()
 

@@ -14,7 +14,6 @@ import pyopencl as cl
 
 from ...config import ModelConfig
 from ...model import Weights
-from ...quants import split_q8_0
 from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul
@@ -102,8 +101,8 @@ class OpenCLBackend:
             for l in weights.layers
         ]
         e = weights.tok_embd
-        if e.qtype == "Q8_0":
-            table = EmbeddingTable.from_q8(rt, *split_q8_0(e.raw, e.shape))
+        if e.qtype in ("Q8_0", "INT8"):
+            table = EmbeddingTable.from_q8(rt, *e.int8()[:2])
         else:
             table = EmbeddingTable.from_f32(rt, e.dequantize())
         output = DeviceMatrix.from_qtensors(rt, [weights.output])
