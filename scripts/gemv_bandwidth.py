@@ -16,6 +16,7 @@ import pyopencl as cl
 
 from engine.backends.opencl import matmul
 from engine.backends.opencl.devices import bandwidth, select
+from engine.backends.opencl.runtime import Runtime
 from engine.backends.opencl.tuning import params_for
 
 
@@ -27,10 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sel = select(args.device)
-    base = sel.runtime()
-    rt = type(base).__new__(type(base))                 # same device, a profiling queue
-    rt.__dict__.update(vars(base))
-    rt.queue = cl.CommandQueue(base.ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+    rt = Runtime(sel.device, profiling=True)
     mm = matmul.Matmul(rt, params_for(sel.info, "matmul", matmul.DEFAULT_PARAMS))
     copy_bw = bandwidth(sel.device)
     print(f"device {sel.info.id} {sel.info.name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")

@@ -29,10 +29,11 @@ def cache_dir() -> Path:
 
 
 class Runtime:
-    def __init__(self, device: cl.Device):
+    def __init__(self, device: cl.Device, profiling: bool = False):
         self.device = device
         self.ctx = cl.Context([device])
-        self.queue = cl.CommandQueue(self.ctx)
+        props = cl.command_queue_properties.PROFILING_ENABLE if profiling else 0
+        self.queue = cl.CommandQueue(self.ctx, properties=props)
         self._programs: dict[tuple, cl.Program] = {}
 
     def program(self, name: str, **defines) -> cl.Program:
