@@ -20,6 +20,7 @@ from .memory import PHONE_CTX, check_available, estimate, is_android, weight_byt
 from .model import Transformer, weights_from_tensors
 from .sampler import Sampler, Sampling
 from .tokenizer import NOTICES as TOKENIZER_NOTICES
+from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048
 

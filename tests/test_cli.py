@@ -9,7 +9,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import pytest
 
 from tests.conftest import TinySpec, write_tiny_gguf
 
