@@ -153,12 +153,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="POCL_MAX_PTHREAD_COUNT values")
     ap.add_argument("--reps", type=int, default=15, help="timed batches per shape (median reported)")
     ap.add_argument("--cold-mb", type=float, default=128.0, help="decode: rotate copies up to this many MB")
-    ap.add_argument("--params", default="{}", help="JSON dict overriding DEFAULT_PARAMS, or 'nvidia' for NVIDIA_PARAMS")
+    ap.add_argument("--params", default="{}", help="JSON dict overriding DEFAULT_PARAMS, or 'nvidia' for kernels/tuning.toml's NVIDIA entry")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         if args.params == "nvidia":
-            from engine.backends.opencl.matmul import NVIDIA_PARAMS as params
+            from engine.backends.opencl.matmul import DEFAULT_PARAMS
+            from engine.backends.opencl.tuning import vendor_params
+
+            params = vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS)
         else:
             params = json.loads(args.params)
         print(json.dumps(worker(args.worker, args.reps, args.cold_mb, params)))

@@ -93,9 +93,10 @@ def mm_gpu_like(rt):
 
 @pytest.fixture(scope="session")
 def mm_nvidia(rt):
-    from engine.backends.opencl.matmul import NVIDIA_PARAMS, Matmul
+    from engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
+    from engine.backends.opencl.tuning import vendor_params
 
-    return Matmul(rt, NVIDIA_PARAMS)
+    return Matmul(rt, vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS))
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_gpu_like_params(rt, mm_gpu_like, fmt, T, scheme, op):
 
 @pytest.mark.parametrize("T,scheme", [(1, None), (5, "few"), (300, "tiled"), (40, "tiled")])
 def test_nvidia_params(rt, mm_nvidia, T, scheme):
-    """NVIDIA_PARAMS: X read from global memory by chunk groups that start at the K tails."""
+    """The NVIDIA parameters: X read from global memory by chunk groups that start at the K tails."""
     from engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 577, 608

@@ -20,7 +20,7 @@ for the zero terms), `gemm_few` (weights dequantized once per TT tokens into reg
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
 its kernel objects with arguments set once, so a decode step only enqueues. Tunables are the -D defines
-of the kernels; `params` overrides DEFAULT_PARAMS (PoCL, AVX-512) and NVIDIA_PARAMS suits GPUs.
+of the kernels; `params` overrides DEFAULT_PARAMS (PoCL, AVX-512) and kernels/tuning.toml holds the values for other devices (NVIDIA GPUs among them).
 """
 from __future__ import annotations
 
@@ -55,16 +55,6 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "tiled_tr": 6,          # tokens per work-item
     "tiled_kc": 0,          # chunks of 128 of K staged per barrier (0: all of K, as local memory allows)
     "tiled_x_local": 0,     # stage X in local memory too (0: read it from global memory)
-}
-
-# Best found on an NVIDIA H100 (OpenCL 3.0 CUDA driver): a starting point for desktop and server GPUs,
-# where neighbouring work-items must read neighbouring bytes and registers are scarce.
-NVIDIA_PARAMS: dict[str, int | bool] = {
-    **DEFAULT_PARAMS,
-    "gemv_vec": 4, "gemv_ksplit": 16, "gemv_wg_rows": 4, "use_image": True,
-    "few_vec": 4, "few_tt": 4, "few_wg_rows": 16,
-    "tiled_vec": 4, "tiled_bn": 64, "tiled_bt": 32, "tiled_rr": 4, "tiled_tr": 4, "tiled_kc": 1,
-    "tiled_x_local": 0,
 }
 
 SCHEMES = ("gemv", "few", "tiled")

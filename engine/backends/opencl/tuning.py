@@ -184,3 +184,10 @@ def params_for(info: DeviceInfo, kernel: str, defaults: Params | None = None,
     for layer in layers:
         merged.update(layer)
     return merged
+
+
+def vendor_params(kind: str, vendor: str, kernel: str, defaults: Params | None = None) -> Params:
+    """`defaults` with the database's entry for a vendor (e.g. "gpu", "nvidia", "matmul"), for running
+    one device's tuned values on another (tests, kernel benchmarks)."""
+    entry = load_database().get(kind, {}).get("vendor", {}).get(vendor, {}).get(kernel, {})
+    return {**(defaults or {}), **entry}
