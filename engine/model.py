@@ -3,7 +3,7 @@
 Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
 
     qkv  = linear(h, wqkv)                      Q, K and V as one matrix product
-    a    = attention(qkv, layer, start_pos)     RoPE, KV-cache write, QK^T, softmax, .V
+    a    = attention(qkv, layer)                RoPE, KV-cache write, QK^T, softmax, .V (contiguous or paged cache)
     x, h = add_rmsnorm(x, linear(a, wo), ffn_norm)
     f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
     x, h = add_rmsnorm(x, linear(f, w_down), next norm)
@@ -13,13 +13,14 @@ The last layer's "next norm" is the output norm, so the logits are linear(h, out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .config import ModelConfig
 from .tensors import QTensor
 from .errors import PerfxError
+from .paged import PagedBatch
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Transformer:
         for i in range(0, len(ids), step):
             part = ids[i:i + step]
             last_pass = i + step >= len(ids)
-            h = self._layers(part, start_pos + i)
+            h = self._layers(part, self._contiguous(start_pos + i))
             if all_logits or last_pass:
                 out.append(self.backend.logits(h, self.w.output, all_logits))
         return out[0] if len(out) == 1 else np.concatenate(out)
@@ -108,20 +109,31 @@ class Transformer:
         """The greedy next token after ids; a backend with a device argmax reads back one int."""
         step = getattr(self.backend, "max_tokens", len(ids))
         for i in range(0, len(ids), step):
-            h = self._layers(ids[i:i + step], start_pos + i)
+            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
         if hasattr(self.backend, "argmax_last"):
             return self.backend.argmax_last(h, self.w.output)
         return int(np.argmax(self.backend.logits(h, self.w.output, False)[-1]))
 
-    def _layers(self, ids: np.ndarray, start_pos: int):
-        """Runs every layer; returns the normalised final hidden states (a backend handle)."""
+    def forward_paged(self, ids: np.ndarray, batch: PagedBatch):
+        """Final normalised hidden states [T, dim] (a backend handle) of one step of a batch of sequences
+        over the backend's paged KV pool (engine.paged); read logits with backend.logits_rows."""
+        self.backend.begin_paged(batch)
+        return self._layers(ids, self.backend.paged_attention)
+
+    def _contiguous(self, start_pos: int) -> Callable:
+        """Attention over the backend's one contiguous KV cache, new tokens from start_pos."""
+        return lambda qkv, layer: self.backend.attention(qkv, layer, start_pos)
+
+    def _layers(self, ids: np.ndarray, attend: Callable):
+        """Runs every layer; returns the normalised final hidden states (a backend handle).
+        attend(qkv, layer) is the attention operator: over a contiguous cache or a paged one."""
         ops, w = self.backend, self.w
         n = len(w.layers)
         x = ops.embed(w.tok_embd, ids)
         h = ops.rmsnorm(x, w.layers[0].attn_norm)
         for i, layer in enumerate(w.layers):
             qkv = ops.linear(h, layer.wqkv)
-            a = ops.attention(qkv, i, start_pos)
+            a = attend(qkv, i)
             x, h = ops.add_rmsnorm(x, ops.linear(a, layer.wo), layer.ffn_norm)
             f = ops.swiglu(h, layer.w_gate_up)
             next_norm = w.layers[i + 1].attn_norm if i + 1 < n else w.output_norm
