@@ -25,8 +25,8 @@
 //
 // Work decomposition
 // ------------------
-// Work-group = (KSPLIT, WG_ROWS) work-items. Work-item (ks, i) owns row tile group*WG_ROWS + i (with
-// SWIGLU: the gate tile and the matching up tile, which share each load of x) and the (chunk, piece)
+// Work-group = (KSPLIT, WG_ROWS) work-items. Work-item (ks, i) owns the TPW row tiles starting at
+// (group*WG_ROWS + i) * TPW (with SWIGLU also the matching up tiles; all its tiles share each load of x) and the (chunk, piece)
 // items ks, ks+KSPLIT, ... where a piece is VEC lanes of a chunk. Partial sums over ks meet in local
 // memory. int4 zero terms use the group sums of x, computed once per call by the xsum kernel.
 // CPU (PoCL): KSPLIT=1, VEC=16: each work-item runs explicit 512-bit vector code along K (PoCL's own
@@ -42,9 +42,13 @@
 //   PoCL 3.1 AVX-512, 1 thread: int4 g32 14 (576x576), 18 (qkv, gate+up), 21 (down) GB/s, int4 g128
 //   K=1536 27 GB/s; int8 17-20 GB/s; fp16 28 GB/s. 2 threads: the small int4 shapes gain nothing (PoCL's
 //   second thread joins ~15 us into a command), gate+up 21 GB/s, int8 36-38 GB/s, fp16 48 GB/s.
-//   NVIDIA H100 (NVIDIA_PARAMS): int8 1.15 TB/s, fp16 1.4 TB/s; the small int4 shapes are launch-bound.
+//   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
+//   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
+//   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
 //
-// Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT, WG_ROWS, SWIGLU, USE_IMAGE.
+// Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT (a power of two), WG_ROWS, TPW (row
+// tiles per work-item), SWIGLU, USE_IMAGE, ZERO_INLINE (int4: each work-item adds the zero terms of its
+// own lanes from the x it loaded, so no xsum launch; suits GPUs, where the extra adds are free).
 
 #ifndef FORMAT
 #define FORMAT 4
@@ -105,9 +109,20 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // row tile (chunk block at `blk`) into acc[RT] (floatPV) and, int4 only, zacc (the zero terms; added
 // by the work-item holding lane 0 so that each group's zero is counted once).
 #if FORMAT == 4
+#ifdef ZERO_INLINE
+// xpl[p]: the sum of this piece's x in plane p, for the zero terms of the piece's own lanes.
+#define XPLANES(C, PV, k0, j0, xp)                                                             \
+    CAT(float, PV) xp[8];                                                                      \
+    float xpl[8];                                                                              \
+    _Pragma("unroll") for (int p = 0; p < 8; p++) {                                            \
+        xp[p] = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));                                   \
+        xpl[p] = HSUM(PV, xp[p]);                                                              \
+    }
+#else
 #define XPLANES(C, PV, k0, j0, xp)                                                             \
     CAT(float, PV) xp[8];                                                                      \
     _Pragma("unroll") for (int p = 0; p < 8; p++) xp[p] = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));
+#endif
 // int4: f = 1 + q/16 built in the mantissa (shift, and-or), so w = 16*s*f + (z - 16*s). Scales and
 // zeros of the tile's chunk come as one vector each, lane r*GC + g for row r, group g; the zero terms
 // of all rows and groups go into one vector accumulator zacc against the group sums xs of x.
@@ -148,9 +163,29 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
                 acc[r] = fma(s16[r * GC_(C) + g], t, acc[r]);                                  \
             }                                                                                  \
         }                                                                                      \
-        if ((j0) == 0)                                                                         \
-            zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc); \
+        ZACC(C, sz, s16, k0, j0, zacc)                                                         \
     }
+#ifdef ZERO_INLINE
+// Zero terms from the piece's own x: every work-item adds z * (its lanes' sum of x) per group.
+#define BCAST_4(a) ((float4)((a)[0]))
+#define BCAST_8(a) ((float8)((a)[0], (a)[1], (a)[0], (a)[1], (a)[0], (a)[1], (a)[0], (a)[1]))
+#define BCAST_16(a) ((float16)((a)[0], (a)[1], (a)[2], (a)[3], (a)[0], (a)[1], (a)[2], (a)[3],      \
+                               (a)[0], (a)[1], (a)[2], (a)[3], (a)[0], (a)[1], (a)[2], (a)[3]))
+#define ZACC(C, sz, s16, k0, j0, zacc)                                                         \
+    {                                                                                          \
+        float xg[GC_(C)];                                                                      \
+        _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                                   \
+            xg[g] = 0.0f;                                                                      \
+            _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++) xg[g] += xpl[p]; \
+        }                                                                                      \
+        zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, CAT(BCAST_, RT_GC_##C)(xg), zacc); \
+    }
+#else
+// Zero terms from the group sums of x (xsum kernel), added by the work-item holding lane 0.
+#define ZACC(C, sz, s16, k0, j0, zacc)                                                         \
+    if ((j0) == 0)                                                                             \
+        zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc);
+#endif
 // out[r] += the zero terms of row r: lanes r*GC .. r*GC + GC-1 of zacc.
 #define ZERO_TERMS(C, zacc, out)                                                               \
     {                                                                                          \
@@ -212,10 +247,13 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define NP128 (16 / VEC)      // pieces per chunk
 #define NP64 (8 / PV64)
 
+#ifndef TPW
+#define TPW 1                 // row tiles per work-item (sharing each load of x)
+#endif
 #ifdef SWIGLU
-#define NT 2                  // tiles per work-item: gate and up
+#define NT (2 * TPW)          // tiles per work-item: TPW gate tiles and their up tiles
 #else
-#define NT 1
+#define NT TPW
 #endif
 
 // out[i][r] = this work-item's share of row r of tile i (word offsets tw[i] into W), i < NT: the
@@ -285,7 +323,7 @@ __kernel void xsum(__global const float* restrict x, __global float* restrict xs
 // W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [K]; y: [N] where N = rows, or with
 // SWIGLU N = rows/2 = F and y[f] = silu(gate f) * up f; xs: [K/G] group sums of x from xsum (int4;
 // any buffer otherwise). accumulate != 0: y += result.
-// Global size (KSPLIT, WG_ROWS * ceil(ceil(N/4) / WG_ROWS)).
+// Global size (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)).
 __kernel __attribute__((reqd_work_group_size(KSPLIT, WG_ROWS, 1)))
 void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
           const int K, const int N, const int accumulate,
@@ -298,33 +336,44 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
 
     float out[NT][RT];
-    const int t = min(tile, ntiles - 1);
-    size_t tw[NT];                // word offsets of the work-item's tiles
-    for (int i = 0; i < NT; i++) tw[i] = (size_t)(t + i * ntiles) * tile_words;
+    size_t tw[NT];                // word offsets of the work-item's tiles (past the end: the last tile)
+    for (int i = 0; i < TPW; i++) {
+        const int t = min(tile * TPW + i, ntiles - 1);
+        tw[i] = (size_t)t * tile_words;
+#ifdef SWIGLU
+        tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
+#endif
+    }
     TILES_DOT(tw, out)
 
 #if KSPLIT > 1
+    // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
     __local float part[WG_ROWS][NT * RT][KSPLIT];
+    const int lr = get_local_id(1);
     for (int i = 0; i < NT; i++)
-        for (int r = 0; r < RT; r++) part[get_local_id(1)][i * RT + r][ks] = out[i][r];
+        for (int r = 0; r < RT; r++) part[lr][i * RT + r][ks] = out[i][r];
+    for (int s = KSPLIT / 2; s > 0; s /= 2) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (ks < s)
+            for (int v = 0; v < NT * RT; v++) part[lr][v][ks] += part[lr][v][ks + s];
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
     if (ks == 0)
         for (int i = 0; i < NT; i++)
-            for (int r = 0; r < RT; r++) {
-                float sum = 0.0f;
-                for (int k = 0; k < KSPLIT; k++) sum += part[get_local_id(1)][i * RT + r][k];
-                out[i][r] = sum;
-            }
+            for (int r = 0; r < RT; r++) out[i][r] = part[lr][i * RT + r][0];
 #endif
-    if (ks != 0 || tile >= ntiles) return;
-    for (int r = 0; r < RT; r++) {
-        const int n = tile * RT + r;
-        if (n >= N) break;
+    if (ks != 0) return;
+    for (int i = 0; i < TPW; i++) {
+        if (tile * TPW + i >= ntiles) return;
+        for (int r = 0; r < RT; r++) {
+            const int n = (tile * TPW + i) * RT + r;
+            if (n >= N) break;
 #ifdef SWIGLU
-        const float v = silu(out[0][r]) * out[1][r];
+            const float v = silu(out[i][r]) * out[TPW + i][r];
 #else
-        const float v = out[0][r];
+            const float v = out[i][r];
 #endif
-        y[n] = accumulate ? y[n] + v : v;
+            y[n] = accumulate ? y[n] + v : v;
+        }
     }
 }

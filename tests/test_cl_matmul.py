@@ -295,6 +295,40 @@ def test_nvidia_params(rt, mm_nvidia, T, scheme):
     assert_close(run(rt, mm_nvidia, dm, x, N, scheme=scheme), oracle(x, w))
 
 
+@pytest.mark.parametrize("G,N,K,op,params", [
+    (32, 577, 608, "linear", {"gemv_ksplit": 32, "gemv_wg_rows": 2, "gemv_tpw": 3, "gemv_zero_inline": True}),
+    (64, 1032, 1536, "swiglu", {"gemv_ksplit": 16, "gemv_wg_rows": 1, "gemv_tpw": 3, "gemv_zero_inline": True}),
+    (128, 1001, 1536, "linear", {"gemv_ksplit": 64, "gemv_wg_rows": 1, "gemv_tpw": 4, "gemv_zero_inline": True}),
+    (64, 999, 576, "linear", {"gemv_vec": 16, "gemv_tpw": 2, "gemv_zero_inline": True}),
+    (32, 576, 576, "swiglu", {"gemv_vec": 16, "gemv_tpw": 5}),
+])
+def test_gemv_tiles_per_item_and_inline_zeros(rt, G, N, K, op, params):
+    """Several row tiles per work-item (tiles past the end clamped, outputs skipped), the K split reduced
+    as a tree, and the int4 zero terms summed from each work-item's own x instead of xsum."""
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    rng = np.random.default_rng(zlib.crc32(f"{G} {N} {K} {op}".encode()))
+    parts, w = rand_int4(rng, N, K, G)
+    dm = DeviceMatrix.from_int4(rt, *parts, G)
+    x = rng.standard_normal((1, K)) + 0.5        # a mean away from zero makes wrong zero terms visible
+    mm = Matmul(rt, {"gemv_vec": 4, **params})
+    want = oracle(x, w)
+    if op == "swiglu":
+        assert_close(run(rt, mm, dm, x, N // 2, op="swiglu"), silu_mul(want))
+    else:
+        assert_close(run(rt, mm, dm, x, N), want)
+
+
+def test_gemv_ksplit_must_be_power_of_two(rt):
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    rng = np.random.default_rng(1)
+    parts, _ = rand_int4(rng, 64, 128, 32)
+    with pytest.raises(PerfxError, match="power of two"):
+        run(rt, Matmul(rt, {"gemv_ksplit": 12}), DeviceMatrix.from_int4(rt, *parts, 32),
+            rng.standard_normal((1, 128)), 64)
+
+
 # ---- GGUF blocks through from_qtensors ------------------------------------------------------------
 
 

@@ -15,16 +15,18 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
   that line up with a plain vector load of x.
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
+(unless gemv_zero_inline)
 for the zero terms), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
-its kernel objects with arguments set once, so a decode step only enqueues. Tunables are the -D defines
-of the kernels; `params` overrides DEFAULT_PARAMS (PoCL, AVX-512) and kernels/tuning.toml holds the values for other devices (NVIDIA GPUs among them).
+its kernel objects with arguments set once, so a decode step only enqueues. A matrix with a bias
+(`DeviceMatrix.with_bias`, Qwen2's Q/K/V) gets one more launch after the product: kernels/bias.cl.
+Tunables are the -D defines of the kernels; `params` overrides DEFAULT_PARAMS (PoCL, AVX-512) and kernels/tuning.toml holds the values for other devices (NVIDIA GPUs among them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyopencl as cl
@@ -42,7 +44,9 @@ GROUPS = (32, 64, 128)
 DEFAULT_PARAMS: dict[str, int | bool] = {
     "gemv_vec": 16,         # piece width (lanes of the explicit vectors along K)
     "gemv_ksplit": 1,       # work-items splitting K within a work-group (local-memory reduction)
-    "gemv_wg_rows": 8,      # row tiles (4 rows each) per work-group
+    "gemv_wg_rows": 8,      # work-items along the rows per work-group
+    "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
+    "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
     "use_image": False,     # read x through an image1d_buffer_t
     "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
     "few_vec": 16,
@@ -157,6 +161,7 @@ class DeviceMatrix:
     group: int        # int4 group size (32, 64 or 128); 32 for int8; 0 for f16
     buf: cl.Buffer    # uint32 row tiles, see the module docstring
     nbytes: int
+    bias: cl.Buffer | None = None   # f32 [rows]: added to each output row by linear (kernels/bias.cl), or None
 
     @classmethod
     def _upload(cls, rt: Runtime, fmt: str, rows: int, cols: int, group: int, words: np.ndarray) -> DeviceMatrix:
@@ -205,6 +210,15 @@ class DeviceMatrix:
         if types <= {"F16", "F32"}:
             return cls.from_f16(rt, w)
         return cls.from_int4(rt, *quantize_int4(w, 32), 32)
+
+    def with_bias(self, rt: Runtime, biases: list[QTensor] | None) -> DeviceMatrix:
+        """This matrix with `biases` stacked in order (Q, K, V) as its f32 bias [rows]; itself when None."""
+        if biases is None:
+            return self
+        b = np.concatenate([t.dequantize().reshape(-1) for t in biases]).astype(np.float32)
+        if b.shape != (self.rows,):
+            raise PerfxError(f"a bias of {b.size} values for a matrix of {self.rows} rows")
+        return replace(self, bias=rt.to_device(b), nbytes=self.nbytes + int(b.nbytes))
 
 
 # ---- launching ------------------------------------------------------------------------------------
@@ -281,18 +295,28 @@ class Matmul:
             defines["G"] = w.group
         build = {"gemv": self._gemv, "few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
         steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
+        if w.bias is not None:                   # y [T, N] += bias [N], after the product
+            if op != "linear":
+                raise PerfxError(f"{op} takes no bias; only linear adds one")
+            add_bias = cl.Kernel(self.rt.program("bias"), "add_bias")
+            add_bias.set_args(y, w.bias, np.int32(N))
+            steps.append((add_bias, (N, T), None))
+            keep += (w.bias,)
         return _Plan(steps, (x, y, w.buf) + keep)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
               accumulate: np.int32) -> tuple[list, tuple]:
         p = self.params
-        ks, wgr = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"])
+        ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
+        if ks < 1 or ks & (ks - 1) or tpw < 1:
+            raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
         use_image = bool(p["use_image"]) and self.rt.device.image_support and K // 4 <= self._max_image_texels()
-        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, USE_IMAGE=use_image)
+        inline = w.fmt == "int4" and bool(p["gemv_zero_inline"])
+        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
-        xs = x                                   # group sums of x [K/G] (int4; unused otherwise)
-        if w.fmt == "int4":
+        xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
+        if w.fmt == "int4" and not inline:
             xs = self.rt.empty(4 * (K // w.group))
             xsum = cl.Kernel(program, "xsum")
             xsum.set_args(x, xs)
@@ -309,7 +333,7 @@ class Matmul:
             raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
                              f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
         gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs)
-        steps.append((gemv, (ks, _round_up(-(-N // RT), wgr)), (ks, wgr)))
+        steps.append((gemv, (ks, _round_up(-(-(-(-N // RT)) // tpw), wgr)), (ks, wgr)))
         return steps, keep
 
     def _gemm_few(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
