@@ -5,7 +5,7 @@ outputs of the unquantized layer i). For each layer, the inputs of its four grou
 share an input are summarised over all calibration tokens:
 
     qkv      input rmsnorm(x) * attn_norm     scale folded into attn_norm
-    o        input attention output           scale folded into the rows of v
+    o        input attention output           scale folded into the rows of v (and v's bias, Qwen2)
     gate+up  input rmsnorm(x) * ffn_norm      scale folded into ffn_norm
     down     input silu(gate) * up            scale folded into the rows of up
 
@@ -116,14 +116,19 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def layer_forward(x: np.ndarray, w: dict[str, np.ndarray], c: ModelConfig, cos: np.ndarray, sin: np.ndarray,
                   stats: dict[str, InputStats] | None = None) -> np.ndarray:
-    """One LLaMA block on x [batch, T, dim] from position 0, as the NumPy backend computes it;
-    records the inputs of the four groups of linears in `stats`."""
+    """One LLaMA block on x [batch, T, dim] from position 0, as the NumPy backend computes it (Q, K and V
+    biases added when `w` has "attn_q.bias", ...); records the inputs of the four groups of linears in `stats`."""
     B, T, _ = x.shape
     D, group = c.head_dim, c.n_heads // c.n_kv_heads
     h = rmsnorm(x, w["attn_norm"], c.norm_eps)
-    q = (h @ w["attn_q"].T).reshape(B * T, c.n_heads, D)
-    k = (h @ w["attn_k"].T).reshape(B * T, c.n_kv_heads, D)
-    v = (h @ w["attn_v"].T).reshape(B, T, c.n_kv_heads, D)
+
+    def qkv(n: str) -> np.ndarray:
+        y = h @ w[n].T
+        return y + w[n + ".bias"] if n + ".bias" in w else y
+
+    q = qkv("attn_q").reshape(B * T, c.n_heads, D)
+    k = qkv("attn_k").reshape(B * T, c.n_kv_heads, D)
+    v = qkv("attn_v").reshape(B, T, c.n_kv_heads, D)
     cos_t, sin_t = np.tile(cos[:T], (B, 1)), np.tile(sin[:T], (B, 1))
     q = apply_rope(q, cos_t, sin_t, c.rope_dim).reshape(B, T, c.n_kv_heads, group, D)
     k = apply_rope(k, cos_t, sin_t, c.rope_dim).reshape(B, T, c.n_kv_heads, D)
@@ -241,6 +246,8 @@ def fold_scales(w: dict[str, np.ndarray], scales: dict[str, np.ndarray], c: Mode
         if into in row:
             w[into] /= s[:, None]
             row[into] = row[into] / s
+            if into + ".bias" in w:
+                w[into + ".bias"] /= s
         else:
             w[into] /= s
     return Folded(w, col, row)
@@ -289,13 +296,18 @@ def quantize_layer(i: int, w: dict[str, np.ndarray], stats: dict[str, InputStats
     for n in ("attn_norm", "ffn_norm"):
         name = f"blk.{i}.{n}.weight"
         tensors[name] = QTensor(name, "F32", folded.weights[n].shape, folded.weights[n])
+    if "attn_v.bias" in w:
+        name = f"blk.{i}.attn_v.bias"
+        tensors[name] = QTensor(name, "F32", folded.weights["attn_v.bias"].shape, folded.weights["attn_v.bias"])
     return LayerResult(tensors, errors, notes)
 
 
 def awq_quantize(config: ModelConfig, float_weight: Callable[[str], np.ndarray], calib: Calibration, group: int,
-                 keep: set[str], on_layer: Callable[[int, int, LayerResult], None] | None = None) -> None:
+                 keep: set[str], on_layer: Callable[[int, int, LayerResult], None] | None = None,
+                 biased: bool = False) -> None:
     """Run the calibration through the model layer by layer and quantize each layer with AWQ;
-    `on_layer(i, n_layers, result)` receives each layer's tensors as soon as they are ready."""
+    `on_layer(i, n_layers, result)` receives each layer's tensors as soon as they are ready.
+    biased: the layers have Q, K and V biases ("blk.N.attn_q.bias", ...), run and folded with them."""
     c = config
     windows = calib.windows
     B, T = windows.shape
@@ -304,6 +316,8 @@ def awq_quantize(config: ModelConfig, float_weight: Callable[[str], np.ndarray],
     per_chunk = max(1, CHUNK_TOKENS // T)
     for i in range(c.n_layers):
         w = {n: float_weight(f"blk.{i}.{n}.weight") for n in ("attn_norm", "ffn_norm", *LINEARS)}
+        if biased:
+            w.update({f"{n}.bias": float_weight(f"blk.{i}.{n}.bias") for n in LINEARS[:3]})
         stats = {"qkv": InputStats(c.dim), "o": InputStats(c.q_dim), "gate_up": InputStats(c.dim),
                  "down": InputStats(c.ffn_dim)}
         for b in range(0, B, per_chunk):

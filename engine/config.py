@@ -6,7 +6,7 @@ from dataclasses import dataclass, asdict
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str             # "llama"
+    arch: str             # "llama", or "qwen2" (the same block with Q, K and V biases)
     n_layers: int
     dim: int              # residual width
     n_heads: int

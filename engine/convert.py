@@ -7,6 +7,8 @@ into a perfx file, quantized by one of four schemes.
     int8        INT8                        INT8                 F32
     fp16        F16                         F16                  F32
 
+Q, K and V biases (Qwen2) stay F32 under every scheme (AWQ folds its o-group scale into V's).
+
 A source tensor already in the target form is kept exactly instead of requantized: Q4_0, Q4_1 and
 INT4 (AutoAWQ imports included) under the int4 schemes (an int4 embedding or output too), Q8_0 and
 INT8 for int8 targets, F16 under fp16.
@@ -56,7 +58,7 @@ class ConvertResult:
 
 def target_qtype(name: str, scheme: str) -> str:
     """What a tensor becomes under a scheme: "F32", "F16", "INT8" or "INT4"."""
-    if name.endswith("norm.weight"):
+    if name.endswith(("norm.weight", ".bias")):
         return "F32"
     if scheme == "fp16":
         return "F16"
@@ -96,7 +98,8 @@ def requantize(name: str, w: np.ndarray, target: str, group: int) -> QTensor:
 def tensor_order(model: ModelFile) -> list[str]:
     names = ["token_embd.weight"]
     for i in range(model.config.n_layers):
-        names += [f"blk.{i}.attn_norm.weight", *(f"blk.{i}.{n}.weight" for n in LINEARS[:4]),
+        biases = [f"blk.{i}.{n}.bias" for n in LINEARS[:3] if f"blk.{i}.{n}.bias" in model.tensors]
+        names += [f"blk.{i}.attn_norm.weight", *(f"blk.{i}.{n}.weight" for n in LINEARS[:4]), *biases,
                   f"blk.{i}.ffn_norm.weight", *(f"blk.{i}.{n}.weight" for n in LINEARS[4:])]
     names.append("output_norm.weight")
     if not model.config.tied_embedding and "output.weight" in model.tensors:
@@ -176,7 +179,8 @@ def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", gr
             if on_layer is not None:
                 on_layer(i + 1, total)
 
-        awq_quantize(config, float_weight, cal, group, set(out), layer_done)
+        biased = any(n.endswith(".bias") for n in names)
+        awq_quantize(config, float_weight, cal, group, set(out), layer_done, biased=biased)
     else:
         for i in range(n_layers):
             for n in names:

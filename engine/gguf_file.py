@@ -1,11 +1,19 @@
 """GGUF model files: metadata into a ModelConfig, tensors memory-mapped and kept as stored.
 
 Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
+
+"qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
+rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
+rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 
 from .config import ModelConfig
@@ -13,7 +21,8 @@ from .errors import PerfxError
 from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
+ROTATE_HALF_ARCHS = ("qwen2",)   # Q and K rows stored in rotate_half order
 GGUF_MAGIC = b"GGUF"
 
 
@@ -36,39 +45,152 @@ def read_gguf(path: str | Path) -> GGUFModel:
     if magic != GGUF_MAGIC:
         raise PerfxError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
 
-    from gguf import GGUFReader  # imported here: it is the slowest import of the engine
-
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader fails in many ways on a cut file
+        header = parse_header(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise PerfxError(
             f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
             "download it again (`perfx download` re-fetches registry models)"
         ) from None
+    metadata = header.metadata
 
-    file_size = path.stat().st_size
-    metadata = {}
-    for key, field in reader.fields.items():
-        try:
-            metadata[key] = field.contents()
-        except Exception:  # a value type the reader cannot render: not needed by perfx
-            continue
-
+    data = np.memmap(path, np.uint8, mode="r")     # the tensors are views of this one mapping
     tensors: dict[str, QTensor] = {}
-    for t in reader.tensors:
-        qtype = t.tensor_type.name
-        if qtype not in BLOCK_SIZES:
+    for info in header.tensors:
+        if info.qtype not in BLOCK_SIZES:
             raise PerfxError(
-                f"{path}: tensor {t.name} has type {qtype}, which perfx does not support "
+                f"{path}: tensor {info.name} has type {info.qtype}, which perfx does not support "
                 f"(supported: {', '.join(BLOCK_SIZES)})"
             )
-        if t.data_offset + t.n_bytes > file_size:
-            raise PerfxError(f"{path} is truncated: tensor {t.name} ends past the end of the file; download it again")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
-        tensors[t.name] = QTensor(t.name, qtype, shape, t.data)
+        start = header.data_start + info.offset
+        nbytes = info.nbytes
+        if start + nbytes > len(data):
+            raise PerfxError(f"{path} is truncated: tensor {info.name} ends past the end of the file; download it again")
+        raw = data[start:start + nbytes]
+        if info.qtype in PLAIN_TYPES:
+            raw = raw.view(PLAIN_TYPES[info.qtype]).reshape(info.shape)
+        else:                                         # quantized blocks: [rows..., bytes per row]
+            raw = raw.reshape(*info.shape[:-1], nbytes // max(1, int(np.prod(info.shape[:-1]))))
+        tensors[info.name] = QTensor(info.name, info.qtype, info.shape, raw)
 
     config = config_from_metadata(metadata, tensors, path)
+    if config.arch in ROTATE_HALF_ARCHS:
+        tensors = adjacent_pairs(tensors, config)
     return GGUFModel(path=path, config=config, metadata=metadata, tensors=tensors)
+
+
+# ---- the file's header ---------------------------------------------------------------------------
+# GGUF v2/v3: magic, version u32, tensor count u64, metadata count u64; metadata as (key string, value
+# type u32, value); tensor infos as (name, n_dims u32, dims u64 x n_dims fastest first, type u32, offset
+# u64); tensor data from the next multiple of general.alignment (32 by default). Strings are a u64
+# length and UTF-8 bytes. Parsed straight from the mapped file into Python values, so that opening a
+# model costs little more memory than its vocabulary.
+
+PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+               "I32": np.int32, "I64": np.int64}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_ARRAY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+                 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    qtype: str                  # GGML type name ("Q4_1", "F32", ...)
+    shape: tuple[int, ...]      # math order: the contiguous dimension last
+    offset: int                 # from the start of the data section
+    nbytes: int
+
+
+@dataclass
+class Header:
+    version: int
+    metadata: dict
+    tensors: list[TensorInfo]
+    data_start: int
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        text = str(self.buf[self.pos:self.pos + n], "utf-8")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, n = self.scalar("<I"), self.scalar("<Q")
+            if etype in _ARRAY_DTYPES:
+                dtype = np.dtype(_ARRAY_DTYPES[etype])
+                if self.pos + n * dtype.itemsize > len(self.buf):
+                    raise ValueError("an array runs past the end of the file")
+                values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
+                self.pos += n * dtype.itemsize
+                return values
+            return [self.value(etype) for _ in range(n)]
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def parse_header(path: Path) -> Header:
+    """The metadata and tensor table of a GGUF file (ValueError / struct.error on a cut or bad file)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        c = _Cursor(mm)
+        if c.scalar("<4s") != GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        version = c.scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = c.string()
+            metadata[key] = c.value(c.scalar("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
+            type_id, offset = c.scalar("<I"), c.scalar("<Q")
+            try:
+                qtype = GGMLQuantizationType(type_id).name
+            except ValueError:
+                raise ValueError(f"tensor {name} has unknown type {type_id}") from None
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+            count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            tensors.append(TensorInfo(name, qtype, tuple(reversed(dims)), offset, count // block * type_size))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-c.pos // align) * align
+    return Header(version, metadata, tensors, data_start)
+
+
+def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str, QTensor]:
+    """Q and K weight rows and bias values permuted from rotate_half order into adjacent pairs; the
+    raw data (quantized blocks included) is permuted by whole rows, so nothing is requantized."""
+    from .hf import permute_qk
+
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
+    out = dict(tensors)
+    for name, t in tensors.items():
+        n = heads.get(name.split(".")[-2]) if name.startswith("blk.") else None
+        if n and t.shape[0] == n * config.head_dim:   # other shapes are refused by weights_from_tensors
+            out[name] = replace(t, raw=np.ascontiguousarray(permute_qk(np.asarray(t.raw), n)))
+    return out
 
 
 def config_from_metadata(md: dict, tensors: dict[str, QTensor], path: Path) -> ModelConfig:

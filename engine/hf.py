@@ -7,6 +7,9 @@ Q and K: HF checkpoints rotate pairs (i, i + head_dim/2) ("rotate_half"); perfx,
 adjacent pairs (2i, 2i+1). Reading permutes the rows of q_proj and k_proj per head as llama.cpp's
 converter does (`permute_qk`); writing a checkpoint applies the inverse (`unpermute_qk`).
 
+Qwen2ForCausalLM is the same block with biases on q_proj, k_proj and v_proj: they become
+`blk.N.attn_{q,k,v}.bias`, the q and k biases permuted like the rows of their weights.
+
 AutoAWQ "gemm" checkpoints: per linear `qweight` int32 [in, out/8] and `qzeros` int32 [in/group, out/8],
 each word holding 8 output channels in the nibble order (0, 2, 4, 6, 1, 3, 5, 7), and `scales` fp16
 [in/group, out]; w = (q - z) * s. They become INT4 tensors without requantizing.
@@ -27,8 +30,9 @@ from .perfx_format import read_safetensors
 from .tensors import QTensor, int4_tensor
 from .tokenizer import Tokenizer
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-REFUSED = {"Qwen2ForCausalLM": "its q/k/v projections have biases, which perfx's model does not have yet"}
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+QKV_BIASED = ("Qwen2ForCausalLM",)     # architectures whose q/k/v projections (only) have biases
+QKV = ("attn_q", "attn_k", "attn_v")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # output channel held by nibble i of a packed word
 
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -42,8 +46,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def hf_name(gguf_name: str) -> str:
-    """The HF module name of a GGUF tensor name, without the ".weight" suffix."""
-    base = gguf_name.removesuffix(".weight")
+    """The HF module name of a GGUF tensor name, without the ".weight" (or ".bias") suffix."""
+    base = gguf_name.removesuffix(".weight").removesuffix(".bias")
     if base.startswith("blk."):
         _, i, part = base.split(".", 2)
         return f"model.layers.{i}.{next(k for k, v in LAYER_NAMES.items() if v == part)}"
@@ -85,17 +89,22 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def architecture(cfg: dict) -> str:
+    """The model class an HF config.json names ("LlamaForCausalLM", ...)."""
+    return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+
+
 def config_from_hf(cfg: dict, directory: Path) -> ModelConfig:
     """A ModelConfig from an HF config.json, refusing what perfx's LLaMA block cannot run."""
     where = directory / "config.json"
-    arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-    if arch in REFUSED:
-        raise PerfxError(f"{where}: architecture {arch} is not supported yet: {REFUSED[arch]} "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
+    arch = architecture(cfg)
     if arch not in ARCHITECTURES:
         raise PerfxError(f"{where}: architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise PerfxError(f"{where}: {arch} with attention or MLP biases is not supported; perfx's model has none")
+    if cfg.get("attention_bias") and arch not in QKV_BIASED:
+        raise PerfxError(f"{where}: {arch} with attention_bias (biases on q/k/v_proj and o_proj) is not supported; "
+                         "perfx's model has biases on q/k/v_proj only (Qwen2ForCausalLM)")
+    if cfg.get("mlp_bias"):
+        raise PerfxError(f"{where}: {arch} with mlp_bias (biases on gate/up/down_proj) is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise PerfxError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (perfx runs SwiGLU with silu)")
     scaling = cfg.get("rope_scaling")
@@ -115,8 +124,8 @@ def config_from_hf(cfg: dict, directory: Path) -> ModelConfig:
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         ctx = min(ctx, int(cfg["sliding_window"]))
     return ModelConfig(
-        arch="llama", n_layers=int(get("num_hidden_layers")), dim=dim, n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+        arch="qwen2" if arch in QKV_BIASED else "llama", n_layers=int(get("num_hidden_layers")), dim=dim,
+        n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
         ffn_dim=int(get("intermediate_size")), vocab_size=int(get("vocab_size")), ctx_len=ctx,
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_base=float(cfg.get("rope_theta", 10000.0)),
         rope_dim=head_dim, tied_embedding=bool(cfg.get("tie_word_embeddings", False)),
@@ -193,17 +202,18 @@ def read_hf(directory: str | Path) -> ModelFile:
         arrays.update(st.arrays)
         dtypes.update(st.dtypes)
 
-    expected = expected_shapes(config)
+    biased = architecture(cfg) in QKV_BIASED
+    expected = expected_shapes(config, biased)
     modules: dict[str, dict[str, str]] = {}
     for name in arrays:
         if IGNORED.match(name):
             continue
         module, _, kind = name.rpartition(".")
-        if kind == "bias":
-            raise PerfxError(f"{directory}: tensor {name} is a bias; models with biases are not supported "
-                             "(perfx's model has none)")
         target = gguf_name(module)
-        if target is None or kind not in ("weight", "qweight", "qzeros", "scales"):
+        if kind == "bias" and not (biased and target is not None and target.split(".")[-2] in QKV):
+            raise PerfxError(f"{directory}: tensor {name} is a bias, which perfx's model has only on q_proj, "
+                             f"k_proj and v_proj of {', '.join(QKV_BIASED)} (this is {architecture(cfg)})")
+        if target is None or kind not in ("weight", "qweight", "qzeros", "scales", "bias"):
             raise PerfxError(f"{directory}: tensor {name} is not part of a LLaMA model; the checkpoint's "
                              "architecture differs from its config.json")
         modules.setdefault(module, {})[kind] = name
@@ -223,16 +233,22 @@ def read_hf(directory: str | Path) -> ModelFile:
         else:
             raise PerfxError(f"{directory}: {module} has {sorted(parts)}, neither a weight nor AutoAWQ's "
                              "qweight/qzeros/scales")
+        if "bias" in parts:
+            bias = target.removesuffix(".weight") + ".bias"
+            tensors[bias] = _plain(bias, arrays[parts["bias"]], dtypes[parts["bias"]], expected[bias], config,
+                                   parts["bias"], directory)
     if "output.weight" not in tensors and not config.tied_embedding:
         config = replace(config, tied_embedding=True)
     for name in expected:
         if name not in tensors and not (name == "output.weight" and config.tied_embedding):
-            raise PerfxError(f"{directory}: tensor {hf_name(name)}.weight is missing; the checkpoint is incomplete")
+            suffix = name.rpartition(".")[2]
+            raise PerfxError(f"{directory}: tensor {hf_name(name)}.{suffix} is missing; the checkpoint is incomplete")
     metadata = {"config.json": cfg, **({"quantization_config": awq} if awq else {})}
     return ModelFile(directory, "awq" if awq else "hf", config, tensors, tokenizer, metadata)
 
 
-def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(c: ModelConfig, biased: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor by GGUF name; with `biased`, the Q, K and V biases too."""
     shapes = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,),
               "output.weight": (c.vocab_size, c.dim)}
     for i in range(c.n_layers):
@@ -244,12 +260,16 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn_gate.weight": (c.ffn_dim, c.dim), p + "ffn_up.weight": (c.ffn_dim, c.dim),
             p + "ffn_down.weight": (c.dim, c.ffn_dim),
         })
+        if biased:
+            shapes.update({p + "attn_q.bias": (c.q_dim,), p + "attn_k.bias": (c.kv_dim,),
+                           p + "attn_v.bias": (c.kv_dim,)})
     return shapes
 
 
 def _heads(name: str, c: ModelConfig) -> int:
-    """Heads whose rows `permute_qk` reorders in this tensor, or 0."""
-    return c.n_heads if name.endswith("attn_q.weight") else c.n_kv_heads if name.endswith("attn_k.weight") else 0
+    """Heads whose rows (or bias values) `permute_qk` reorders in this tensor, or 0."""
+    part = name.split(".")[-2]
+    return c.n_heads if part == "attn_q" else c.n_kv_heads if part == "attn_k" else 0
 
 
 def _plain(name: str, a: np.ndarray, dtype: str, shape: tuple[int, ...], c: ModelConfig, hf: str,

@@ -117,7 +117,7 @@ def weight_bytes(weights: Any, dequantized: bool) -> int:
     already counts them as available.
     """
     layers = [t for l in weights.layers
-              for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up, l.w_down)]
+              for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up, l.w_down, *(l.bqkv or ()))]
     unique = {id(t): t for t in (*layers, weights.tok_embd, weights.output_norm, weights.output)}
     if not dequantized:
         return sum(int(t.nbytes) for t in unique.values())

@@ -2,7 +2,7 @@
 
 Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
 
-    qkv  = linear(h, wqkv)                      Q, K and V as one matrix product
+    qkv  = linear(h, wqkv)                      Q, K and V as one matrix product (+ their biases, Qwen2)
     a    = attention(qkv, layer)                RoPE, KV-cache write, QK^T, softmax, .V (contiguous or paged cache)
     x, h = add_rmsnorm(x, linear(a, wo), ffn_norm)
     f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
@@ -31,6 +31,7 @@ class LayerWeights:
     ffn_norm: QTensor              # [dim]
     w_gate_up: list[QTensor]       # [ffn, dim], [ffn, dim]: stacked into one matrix
     w_down: QTensor                # [dim, ffn]
+    bqkv: list[QTensor] | None = None  # [q_dim], [kv_dim], [kv_dim]: biases of Q, K, V (Qwen2), or None
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Weights:
     def nbytes(self) -> int:
         """Bytes of the weights as stored (the tied embedding counted once)."""
         tensors = {id(t): t for l in self.layers for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up,
-                                                         l.w_down)}
+                                                         l.w_down, *(l.bqkv or ()))}
         tensors.update({id(t): t for t in (self.tok_embd, self.output_norm, self.output)})
         return sum(t.nbytes for t in tensors.values())
 
@@ -58,6 +59,7 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
         "attn_q.weight": (c.q_dim, c.dim), "attn_k.weight": (c.kv_dim, c.dim), "attn_v.weight": (c.kv_dim, c.dim),
         "attn_output.weight": (c.dim, c.q_dim), "ffn_gate.weight": (c.ffn_dim, c.dim),
         "ffn_up.weight": (c.ffn_dim, c.dim), "ffn_down.weight": (c.dim, c.ffn_dim),
+        "attn_q.bias": (c.q_dim,), "attn_k.bias": (c.kv_dim,), "attn_v.bias": (c.kv_dim,),
     }
 
     def need(name: str) -> QTensor:
@@ -68,6 +70,18 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
             raise PerfxError(f"{path}: tensor {name} has shape {list(t[name].shape)}, expected {list(shape)}")
         return t[name]
 
+    def biases(i: int) -> list[QTensor] | None:
+        """Layer i's Q, K and V biases: all three or none."""
+        names = [f"blk.{i}.attn_{n}.bias" for n in "qkv"]
+        present = [n for n in names if n in t]
+        if not present:
+            return None
+        if len(present) < 3:
+            missing = next(n for n in names if n not in t)
+            raise PerfxError(f"{path}: tensor {missing} is missing while {present[0]} is present; "
+                             "Q, K and V biases come all three or none")
+        return [need(n) for n in names]
+
     layers = [
         LayerWeights(
             attn_norm=need(f"blk.{i}.attn_norm.weight"),
@@ -76,9 +90,13 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
             ffn_norm=need(f"blk.{i}.ffn_norm.weight"),
             w_gate_up=[need(f"blk.{i}.ffn_gate.weight"), need(f"blk.{i}.ffn_up.weight")],
             w_down=need(f"blk.{i}.ffn_down.weight"),
+            bqkv=biases(i),
         )
         for i in range(c.n_layers)
     ]
+    if len({l.bqkv is None for l in layers}) > 1:
+        i = next(i for i, l in enumerate(layers) if l.bqkv is None)
+        raise PerfxError(f"{path}: layer {i} has no Q, K and V biases while other layers have them")
     embd = need("token_embd.weight")
     output = need("output.weight") if "output.weight" in t else embd
     return Weights(embd, layers, need("output_norm.weight"), output)

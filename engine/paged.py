@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import PerfxError
+
 
 @dataclass
 class PagedBatch:
@@ -40,3 +42,45 @@ class PagedBatch:
         for t, s in enumerate(self.seq):
             last[int(s)] = t
         return np.array([last[s] for s in sorted(last)], np.int32)
+
+
+def check_batch(batch: PagedBatch, n_blocks: int, block_size: int, ctx: int,
+                max_tokens: int | None = None) -> None:
+    """A one-line PerfxError unless the step fits a pool of n_blocks blocks of block_size positions
+    and a RoPE table of ctx positions: 1..max_tokens tokens, every seq a row of block_table, every
+    position below ctx and inside its row, and every block that a token's positions 0..pos lie in
+    a block id of the pool (not -1)."""
+    pos, seq, table = batch.pos, batch.seq, batch.block_table
+    if n_blocks <= 0:
+        raise PerfxError("paged attention: no KV pool; allocate one with kv_pool(n_blocks, block_size)")
+    if batch.block_size != block_size:
+        raise PerfxError(f"paged batch: block_size {batch.block_size} differs from the pool's {block_size}")
+    if pos.ndim != 1 or seq.shape != pos.shape or table.ndim != 2:
+        raise PerfxError(f"paged batch: pos {list(pos.shape)} and seq {list(seq.shape)} must both be [T], "
+                         f"block_table {list(table.shape)} [S, max_blocks]")
+    T = len(pos)
+    if T == 0:
+        raise PerfxError("paged batch: a step needs at least one token")
+    if max_tokens is not None and T > max_tokens:
+        raise PerfxError(f"paged batch: {T} tokens in one step; the backend takes at most {max_tokens}")
+    S, max_blocks = table.shape
+    bad = np.flatnonzero((seq < 0) | (seq >= S))
+    if len(bad):
+        raise PerfxError(f"paged batch: token {bad[0]} names sequence row {seq[bad[0]]}, "
+                         f"but block_table has rows 0..{S - 1}")
+    limit = min(ctx, block_size * max_blocks)
+    bad = np.flatnonzero((pos < 0) | (pos >= limit))
+    if len(bad):
+        t = bad[0]
+        where = (f"the context of {ctx}" if pos[t] >= ctx else
+                 f"its block table ({max_blocks} blocks of {block_size})")
+        raise PerfxError(f"paged batch: token {t} at position {pos[t]} (sequence row {seq[t]}) is outside {where}")
+    need = np.zeros(S, np.int64)                   # blocks each row's tokens reach: 0 .. need - 1
+    np.maximum.at(need, seq, pos // block_size + 1)
+    used = np.arange(max_blocks)[None, :] < need[:, None]
+    bad = np.argwhere(used & ((table < 0) | (table >= n_blocks)))
+    if len(bad):
+        s, b = bad[0]
+        raise PerfxError(f"paged batch: sequence row {s} needs logical block {b} (positions "
+                         f"{b * block_size}..{(b + 1) * block_size - 1}) but block_table holds {table[s, b]}; "
+                         f"the pool's block ids are 0..{n_blocks - 1}")

@@ -13,6 +13,7 @@ or one of perfx's own forms:
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,21 @@ class QTensor:
     def nbytes(self) -> int:
         extra = sum(int(a.nbytes) for a in (self.scale, self.zero) if a is not None)
         return int(self.raw.nbytes) + extra
+
+    def rows(self, start: int, stop: int) -> QTensor:
+        """Rows start..stop-1 of a 2-D tensor, sharing its memory (the raw data is [rows, row bytes])."""
+        if len(self.shape) != 2 or self.raw.ndim != 2 or self.raw.shape[0] != self.shape[0]:
+            raise PerfxError(f"tensor {self.name} of shape {list(self.shape)} cannot be cut into rows")
+        cut = [None if a is None else a[start:stop] for a in (self.scale, self.zero)]
+        return QTensor(self.name, self.qtype, (min(stop, self.shape[0]) - start, self.shape[1]),
+                       self.raw[start:stop], *cut, self.group)
+
+    def drop_pages(self) -> None:
+        """Let the file pages under this tensor leave the process's memory (a memory-mapped file is read
+        again from the page cache if touched later); a no-op for arrays in ordinary memory."""
+        for a in (self.raw, self.scale, self.zero):
+            if a is not None:
+                _drop_pages(a)
 
     def dequantize(self) -> np.ndarray:
         """float32 values of the whole tensor."""
@@ -69,6 +85,24 @@ class QTensor:
         if self.qtype == "Q8_0":
             return (*split_q8_0(self.raw, self.shape), INT8_GROUP)
         raise PerfxError(f"tensor {self.name} of type {self.qtype} has no exact int8 form")
+
+
+def _drop_pages(a: np.ndarray) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages that a view of an np.memmap spans."""
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or a.nbytes == 0:
+        return
+    origin = np.frombuffer(mm, np.uint8).ctypes.data if not mm.closed else None
+    if origin is None:
+        return
+    start = a.ctypes.data - origin
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    stop = min(start + a.nbytes, len(mm))
+    if 0 <= first < stop:
+        mm.madvise(mmap.MADV_DONTNEED, first, stop - first)
 
 
 def int4_tensor(name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> QTensor:

@@ -110,13 +110,14 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // by the work-item holding lane 0 so that each group's zero is counted once).
 #if FORMAT == 4
 #ifdef ZERO_INLINE
-// xpl[p]: the sum of this piece's x in plane p, for the zero terms of the piece's own lanes.
+// xgv[g]: this piece's x summed over the planes of group g (lane by lane), for the inline zero terms.
 #define XPLANES(C, PV, k0, j0, xp)                                                             \
     CAT(float, PV) xp[8];                                                                      \
-    float xpl[8];                                                                              \
-    _Pragma("unroll") for (int p = 0; p < 8; p++) {                                            \
-        xp[p] = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));                                   \
-        xpl[p] = HSUM(PV, xp[p]);                                                              \
+    CAT(float, PV) xgv[GC_(C)];                                                                \
+    _Pragma("unroll") for (int p = 0; p < 8; p++) xp[p] = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0)); \
+    _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                                       \
+        xgv[g] = xp[g * (8 / GC_(C))];                                                         \
+        _Pragma("unroll") for (int p = g * (8 / GC_(C)) + 1; p < (g + 1) * (8 / GC_(C)); p++) xgv[g] += xp[p]; \
     }
 #else
 #define XPLANES(C, PV, k0, j0, xp)                                                             \
@@ -163,26 +164,22 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
                 acc[r] = fma(s16[r * GC_(C) + g], t, acc[r]);                                  \
             }                                                                                  \
         }                                                                                      \
-        ZACC(C, sz, s16, k0, j0, zacc)                                                         \
+        ZACC(C, PV, sz, s16, k0, j0, acc, zacc)                                                \
     }
 #ifdef ZERO_INLINE
-// Zero terms from the piece's own x: every work-item adds z * (its lanes' sum of x) per group.
-#define BCAST_4(a) ((float4)((a)[0]))
-#define BCAST_8(a) ((float8)((a)[0], (a)[1], (a)[0], (a)[1], (a)[0], (a)[1], (a)[0], (a)[1]))
-#define BCAST_16(a) ((float16)((a)[0], (a)[1], (a)[2], (a)[3], (a)[0], (a)[1], (a)[2], (a)[3],      \
-                               (a)[0], (a)[1], (a)[2], (a)[3], (a)[0], (a)[1], (a)[2], (a)[3]))
-#define ZACC(C, sz, s16, k0, j0, zacc)                                                         \
+// Zero terms from the piece's own x, in the same vector accumulators as the products: every
+// work-item adds (z - 16 s) of row r, group g times its lanes of x summed over the group's planes.
+#define ZACC(C, PV, sz, s16, k0, j0, acc, zacc)                                                \
     {                                                                                          \
-        float xg[GC_(C)];                                                                      \
-        _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                                   \
-            xg[g] = 0.0f;                                                                      \
-            _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++) xg[g] += xpl[p]; \
-        }                                                                                      \
-        zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, CAT(BCAST_, RT_GC_##C)(xg), zacc); \
+        float zl[RT * GC_(C)];                                                                 \
+        CAT(vstore, RT_GC_##C)(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, 0, zl);  \
+        _Pragma("unroll") for (int r = 0; r < RT; r++)                                         \
+            _Pragma("unroll") for (int g = 0; g < GC_(C); g++)                                 \
+                acc[r] = fma((CAT(float, PV))(zl[r * GC_(C) + g]), xgv[g], acc[r]);            \
     }
 #else
 // Zero terms from the group sums of x (xsum kernel), added by the work-item holding lane 0.
-#define ZACC(C, sz, s16, k0, j0, zacc)                                                         \
+#define ZACC(C, PV, sz, s16, k0, j0, acc, zacc)                                                \
     if ((j0) == 0)                                                                             \
         zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc);
 #endif

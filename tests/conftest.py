@@ -140,3 +140,18 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, TinySpec, dict[str, np.ndarray]]:
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     weights = write_tiny_gguf(path, spec)
     return path, spec, weights
+
+
+@pytest.fixture
+def exact_kv(monkeypatch):
+    """OpenCL models loaded in this test keep their KV cache in f32 (CPU devices default to fp16, whose
+    rounding is larger than the tolerances of tests that compare whole random models with NumPy)."""
+    from engine.backends.opencl import tuning
+
+    params_for = tuning.params_for
+
+    def f32_kv(info, kernel, *args, **kwargs):
+        params = params_for(info, kernel, *args, **kwargs)
+        return {**params, "kv_half": False} if kernel == "fused" else params
+
+    monkeypatch.setattr(tuning, "params_for", f32_kv)

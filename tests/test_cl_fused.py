@@ -157,6 +157,24 @@ def test_embed_q8(cl_rt, T):
     np.testing.assert_array_equal(cl_rt.read(x, (T, dim)), NumpyBackend().embed(table, ids))
 
 
+@pytest.mark.parametrize("vocab,dim,T", [(301, 576, 17), (50, 608, 3), (9, 96, 1)])
+def test_embed_from_row_tiles(cl_rt, vocab, dim, T):
+    """A tied embedding read from the output matrix's int8 row tiles (chunks of 128, 64 and 32, a
+    vocabulary that is not a multiple of the tile height)."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    ops = fused_ops(cl_rt, make_config(dim=dim, vocab=vocab), ctx=8)
+    rng = np.random.default_rng(vocab)
+    q = rng.integers(-128, 128, (vocab, dim), dtype=np.int8)
+    scale = rng.uniform(1e-3, 1e-1, (vocab, dim // 32)).astype(np.float16).astype(np.float32)
+    table = np.repeat(scale, 32, axis=1) * q.astype(np.float32)
+    ids = rng.integers(0, vocab, T).astype(np.int32)
+    ids[0] = vocab - 1
+    x = poisoned(cl_rt, 4 * T * dim)
+    ops.embed(EmbeddingTable.from_tiles(DeviceMatrix.from_q8(cl_rt, q, scale)), cl_rt.to_device(ids), T, x)
+    np.testing.assert_array_equal(cl_rt.read(x, (T, dim)), NumpyBackend().embed(table, ids))
+
+
 def test_embed_f32_odd_dim(cl_rt):
     vocab, dim, T = 50, 577, 6
     ops = fused_ops(cl_rt, make_config(dim=dim, vocab=vocab), ctx=8)

@@ -298,8 +298,14 @@ def test_unsupported_architecture_is_named(tiny_hf, tmp_path):
     edit_config(out, architectures=["MambaForCausalLM"])
     with pytest.raises(PerfxError, match="architecture MambaForCausalLM is not supported .*LlamaForCausalLM"):
         open_model(out)
-    edit_config(out, architectures=["Qwen2ForCausalLM"])
-    with pytest.raises(PerfxError, match="Qwen2ForCausalLM is not supported yet: .*biases"):
+    edit_config(out, architectures=["Qwen2ForCausalLM"])     # Qwen2 without its q/k/v biases
+    with pytest.raises(PerfxError, match="q_proj.bias is missing; the checkpoint is incomplete"):
+        open_model(out)
+    edit_config(out, architectures=["LlamaForCausalLM"], attention_bias=True)
+    with pytest.raises(PerfxError, match="attention_bias .*o_proj.* is not supported"):
+        open_model(out)
+    edit_config(out, attention_bias=False, mlp_bias=True)
+    with pytest.raises(PerfxError, match="mlp_bias .*gate/up/down_proj.* is not supported"):
         open_model(out)
 
 

@@ -9,14 +9,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..tensors import QTensor
 from ..model import Weights
+from ..paged import PagedBatch, check_batch
+from ..tensors import QTensor
+
+
+@dataclass
+class Biased:
+    """A matrix with a bias added to each of its outputs: y = x @ w^T + b."""
+
+    w: np.ndarray          # [out, in]
+    b: np.ndarray          # [out]
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.b.nbytes
 
 
 @dataclass
 class Layer:
     attn_norm: np.ndarray  # [dim]
-    wqkv: np.ndarray       # [q_dim + 2*kv_dim, dim]
+    wqkv: np.ndarray | Biased  # [q_dim + 2*kv_dim, dim] (+ bias [q_dim + 2*kv_dim], Qwen2)
     wo: np.ndarray         # [dim, q_dim]
     ffn_norm: np.ndarray   # [dim]
     w_gate_up: np.ndarray  # [2*ffn, dim]
@@ -39,6 +52,12 @@ class DeviceWeights:
 
 def stack(tensors: list[QTensor]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([t.dequantize() for t in tensors], axis=0))
+
+
+def stack_biased(tensors: list[QTensor], biases: list[QTensor] | None) -> np.ndarray | Biased:
+    """The stacked matrix, with the stacked biases when there are any."""
+    w = stack(tensors)
+    return w if biases is None else Biased(w, stack(biases))
 
 
 def rope_tables(config: ModelConfig, ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +88,7 @@ class NumpyBackend:
         layers = [
             Layer(
                 attn_norm=l.attn_norm.dequantize(),
-                wqkv=stack(l.wqkv),
+                wqkv=stack_biased(l.wqkv, l.bqkv),
                 wo=l.wo.dequantize(),
                 ffn_norm=l.ffn_norm.dequantize(),
                 w_gate_up=stack(l.w_gate_up),
@@ -105,7 +124,9 @@ class NumpyBackend:
         x = x + delta
         return x, self.rmsnorm(x, w)
 
-    def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def linear(self, x: np.ndarray, w: np.ndarray | Biased) -> np.ndarray:
+        if isinstance(w, Biased):
+            return x @ w.w.T + w.b  # [T, in] x [out, in]^T + [out] -> [T, out]
         return x @ w.T  # [T, in] x [out, in]^T -> [T, out]
 
     def swiglu(self, x: np.ndarray, w_gate_up: np.ndarray) -> np.ndarray:
@@ -141,3 +162,55 @@ class NumpyBackend:
         if not all_logits:
             h = h[-1:]
         return h @ output.T  # [T, vocab]
+
+    # --- paged KV cache (engine.paged) -------------------------------------------------------
+
+    def kv_pool(self, n_blocks: int, block_size: int) -> None:
+        """Allocates the block pool, K and V [n_layers, n_blocks, n_kv_heads, block_size, head_dim]."""
+        c = self.config
+        shape = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
+        self.k_pool = np.zeros(shape, np.float32)
+        self.v_pool = np.zeros(shape, np.float32)
+        self.n_blocks, self.block_size = n_blocks, block_size
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.k_pool.nbytes + self.v_pool.nbytes if hasattr(self, "k_pool") else 0
+
+    def begin_paged(self, batch: PagedBatch) -> None:
+        check_batch(batch, getattr(self, "n_blocks", 0), getattr(self, "block_size", 0), self.ctx)
+        self.batch = batch
+
+    def paged_attention(self, qkv: np.ndarray, layer: int) -> np.ndarray:
+        """Per token t: RoPE at pos[t], K and V written to the pool, then causal attention over
+        positions 0..pos[t] of the token's own sequence, read back from the pool."""
+        c, b = self.config, self.batch
+        T, D, bs = qkv.shape[0], c.head_dim, self.block_size
+        q = qkv[:, : c.q_dim].reshape(T, c.n_heads, D)
+        k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, D)
+        v = qkv[:, c.q_dim + c.kv_dim :].reshape(T, c.n_kv_heads, D)
+        cos, sin = self.cos[b.pos], self.sin[b.pos]
+        q = apply_rope(q, cos, sin, c.rope_dim)
+        k = apply_rope(k, cos, sin, c.rope_dim)
+        for t in range(T):
+            block = b.block_table[b.seq[t], b.pos[t] // bs]
+            self.k_pool[layer, block, :, b.pos[t] % bs] = k[t]
+            self.v_pool[layer, block, :, b.pos[t] % bs] = v[t]
+
+        group = c.n_heads // c.n_kv_heads
+        out = np.empty((T, c.n_kv_heads, group, D), np.float32)
+        for t in range(T):
+            positions = np.arange(b.pos[t] + 1)
+            blocks = b.block_table[b.seq[t], positions // bs]
+            keys = self.k_pool[layer, blocks, :, positions % bs]      # [S, kv_heads, D]
+            values = self.v_pool[layer, blocks, :, positions % bs]
+            qg = q[t].reshape(c.n_kv_heads, group, D)
+            scores = np.einsum("kgd,skd->kgs", qg, keys) * np.float32(1.0 / np.sqrt(D))
+            p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            out[t] = np.einsum("kgs,skd->kgd", p, values)
+        return out.reshape(T, c.q_dim)
+
+    def logits_rows(self, h: np.ndarray, output: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Logits [len(rows), vocab] of the given rows of the final hidden states h [T, dim]."""
+        return h[np.asarray(rows, np.int64)] @ output.T

@@ -17,10 +17,11 @@ from ...model import Weights
 from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul
+from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
 
 MAX_TOKENS = 512      # tokens per pass; longer prompts run in passes of this size
-LOGIT_ROWS = 64       # logits computed and read back this many rows at a time
+LOGIT_ROWS = 32       # logits computed and read back this many rows at a time
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Act:
 @dataclass
 class Layer:
     attn_norm: cl.Buffer     # f32 [dim]
-    wqkv: DeviceMatrix       # [q_dim + 2 kv_dim, dim]
+    wqkv: DeviceMatrix       # [q_dim + 2 kv_dim, dim] (+ bias f32 [q_dim + 2 kv_dim], Qwen2)
     wo: DeviceMatrix         # [dim, q_dim]
     ffn_norm: cl.Buffer      # f32 [dim]
     w_gate_up: DeviceMatrix  # [2 ffn, dim]
@@ -95,17 +96,20 @@ class OpenCLBackend:
             return rt.to_device(t.dequantize().astype(np.float32))
 
         layers = [
-            Layer(vec(l.attn_norm), DeviceMatrix.from_qtensors(rt, l.wqkv), DeviceMatrix.from_qtensors(rt, [l.wo]),
+            Layer(vec(l.attn_norm), DeviceMatrix.from_qtensors(rt, l.wqkv).with_bias(rt, l.bqkv),
+                  DeviceMatrix.from_qtensors(rt, [l.wo]),
                   vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
                   DeviceMatrix.from_qtensors(rt, [l.w_down]))
             for l in weights.layers
         ]
         e = weights.tok_embd
-        if e.qtype in ("Q8_0", "INT8"):
+        output = DeviceMatrix.from_qtensors(rt, [weights.output])
+        if weights.output is e and output.fmt == "int8":
+            table = EmbeddingTable.from_tiles(output)      # tied: the output matrix's rows, held once
+        elif e.qtype in ("Q8_0", "INT8"):
             table = EmbeddingTable.from_q8(rt, *e.int8()[:2])
         else:
             table = EmbeddingTable.from_f32(rt, e.dequantize())
-        output = DeviceMatrix.from_qtensors(rt, [weights.output])
 
         # Activations [max_tokens, width], f32, allocated once.
         T, f32 = self.max_tokens, 4
@@ -188,3 +192,53 @@ class OpenCLBackend:
         self.fused.argmax(self.logits_buf, self.config.vocab_size, self.token)
         cl.enqueue_copy(self.rt.queue, self.token_host, self.token)
         return int(self.token_host[0])
+
+    # --- paged KV cache (engine.paged) -----------------------------------------------------
+
+    def kv_pool(self, n_blocks: int, block_size: int) -> None:
+        """Allocates the block pool [n_layers, n_blocks, n_kv_heads, block_size, head_dim] (fp16 with
+        kv_half) and its step metadata (paged.py), replacing an earlier pool; the contiguous cache stays."""
+        c = self.config
+        self.paged = None
+        kv_bytes = 2 if self.fused.params["kv_half"] else 4
+        one = c.n_layers * n_blocks * c.n_kv_heads * block_size * c.head_dim * kv_bytes   # K or V
+        check_memory(self.rt.device, self.device_bytes + 2 * one,
+                     f"a KV pool of {n_blocks} blocks of {block_size} positions", one)
+        self.paged = PagedAttention(self.rt, c, self.fused, self.max_tokens, n_blocks, block_size)
+        self.n_blocks, self.block_size = n_blocks, block_size
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        paged = getattr(self, "paged", None)
+        return paged.nbytes if paged is not None else 0
+
+    def begin_paged(self, batch: PagedBatch) -> None:
+        """Checks one step of a batch over the pool and uploads its positions and block table."""
+        paged = getattr(self, "paged", None)
+        if paged is None:
+            check_batch(batch, 0, 0, self.ctx)      # raises: no pool
+        paged.begin(batch)
+
+    def paged_attention(self, qkv: Act, layer: int) -> Act:
+        self.paged.attention(qkv.buf, self.T, layer, self.attn.buf)
+        return self.attn
+
+    def logits_rows(self, h: Act, output: DeviceMatrix, rows: np.ndarray) -> np.ndarray:
+        """Logits [len(rows), vocab] of the given rows of h: gathered into h_rows LOGIT_ROWS at a
+        time (the embedding gather, h as the table), one product each, read back."""
+        rows = check_rows(rows, self.T)
+        if getattr(self, "rows_buf", None) is None:
+            self.rows_buf = self.rt.empty(LOGIT_ROWS * 4)              # int32 [LOGIT_ROWS]
+            self.rows_host = np.empty(LOGIT_ROWS, np.int32)
+        dim, q = self.config.dim, self.rt.queue
+        table = EmbeddingTable(vocab=self.T, dim=dim, w=h.buf)
+        out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        for start in range(0, len(rows), LOGIT_ROWS):
+            n = min(LOGIT_ROWS, len(rows) - start)
+            self.rows_host[:n] = rows[start:start + n]   # rewritten only after the blocking read below
+            cl.enqueue_copy(q, self.rows_buf, self.rows_host[:n], is_blocking=False)
+            self.fused.embed(table, self.rows_buf, n, self.h_rows)
+            self.matmul.linear(self.h_rows, output, n, self.logits_buf)
+            cl.enqueue_copy(q, self.logits_host[:n], self.logits_buf)
+            out[start:start + n] = self.logits_host[:n]
+        return out

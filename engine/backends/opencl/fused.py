@@ -57,14 +57,23 @@ def rope_table(config: ModelConfig, ctx: int) -> np.ndarray:
 
 @dataclass
 class EmbeddingTable:
-    """A token-embedding table on the device: Q8_0 (q int8 [vocab, dim], scale f32 [vocab, dim/32])
-    or f32 (w [vocab, dim])."""
+    """A token-embedding table on the device: Q8_0 (q int8 [vocab, dim], scale f32 [vocab, dim/32]),
+    f32 (w [vocab, dim]), or an int8 matrix in row tiles (tiles: the output projection's buffer when
+    the embedding is tied, so the table is held once)."""
 
     vocab: int
     dim: int
     q: cl.Buffer | None = None        # int8 [vocab, dim]
     scale: cl.Buffer | None = None    # f32 [vocab, dim / 32]
     w: cl.Buffer | None = None        # f32 [vocab, dim]
+    tiles: cl.Buffer | None = None    # int8 DeviceMatrix [vocab, dim] (matmul.py layout)
+
+    @classmethod
+    def from_tiles(cls, matrix) -> EmbeddingTable:
+        """The rows of an int8 DeviceMatrix, read where they are."""
+        if matrix.fmt != "int8":
+            raise PerfxError(f"an embedding read from row tiles must be int8, got {matrix.fmt}")
+        return cls(matrix.rows, matrix.cols, tiles=matrix.buf)
 
     @classmethod
     def from_q8(cls, rt: Runtime, q: np.ndarray, scale: np.ndarray) -> EmbeddingTable:
@@ -109,6 +118,8 @@ class FusedOps:
         self._embed_q8, self._embed_f32 = cl.Kernel(emb, "embed_q8"), cl.Kernel(emb, "embed_f32")
         self._embed_q8.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.int32])
         self._embed_f32.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
+        self._embed_tiles = cl.Kernel(emb, "embed_tiles")
+        self._embed_tiles.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
         am = rt.program("argmax", ARGMAX_WG=p["argmax_wg"], ARGMAX_GROUPS=p["argmax_groups"])
         self._argmax_partial = cl.Kernel(am, "argmax_partial")
         self._argmax_final = cl.Kernel(am, "argmax_final")
@@ -229,7 +240,9 @@ class FusedOps:
     def embed(self, table: EmbeddingTable, ids: cl.Buffer, T: int, x: cl.Buffer) -> None:
         """x [T, dim] = table[ids [T] int32] as f32."""
         q, gsize = self.rt.queue, (_ceil_div(table.dim, 4), T)
-        if table.q is not None:
+        if table.tiles is not None:
+            self._embed_tiles(q, gsize, None, ids, table.tiles, x, table.dim, table.vocab)
+        elif table.q is not None:
             self._embed_q8(q, gsize, None, ids, table.q, table.scale, x, table.dim, table.vocab)
         else:
             self._embed_f32(q, gsize, None, ids, table.w, x, table.dim, table.vocab)

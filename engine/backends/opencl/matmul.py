@@ -32,7 +32,6 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from ...quants import split_q8_0
 from ...tensors import QTensor
 from .runtime import Runtime
 
@@ -62,6 +61,7 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
 }
 
 SCHEMES = ("gemv", "few", "tiled")
+LOAD_ROWS = 4096                      # rows packed at a time when a large matrix is loaded
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -190,26 +190,37 @@ class DeviceMatrix:
         larger groups' scales and zeros repeated. Q8_0 and INT8 become int8 (exact), F16 and F32 fp16.
         Any other type (Q4_K, Q6_K, BF16, or a mix of kinds) is dequantized and requantized to int4 with
         groups of 32 by round-to-nearest (`quantize_int4`), which is not exact.
+
+        A large matrix is packed LOAD_ROWS rows at a time straight into its device buffer, and the file
+        pages of each packed piece are let go (QTensor.drop_pages), so loading needs little more host
+        memory than the weights themselves.
         """
         if not tensors:
             raise PerfxError("from_qtensors needs at least one tensor")
         cols = {t.shape[-1] for t in tensors}
         if len(cols) != 1 or any(len(t.shape) != 2 for t in tensors):
             raise PerfxError(f"tensors to stack must be 2-D with equal columns: {[t.shape for t in tensors]}")
-        types = {t.qtype for t in tensors}
-        if types <= {"Q4_0", "Q4_1", "INT4"}:
-            parts = [t.int4() for t in tensors]                     # (q, scale, zero, group) each
-            group = min(p[3] for p in parts)
-            q = np.concatenate([p[0] for p in parts])
-            scale, zero = (np.concatenate([np.repeat(p[i], p[3] // group, axis=1) for p in parts]) for i in (1, 2))
-            return cls.from_int4(rt, q, scale, zero, group)
-        if types <= {"Q8_0", "INT8"}:
-            parts = [t.int8() if hasattr(t, "int8") else split_q8_0(t.raw, t.shape) for t in tensors]
-            return cls.from_q8(rt, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        w = np.concatenate([t.dequantize() for t in tensors])
-        if types <= {"F16", "F32"}:
-            return cls.from_f16(rt, w)
-        return cls.from_int4(rt, *quantize_int4(w, 32), 32)
+        kind, group = _kind(tensors)
+        fmt = {"int4": "int4", "int8": "int8", "f16": "f16", "requant": "int4"}[kind]
+        rows = sum(t.shape[0] for t in tensors)
+        if rows <= LOAD_ROWS or any(t.shape[0] % RT for t in tensors[:-1]):
+            words = _pack_words(tensors, kind, group)
+            for t in tensors:
+                t.drop_pages()
+            return cls._upload(rt, fmt, rows, cols.pop(), group, words)
+        ntiles = -(-rows // RT)
+        buf, tile_words, tile0 = None, 0, 0
+        for t in tensors:
+            for r in range(0, t.shape[0], LOAD_ROWS):
+                piece = t.rows(r, r + LOAD_ROWS)
+                words = _pack_words([piece], kind, group)       # uint32 [piece tiles * tile_words]
+                piece.drop_pages()
+                if buf is None:
+                    tile_words = words.size // -(-piece.shape[0] // RT)
+                    buf = rt.empty(4 * ntiles * tile_words)
+                cl.enqueue_copy(rt.queue, buf, words, dst_offset=4 * tile0 * tile_words, is_blocking=True)
+                tile0 += words.size // tile_words
+        return cls(fmt, rows, cols.pop(), group, buf, 4 * ntiles * tile_words)
 
     def with_bias(self, rt: Runtime, biases: list[QTensor] | None) -> DeviceMatrix:
         """This matrix with `biases` stacked in order (Q, K, V) as its f32 bias [rows]; itself when None."""
@@ -219,6 +230,33 @@ class DeviceMatrix:
         if b.shape != (self.rows,):
             raise PerfxError(f"a bias of {b.size} values for a matrix of {self.rows} rows")
         return replace(self, bias=rt.to_device(b), nbytes=self.nbytes + int(b.nbytes))
+
+
+def _kind(tensors: list[QTensor]) -> tuple[str, int]:
+    """How a stack of tensors is packed: ("int4", smallest group), ("int8", 32), ("f16", 0) or
+    ("requant", 32) (dequantized and requantized to int4)."""
+    types = {t.qtype for t in tensors}
+    if types <= {"Q4_0", "Q4_1", "INT4"}:
+        return "int4", min(t.group if t.qtype == "INT4" else 32 for t in tensors)
+    if types <= {"Q8_0", "INT8"}:
+        return "int8", 32
+    if types <= {"F16", "F32"}:
+        return "f16", 0
+    return "requant", 32
+
+
+def _pack_words(tensors: list[QTensor], kind: str, group: int) -> np.ndarray:
+    """The row tiles (uint32) of the stacked tensors, packed as _kind said."""
+    if kind == "int4":
+        parts = [t.int4() for t in tensors]                     # (q, scale, zero, group) each
+        q = np.concatenate([p[0] for p in parts])
+        scale, zero = (np.concatenate([np.repeat(p[i], p[3] // group, axis=1) for p in parts]) for i in (1, 2))
+        return pack_int4(q, scale, zero, group)
+    if kind == "int8":
+        parts = [t.int8() for t in tensors]
+        return pack_int8(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    w = np.concatenate([t.dequantize() for t in tensors])
+    return pack_f16(w) if kind == "f16" else pack_int4(*quantize_int4(w, 32), 32)
 
 
 # ---- launching ------------------------------------------------------------------------------------
@@ -333,7 +371,9 @@ class Matmul:
             raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
                              f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
         gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs)
-        steps.append((gemv, (ks, _round_up(-(-(-(-N // RT)) // tpw), wgr)), (ks, wgr)))
+        tiles = -(-N // RT)
+        items = -(-tiles // tpw)                 # work-items along the rows
+        steps.append((gemv, (ks, _round_up(items, wgr)), (ks, wgr)))
         return steps, keep
 
     def _gemm_few(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
