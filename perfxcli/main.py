@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.errors import PerfxError
@@ -36,7 +37,7 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except PerfxError as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -202,7 +203,7 @@ def devices(
 
 
 # Commands in their own modules register themselves on `app`.
-from perfxcli import bench, chat, convert  # noqa: E402,F401
+from perfxcli import bench, chat, convert, serve  # noqa: E402,F401
 
 
 def main() -> None:
