@@ -1,4 +1,6 @@
-// GEMV for decode (one token): y[n] (+)= sum_k W[n][k] * x[k], W quantized (int4 / int8) or fp16.
+// GEMV for decode: y[n] (+)= sum_k W[n][k] * x[k], W quantized (int4 / int8) or fp16; for T tokens, each
+// with the arithmetic of one token alone (serving's batch steps give bit-identical rows whatever the
+// batch).
 //
 // Weight layout ("row tiles", written by engine/backends/opencl/matmul.py)
 // -------------------------------------------------------------------------
@@ -82,15 +84,15 @@
 // ---- x: a global vector, or an image1d_buffer_t of float4 texels ----
 #ifdef USE_IMAGE
 #define X_ARG __read_only image1d_buffer_t x
-#define X4(o) read_imagef(x, (o) >> 2)
+#define X4(o) read_imagef(x, (xo + (o)) >> 2)
 #define XLOAD4(o) X4(o)
 #define XLOAD8(o) (float8)(X4(o), X4((o) + 4))
 #define XLOAD16(o) (float16)(X4(o), X4((o) + 4), X4((o) + 8), X4((o) + 12))
 #else
 #define X_ARG __global const float* restrict x
-#define XLOAD4(o) vload4(0, x + (o))
-#define XLOAD8(o) vload8(0, x + (o))
-#define XLOAD16(o) vload16(0, x + (o))
+#define XLOAD4(o) vload4(0, x + xo + (o))
+#define XLOAD8(o) vload8(0, x + xo + (o))
+#define XLOAD16(o) vload16(0, x + xo + (o))
 #endif
 
 // vload_half4/8/16 convert in hardware on PoCL x86 (F16C); RT*groups is always 4, 8 or 16.
@@ -307,8 +309,8 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 
 inline float silu(float v) { return v / (1.0f + exp(-v)); }
 
-// Group sums of x for the int4 zero terms: xs[g] = sum of x[g*G .. g*G + G). x: [K], xs: [K/G].
-// Global size K/G.
+// Group sums of x for the int4 zero terms: xs[g] = sum of x[g*G .. g*G + G). x: [T, K], xs: [T, K/G]
+// (rows of x are whole groups, so the T rows are one run of groups). Global size T*K/G.
 __kernel void xsum(__global const float* restrict x, __global float* restrict xs)
 {
     const int g = get_global_id(0);
@@ -317,14 +319,14 @@ __kernel void xsum(__global const float* restrict x, __global float* restrict xs
     xs[g] = hsum16(sum);
 }
 
-// W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [K]; y: [N] where N = rows, or with
-// SWIGLU N = rows/2 = F and y[f] = silu(gate f) * up f; xs: [K/G] group sums of x from xsum (int4;
-// any buffer otherwise). accumulate != 0: y += result.
+// W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [T, K]; y: [T, N] where N = rows, or with
+// SWIGLU N = rows/2 = F and y[t, f] = silu(gate f) * up f; xs_all: [T, K/G] group sums of x from xsum
+// (int4 without ZERO_INLINE; any buffer otherwise). accumulate != 0: y += result.
 // Global size (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)).
 __kernel __attribute__((reqd_work_group_size(KSPLIT, WG_ROWS, 1)))
 void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
           const int K, const int N, const int accumulate,
-          __global const float* restrict xs)
+          __global const float* restrict xs_all, const int T)
 {
     const int ks = get_local_id(0);
     const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
@@ -332,7 +334,6 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
     const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
 
-    float out[NT][RT];
     size_t tw[NT];                // word offsets of the work-item's tiles (past the end: the last tile)
     for (int i = 0; i < TPW; i++) {
         const int t = min(tile * TPW + i, ntiles - 1);
@@ -341,36 +342,48 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
         tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
 #endif
     }
-    TILES_DOT(tw, out)
-
 #if KSPLIT > 1
-    // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
     __local float part[WG_ROWS][NT * RT][KSPLIT];
     const int lr = get_local_id(1);
-    for (int i = 0; i < NT; i++)
-        for (int r = 0; r < RT; r++) part[lr][i * RT + r][ks] = out[i][r];
-    for (int s = KSPLIT / 2; s > 0; s /= 2) {
+#endif
+
+    // Token by token, each with exactly the arithmetic of a single token: a row's result does not
+    // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
+    for (int tok = 0; tok < T; tok++) {
+        const int xo = tok * K;                              // x row of this token
+        __global const float* restrict xs = xs_all + tok * (K / G);
+        float out[NT][RT];
+        TILES_DOT(tw, out)
+
+#if KSPLIT > 1
+        // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);
-        if (ks < s)
-            for (int v = 0; v < NT * RT; v++) part[lr][v][ks] += part[lr][v][ks + s];
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    if (ks == 0)
         for (int i = 0; i < NT; i++)
-            for (int r = 0; r < RT; r++) out[i][r] = part[lr][i * RT + r][0];
+            for (int r = 0; r < RT; r++) part[lr][i * RT + r][ks] = out[i][r];
+        for (int s = KSPLIT / 2; s > 0; s /= 2) {
+            barrier(CLK_LOCAL_MEM_FENCE);
+            if (ks < s)
+                for (int v = 0; v < NT * RT; v++) part[lr][v][ks] += part[lr][v][ks + s];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (ks == 0)
+            for (int i = 0; i < NT; i++)
+                for (int r = 0; r < RT; r++) out[i][r] = part[lr][i * RT + r][0];
 #endif
-    if (ks != 0) return;
-    for (int i = 0; i < TPW; i++) {
-        if (tile * TPW + i >= ntiles) return;
-        for (int r = 0; r < RT; r++) {
-            const int n = (tile * TPW + i) * RT + r;
-            if (n >= N) break;
+        if (ks != 0)
+            continue;
+        __global float* restrict yt = y + (size_t)tok * N;
+        for (int i = 0; i < TPW && tile * TPW + i < ntiles; i++) {
+            for (int r = 0; r < RT; r++) {
+                const int n = (tile * TPW + i) * RT + r;
+                if (n >= N) break;
 #ifdef SWIGLU
-            const float v = silu(out[i][r]) * out[TPW + i][r];
+                const float v = silu(out[i][r]) * out[TPW + i][r];
 #else
-            const float v = out[i][r];
+                const float v = out[i][r];
 #endif
-            y[n] = accumulate ? y[n] + v : v;
+                yt[n] = accumulate ? yt[n] + v : v;
+            }
         }
     }
 }

@@ -409,8 +409,8 @@ def test_errors(rt, mm):
     x, y = rt.to_device(np.zeros((2, 64), np.float32)), rt.empty(4 * 2 * 12)
     with pytest.raises(PerfxError, match="swiglu"):
         mm.swiglu(x, dm, 1, y)                                   # 12 rows: halves of 6
-    with pytest.raises(PerfxError, match="gemv"):
-        mm.linear(x, dm, 2, y, scheme="gemv")
+    with pytest.raises(PerfxError, match="scheme"):
+        mm.linear(x, dm, 2, y, scheme="blocked")
     with pytest.raises(PerfxError, match="too small"):
         mm.linear(x, dm, 3, y)
     with pytest.raises(PerfxError, match="multiple of 32"):
@@ -437,3 +437,34 @@ def test_large_matrix_packed_in_pieces(rt, monkeypatch, qtypes):
            (whole.fmt, whole.rows, whole.cols, whole.group, whole.nbytes)
     n = whole.nbytes // 4
     np.testing.assert_array_equal(rt.read(pieces.buf, n, np.uint32), rt.read(whole.buf, n, np.uint32))
+
+
+@pytest.mark.parametrize("fmt,op,params", [
+    ("int4", "linear", {}), ("int4", "swiglu", {}), ("int8", "linear", {}), ("f16", "linear", {}),
+    ("int4", "linear", GPU_LIKE), ("int4", "swiglu", {**GPU_LIKE, "gemv_zero_inline": True, "gemv_tpw": 3}),
+])
+def test_gemv_rows_do_not_depend_on_token_count(rt, fmt, op, params):
+    """The GEMV over T tokens gives each token's row bit for bit as the same token alone, and matches
+    the oracle (serving's batch invariance)."""
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    N, K, T = 584, 608, 7
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {op} {len(params)}".encode()))
+    if fmt == "int4":
+        parts, w = rand_int4(rng, N, K, 32)
+        dm = DeviceMatrix.from_int4(rt, *parts, 32)
+    elif fmt == "int8":
+        parts, w = rand_int8(rng, N, K)
+        w, dm = w.reshape(N, K), DeviceMatrix.from_q8(rt, *parts)
+    else:
+        w = f16(rng.standard_normal((N, K)))
+        dm = DeviceMatrix.from_f16(rt, w)
+    mm = Matmul(rt, params)
+    x = rng.standard_normal((T, K))
+    cols = N // 2 if op == "swiglu" else N
+    together = run(rt, mm, dm, x, cols, op=op, scheme="gemv")
+    for t in (0, 3, T - 1):
+        alone = run(rt, mm, dm, x[t:t + 1], cols, op=op, scheme="gemv")
+        np.testing.assert_array_equal(together[t], alone[0])
+    want = oracle(x, w)
+    assert_close(together, silu_mul(want) if op == "swiglu" else want)

@@ -124,13 +124,22 @@ class NumpyBackend:
         x = x + delta
         return x, self.rmsnorm(x, w)
 
+    rowwise = False    # products one token at a time (serving: rows independent of the batch)
+
+    def _mm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """x [T, in] @ w [out, in]^T -> [T, out]; with rowwise, as T matrix-vector products, so that
+        a row is the same whatever the other rows (BLAS rounds a matrix product differently)."""
+        if self.rowwise:
+            return np.stack([w @ row for row in x]) if len(x) else x @ w.T
+        return x @ w.T
+
     def linear(self, x: np.ndarray, w: np.ndarray | Biased) -> np.ndarray:
         if isinstance(w, Biased):
-            return x @ w.w.T + w.b  # [T, in] x [out, in]^T + [out] -> [T, out]
-        return x @ w.T  # [T, in] x [out, in]^T -> [T, out]
+            return self._mm(x, w.w) + w.b  # [T, in] x [out, in]^T + [out] -> [T, out]
+        return self._mm(x, w)  # [T, in] x [out, in]^T -> [T, out]
 
     def swiglu(self, x: np.ndarray, w_gate_up: np.ndarray) -> np.ndarray:
-        gu = x @ w_gate_up.T
+        gu = self._mm(x, w_gate_up)
         gate, up = np.split(gu, 2, axis=-1)
         return gate / (1.0 + np.exp(-gate)) * up
 
@@ -166,12 +175,14 @@ class NumpyBackend:
     # --- paged KV cache (engine.paged) -------------------------------------------------------
 
     def kv_pool(self, n_blocks: int, block_size: int) -> None:
-        """Allocates the block pool, K and V [n_layers, n_blocks, n_kv_heads, block_size, head_dim]."""
+        """Allocates the block pool, K and V [n_layers, n_blocks, n_kv_heads, block_size, head_dim],
+        and makes the products row by row (batch-invariant, as serving needs)."""
         c = self.config
         shape = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
         self.k_pool = np.zeros(shape, np.float32)
         self.v_pool = np.zeros(shape, np.float32)
         self.n_blocks, self.block_size = n_blocks, block_size
+        self.rowwise = True
 
     @property
     def kv_pool_bytes(self) -> int:
@@ -213,4 +224,4 @@ class NumpyBackend:
 
     def logits_rows(self, h: np.ndarray, output: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Logits [len(rows), vocab] of the given rows of the final hidden states h [T, dim]."""
-        return h[np.asarray(rows, np.int64)] @ output.T
+        return self._mm(h[np.asarray(rows, np.int64)], output)

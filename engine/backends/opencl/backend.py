@@ -127,6 +127,7 @@ class OpenCLBackend:
         self.token = rt.empty(4)                                      # int32 [1]: argmax result
         self.token_host = np.empty(1, np.int32)
         self.T = 0
+        self.scheme: str | None = None     # matmul scheme forced for every product ("gemv" once serving)
         # Where each matrix writes: QKV into qkv, the o and down projections into delta.
         self.out_of = {id(l.wqkv): self.qkv for l in layers}
         self.out_of.update({id(m): self.delta for l in layers for m in (l.wo, l.w_down)})
@@ -158,7 +159,7 @@ class OpenCLBackend:
 
     def linear(self, x: Act, w: DeviceMatrix) -> Act:
         out = self.out_of[id(w)]
-        self.matmul.linear(x.buf, w, self.T, out.buf)
+        self.matmul.linear(x.buf, w, self.T, out.buf, scheme=self.scheme)
         return out
 
     def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
@@ -166,7 +167,7 @@ class OpenCLBackend:
         return self.attn
 
     def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
-        self.matmul.swiglu(h.buf, w_gate_up, self.T, self.ffn.buf)
+        self.matmul.swiglu(h.buf, w_gate_up, self.T, self.ffn.buf, scheme=self.scheme)
         return self.ffn
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
@@ -178,7 +179,7 @@ class OpenCLBackend:
             n = min(LOGIT_ROWS, T - start)
             cl.enqueue_copy(self.rt.queue, self.h_rows, h.buf, byte_count=n * dim * 4,
                             src_offset=start * dim * 4, dst_offset=0)
-            self.matmul.linear(self.h_rows, output, n, self.logits_buf)
+            self.matmul.linear(self.h_rows, output, n, self.logits_buf, scheme=self.scheme)
             cl.enqueue_copy(self.rt.queue, self.logits_host[:n], self.logits_buf)
             out[start - first:start - first + n] = self.logits_host[:n]
         return out
@@ -197,15 +198,20 @@ class OpenCLBackend:
 
     def kv_pool(self, n_blocks: int, block_size: int) -> None:
         """Allocates the block pool [n_layers, n_blocks, n_kv_heads, block_size, head_dim] (fp16 with
-        kv_half) and its step metadata (paged.py), replacing an earlier pool; the contiguous cache stays."""
+        kv_half) and its step metadata (paged.py), replacing an earlier pool; the contiguous cache stays.
+
+        From then on the backend is batch-invariant: every matrix product runs token by token through
+        the GEMV and attention one token per work-group, so a token's logits are bit for bit the same
+        whichever sequences share its step (serving's replies do not depend on the load)."""
         c = self.config
         self.paged = None
         kv_bytes = 2 if self.fused.params["kv_half"] else 4
         one = c.n_layers * n_blocks * c.n_kv_heads * block_size * c.head_dim * kv_bytes   # K or V
         check_memory(self.rt.device, self.device_bytes + 2 * one,
                      f"a KV pool of {n_blocks} blocks of {block_size} positions", one)
-        self.paged = PagedAttention(self.rt, c, self.fused, self.max_tokens, n_blocks, block_size)
+        self.paged = PagedAttention(self.rt, c, self.fused, self.max_tokens, n_blocks, block_size, qt_max=1)
         self.n_blocks, self.block_size = n_blocks, block_size
+        self.scheme = "gemv"
 
     @property
     def kv_pool_bytes(self) -> int:
@@ -238,7 +244,7 @@ class OpenCLBackend:
             self.rows_host[:n] = rows[start:start + n]   # rewritten only after the blocking read below
             cl.enqueue_copy(q, self.rows_buf, self.rows_host[:n], is_blocking=False)
             self.fused.embed(table, self.rows_buf, n, self.h_rows)
-            self.matmul.linear(self.h_rows, output, n, self.logits_buf)
+            self.matmul.linear(self.h_rows, output, n, self.logits_buf, scheme=self.scheme)
             cl.enqueue_copy(q, self.logits_host[:n], self.logits_buf)
             out[start:start + n] = self.logits_host[:n]
         return out

@@ -15,10 +15,11 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
   that line up with a plain vector load of x.
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
-(unless gemv_zero_inline)
-for the zero terms), `gemm_few` (weights dequantized once per TT tokens into registers) up to
+for the zero terms, unless gemv_zero_inline), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
-tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Kernels are built
+tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. The GEMV also takes
+T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
+uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
 its kernel objects with arguments set once, so a decode step only enqueues. A matrix with a bias
 (`DeviceMatrix.with_bias`, Qwen2's Q/K/V) gets one more launch after the product: kernels/bias.cl.
@@ -319,7 +320,7 @@ class Matmul:
               scheme: str) -> _Plan:
         if scheme not in SCHEMES:
             raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
-        if T < 1 or (scheme == "gemv" and T != 1):
+        if T < 1:
             raise PerfxError(f"the {scheme} scheme cannot take T={T} tokens")
         K, N = w.cols, w.rows
         if op == "swiglu":
@@ -348,29 +349,29 @@ class Matmul:
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
-        use_image = bool(p["use_image"]) and self.rt.device.image_support and K // 4 <= self._max_image_texels()
+        use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
         inline = w.fmt == "int4" and bool(p["gemv_zero_inline"])
         defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
         if w.fmt == "int4" and not inline:
-            xs = self.rt.empty(4 * (K // w.group))
+            xs = self.rt.empty(4 * T * (K // w.group))          # f32 [T, K/G]
             xsum = cl.Kernel(program, "xsum")
             xsum.set_args(x, xs)
-            steps.append((xsum, (K // w.group,), None))
+            steps.append((xsum, (T * K // w.group,), None))
             keep += (xs,)
         xarg = x
         if use_image:                            # x [K] as K/4 float4 texels
             fmt = cl.ImageFormat(cl.channel_order.RGBA, cl.channel_type.FLOAT)
             make_image = getattr(cl, "create_image", cl.Image)
-            xarg = make_image(self.rt.ctx, cl.mem_flags.READ_ONLY, fmt, shape=(K // 4,), buffer=x)
+            xarg = make_image(self.rt.ctx, cl.mem_flags.READ_ONLY, fmt, shape=(T * K // 4,), buffer=x)
             keep += (xarg,)
         gemv = cl.Kernel(program, "gemv")
         if ks * wgr > self._max_work_group(gemv):
             raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
                              f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
-        gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs)
+        gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T))
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows
         steps.append((gemv, (ks, _round_up(items, wgr)), (ks, wgr)))

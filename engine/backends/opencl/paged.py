@@ -28,7 +28,9 @@ class PagedAttention:
     """
 
     def __init__(self, rt: Runtime, config: ModelConfig, fused: FusedOps, max_tokens: int,
-                 n_blocks: int, block_size: int):
+                 n_blocks: int, block_size: int, qt_max: int | None = None):
+        """qt_max: the most tokens of one sequence per work-group (default from att_rows); 1 makes each
+        token's attention independent of the other tokens of its step."""
         if n_blocks < 1 or block_size < 1:
             raise PerfxError(f"KV pool: {n_blocks} blocks of {block_size} positions; both must be at least 1")
         c, p = config, fused.params
@@ -51,7 +53,7 @@ class PagedAttention:
         self.meta_host = np.zeros(4 * max_tokens + max_tokens * self.max_cols, np.int32)
         self.meta = rt.empty(self.meta_host.nbytes)
         self.upload: cl.Event | None = None
-        self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
+        self.qt_max = qt_max or 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
         self._write = cl.Kernel(self._program(1), "kv_write")
         self._write.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 5)
         self._attend: dict[int, cl.Kernel] = {}
