@@ -50,7 +50,8 @@
 //
 // Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT (a power of two), WG_ROWS, TPW (row
 // tiles per work-item), SWIGLU, USE_IMAGE, ZERO_INLINE (int4: each work-item adds the zero terms of its
-// own lanes from the x it loaded, so no xsum launch; suits GPUs, where the extra adds are free).
+// own lanes from the x it loaded, so no xsum launch; the NVIDIA setting). On CPUs the norms write the
+// group sums of h instead (rmsnorm.cl XS_G), so the QKV and gate+up GEMVs need no xsum launch either.
 
 #ifndef FORMAT
 #define FORMAT 4
@@ -370,19 +371,19 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
             for (int i = 0; i < NT; i++)
                 for (int r = 0; r < RT; r++) out[i][r] = part[lr][i * RT + r][0];
 #endif
-        if (ks != 0)
-            continue;
         __global float* restrict yt = y + (size_t)tok * N;
-        for (int i = 0; i < TPW && tile * TPW + i < ntiles; i++) {
-            for (int r = 0; r < RT; r++) {
-                const int n = (tile * TPW + i) * RT + r;
-                if (n >= N) break;
+        if (ks == 0) {
+            for (int i = 0; i < TPW && tile * TPW + i < ntiles; i++) {
+                for (int r = 0; r < RT; r++) {
+                    const int n = (tile * TPW + i) * RT + r;
+                    if (n >= N) break;
 #ifdef SWIGLU
-                const float v = silu(out[i][r]) * out[TPW + i][r];
+                    const float v = silu(out[i][r]) * out[TPW + i][r];
 #else
-                const float v = out[i][r];
+                    const float v = out[i][r];
 #endif
-                yt[n] = accumulate ? yt[n] + v : v;
+                    yt[n] = accumulate ? yt[n] + v : v;
+                }
             }
         }
     }

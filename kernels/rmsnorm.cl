@@ -11,8 +11,11 @@
      w     [dim]      norm weight
      h     [T, dim]   out: x / sqrt(mean(x^2) + eps) * w
 
+     xs    [T, dim/XS_G] out, with XS_G defined: the group sums of h's rows, computed exactly as
+                      gemv.cl's xsum does, so the int4 GEMV that reads h needs no xsum launch
+
    Launch: global (RMS_WG * T), local (RMS_WG).
-   Tunable: RMS_WG, the work-group size, a power of two. */
+   Tunable: RMS_WG, the work-group size, a power of two. Option: XS_G (a multiple of 16). */
 
 #ifndef RMS_WG
 #define RMS_WG 64
@@ -67,22 +70,48 @@ inline void norm_row(__global float *x, __global const float *delta, __global co
         h[i] = x[i] * r * w[i];
 }
 
-/* x [T, dim] += delta [T, dim]; h [T, dim] = rmsnorm(x) * w [dim]. */
+/* xs[g] = sum of h[g*XS_G .. (g+1)*XS_G), in gemv.cl xsum's order (16-wide partial sums, then the
+   same horizontal reduction); h is this work-group's row, just written. */
+inline void group_sums(__global const float *h, __global float *xs, const int dim)
+{
+#ifdef XS_G
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    for (int g = get_local_id(0); g < dim / XS_G; g += RMS_WG) {
+        float16 sum = vload16(0, h + g * XS_G);
+        for (int k = 16; k < XS_G; k += 16)
+            sum += vload16(0, h + g * XS_G + k);
+        float8 s8 = sum.lo + sum.hi;
+        float4 s4 = s8.lo + s8.hi;
+        float2 s2 = s4.lo + s4.hi;
+        xs[g] = s2.x + s2.y;
+    }
+#endif
+}
+
+#ifdef XS_G
+#define XS_ROW(row) (xs + (size_t)(row) * (dim / XS_G))
+#else
+#define XS_ROW(row) xs
+#endif
+
+/* x [T, dim] += delta [T, dim]; h [T, dim] = rmsnorm(x) * w [dim]; xs [T, dim/XS_G] its group sums. */
 __kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
 void add_rmsnorm(__global float *x, __global const float *delta, __global const float *w,
-                 __global float *h, const int dim, const float eps)
+                 __global float *h, const int dim, const float eps, __global float *xs)
 {
     __local float scratch[RMS_WG];
     const size_t row = (size_t)get_group_id(0) * dim;
     norm_row(x + row, delta + row, w, h + row, dim, eps, true, scratch);
+    group_sums(h + row, XS_ROW(get_group_id(0)), dim);
 }
 
-/* h [T, dim] = rmsnorm(x [T, dim]) * w [dim]; x is only read. */
+/* h [T, dim] = rmsnorm(x [T, dim]) * w [dim]; x is only read; xs as above. */
 __kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
 void rmsnorm(__global float *x, __global const float *w, __global float *h, const int dim,
-             const float eps)
+             const float eps, __global float *xs)
 {
     __local float scratch[RMS_WG];
     const size_t row = (size_t)get_group_id(0) * dim;
     norm_row(x + row, x + row, w, h + row, dim, eps, false, scratch);
+    group_sums(h + row, XS_ROW(get_group_id(0)), dim);
 }

@@ -126,6 +126,33 @@ def test_add_rmsnorm(cl_rt, dim, T):
     np.testing.assert_allclose(cl_rt.read(h_buf, (T, dim)), ref.rmsnorm(want_x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group,T", [(32, 1), (128, 3), (64, 17)])
+def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
+    """With group_sums, the norms also write the group sums of h, bit for bit what gemv.cl's xsum
+    computes from h (so an int4 GEMV may take either), and h itself is unchanged."""
+    dim = 1536 if group == 128 else 576
+    config = make_config(dim=dim)
+    ops = fused_ops(cl_rt, config, ctx=8)
+    rng = np.random.default_rng(group + T)
+    x = rng.standard_normal((T, dim)).astype(np.float32) * 3
+    delta = rng.standard_normal((T, dim)).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    plain = poisoned(cl_rt, 4 * T * dim)
+    ops.add_rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(delta), cl_rt.to_device(w), T, plain)
+
+    ops.group_sums(group)
+    h, xs = poisoned(cl_rt, 4 * T * dim), poisoned(cl_rt, 4 * T * dim // group)
+    ops.add_rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(delta), cl_rt.to_device(w), T, h, xs)
+    np.testing.assert_array_equal(cl_rt.read(h, (T, dim)), cl_rt.read(plain, (T, dim)))
+
+    xsum = cl.Kernel(cl_rt.program("gemv", FORMAT=4, G=group), "xsum")
+    want = poisoned(cl_rt, 4 * T * dim // group)
+    xsum(cl_rt.queue, (T * dim // group,), None, h, want)
+    np.testing.assert_array_equal(cl_rt.read(xs, (T, dim // group)), cl_rt.read(want, (T, dim // group)))
+    np.testing.assert_allclose(cl_rt.read(xs, (T, dim // group)),
+                               cl_rt.read(h, (T, dim)).reshape(T, -1, group).sum(-1), rtol=1e-4, atol=1e-4)
+
+
 def test_rmsnorm_other_work_group_size(cl_rt):
     config = make_config(dim=577)
     ops = fused_ops(cl_rt, config, ctx=8, params={"rms_wg": 16})

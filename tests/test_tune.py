@@ -29,8 +29,10 @@ def test_tuner_writes_an_override_that_params_for_reads(tmp_path, monkeypatch):
         pytest.skip(f"no usable OpenCL device: {e}")
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     tune = load_tuner()
-    # a small search: two GEMV work-group shapes
+    # a small search: two GEMV work-group shapes, against a current setting that cannot run (so that
+    # one of the two must win, whatever the timings)
     monkeypatch.setattr(tune, "GROUPS", {"gemv": ("gemv", 1, {"gemv_wg_rows": [2, 4]})})
+    monkeypatch.setitem(matmul.DEFAULT_PARAMS, "gemv_wg_rows", 0)
     tune.tune(Namespace(device="opencl", threads=None, shapes="64x96", group_size=32, only="gemv", dry_run=False))
     sel = devices.select("opencl")
     override = tuning.load_override(sel.info)

@@ -110,10 +110,8 @@ class FusedOps:
         self._check(c, p)
 
         # RMSNorm and embedding, argmax.
-        rms = rt.program("rmsnorm", RMS_WG=p["rms_wg"])
-        self._add_rmsnorm, self._rmsnorm = cl.Kernel(rms, "add_rmsnorm"), cl.Kernel(rms, "rmsnorm")
-        self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32])
-        self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32])
+        self.xs_group = 0                   # group of the sums the norms also write (group_sums)
+        self._norm_kernels()
         emb = rt.program("embed")
         self._embed_q8, self._embed_f32 = cl.Kernel(emb, "embed_q8"), cl.Kernel(emb, "embed_f32")
         self._embed_q8.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.int32])
@@ -142,6 +140,20 @@ class FusedOps:
         self._combine = cl.Kernel(self._attention_program(1), "combine")
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
+
+    def _norm_kernels(self) -> None:
+        rms = self.rt.program("rmsnorm", RMS_WG=self.params["rms_wg"], XS_G=self.xs_group or False)
+        self._add_rmsnorm, self._rmsnorm = cl.Kernel(rms, "add_rmsnorm"), cl.Kernel(rms, "rmsnorm")
+        self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32, None])
+        self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32, None])
+
+    def group_sums(self, group: int) -> None:
+        """From now on the norms also write the group sums of h (xs [T, dim/group]) that an int4 GEMV
+        reading h needs for its zero terms, so it runs without its own xsum launch."""
+        if self.config.dim % group or group % 16:
+            raise PerfxError(f"group sums of {group} do not fit dim {self.config.dim}")
+        self.xs_group = group
+        self._norm_kernels()
 
     @staticmethod
     def _check(c: ModelConfig, p: dict[str, Any]) -> None:
@@ -180,18 +192,22 @@ class FusedOps:
     # --- operators ------------------------------------------------------------------------------
 
     def add_rmsnorm(self, x: cl.Buffer, delta: cl.Buffer | None, w: cl.Buffer, T: int,
-                    h: cl.Buffer) -> None:
-        """x [T, dim] += delta [T, dim] (skipped when delta is None); h [T, dim] = rmsnorm(x) * w [dim]."""
+                    h: cl.Buffer, xs: cl.Buffer | None = None) -> None:
+        """x [T, dim] += delta [T, dim] (skipped when delta is None); h [T, dim] = rmsnorm(x) * w [dim];
+        after group_sums(G), xs [T, dim/G] = the group sums of h."""
         wg = self.params["rms_wg"]
         c = self.config
+        if self.xs_group and xs is None:
+            raise PerfxError("the norms write group sums: give them an xs buffer")
+        xs = xs if xs is not None else h                 # unused without group sums
         if delta is None:
-            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps)
+            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, xs)
         else:
-            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps)
+            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, xs)
 
-    def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer) -> None:
-        """h [T, dim] = rmsnorm(x [T, dim]) * w [dim]."""
-        self.add_rmsnorm(x, None, w, T, h)
+    def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer, xs: cl.Buffer | None = None) -> None:
+        """h [T, dim] = rmsnorm(x [T, dim]) * w [dim] (and xs, as add_rmsnorm)."""
+        self.add_rmsnorm(x, None, w, T, h, xs)
 
     def splits_for(self, T: int, end: int) -> int:
         """How many key slices per KV head the attention of T tokens ending at position `end` uses:

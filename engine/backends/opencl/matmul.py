@@ -295,29 +295,32 @@ class Matmul:
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
-               scheme: str | None = None) -> None:
-        """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers)."""
-        self._enqueue("linear", x, w, T, y, accumulate, scheme)
+               scheme: str | None = None, xs: cl.Buffer | None = None) -> None:
+        """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers). xs: the group
+        sums of x [T, K/group] when already computed (the norms write them), used by the int4 GEMV in
+        place of its xsum launch."""
+        self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
-    def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None) -> None:
+    def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
+               xs: cl.Buffer | None = None) -> None:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
-        self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme)
+        self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
     def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-                 scheme: str | None) -> None:
-        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme)
+                 scheme: str | None, xs: cl.Buffer | None = None) -> None:
+        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, 0 if xs is None else xs.int_ptr)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T))
+            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs)
         for kernel, global_size, local_size in plan.steps:
             cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
 
     # -- building the launches of one call --
 
     def _plan(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-              scheme: str) -> _Plan:
+              scheme: str, xs: cl.Buffer | None = None) -> _Plan:
         if scheme not in SCHEMES:
             raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
         if T < 1:
@@ -332,8 +335,11 @@ class Matmul:
         defines = {"FORMAT": FORMAT_CODE[w.fmt], "SWIGLU": op == "swiglu"}
         if w.fmt == "int4":
             defines["G"] = w.group
-        build = {"gemv": self._gemv, "few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
-        steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
+        if scheme == "gemv":
+            steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs)
+        else:
+            build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
+            steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
         if w.bias is not None:                   # y [T, N] += bias [N], after the product
             if op != "linear":
                 raise PerfxError(f"{op} takes no bias; only linear adds one")
@@ -344,7 +350,7 @@ class Matmul:
         return _Plan(steps, (x, y, w.buf) + keep)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
-              accumulate: np.int32) -> tuple[list, tuple]:
+              accumulate: np.int32, xs_given: cl.Buffer | None = None) -> tuple[list, tuple]:
         p = self.params
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
         if ks < 1 or ks & (ks - 1) or tpw < 1:
@@ -355,7 +361,9 @@ class Matmul:
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
-        if w.fmt == "int4" and not inline:
+        if w.fmt == "int4" and not inline and xs_given is not None:
+            xs = xs_given                                        # f32 [T, K/G], computed by the caller
+        elif w.fmt == "int4" and not inline:
             xs = self.rt.empty(4 * T * (K // w.group))          # f32 [T, K/G]
             xsum = cl.Kernel(program, "xsum")
             xsum.set_args(x, xs)
