@@ -468,4 +468,3 @@ def test_gemv_rows_do_not_depend_on_token_count(rt, fmt, op, params):
         np.testing.assert_array_equal(together[t], alone[0])
     want = oracle(x, w)
     assert_close(together, silu_mul(want) if op == "swiglu" else want)
-
