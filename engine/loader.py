@@ -13,6 +13,9 @@ from .errors import PerfxError
 from .tensors import QTensor
 from .tokenizer import Tokenizer
 
+VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.merges")
+
 
 @dataclass
 class ModelFile:
@@ -44,7 +47,10 @@ def open_model(path: str | Path) -> ModelFile:
         from .gguf_file import read_gguf
 
         g = read_gguf(path)
-        return ModelFile(path, "gguf", g.config, g.tensors, Tokenizer.from_gguf(g.metadata), g.metadata)
+        tokenizer = Tokenizer.from_gguf(g.metadata)
+        # The vocabulary lives on in the tokenizer; the metadata keeps the file's other keys.
+        metadata = {k: v for k, v in g.metadata.items() if k not in VOCABULARY_KEYS}
+        return ModelFile(path, "gguf", g.config, g.tensors, tokenizer, metadata)
     from .perfx_format import read_perfx, safetensors_header
 
     if safetensors_header(path) is not None:

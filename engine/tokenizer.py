@@ -432,7 +432,7 @@ class Tokenizer:
         n = max(n, max(added, default=-1) + 1)
         texts = [tok.id_to_token(i) or "" for i in range(n)]
         control = frozenset(i for i, t in added.items() if t.special)
-        decoder = _decoder_types(json.loads(tok.to_str()).get("decoder"))
+        decoder = _decoder_types(_decoder_spec(tok))
         byte_level = "ByteLevel" in decoder
         pieces: list[bytes] = []
         byte_tokens = set()
@@ -567,6 +567,15 @@ def _config_chat_template(config: Mapping[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
     return template if isinstance(template, str) else None
+
+
+def _decoder_spec(tok: HFTokenizer) -> Mapping[str, Any] | None:
+    """The tokenizer's decoder as tokenizer.json writes it: from the decoder alone where it can say
+    (serialising the whole tokenizer copies its vocabulary and merges)."""
+    state = tok.decoder.__getstate__() if tok.decoder is not None else None
+    if state:
+        return json.loads(state)
+    return json.loads(tok.to_str()).get("decoder")
 
 
 def _decoder_types(spec: Mapping[str, Any] | None) -> set[str]:

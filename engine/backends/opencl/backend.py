@@ -21,7 +21,7 @@ from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
 
 MAX_TOKENS = 512      # tokens per pass; longer prompts run in passes of this size
-LOGIT_ROWS = 32       # logits computed and read back this many rows at a time
+LOGIT_ROWS = 16       # logits computed and read back this many rows at a time
 
 
 @dataclass(frozen=True)
