@@ -93,12 +93,9 @@ def _drop_pages(a: np.ndarray) -> None:
     while base is not None and not isinstance(base, np.memmap):
         base = base.base
     mm = getattr(base, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED") or a.nbytes == 0:
+    if mm is None or mm.closed or not hasattr(mmap, "MADV_DONTNEED") or a.nbytes == 0:
         return
-    origin = np.frombuffer(mm, np.uint8).ctypes.data if not mm.closed else None
-    if origin is None:
-        return
-    start = a.ctypes.data - origin
+    start = a.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
     first = start // mmap.PAGESIZE * mmap.PAGESIZE
     stop = min(start + a.nbytes, len(mm))
     if 0 <= first < stop:

@@ -125,6 +125,8 @@ class NumpyBackend:
         return x, self.rmsnorm(x, w)
 
     rowwise = False    # products one token at a time (serving: rows independent of the batch)
+    k_pool = v_pool = None   # the serving pool (kv_pool)
+    n_blocks = block_size = 0
 
     def _mm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """x [T, in] @ w [out, in]^T -> [T, out]; with rowwise, as T matrix-vector products, so that
@@ -186,10 +188,10 @@ class NumpyBackend:
 
     @property
     def kv_pool_bytes(self) -> int:
-        return self.k_pool.nbytes + self.v_pool.nbytes if hasattr(self, "k_pool") else 0
+        return self.k_pool.nbytes + self.v_pool.nbytes if self.k_pool is not None else 0
 
     def begin_paged(self, batch: PagedBatch) -> None:
-        check_batch(batch, getattr(self, "n_blocks", 0), getattr(self, "block_size", 0), self.ctx)
+        check_batch(batch, self.n_blocks, self.block_size, self.ctx)
         self.batch = batch
 
     def paged_attention(self, qkv: np.ndarray, layer: int) -> np.ndarray:

@@ -126,15 +126,19 @@ class OpenCLBackend:
         self.ids_host = np.empty(T, np.int32)
         self.token = rt.empty(4)                                      # int32 [1]: argmax result
         self.token_host = np.empty(1, np.int32)
+        self.rows_buf = rt.empty(LOGIT_ROWS * 4)                      # int32 [LOGIT_ROWS]: rows to gather
+        self.rows_host = np.empty(LOGIT_ROWS, np.int32)
+        self.paged: PagedAttention | None = None                      # the serving pool (kv_pool)
+        self.n_blocks = self.block_size = 0
         self.T = 0
         self.scheme: str | None = None     # matmul scheme forced for every product ("gemv" once serving)
         # The norms write the group sums of h for the int4 GEMVs that read it (QKV, gate+up), which
         # then skip their own xsum launch: one launch fewer per product in decode.
-        groups = {(m.fmt, m.group) for l in layers for m in (l.wqkv, l.w_gate_up)}
+        (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv, l.w_gate_up)}
         self.h_xs = None
-        if len(groups) == 1 and next(iter(groups))[0] == "int4" and not self.matmul.params["gemv_zero_inline"]:
-            self.xs_group = next(iter(groups))[1]
-            self.fused.group_sums(self.xs_group)
+        if not others and fmt == "int4" and not self.matmul.params["gemv_zero_inline"]:
+            self.xs_group = group
+            self.fused.group_sums(group)
             self.h_xs = rt.empty(T * c.dim // self.xs_group * f32)          # f32 [max_tokens, dim / group]
         # Where each matrix writes: QKV into qkv, the o and down projections into delta.
         self.out_of = {id(l.wqkv): self.qkv for l in layers}
@@ -187,17 +191,7 @@ class OpenCLBackend:
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
         """Logits of every token [T, vocab], or of the last one [1, vocab], read back to the host."""
-        T, dim, vocab = self.T, self.config.dim, self.config.vocab_size
-        first = 0 if all_logits else T - 1
-        out = np.empty((T - first, vocab), np.float32)
-        for start in range(first, T, LOGIT_ROWS):
-            n = min(LOGIT_ROWS, T - start)
-            cl.enqueue_copy(self.rt.queue, self.h_rows, h.buf, byte_count=n * dim * 4,
-                            src_offset=start * dim * 4, dst_offset=0)
-            self.matmul.linear(self.h_rows, output, n, self.logits_buf, scheme=self.scheme)
-            cl.enqueue_copy(self.rt.queue, self.logits_host[:n], self.logits_buf)
-            out[start - first:start - first + n] = self.logits_host[:n]
-        return out
+        return self.logits_rows(h, output, np.arange(0 if all_logits else self.T - 1, self.T))
 
     def argmax_last(self, h: Act, output: DeviceMatrix) -> int:
         """The most likely next token after the last one, computed on the device: one int read back."""
@@ -230,15 +224,13 @@ class OpenCLBackend:
 
     @property
     def kv_pool_bytes(self) -> int:
-        paged = getattr(self, "paged", None)
-        return paged.nbytes if paged is not None else 0
+        return self.paged.nbytes if self.paged is not None else 0
 
     def begin_paged(self, batch: PagedBatch) -> None:
         """Checks one step of a batch over the pool and uploads its positions and block table."""
-        paged = getattr(self, "paged", None)
-        if paged is None:
+        if self.paged is None:
             check_batch(batch, 0, 0, self.ctx)      # raises: no pool
-        paged.begin(batch)
+        self.paged.begin(batch)
 
     def paged_attention(self, qkv: Act, layer: int) -> Act:
         self.paged.attention(qkv.buf, self.T, layer, self.attn.buf)
@@ -248,9 +240,6 @@ class OpenCLBackend:
         """Logits [len(rows), vocab] of the given rows of h: gathered into h_rows LOGIT_ROWS at a
         time (the embedding gather, h as the table), one product each, read back."""
         rows = check_rows(rows, self.T)
-        if getattr(self, "rows_buf", None) is None:
-            self.rows_buf = self.rt.empty(LOGIT_ROWS * 4)              # int32 [LOGIT_ROWS]
-            self.rows_host = np.empty(LOGIT_ROWS, np.int32)
         dim, q = self.config.dim, self.rt.queue
         table = EmbeddingTable(vocab=self.T, dim=dim, w=h.buf)
         out = np.empty((len(rows), self.config.vocab_size), np.float32)
