@@ -35,14 +35,6 @@ class PagedBatch:
     def n_tokens(self) -> int:
         return len(self.pos)
 
-    def last_rows(self) -> np.ndarray:
-        """int32 [S']: the index of each sequence's last token in this step (its logits row), by row of
-        block_table, for the sequences present in the step."""
-        last = {}
-        for t, s in enumerate(self.seq):
-            last[int(s)] = t
-        return np.array([last[s] for s in sorted(last)], np.int32)
-
 
 def check_batch(batch: PagedBatch, n_blocks: int, block_size: int, ctx: int,
                 max_tokens: int | None = None) -> None:
