@@ -438,3 +438,27 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     assert "opencl:1:0: cannot build kernels: error: unknown target CPU 'generic'" in out
     devices_command(measure=False)
     assert "44.9" in capsys.readouterr().out
+
+
+def test_system_pocl_alone_keeps_the_loader_to_the_one_system_pocl(tmp_path, monkeypatch):
+    from engine.backends.opencl.devices import system_pocl_alone
+
+    for name in ("OCL_ICD_VENDORS", "OCL_ICD_FILENAMES"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "pocl.icd").write_text("libpocl.so.2.10.0\n")
+    system_pocl_alone(tmp_path)
+    assert os.environ["OCL_ICD_VENDORS"] == str(tmp_path / "pocl.icd")
+
+    monkeypatch.delenv("OCL_ICD_VENDORS")
+    (tmp_path / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")   # a GPU's driver too: all of them
+    system_pocl_alone(tmp_path)
+    assert "OCL_ICD_VENDORS" not in os.environ
+
+    (tmp_path / "pocl.icd").unlink()                                  # one driver, not PoCL
+    system_pocl_alone(tmp_path)
+    assert "OCL_ICD_VENDORS" not in os.environ
+
+    monkeypatch.setenv("OCL_ICD_FILENAMES", "/opt/x/libOpenCL-vendor.so")   # the user's choice stands
+    (tmp_path / "nvidia.icd").write_text("libpocl.so.2\n")
+    system_pocl_alone(tmp_path)
+    assert "OCL_ICD_VENDORS" not in os.environ

@@ -121,12 +121,32 @@ def _opencl():
     return pyopencl
 
 
+def system_pocl_alone(vendors: Path = Path("/etc/OpenCL/vendors")) -> None:
+    """Where the system's only OpenCL driver is PoCL, have the ICD loader list that one alone.
+
+    pyopencl's wheels ship their own ICD loader, which also loads the PoCL that pip installs beside
+    them: a second CPU platform (about 23 MiB resident) next to the system's, whose build is
+    usually the one matched to the machine. A single .icd file in OCL_ICD_VENDORS keeps the loader
+    to it. Does nothing where the user set OCL_ICD_VENDORS or OCL_ICD_FILENAMES, or where the system
+    has no driver, or several (a GPU's among them)."""
+    if "OCL_ICD_VENDORS" in os.environ or "OCL_ICD_FILENAMES" in os.environ:
+        return
+    try:
+        icds = sorted(vendors.glob("*.icd"))
+        if len(icds) == 1 and "pocl" in icds[0].read_text(errors="replace").lower():
+            os.environ["OCL_ICD_VENDORS"] = str(icds[0])
+    except OSError:
+        return
+
+
 def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
     """Every OpenCL device with its pyopencl handle, in platform then device order."""
     global _platforms_listed
     cl = _opencl()
     if cl is None:
         return []
+    if not _platforms_listed:
+        system_pocl_alone()
     _platforms_listed = True
     try:
         platforms = cl.get_platforms()

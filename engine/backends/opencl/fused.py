@@ -128,10 +128,10 @@ class FusedOps:
         # Attention: KV cache, RoPE table, split-KV partials; kernels built per query-tile size.
         self.kv_bytes = 2 if p["kv_half"] else 4
         cache_bytes = n_layers * c.n_kv_heads * ctx * c.head_dim * self.kv_bytes
+        # Never cleared: attention reads only positions written before (tests poison the cache), so
+        # on a CPU a position's pages become resident only once a token reaches it.
         self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
-        for buf in (self.k_cache, self.v_cache):
-            cl.enqueue_fill_buffer(rt.queue, buf, np.uint8(0), 0, cache_bytes)
         self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
         self.part_o = rt.empty(4 * slots * c.head_dim)  # [max_splits, split_max_t, n_heads, head_dim]

@@ -42,10 +42,9 @@ class PagedAttention:
         self.dtype = np.float16 if p["kv_half"] else np.float32
         self.shape = (self.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
         pool_bytes = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        # Not cleared, like the contiguous cache: a block's positions are read only once written.
         self.k_pool = rt.empty(pool_bytes)   # [n_layers, n_blocks, n_kv_heads, block_size, head_dim]
         self.v_pool = rt.empty(pool_bytes)
-        for buf in (self.k_pool, self.v_pool):
-            cl.enqueue_fill_buffer(rt.queue, buf, np.uint8(0), 0, pool_bytes)
         self.nbytes = 2 * pool_bytes
 
         # int32 [pos T | row T | tiles 2 n_tiles | table rows x cols], n_tiles and rows <= T.
