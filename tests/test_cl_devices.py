@@ -99,15 +99,35 @@ def test_select_auto_on_this_machine():
 
 
 def test_broken_pocl_is_refused_with_its_build_error():
-    broken = [i for i in real_devices() if "3.0-rc" in i.platform_version]
-    if not broken:
+    """pip's PoCL 3.0 cannot build kernels on some CPUs: selecting it gives a one-line error. Run where the
+    ICD loader lists every driver (OCL_ICD_VENDORS set to the vendors directory, which perfx leaves as the
+    user set it), in a fresh process since a process lists its platforms once."""
+    code = (
+        "from engine.backends.opencl import devices as dev\n"
+        "from engine.errors import PerfxError\n"
+        "broken = [i for i in dev.list_devices() if '3.0-rc' in i.platform_version]\n"
+        "if not broken:\n"
+        "    print('none')\n"
+        "else:\n"
+        "    try:\n"
+        "        dev.select(broken[0].id)\n"
+        "    except PerfxError as e:\n"
+        "        print('refused', broken[0].id, '|', e)\n"
+        "    else:\n"
+        "        print('builds', broken[0].label)\n"
+    )
+    env = dict(os.environ, OCL_ICD_VENDORS="/etc/OpenCL/vendors")
+    env.pop("OCL_ICD_FILENAMES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = out.stdout.strip().splitlines()[-1]
+    if result == "none":
         pytest.skip("pip's PoCL 3.0 is not installed here")
-    try:
-        dev.select(broken[0].id)
-    except PerfxError as e:
-        assert broken[0].id in str(e) and "cannot build kernels" in str(e) and "available:" in str(e)
-    else:
-        pytest.skip(f"{broken[0].label} builds kernels on this CPU")
+    if result.startswith("builds"):
+        pytest.skip(f"{result[7:]} builds kernels on this CPU")
+    device, message = result[len("refused "):].split(" | ", 1)
+    assert device in message and "cannot build kernels" in message and "available:" in message
 
 
 def test_select_numpy_touches_no_opencl(monkeypatch):
