@@ -43,7 +43,9 @@
 // Reached, weights streamed from DRAM, launches included (scripts/bench_kernels.py, median):
 //   PoCL 3.1 AVX-512, 1 thread: int4 g32 14 (576x576), 18 (qkv, gate+up), 21 (down) GB/s, int4 g128
 //   K=1536 27 GB/s; int8 17-20 GB/s; fp16 28 GB/s. 2 threads: the small int4 shapes gain nothing (PoCL's
-//   second thread joins ~15 us into a command), gate+up 21 GB/s, int8 36-38 GB/s, fp16 48 GB/s.
+//   second thread joins 20-25 us into a command: scripts/pocl_threads.py), gate+up 21 GB/s, int8
+//   36-38 GB/s, fp16 48 GB/s. At 1 thread the int4 GEMV is bound by instructions (about 29 GMAC/s,
+//   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches.
 //   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
