@@ -2,7 +2,10 @@
 
 Tests are named as llama-bench names them: `ppP` is a prompt of P tokens from an empty cache, `tgN`
 the decode of N tokens one at a time from an empty cache, `ppP+tgN` both (t/s counts all P + N
-tokens). Tokens are random and drawn before the clock starts; nothing is sampled. Each test runs once
+tokens). Tokens are random and drawn before the clock starts. llama.cpp decodes each generated step
+from a random token and samples nothing, as llama-bench does; perfx generates greedily as `perfx chat`
+at temperature 0 does: each step's input is the argmax of the step before, which never leaves the
+device, and one int per token is read back while the next step is already enqueued. Each test runs once
 to warm up, then `reps` times, timed; t/s is reported as mean ± sample standard deviation.
 
 Every (model, device, threads) combination runs in fresh worker processes, one per engine: PoCL
@@ -512,13 +515,13 @@ class PerfxEngine:
     def run(self, test: TestSpec) -> int:
         """Runs one test; its duration in nanoseconds."""
         t, tokens = self.transformer, self.tokens
-        prompt = tokens[:test.n_prompt]
-        gen = [tokens[i:i + 1] for i in range(test.n_prompt, test.n_tokens)]
+        prompt, first = tokens[:test.n_prompt], tokens[test.n_prompt:test.n_prompt + 1]
         start = time.perf_counter_ns()
         if test.n_prompt:
             t.next_token(prompt, 0)
-        for i, token in enumerate(gen):
-            t.next_token(token, test.n_prompt + i)
+        if test.n_gen:       # greedy generation: n_gen steps, from one bench token, each fed its argmax
+            for _ in t.greedy(first, test.n_prompt, test.n_gen):
+                pass
         return time.perf_counter_ns() - start
 
     def device_bytes(self) -> int | None:

@@ -110,10 +110,15 @@ class LLM:
         history = list(prompt)
         greedy = sampling.greedy and sampling.repeat_penalty == 1.0
 
+        # Greedy: argmax on the device, one int read back per token, the next step already enqueued
+        # (Transformer.greedy feeds back the very tokens this loop passes to next_token).
+        steps = self.transformer.greedy(np.asarray(prompt[reuse:], np.int64), reuse,
+                                        max(1, sampling.max_tokens)) if greedy else None
+
         def next_token(ids: list[int], pos: int) -> int:
+            if steps is not None:
+                return next(steps)
             ids = np.asarray(ids, dtype=np.int64)
-            if greedy:                                 # argmax on the device: one int comes back
-                return self.transformer.next_token(ids, pos)
             return sampler(self.transformer.forward(ids, pos, all_logits=False)[-1], history)
 
         self.cached = self.cached[:reuse]

@@ -13,7 +13,7 @@ The last layer's "next norm" is the output norm, so the logits are linear(h, out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -131,6 +131,36 @@ class Transformer:
         if hasattr(self.backend, "argmax_last"):
             return self.backend.argmax_last(h, self.w.output)
         return int(np.argmax(self.backend.logits(h, self.w.output, False)[-1]))
+
+    def greedy(self, ids: np.ndarray, start_pos: int, limit: int) -> Iterator[int]:
+        """Up to `limit` greedy tokens after ids (the cache continued at start_pos), each the argmax
+        after the one before it, fed back as the next input; stops early at the end of the context.
+
+        A backend that keeps the chosen token on the device (`argmax_async`, embedding ids=None) runs
+        one step ahead: the next step is enqueued before this token is read back, so the device never
+        waits for the host. A step runs only where `limit` and the context allow one more token; if the
+        caller stops early, the step ahead has only written the cache past the tokens kept, which the
+        next call overwrites before reading."""
+        end = min(start_pos + len(ids) + limit - 1, self.ctx)     # positions of the fed-back tokens: < end
+        if limit < 1:
+            return
+        if not hasattr(self.backend, "argmax_async"):
+            token = self.next_token(ids, start_pos)
+            for pos in range(start_pos + len(ids), end):
+                yield token
+                token = self.next_token(np.array([token]), pos)
+            yield token
+            return
+        step = getattr(self.backend, "max_tokens", len(ids))
+        for i in range(0, len(ids), step):
+            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
+        chosen = self.backend.argmax_async(h, self.w.output)
+        for pos in range(start_pos + len(ids), end):
+            h = self._layers(None, self._contiguous(pos))        # input: the token just chosen, on the device
+            ahead = self.backend.argmax_async(h, self.w.output)
+            yield chosen.result()
+            chosen = ahead
+        yield chosen.result()
 
     def forward_paged(self, ids: np.ndarray, batch: PagedBatch):
         """Final normalised hidden states [T, dim] (a backend handle) of one step of a batch of sequences

@@ -64,6 +64,22 @@ def test_greedy_generation_matches_numpy(tmp_path, cl_device):
     assert dev == ref
 
 
+def test_greedy_runs_a_step_ahead_and_stops_at_the_context(tmp_path, cl_device):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinySpec(qtype="Q4_1", ctx_len=64, seed=13))
+    t = load_model(path, device=cl_device, ctx=64).transformer
+    ids = np.array([3, 1, 4, 1, 5])
+    chain = [t.next_token(ids, 0)]                           # one token at a time, each read back
+    for pos in range(len(ids), 64):
+        chain.append(t.next_token(np.array([chain[-1]]), pos))
+    assert list(t.greedy(ids, 0, 1000)) == chain             # fed back on the device, up to the context's end
+    steps = t.greedy(ids, 0, 1000)
+    first = [next(steps) for _ in range(5)]                  # the step ahead has written position 9
+    steps.close()
+    assert first == chain[:5]
+    assert list(t.greedy(np.array([first[-1]]), 9, 3)) == chain[5:8]
+
+
 def test_device_without_memory_is_refused(tmp_path, cl_device, monkeypatch):
     from engine.backends.opencl import devices
 

@@ -30,6 +30,17 @@ class Act:
     width: int
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """A greedy token being computed: the read of the device's argmax, enqueued."""
+    done: cl.Event
+    slot: np.ndarray  # int32 [1], filled when `done` completes
+
+    def result(self) -> int:
+        self.done.wait()
+        return int(self.slot[0])
+
+
 @dataclass
 class Layer:
     attn_norm: cl.Buffer     # f32 [dim]
@@ -125,7 +136,8 @@ class OpenCLBackend:
         self.ids = rt.empty(T * 4)                                    # int32 [max_tokens]
         self.ids_host = np.empty(T, np.int32)
         self.token = rt.empty(4)                                      # int32 [1]: argmax result
-        self.token_host = np.empty(1, np.int32)
+        self.token_host = np.empty(2, np.int32)      # two slots: a step ahead may be read while one waits
+        self.next_slot = 0
         self.rows_buf = rt.empty(LOGIT_ROWS * 4)                      # int32 [LOGIT_ROWS]: rows to gather
         self.rows_host = np.empty(LOGIT_ROWS, np.int32)
         self.paged: PagedAttention | None = None                      # the serving pool (kv_pool)
@@ -154,7 +166,13 @@ class OpenCLBackend:
 
     # --- operators --------------------------------------------------------------------------
 
-    def embed(self, table: EmbeddingTable, ids: np.ndarray) -> Act:
+    def embed(self, table: EmbeddingTable, ids: np.ndarray | None) -> Act:
+        """x [T, dim] = the embeddings of ids; ids None: of the token the last argmax chose (T = 1),
+        read where it is, on the device."""
+        if ids is None:
+            self.T = 1
+            self.fused.embed(table, self.token, 1, self.x.buf)
+            return self.x
         self.T = T = len(ids)
         self.ids_host[:T] = ids
         cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
@@ -195,13 +213,22 @@ class OpenCLBackend:
 
     def argmax_last(self, h: Act, output: DeviceMatrix) -> int:
         """The most likely next token after the last one, computed on the device: one int read back."""
-        dim = self.config.dim
-        cl.enqueue_copy(self.rt.queue, self.h_rows, h.buf, byte_count=dim * 4,
-                        src_offset=(self.T - 1) * dim * 4, dst_offset=0)
-        self.matmul.linear(self.h_rows, output, 1, self.logits_buf)
+        return self.argmax_async(h, output).result()
+
+    def argmax_async(self, h: Act, output: DeviceMatrix) -> Chosen:
+        """Enqueues argmax_last: the token stays on the device (the next embed(ids=None) reads it) and
+        its read into one of two host slots is enqueued without waiting."""
+        dim, q = self.config.dim, self.rt.queue
+        last = h.buf
+        if self.T > 1:
+            cl.enqueue_copy(q, self.h_rows, h.buf, byte_count=dim * 4, src_offset=(self.T - 1) * dim * 4,
+                            dst_offset=0)
+            last = self.h_rows
+        self.matmul.linear(last, output, 1, self.logits_buf)
         self.fused.argmax(self.logits_buf, self.config.vocab_size, self.token)
-        cl.enqueue_copy(self.rt.queue, self.token_host, self.token)
-        return int(self.token_host[0])
+        slot = self.token_host[self.next_slot:self.next_slot + 1]
+        self.next_slot ^= 1
+        return Chosen(cl.enqueue_copy(q, slot, self.token, is_blocking=False), slot)
 
     # --- paged KV cache (engine.paged) -----------------------------------------------------
 
