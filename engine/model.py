@@ -4,9 +4,9 @@ Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
 
     qkv  = linear(h, wqkv)                      Q, K and V as one matrix product (+ their biases, Qwen2)
     a    = attention(qkv, layer)                RoPE, KV-cache write, QK^T, softmax, .V (contiguous or paged cache)
-    x, h = add_rmsnorm(x, linear(a, wo), ffn_norm)
+    x, h = residual_rmsnorm(x, a, wo, ffn_norm)  x += linear(a, wo), h = rmsnorm(x): on a GPU or PoCL one launch
     f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
-    x, h = add_rmsnorm(x, linear(f, w_down), next norm)
+    x, h = residual_rmsnorm(x, f, w_down, next norm)
 
 The last layer's "next norm" is the output norm, so the logits are linear(h, output).
 """
@@ -182,8 +182,8 @@ class Transformer:
         for i, layer in enumerate(w.layers):
             qkv = ops.linear(h, layer.wqkv)
             a = attend(qkv, i)
-            x, h = ops.add_rmsnorm(x, ops.linear(a, layer.wo), layer.ffn_norm)
+            x, h = ops.residual_rmsnorm(x, a, layer.wo, layer.ffn_norm)
             f = ops.swiglu(h, layer.w_gate_up)
             next_norm = w.layers[i + 1].attn_norm if i + 1 < n else w.output_norm
-            x, h = ops.add_rmsnorm(x, ops.linear(f, layer.w_down), next_norm)
+            x, h = ops.residual_rmsnorm(x, f, layer.w_down, next_norm)
         return h

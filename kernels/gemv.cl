@@ -54,6 +54,7 @@
 // tiles per work-item), SWIGLU, USE_IMAGE, ZERO_INLINE (int4: each work-item adds the zero terms of its
 // own lanes from the x it loaded, so no xsum launch; the NVIDIA setting). On CPUs the norms write the
 // group sums of h instead (rmsnorm.cl XS_G), so the QKV and gate+up GEMVs need no xsum launch either.
+// NORM (with HS_G, the group of h's sums): the residual projections' epilogue, last_item_norm below.
 
 #ifndef FORMAT
 #define FORMAT 4
@@ -322,14 +323,64 @@ __kernel void xsum(__global const float* restrict x, __global float* restrict xs
     xs[g] = hsum16(sum);
 }
 
+#ifdef NORM
+// The residual projections' epilogue (o, down): y is the residual stream [T, N], updated in place
+// (accumulate). The last work-item to finish, counted in `done` (left at 0 for the next launch),
+// then writes h [T, N] = rmsnorm(y) * norm_w [N] and, with HS_G, hs [T, N/HS_G] = the group sums of
+// h for the int4 GEMV that reads h next: the norm costs no launch of its own. One work-item and no
+// barrier: on a CPU a row of a few thousand values is a microsecond, and PoCL's work-item loops stay
+// simple. (GPUs keep the separate norm launch: tuning.toml gemv_norm.) y is read back through a
+// volatile pointer, so the other work-items' writes are seen.
+inline void last_item_norm(volatile __global const float* y, __global const float* restrict norm_w,
+                           __global float* restrict h, __global float* restrict hs,
+                           volatile __global int* done, const int N, const int T, const float eps)
+{
+    mem_fence(CLK_GLOBAL_MEM_FENCE);                   // this work-item's rows are written
+    if (atomic_inc(done) != (int)(get_global_size(0) * get_global_size(1)) - 1)
+        return;
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+    for (int tok = 0; tok < T; tok++) {
+        volatile __global const float* yt = y + (size_t)tok * N;
+        float ssq = 0.0f;
+        for (int n = 0; n < N; n++)
+            ssq = mad(yt[n], yt[n], ssq);
+        const float r = rsqrt(ssq / (float)N + eps);
+        __global float* ht = h + (size_t)tok * N;
+        for (int n = 0; n < N; n++)
+            ht[n] = yt[n] * r * norm_w[n];
+#ifdef HS_G
+        for (int g = 0; g < N / HS_G; g++) {
+            float sum = 0.0f;
+            for (int j = g * HS_G; j < (g + 1) * HS_G; j++)
+                sum += ht[j];
+            hs[(size_t)tok * (N / HS_G) + g] = sum;
+        }
+#endif
+    }
+    *done = 0;
+}
+#endif
+
+#ifdef NORM
+#define Y_RESTRICT            // y is read back by the last work-group
+#else
+#define Y_RESTRICT restrict
+#endif
+
 // W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [T, K]; y: [T, N] where N = rows, or with
 // SWIGLU N = rows/2 = F and y[t, f] = silu(gate f) * up f; xs_all: [T, K/G] group sums of x from xsum
-// (int4 without ZERO_INLINE; any buffer otherwise). accumulate != 0: y += result.
+// (int4 without ZERO_INLINE; any buffer otherwise). accumulate != 0: y += result. With NORM, after
+// the product: h, hs from y (last_item_norm above); done: int [1], 0 before the launch.
 // Global size (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)).
 __kernel __attribute__((reqd_work_group_size(KSPLIT, WG_ROWS, 1)))
-void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
+void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           const int K, const int N, const int accumulate,
-          __global const float* restrict xs_all, const int T)
+          __global const float* restrict xs_all, const int T
+#ifdef NORM
+          , __global const float* restrict norm_w, __global float* restrict h, __global float* restrict hs,
+          __global int* done, const float eps
+#endif
+          )
 {
     const int ks = get_local_id(0);
     const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
@@ -389,4 +440,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* restrict y,
             }
         }
     }
+#ifdef NORM
+    last_item_norm(y, norm_w, h, hs, done, N, T, eps);
+#endif
 }

@@ -319,6 +319,52 @@ def test_gemv_tiles_per_item_and_inline_zeros(rt, G, N, K, op, params):
         assert_close(run(rt, mm, dm, x, N), want)
 
 
+@pytest.mark.parametrize("fmt,N,K,G,T,hs_group,params", [
+    ("int4", 576, 1536, 32, 1, 32, {}),                  # down: K = 1536, sums for a group-32 GEMV next
+    ("int4", 577, 576, 32, 3, None, {}),                 # odd rows, three tokens, no sums
+    ("int4", 1536, 1536, 128, 1, 128, {}),               # group 128
+    ("int4", 64, 608, 32, 1, 32, {}),                    # every tail chunk
+    ("int4", 576, 576, 64, 2, 64, GPU_LIKE),             # K split across work-items, x as an image
+    ("int8", 577, 576, 32, 1, None, {}),
+])
+def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params):
+    """y += x W^T, then h = rmsnorm(y) * w and h's group sums, written by the GEMV's last work-item;
+    the launch after it finds its counter back at zero."""
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm
+
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T}".encode()))
+    if fmt == "int4":
+        parts, w = rand_int4(rng, N, K, G)
+        dm = DeviceMatrix.from_int4(rt, *parts, G)
+    else:
+        parts, w = rand_int8(rng, N, K)
+        dm, w = DeviceMatrix.from_q8(rt, *parts), w.reshape(N, K)
+    mm = Matmul(rt, params)
+    norm_w = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    eps = 1e-5
+    for _launch in range(2):
+        x, y0 = rng.standard_normal((T, K)), rng.standard_normal((T, N)).astype(np.float32)
+        yb = rt.to_device(y0)
+        n_sums = N // hs_group if hs_group else 1
+        h = np.full(T * N + GUARD, np.nan, np.float32)
+        hs = np.full(T * n_sums + GUARD, np.nan, np.float32)
+        h[T * N:] = hs[T * n_sums:] = SENTINEL
+        hb, hsb = (cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=a) for a in (h, hs))
+        mm.residual_norm(rt.to_device(x.astype(np.float32)), dm, T, yb,
+                         Norm(rt.to_device(norm_w), hb, hsb if hs_group else None, hs_group or 0, eps))
+        want_y = y0 + oracle(x, w)
+        want_h = want_y / np.sqrt(np.mean(want_y * want_y, axis=-1, keepdims=True) + eps) * norm_w
+        assert_close(rt.read(yb, (T, N)), want_y)
+        got_h, got_hs = rt.read(hb, h.shape), rt.read(hsb, hs.shape)
+        assert np.all(got_h[T * N:] == SENTINEL) and np.all(got_hs[T * n_sums:] == SENTINEL)
+        assert_close(got_h[:T * N].reshape(T, N), want_h)
+        if hs_group:
+            assert_close(got_hs[:T * n_sums].reshape(T, n_sums), want_h.reshape(T, n_sums, hs_group).sum(-1))
+        else:
+            assert np.all(np.isnan(got_hs[:T * n_sums]))
+        assert rt.read(mm.done, 1, np.int32)[0] == 0
+
+
 def test_gemv_ksplit_must_be_power_of_two(rt):
     from engine.backends.opencl.matmul import DeviceMatrix, Matmul
 

@@ -124,6 +124,11 @@ class NumpyBackend:
         x = x + delta
         return x, self.rmsnorm(x, w)
 
+    def residual_rmsnorm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray | Biased,
+                         norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x + a @ w^T, and its rmsnorm * norm: a residual projection and the norm after it."""
+        return self.add_rmsnorm(x, self.linear(a, w), norm)
+
     rowwise = False    # products one token at a time (serving: rows independent of the batch)
     k_pool = v_pool = None   # the serving pool (kv_pool)
     n_blocks = block_size = 0

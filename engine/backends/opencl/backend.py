@@ -16,7 +16,7 @@ from ...config import ModelConfig
 from ...model import Weights
 from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
-from .matmul import DeviceMatrix, Matmul
+from .matmul import DeviceMatrix, Matmul, Norm
 from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
 
@@ -147,7 +147,7 @@ class OpenCLBackend:
         # The norms write the group sums of h for the int4 GEMVs that read it (QKV, gate+up), which
         # then skip their own xsum launch: one launch fewer per product in decode.
         (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv, l.w_gate_up)}
-        self.h_xs = None
+        self.h_xs, self.xs_group = None, 0
         if not others and fmt == "int4" and not self.matmul.params["gemv_zero_inline"]:
             self.xs_group = group
             self.fused.group_sums(group)
@@ -186,6 +186,17 @@ class OpenCLBackend:
     def add_rmsnorm(self, x: Act, delta: Act, w: cl.Buffer) -> tuple[Act, Act]:
         self.fused.add_rmsnorm(x.buf, delta.buf, w, self.T, self.h.buf, self.h_xs)
         return x, self.h
+
+    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceMatrix, norm: cl.Buffer) -> tuple[Act, Act]:
+        """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
+        one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
+        product, then add_rmsnorm."""
+        if (self.scheme or self.matmul.scheme(self.T)) == "gemv" and self.matmul.params["gemv_norm"] \
+                and w.bias is None:
+            epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
+            self.matmul.residual_norm(a.buf, w, self.T, x.buf, epilogue, xs=self._sums_of(a, w))
+            return x, self.h
+        return self.add_rmsnorm(x, self.linear(a, w), norm)
 
     def _sums_of(self, x: Act, w: DeviceMatrix) -> cl.Buffer | None:
         """The group sums of x the norm wrote, when x is h and w an int4 matrix of their group."""

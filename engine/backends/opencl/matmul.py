@@ -47,6 +47,7 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "gemv_wg_rows": 8,      # work-items along the rows per work-group
     "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
     "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
+    "gemv_norm": True,      # the residual projections' GEMV ends with the next RMSNorm (one launch fewer)
     "use_image": False,     # read x through an image1d_buffer_t
     "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
     "few_vec": 16,
@@ -263,6 +264,21 @@ def _pack_words(tensors: list[QTensor], kind: str, group: int) -> np.ndarray:
 # ---- launching ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Norm:
+    """The RMSNorm a residual projection's GEMV ends with (Matmul.residual_norm)."""
+
+    w: cl.Buffer               # f32 [N]: norm weight
+    h: cl.Buffer               # f32 [T, N]: out, rmsnorm(y) * w
+    hs: cl.Buffer | None       # f32 [T, N/group]: out, the group sums of h; None: not written
+    group: int                 # group of hs
+    eps: float
+
+    @property
+    def key(self) -> tuple:
+        return (self.w.int_ptr, self.h.int_ptr, self.hs.int_ptr if self.hs is not None else 0, self.group, self.eps)
+
+
 @dataclass
 class _Plan:
     """The kernel launches of one call, arguments set; `keep` holds what the arguments refer to."""
@@ -287,6 +303,7 @@ class Matmul:
         self.rt = rt
         self.params = {**DEFAULT_PARAMS, **(params or {})}
         self._plans: dict[tuple, _Plan] = {}
+        self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
 
     def scheme(self, T: int) -> str:
         """The kernel used for T tokens: "gemv", "few" or "tiled"."""
@@ -306,21 +323,31 @@ class Matmul:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
         self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
+    def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
+                      xs: cl.Buffer | None = None) -> None:
+        """y [T, N] += x @ W^T, y being the residual stream; then norm.h [T, N] = rmsnorm(y) * norm.w and,
+        with norm.hs, its group sums [T, N/norm.group]: one GEMV launch, whose last work-group to finish
+        normalises (kernels/gemv.cl NORM)."""
+        if w.bias is not None:
+            raise PerfxError("residual_norm takes no bias")
+        self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
+
     def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-                 scheme: str | None, xs: cl.Buffer | None = None) -> None:
-        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, 0 if xs is None else xs.int_ptr)
+                 scheme: str | None, xs: cl.Buffer | None = None, norm: Norm | None = None) -> None:
+        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, 0 if xs is None else xs.int_ptr,
+               norm and norm.key)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs)
+            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs, norm)
         for kernel, global_size, local_size in plan.steps:
             cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
 
     # -- building the launches of one call --
 
     def _plan(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-              scheme: str, xs: cl.Buffer | None = None) -> _Plan:
+              scheme: str, xs: cl.Buffer | None = None, norm: Norm | None = None) -> _Plan:
         if scheme not in SCHEMES:
             raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
         if T < 1:
@@ -336,7 +363,7 @@ class Matmul:
         if w.fmt == "int4":
             defines["G"] = w.group
         if scheme == "gemv":
-            steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs)
+            steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
@@ -350,14 +377,15 @@ class Matmul:
         return _Plan(steps, (x, y, w.buf) + keep)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
-              accumulate: np.int32, xs_given: cl.Buffer | None = None) -> tuple[list, tuple]:
+              accumulate: np.int32, xs_given: cl.Buffer | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
         p = self.params
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
         use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
         inline = w.fmt == "int4" and bool(p["gemv_zero_inline"])
-        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline)
+        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
+                       NORM=norm is not None, HS_G=norm.group if norm is not None and norm.hs is not None else False)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
@@ -379,7 +407,13 @@ class Matmul:
         if ks * wgr > self._max_work_group(gemv):
             raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
                              f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
-        gemv.set_args(w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T))
+        args = [w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T)]
+        if norm is not None:
+            if self.done is None:
+                self.done = self.rt.to_device(np.zeros(1, np.int32))    # int32 [1]: finished work-groups
+            args += [norm.w, norm.h, norm.hs if norm.hs is not None else norm.h, self.done, np.float32(norm.eps)]
+            keep += (norm.w, norm.h, norm.hs, self.done)
+        gemv.set_args(*args)
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows
         steps.append((gemv, (ks, _round_up(items, wgr)), (ks, wgr)))
