@@ -125,9 +125,7 @@ class Transformer:
 
     def next_token(self, ids: np.ndarray, start_pos: int) -> int:
         """The greedy next token after ids; a backend with a device argmax reads back one int."""
-        step = getattr(self.backend, "max_tokens", len(ids))
-        for i in range(0, len(ids), step):
-            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
+        h = self._prompt(ids, start_pos)
         if hasattr(self.backend, "argmax_last"):
             return self.backend.argmax_last(h, self.w.output)
         return int(np.argmax(self.backend.logits(h, self.w.output, False)[-1]))
@@ -151,16 +149,21 @@ class Transformer:
                 token = self.next_token(np.array([token]), pos)
             yield token
             return
-        step = getattr(self.backend, "max_tokens", len(ids))
-        for i in range(0, len(ids), step):
-            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
-        chosen = self.backend.argmax_async(h, self.w.output)
+        chosen = self.backend.argmax_async(self._prompt(ids, start_pos), self.w.output)
         for pos in range(start_pos + len(ids), end):
             h = self._layers(None, self._contiguous(pos))        # input: the token just chosen, on the device
             ahead = self.backend.argmax_async(h, self.w.output)
             yield chosen.result()
             chosen = ahead
         yield chosen.result()
+
+    def _prompt(self, ids: np.ndarray, start_pos: int):
+        """Runs ids through every layer, in passes of the backend's max_tokens; the last pass's final
+        normalised hidden states (a backend handle)."""
+        step = getattr(self.backend, "max_tokens", len(ids))
+        for i in range(0, len(ids), step):
+            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
+        return h
 
     def forward_paged(self, ids: np.ndarray, batch: PagedBatch):
         """Final normalised hidden states [T, dim] (a backend handle) of one step of a batch of sequences
