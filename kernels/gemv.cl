@@ -44,8 +44,10 @@
 //   PoCL 3.1 AVX-512, 1 thread: int4 g32 14 (576x576), 18 (qkv, gate+up), 21 (down) GB/s, int4 g128
 //   K=1536 27 GB/s; int8 17-20 GB/s; fp16 28 GB/s. 2 threads: the small int4 shapes gain nothing (PoCL's
 //   second thread joins 20-25 us into a command: scripts/pocl_threads.py), gate+up 21 GB/s, int8
-//   36-38 GB/s, fp16 48 GB/s. At 1 thread the int4 GEMV is bound by instructions (about 29 GMAC/s,
-//   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches.
+//   36-38 GB/s, fp16 48 GB/s. At 1 thread the float int4 GEMV is bound by instructions (about 29 GMAC/s,
+//   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches. The int-dot
+//   path (INT_DOT, x in int16, the default on AVX-512BW), its quantize launch included, 1 thread:
+//   17 (576x576), 20 (qkv, gate+up), 28 (down), 30 (g128 K1536) GB/s, 1.2-1.45x the float path.
 //   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
@@ -259,6 +261,78 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define NT TPW
 #endif
 
+// One 128-element chunk c (piece j) of the NT tiles: float x (XPLANES / TPIECE), or with INT_DOT
+// int16 x against the int4 words (IPIECE).
+#ifdef INT_DOT
+#if FORMAT != 4 || VEC != 16 || KSPLIT != 1
+#error "INT_DOT takes int4 weights, VEC 16 and KSPLIT 1"
+#endif
+// int4 x int16 on x86 AVX-512BW (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
+// float path for all practical purposes, unlike int8 activations). Per row and chunk the 64 weight
+// bytes are transposed 4x4 within each 16-byte lane, so that lane m's bytes 4g..4g+3 hold group g
+// (elements 32g..32g+31: byte g of words 4m..4m+3); the low and high nibbles are widened to 16 bits
+// and multiplied with x (vpmaddwd: adjacent products added into int32 lanes, which stay within a
+// group), the four products summed, converted and scaled by weight scale x block scale of the
+// lane's group. The zero terms come from the group sums xs of the values x holds. About 22
+// instructions per row and chunk where the float piece takes about 30; the tail chunks (64, 32)
+// keep the float path.
+typedef char char64v __attribute__((ext_vector_type(64)));
+typedef char char32v __attribute__((ext_vector_type(32)));
+typedef short short32v __attribute__((ext_vector_type(32)));
+#define LOAD64(T, p) __builtin_astype(vload16(0, (__global const uint*)(p)), T)
+#define T4(b) (b), (b) + 4, (b) + 8, (b) + 12, (b) + 1, (b) + 5, (b) + 9, (b) + 13, \
+              (b) + 2, (b) + 6, (b) + 10, (b) + 14, (b) + 3, (b) + 7, (b) + 11, (b) + 15
+#define TRANSPOSE_4X4 T4(0), T4(16), T4(32), T4(48)
+#define HALF0 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, \
+              16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
+#define HALF1 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, \
+              48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63
+#define WIDEN(v, half) __builtin_convertvector(__builtin_shufflevector(v, v, half), short32v)
+#define SL(r, g) sl[(r) * GC_(128) + (g) * GC_(128) / 4]    // scale of row r for block g of the chunk
+#ifndef INT_PREFETCH
+#define INT_PREFETCH 32       // chunks ahead that each tile's stream is prefetched (the hardware
+#endif                        // prefetcher alone left this kernel at half the bandwidth)
+#define IPIECE(blk, c, acc, zacc)                                                              \
+    {                                                                                          \
+        char64v q[RT];                                                                         \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) q[r] = LOAD64(char64v, (blk) + r * 16); \
+        __global const half* sz = (__global const half*)((blk) + RT * 16);                     \
+        float sl[RT * GC_(128)];                                                               \
+        VLOAD_HALFS(RT_GC_128, sz, sl);                                                        \
+        zacc = fma(CAT(vload_half, RT_GC_128)(0, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc); \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
+            const char64v t = __builtin_shufflevector(q[r], q[r], TRANSPOSE_4X4);              \
+            const char64v lo = t & (char)15;                                                   \
+            const char64v hi = __builtin_astype(__builtin_astype(t, short32v) >> (short)4, char64v) & (char)15; \
+            const int16 dot = __builtin_ia32_pmaddwd512(WIDEN(lo, HALF0), x16[0])              \
+                            + __builtin_ia32_pmaddwd512(WIDEN(lo, HALF1), x16[1])              \
+                            + __builtin_ia32_pmaddwd512(WIDEN(hi, HALF0), x16[2])              \
+                            + __builtin_ia32_pmaddwd512(WIDEN(hi, HALF1), x16[3]);             \
+            const float4 w4 = (float4)(SL(r, 0), SL(r, 1), SL(r, 2), SL(r, 3)) * d4;           \
+            const float8 w8 = w4.s00112233;                                                    \
+            acc[r] = fma(convert_float16(dot), (float16)(w8, w8), acc[r]);                     \
+        }                                                                                      \
+    }
+#define DOT128(c, j)                                                                           \
+    {                                                                                          \
+        _Pragma("unroll") for (int i = 0; i < NT; i++)                                         \
+            _Pragma("unroll") for (int b = 0; b < BLOCK_WORDS(128) * 4; b += 64)               \
+                __builtin_prefetch((__global const char*)(W + tw[i] + ((c) + INT_PREFETCH) * BLOCK_WORDS(128)) + b); \
+        short32v x16[4];                                                                       \
+        _Pragma("unroll") for (int h = 0; h < 4; h++) x16[h] = LOAD64(short32v, xq + (c) * 128 + 32 * h); \
+        const float4 d4 = vload4(c, xd);                                                       \
+        _Pragma("unroll") for (int i = 0; i < NT; i++)                                         \
+            IPIECE(W + tw[i] + (c) * BLOCK_WORDS(128), c, acc[i], zacc[i])                     \
+    }
+#else
+#define DOT128(c, j)                                                                           \
+    {                                                                                          \
+        XPLANES(128, VEC, (c) * 128, j, xp)                                                    \
+        _Pragma("unroll") for (int i = 0; i < NT; i++)                                         \
+            TPIECE(128, VEC, W + tw[i] + (c) * BLOCK_WORDS(128), (c) * 128, j, xp, acc[i], zacc[i]) \
+    }
+#endif
+
 // out[i][r] = this work-item's share of row r of tile i (word offsets tw[i] into W), i < NT: the
 // chunk pieces it, ks, ks+KSPLIT, ... owns. x is loaded once per piece for all NT tiles.
 #define TILES_DOT(tw, out)                                                                     \
@@ -271,9 +345,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
         }                                                                                      \
         for (int it = ks; it < n128 * NP128; it += KSPLIT) {                                   \
             const int c = it / NP128, j = (it % NP128) * VEC;                                  \
-            XPLANES(128, VEC, c * 128, j, xp)                                                  \
-            _Pragma("unroll") for (int i = 0; i < NT; i++)                                     \
-                TPIECE(128, VEC, W + tw[i] + c * BLOCK_WORDS(128), c * 128, j, xp, acc[i], zacc[i]) \
+            DOT128(c, j)                                                                       \
         }                                                                                      \
         for (int i = 0; i < NT; i++) {                                                         \
             for (int r = 0; r < RT; r++) out[i][r] = HSUM(VEC, acc[i][r]);                     \
@@ -315,24 +387,47 @@ inline float silu(float v) { return v / (1.0f + exp(-v)); }
 
 // Group sums of x for the int4 zero terms: xs[g] = sum of x[g*G .. g*G + G). x: [T, K], xs: [T, K/G]
 // (rows of x are whole groups, so the T rows are one run of groups). Global size T*K/G.
-__kernel void xsum(__global const float* restrict x, __global float* restrict xs)
+inline float group_sum(__global const float* restrict x, const int g)
 {
-    const int g = get_global_id(0);
     float16 sum = vload16(0, x + g * G);
     for (int k = 16; k < G; k += 16) sum += vload16(0, x + g * G + k);
-    xs[g] = hsum16(sum);
+    return hsum16(sum);
 }
+
+__kernel void xsum(__global const float* restrict x, __global float* restrict xs)
+{
+    xs[get_global_id(0)] = group_sum(x, get_global_id(0));
+}
+
+#include "xq.h"
+
+#ifdef INT_DOT
+// For the int-dot GEMV: x in int16 blocks (xq.h), xq [T, K], xd [T, K/32], and the group sums xs [T, K/G]
+// that go with it. Global size T*K/G.
+__kernel void quantize(__global const float* restrict x, __global float* restrict xs,
+                       __global short* restrict xq, __global float* restrict xd, const int K)
+{
+    const int g = get_global_id(0);
+    const int row = g * G / K, k0 = g * G - row * K;
+    float sum = 0.0f;
+    for (int b = 0; b < G; b += 32)
+        sum += xq_block(x + (size_t)row * K, k0 + b, K, xq + (size_t)row * K, xd + (size_t)row * (K / 32));
+    xs[g] = sum;
+}
+#endif
 
 #ifdef NORM
 // The residual projections' epilogue (o, down): y is the residual stream [T, N], updated in place
 // (accumulate). The last work-item to finish, counted in `done` (left at 0 for the next launch),
 // then writes h [T, N] = rmsnorm(y) * norm_w [N] and, with HS_G, hs [T, N/HS_G] = the group sums of
-// h for the int4 GEMV that reads h next: the norm costs no launch of its own. One work-item and no
+// h for the int4 GEMV that reads h next (with HQ also h in int16 blocks, xq.h, for the int-dot GEMV):
+// the norm costs no launch of its own. One work-item and no
 // barrier: on a CPU a row of a few thousand values is a microsecond, and PoCL's work-item loops stay
 // simple. (GPUs keep the separate norm launch: tuning.toml gemv_norm.) y is read back through a
 // volatile pointer, so the other work-items' writes are seen.
 inline void last_item_norm(volatile __global const float* y, __global const float* restrict norm_w,
                            __global float* restrict h, __global float* restrict hs,
+                           __global short* restrict hq, __global float* restrict hd,
                            volatile __global int* done, const int N, const int T, const float eps)
 {
     mem_fence(CLK_GLOBAL_MEM_FENCE);                   // this work-item's rows are written
@@ -351,8 +446,13 @@ inline void last_item_norm(volatile __global const float* y, __global const floa
 #ifdef HS_G
         for (int g = 0; g < N / HS_G; g++) {
             float sum = 0.0f;
+#ifdef HQ
+            for (int k0 = g * HS_G; k0 < (g + 1) * HS_G; k0 += 32)
+                sum += xq_block(ht, k0, N, hq + (size_t)tok * N, hd + (size_t)tok * (N / 32));
+#else
             for (int j = g * HS_G; j < (g + 1) * HS_G; j++)
                 sum += ht[j];
+#endif
             hs[(size_t)tok * (N / HS_G) + g] = sum;
         }
 #endif
@@ -369,16 +469,21 @@ inline void last_item_norm(volatile __global const float* y, __global const floa
 
 // W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [T, K]; y: [T, N] where N = rows, or with
 // SWIGLU N = rows/2 = F and y[t, f] = silu(gate f) * up f; xs_all: [T, K/G] group sums of x from xsum
-// (int4 without ZERO_INLINE; any buffer otherwise). accumulate != 0: y += result. With NORM, after
-// the product: h, hs from y (last_item_norm above); done: int [1], 0 before the launch.
+// (int4 without ZERO_INLINE; any buffer otherwise); with INT_DOT, xq_all [T, K] int16 and xd_all
+// [T, K/32] x in int16 blocks (xq.h). accumulate != 0: y += result. With NORM, after the product: h, hs
+// and with HQ hq [T, N] int16, hd [T, N/32] from y (last_item_norm above); done: int [1], 0 before
+// the launch.
 // Global size (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)).
 __kernel __attribute__((reqd_work_group_size(KSPLIT, WG_ROWS, 1)))
 void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           const int K, const int N, const int accumulate,
           __global const float* restrict xs_all, const int T
+#ifdef INT_DOT
+          , __global const short* restrict xq_all, __global const float* restrict xd_all
+#endif
 #ifdef NORM
           , __global const float* restrict norm_w, __global float* restrict h, __global float* restrict hs,
-          __global int* done, const float eps
+          __global short* restrict hq, __global float* restrict hd, __global int* done, const float eps
 #endif
           )
 {
@@ -406,6 +511,10 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
     for (int tok = 0; tok < T; tok++) {
         const int xo = tok * K;                              // x row of this token
         __global const float* restrict xs = xs_all + tok * (K / G);
+#ifdef INT_DOT
+        __global const short* restrict xq = xq_all + (size_t)tok * K;       // int16 x of this token
+        __global const float* restrict xd = xd_all + (size_t)tok * (K / 32);
+#endif
         float out[NT][RT];
         TILES_DOT(tw, out)
 
@@ -441,6 +550,6 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         }
     }
 #ifdef NORM
-    last_item_norm(y, norm_w, h, hs, done, N, T, eps);
+    last_item_norm(y, norm_w, h, hs, hq, hd, done, N, T, eps);
 #endif
 }

@@ -13,9 +13,14 @@
 
      xs    [T, dim/XS_G] out, with XS_G defined: the group sums of h's rows, computed exactly as
                       gemv.cl's xsum does, so the int4 GEMV that reads h needs no xsum launch
+     xq    [T, dim]   out, with XQ defined: h in int16 blocks of 32 (xq.h), for the int-dot GEMV
+     xd    [T, dim/32]    (gemv.cl INT_DOT); the blocks' scales
 
    Launch: global (RMS_WG * T), local (RMS_WG).
-   Tunable: RMS_WG, the work-group size, a power of two. Option: XS_G (a multiple of 16). */
+   Tunable: RMS_WG, the work-group size, a power of two. Options: XS_G (a multiple of 16), XQ
+   (dim a multiple of 32). */
+
+#include "xq.h"
 
 #ifndef RMS_WG
 #define RMS_WG 64
@@ -71,11 +76,22 @@ inline void norm_row(__global float *x, __global const float *delta, __global co
 }
 
 /* xs[g] = sum of h[g*XS_G .. (g+1)*XS_G), in gemv.cl xsum's order (16-wide partial sums, then the
-   same horizontal reduction); h is this work-group's row, just written. */
-inline void group_sums(__global const float *h, __global float *xs, const int dim)
+   same horizontal reduction); with XQ h's int16 blocks and the sums that go with them (xq.h xq_block).
+   h is this work-group's row, just written. */
+inline void group_sums(__global const float *h, __global float *xs, __global short *xq, __global float *xd,
+                       const int dim)
 {
 #ifdef XS_G
     barrier(CLK_GLOBAL_MEM_FENCE);
+#ifdef XQ
+    for (int g = get_local_id(0); g < dim / XS_G; g += RMS_WG) {
+        float sum = 0.0f;
+        for (int k0 = g * XS_G; k0 < (g + 1) * XS_G; k0 += 32)
+            sum += xq_block(h, k0, dim, xq, xd);
+        xs[g] = sum;
+    }
+    return;
+#endif
     for (int g = get_local_id(0); g < dim / XS_G; g += RMS_WG) {
         float16 sum = vload16(0, h + g * XS_G);
         for (int k = 16; k < XS_G; k += 16)
@@ -93,25 +109,32 @@ inline void group_sums(__global const float *h, __global float *xs, const int di
 #else
 #define XS_ROW(row) xs
 #endif
+#ifdef XQ
+#define XQ_ROW(row) (xq + (size_t)(row) * dim), (xd + (size_t)(row) * (dim / 32))
+#else
+#define XQ_ROW(row) xq, xd
+#endif
 
-/* x [T, dim] += delta [T, dim]; h [T, dim] = rmsnorm(x) * w [dim]; xs [T, dim/XS_G] its group sums. */
+/* x [T, dim] += delta [T, dim]; h [T, dim] = rmsnorm(x) * w [dim]; xs [T, dim/XS_G] its group sums;
+   xq [T, dim], xd [T, dim/32] h in int16 blocks. */
 __kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
 void add_rmsnorm(__global float *x, __global const float *delta, __global const float *w,
-                 __global float *h, const int dim, const float eps, __global float *xs)
+                 __global float *h, const int dim, const float eps, __global float *xs,
+                 __global short *xq, __global float *xd)
 {
     __local float scratch[RMS_WG];
     const size_t row = (size_t)get_group_id(0) * dim;
     norm_row(x + row, delta + row, w, h + row, dim, eps, true, scratch);
-    group_sums(h + row, XS_ROW(get_group_id(0)), dim);
+    group_sums(h + row, XS_ROW(get_group_id(0)), XQ_ROW(get_group_id(0)), dim);
 }
 
-/* h [T, dim] = rmsnorm(x [T, dim]) * w [dim]; x is only read; xs as above. */
+/* h [T, dim] = rmsnorm(x [T, dim]) * w [dim]; x is only read; xs, xq, xd as above. */
 __kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
 void rmsnorm(__global float *x, __global const float *w, __global float *h, const int dim,
-             const float eps, __global float *xs)
+             const float eps, __global float *xs, __global short *xq, __global float *xd)
 {
     __local float scratch[RMS_WG];
     const size_t row = (size_t)get_group_id(0) * dim;
     norm_row(x + row, x + row, w, h + row, dim, eps, false, scratch);
-    group_sums(h + row, XS_ROW(get_group_id(0)), dim);
+    group_sums(h + row, XS_ROW(get_group_id(0)), XQ_ROW(get_group_id(0)), dim);
 }

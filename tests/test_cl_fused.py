@@ -16,6 +16,7 @@ cl = pytest.importorskip("pyopencl")
 
 from engine.backends.numpy_backend import NumpyBackend, rope_tables
 from engine.backends.opencl.fused import DEFAULT_PARAMS, EmbeddingTable, FusedOps
+from engine.backends.opencl.matmul import XPrep
 from engine.backends.opencl.runtime import Runtime
 from engine.config import ModelConfig
 
@@ -142,7 +143,7 @@ def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
 
     ops.group_sums(group)
     h, xs = poisoned(cl_rt, 4 * T * dim), poisoned(cl_rt, 4 * T * dim // group)
-    ops.add_rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(delta), cl_rt.to_device(w), T, h, xs)
+    ops.add_rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(delta), cl_rt.to_device(w), T, h, XPrep(xs))
     np.testing.assert_array_equal(cl_rt.read(h, (T, dim)), cl_rt.read(plain, (T, dim)))
 
     xsum = cl.Kernel(cl_rt.program("gemv", FORMAT=4, G=group), "xsum")
@@ -151,6 +152,30 @@ def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
     np.testing.assert_array_equal(cl_rt.read(xs, (T, dim // group)), cl_rt.read(want, (T, dim // group)))
     np.testing.assert_allclose(cl_rt.read(xs, (T, dim // group)),
                                cl_rt.read(h, (T, dim)).reshape(T, -1, group).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group,T,dim", [(32, 1, 576), (128, 3, 1536), (64, 2, 704), (32, 2, 608)])
+def test_norms_write_int16_h_as_quantize_does(cl_rt, group, T, dim):
+    """With group_sums(int16=True) the norms also write h in int16 blocks (kernels/xq.h), exactly as
+    matmul.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
+    them: of the values the blocks hold over whole 128-element chunks, of h in the tail."""
+    from engine.backends.opencl.matmul import xq_view, xq_positions, quantize_xq
+
+    config = make_config(dim=dim)
+    ops = fused_ops(cl_rt, config, ctx=8)
+    ops.group_sums(group, int16=True)
+    rng = np.random.default_rng(dim + T)
+    x = rng.standard_normal((T, dim)).astype(np.float32) * 3
+    w = rng.standard_normal(dim).astype(np.float32)
+    h, xs, xq, xd = (poisoned(cl_rt, n) for n in (4 * T * dim, 4 * T * dim // group, 2 * T * dim, 4 * T * dim // 32))
+    ops.rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(w), T, h, XPrep(xs, xq, xd))
+    got_h = cl_rt.read(h, (T, dim))
+    np.testing.assert_allclose(got_h, reference(config, 8).rmsnorm(x, w), rtol=1e-5, atol=1e-5)
+    want_q, want_d = quantize_xq(got_h)
+    np.testing.assert_array_equal(cl_rt.read(xq, (T, dim), np.int16)[:, xq_positions(dim)], want_q)
+    np.testing.assert_allclose(cl_rt.read(xd, (T, dim // 32)), want_d, rtol=1e-6)
+    np.testing.assert_allclose(cl_rt.read(xs, (T, dim // group)), xq_view(got_h).reshape(T, -1, group).sum(-1),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_rmsnorm_other_work_group_size(cl_rt):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # idle BLAS threads would spin against PoCL's
 
@@ -142,6 +143,18 @@ def oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x.astype(np.float64) @ w.T
 
 
+def int_dot(mm, w, T: int, scheme: str | None = None) -> bool:
+    """Whether the product takes x in int16 blocks (the int4 GEMV's INT_DOT path, x86 AVX-512BW)."""
+    return mm.int_dot and w.fmt == "int4" and (scheme or mm.scheme(T)) == "gemv"
+
+
+def x_for(mm, w, x: np.ndarray, scheme: str | None = None) -> np.ndarray:
+    """x as the product of mm on matrix w sees it."""
+    from engine.backends.opencl.matmul import xq_view
+
+    return xq_view(x) if int_dot(mm, w, x.shape[0], scheme) else x
+
+
 def silu_mul(gu: np.ndarray) -> np.ndarray:
     gate, up = np.split(gu, 2, axis=-1)
     return gate / (1.0 + np.exp(-gate)) * up
@@ -183,7 +196,7 @@ def test_int4_linear(rt, mm, N, K, G, T, scheme):
     parts, w = rand_int4(rng, N, K, G)
     dm = DeviceMatrix.from_int4(rt, *parts, G)
     x = rng.standard_normal((T, K))
-    assert_close(run(rt, mm, dm, x, N, scheme=scheme), oracle(x, w))
+    assert_close(run(rt, mm, dm, x, N, scheme=scheme), oracle(x_for(mm, dm, x, scheme), w))
 
 
 @pytest.mark.parametrize("T,scheme", [(1, None), (5, None), (40, None), (3, "tiled")])
@@ -195,7 +208,7 @@ def test_int4_accumulate(rt, mm, T, scheme):
     parts, w = rand_int4(rng, N, K, G)
     dm = DeviceMatrix.from_int4(rt, *parts, G)
     x, y0 = rng.standard_normal((T, K)), rng.standard_normal((T, N)).astype(np.float32)
-    assert_close(run(rt, mm, dm, x, N, y0=y0, scheme=scheme), y0 + oracle(x, w))
+    assert_close(run(rt, mm, dm, x, N, y0=y0, scheme=scheme), y0 + oracle(x_for(mm, dm, x, scheme), w))
 
 
 @pytest.mark.parametrize("T,scheme", [(1, None), (3, None), (17, "few"), (17, "tiled"), (300, None)])
@@ -207,7 +220,7 @@ def test_int4_swiglu(rt, mm, T, scheme):
     parts, w = rand_int4(rng, 2 * F, K, G)
     dm = DeviceMatrix.from_int4(rt, *parts, G)
     x = rng.standard_normal((T, K))
-    assert_close(run(rt, mm, dm, x, F, op="swiglu", scheme=scheme), silu_mul(oracle(x, w)))
+    assert_close(run(rt, mm, dm, x, F, op="swiglu", scheme=scheme), silu_mul(oracle(x_for(mm, dm, x, scheme), w)))
 
 
 # ---- int8 and fp16 --------------------------------------------------------------------------------
@@ -223,7 +236,7 @@ def test_int8_output_matrix(rt, mm):
     dm = DeviceMatrix.from_q8(rt, *parts)
     for T in (1, 3):
         x = rng.standard_normal((T, K))
-        assert_close(run(rt, mm, dm, x, N), oracle(x, w.reshape(N, K)))
+        assert_close(run(rt, mm, dm, x, N), oracle(x_for(mm, dm, x), w.reshape(N, K)))
 
 
 @pytest.mark.parametrize("T,scheme,accumulate", [(1, None, False), (17, "few", True), (300, None, False)])
@@ -236,7 +249,7 @@ def test_int8_odd_rows(rt, mm, T, scheme, accumulate):
     dm = DeviceMatrix.from_q8(rt, *parts)
     x = rng.standard_normal((T, K))
     y0 = rng.standard_normal((T, N)).astype(np.float32) if accumulate else None
-    want = oracle(x, w.reshape(N, K)) + (y0 if accumulate else 0)
+    want = oracle(x_for(mm, dm, x, scheme), w.reshape(N, K)) + (y0 if accumulate else 0)
     assert_close(run(rt, mm, dm, x, N, y0=y0, scheme=scheme), want)
 
 
@@ -292,7 +305,7 @@ def test_nvidia_params(rt, mm_nvidia, T, scheme):
     parts, w = rand_int4(rng, N, K, 32)
     dm = DeviceMatrix.from_int4(rt, *parts, 32)
     x = rng.standard_normal((T, K))
-    assert_close(run(rt, mm_nvidia, dm, x, N, scheme=scheme), oracle(x, w))
+    assert_close(run(rt, mm_nvidia, dm, x, N, scheme=scheme), oracle(x_for(mm_nvidia, dm, x, scheme), w))
 
 
 @pytest.mark.parametrize("G,N,K,op,params", [
@@ -312,25 +325,28 @@ def test_gemv_tiles_per_item_and_inline_zeros(rt, G, N, K, op, params):
     dm = DeviceMatrix.from_int4(rt, *parts, G)
     x = rng.standard_normal((1, K)) + 0.5        # a mean away from zero makes wrong zero terms visible
     mm = Matmul(rt, {"gemv_vec": 4, **params})
-    want = oracle(x, w)
+    want = oracle(x_for(mm, dm, x), w)
     if op == "swiglu":
         assert_close(run(rt, mm, dm, x, N // 2, op="swiglu"), silu_mul(want))
     else:
         assert_close(run(rt, mm, dm, x, N), want)
 
 
-@pytest.mark.parametrize("fmt,N,K,G,T,hs_group,params", [
-    ("int4", 576, 1536, 32, 1, 32, {}),                  # down: K = 1536, sums for a group-32 GEMV next
-    ("int4", 577, 576, 32, 3, None, {}),                 # odd rows, three tokens, no sums
-    ("int4", 1536, 1536, 128, 1, 128, {}),               # group 128
-    ("int4", 64, 608, 32, 1, 32, {}),                    # every tail chunk
-    ("int4", 576, 576, 64, 2, 64, GPU_LIKE),             # K split across work-items, x as an image
-    ("int8", 577, 576, 32, 1, None, {}),
+@pytest.mark.parametrize("fmt,N,K,G,T,hs_group,params,int16_h", [
+    ("int4", 576, 1536, 32, 1, 32, {}, False),           # down: K = 1536, sums for a group-32 GEMV next
+    ("int4", 576, 1536, 32, 1, 32, {}, True),            # ... and h in int16 for an int-dot GEMV next
+    ("int4", 577, 576, 32, 3, None, {}, False),          # odd rows, three tokens, no sums
+    ("int4", 1536, 1536, 128, 1, 128, {}, False),        # group 128
+    ("int4", 1536, 1536, 128, 2, 64, {}, True),          # int16 h, sums of 64
+    ("int4", 608, 608, 32, 1, 32, {}, True),             # every tail chunk, in K and in h
+    ("int4", 576, 576, 64, 2, 64, GPU_LIKE, False),      # K split across work-items, x as an image
+    ("int8", 577, 576, 32, 1, None, {}, False),
 ])
-def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params):
-    """y += x W^T, then h = rmsnorm(y) * w and h's group sums, written by the GEMV's last work-item;
-    the launch after it finds its counter back at zero."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm
+def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params, int16_h):
+    """y += x W^T, then h = rmsnorm(y) * w and h's group sums (and h in int16 blocks, with the sums
+    of what those blocks hold), written by the GEMV's last work-item; the launch after it finds its
+    counter back at zero."""
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm, XPrep, xq_view, xq_positions, quantize_xq
 
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T}".encode()))
     if fmt == "int4":
@@ -342,27 +358,51 @@ def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params):
     mm = Matmul(rt, params)
     norm_w = rng.uniform(0.5, 1.5, N).astype(np.float32)
     eps = 1e-5
+    def poisoned(n: int, dtype, fill) -> cl.Buffer:
+        a = np.full(n + GUARD, fill, dtype)
+        a[n:] = SENTINEL if dtype == np.float32 else 77
+        return cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=a)
+
     for _launch in range(2):
         x, y0 = rng.standard_normal((T, K)), rng.standard_normal((T, N)).astype(np.float32)
         yb = rt.to_device(y0)
         n_sums = N // hs_group if hs_group else 1
-        h = np.full(T * N + GUARD, np.nan, np.float32)
-        hs = np.full(T * n_sums + GUARD, np.nan, np.float32)
-        h[T * N:] = hs[T * n_sums:] = SENTINEL
-        hb, hsb = (cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=a) for a in (h, hs))
-        mm.residual_norm(rt.to_device(x.astype(np.float32)), dm, T, yb,
-                         Norm(rt.to_device(norm_w), hb, hsb if hs_group else None, hs_group or 0, eps))
-        want_y = y0 + oracle(x, w)
+        hb, hsb = poisoned(T * N, np.float32, np.nan), poisoned(T * n_sums, np.float32, np.nan)
+        hqb, hdb = poisoned(T * N, np.int16, -32768), poisoned(T * N // 32, np.float32, np.nan)
+        hx = (XPrep(hsb, hqb, hdb) if int16_h else XPrep(hsb)) if hs_group else None
+        mm.residual_norm(rt.to_device(x.astype(np.float32)), dm, T, yb, Norm(rt.to_device(norm_w), hb, hx, hs_group or 0, eps))
+        want_y = y0 + oracle(x_for(mm, dm, x, "gemv"), w)
         want_h = want_y / np.sqrt(np.mean(want_y * want_y, axis=-1, keepdims=True) + eps) * norm_w
         assert_close(rt.read(yb, (T, N)), want_y)
-        got_h, got_hs = rt.read(hb, h.shape), rt.read(hsb, hs.shape)
+        got_h, got_hs = rt.read(hb, T * N + GUARD), rt.read(hsb, T * n_sums + GUARD)
         assert np.all(got_h[T * N:] == SENTINEL) and np.all(got_hs[T * n_sums:] == SENTINEL)
-        assert_close(got_h[:T * N].reshape(T, N), want_h)
+        got_h = got_h[:T * N].reshape(T, N)
+        assert_close(got_h, want_h)
+        if int16_h:                       # h's int16 blocks, exactly as quantize_xq makes them of h
+            got_q, got_d = rt.read(hqb, T * N + GUARD, np.int16), rt.read(hdb, T * N // 32 + GUARD)
+            assert np.all(got_q[T * N:] == 77) and np.all(got_d[T * N // 32:] == SENTINEL)
+            want_q, want_d = quantize_xq(got_h)
+            np.testing.assert_array_equal(got_q[:T * N].reshape(T, N)[:, xq_positions(N)], want_q)
+            np.testing.assert_allclose(got_d[:T * N // 32].reshape(T, N // 32), want_d, rtol=1e-6)
         if hs_group:
-            assert_close(got_hs[:T * n_sums].reshape(T, n_sums), want_h.reshape(T, n_sums, hs_group).sum(-1))
+            sums_of = xq_view(got_h) if int16_h else want_h
+            assert_close(got_hs[:T * n_sums].reshape(T, n_sums), sums_of.reshape(T, n_sums, hs_group).sum(-1))
         else:
             assert np.all(np.isnan(got_hs[:T * n_sums]))
         assert rt.read(mm.done, 1, np.int32)[0] == 0
+
+
+def test_int_dot_where_the_cpu_has_avx512bw(rt):
+    """PoCL on an x86 CPU with AVX-512BW builds the int-dot GEMV and uses it by default; asked not to,
+    or with GPU-style parameters, the float GEMV runs."""
+    from engine.backends.opencl.matmul import Matmul
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "Portable" not in rt.device.platform.name or " avx512bw" not in flags:
+        pytest.skip("needs PoCL on an x86 CPU with AVX-512BW")
+    assert Matmul(rt).int_dot
+    assert not Matmul(rt, {"gemv_int_dot": False}).int_dot
+    assert not Matmul(rt, GPU_LIKE).int_dot
 
 
 def test_gemv_ksplit_must_be_power_of_two(rt):
@@ -404,7 +444,7 @@ def test_from_qtensors_exact(rt, mm, qtypes):
     assert dm.fmt == {"Q4_1": "int4", "Q4_0": "int4", "Q8_0": "int8", "F16": "f16", "F32": "f16"}[qtypes[0]]
     for T in (1, 7, 33):
         x = rng.standard_normal((T, K))
-        assert_close(run(rt, mm, dm, x, w.shape[0]), oracle(x, w))
+        assert_close(run(rt, mm, dm, x, w.shape[0]), oracle(x_for(mm, dm, x), w))
 
 
 def test_from_qtensors_int4_groups(rt, mm):
@@ -422,7 +462,7 @@ def test_from_qtensors_int4_groups(rt, mm):
     w = np.concatenate([w_awq, q40.dequantize().astype(np.float64)])
     for T in (1, 5, 40):
         x = rng.standard_normal((T, K))
-        assert_close(run(rt, mm, dm, x, 320), oracle(x, w))
+        assert_close(run(rt, mm, dm, x, 320), oracle(x_for(mm, dm, x), w))
 
 
 @pytest.mark.parametrize("qtypes", [("BF16",), ("Q4_0", "Q8_0")])
@@ -440,7 +480,7 @@ def test_from_qtensors_requantizes_other_types(rt, mm, qtypes):
     step = np.repeat(scale, 32, axis=1)
     assert np.all(np.abs(w - exact) <= 0.5 * step + 1e-2 * np.abs(exact) + 1e-6)   # within half a step
     x = rng.standard_normal((2, 512))
-    assert_close(run(rt, mm, dm, x, dm.rows), oracle(x, w))
+    assert_close(run(rt, mm, dm, x, dm.rows), oracle(x_for(mm, dm, x), w))
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -512,5 +552,5 @@ def test_gemv_rows_do_not_depend_on_token_count(rt, fmt, op, params):
     for t in (0, 3, T - 1):
         alone = run(rt, mm, dm, x[t:t + 1], cols, op=op, scheme="gemv")
         np.testing.assert_array_equal(together[t], alone[0])
-    want = oracle(x, w)
+    want = oracle(x_for(mm, dm, x, "gemv"), w)
     assert_close(together, silu_mul(want) if op == "swiglu" else want)

@@ -16,7 +16,7 @@ from ...config import ModelConfig
 from ...model import Weights
 from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
-from .matmul import DeviceMatrix, Matmul, Norm
+from .matmul import DeviceMatrix, Matmul, Norm, XPrep
 from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
 
@@ -144,14 +144,18 @@ class OpenCLBackend:
         self.n_blocks = self.block_size = 0
         self.T = 0
         self.scheme: str | None = None     # matmul scheme forced for every product ("gemv" once serving)
-        # The norms write the group sums of h for the int4 GEMVs that read it (QKV, gate+up), which
-        # then skip their own xsum launch: one launch fewer per product in decode.
+        # The norms write the group sums of h (and h in int16 for the int-dot GEMV) for the int4 GEMVs
+        # that read it (QKV, gate+up), which then skip their own xsum or quantize launch: one launch
+        # fewer per product in decode.
         (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv, l.w_gate_up)}
         self.h_xs, self.xs_group = None, 0
-        if not others and fmt == "int4" and not self.matmul.params["gemv_zero_inline"]:
+        if not others and fmt == "int4" and (self.matmul.int_dot or not self.matmul.params["gemv_zero_inline"]):
             self.xs_group = group
-            self.fused.group_sums(group)
-            self.h_xs = rt.empty(T * c.dim // self.xs_group * f32)          # f32 [max_tokens, dim / group]
+            int16 = self.matmul.int_dot
+            self.fused.group_sums(group, int16=int16)
+            self.h_xs = XPrep(rt.empty(T * c.dim // group * f32),             # f32 [max_tokens, dim / group]
+                              *((rt.empty(T * c.dim * 2), rt.empty(T * c.dim // 32 * f32))  # int16 [max_tokens, dim],
+                                if int16 else ()))                                          # f32 [max_tokens, dim / 32]
         # Where each matrix writes: QKV into qkv, the o and down projections into delta.
         self.out_of = {id(l.wqkv): self.qkv for l in layers}
         self.out_of.update({id(m): self.delta for l in layers for m in (l.wo, l.w_down)})
@@ -198,8 +202,9 @@ class OpenCLBackend:
             return x, self.h
         return self.add_rmsnorm(x, self.linear(a, w), norm)
 
-    def _sums_of(self, x: Act, w: DeviceMatrix) -> cl.Buffer | None:
-        """The group sums of x the norm wrote, when x is h and w an int4 matrix of their group."""
+    def _sums_of(self, x: Act, w: DeviceMatrix) -> XPrep | None:
+        """The group sums (and int16 blocks) of x the norm wrote, when x is h and w an int4 matrix of
+        their group."""
         if self.h_xs is not None and x is self.h and w.fmt == "int4" and w.group == self.xs_group:
             return self.h_xs
         return None

@@ -17,6 +17,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...errors import PerfxError
 from ..numpy_backend import rope_tables
+from .matmul import XPrep
 from .runtime import Runtime
 
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -111,6 +112,7 @@ class FusedOps:
 
         # RMSNorm and embedding, argmax.
         self.xs_group = 0                   # group of the sums the norms also write (group_sums)
+        self.xs_int16 = False               # and whether they write h in int16 too
         self._norm_kernels()
         emb = rt.program("embed")
         self._embed_q8, self._embed_f32 = cl.Kernel(emb, "embed_q8"), cl.Kernel(emb, "embed_f32")
@@ -142,17 +144,19 @@ class FusedOps:
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
 
     def _norm_kernels(self) -> None:
-        rms = self.rt.program("rmsnorm", RMS_WG=self.params["rms_wg"], XS_G=self.xs_group or False)
+        rms = self.rt.program("rmsnorm", RMS_WG=self.params["rms_wg"], XS_G=self.xs_group or False,
+                              XQ=self.xs_int16)
         self._add_rmsnorm, self._rmsnorm = cl.Kernel(rms, "add_rmsnorm"), cl.Kernel(rms, "rmsnorm")
-        self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32, None])
-        self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32, None])
+        self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32, None, None, None])
+        self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32, None, None, None])
 
-    def group_sums(self, group: int) -> None:
+    def group_sums(self, group: int, int16: bool = False) -> None:
         """From now on the norms also write the group sums of h (xs [T, dim/group]) that an int4 GEMV
-        reading h needs for its zero terms, so it runs without its own xsum launch."""
-        if self.config.dim % group or group % 16:
+        reading h needs for its zero terms, and with int16 h in int16 blocks for the int-dot GEMV
+        (kernels/xq.h), so that GEMV runs without its own xsum or quantize launch."""
+        if self.config.dim % group or group % 16 or (int16 and self.config.dim % 32):
             raise PerfxError(f"group sums of {group} do not fit dim {self.config.dim}")
-        self.xs_group = group
+        self.xs_group, self.xs_int16 = group, int16
         self._norm_kernels()
 
     @staticmethod
@@ -192,20 +196,20 @@ class FusedOps:
     # --- operators ------------------------------------------------------------------------------
 
     def add_rmsnorm(self, x: cl.Buffer, delta: cl.Buffer | None, w: cl.Buffer, T: int,
-                    h: cl.Buffer, xs: cl.Buffer | None = None) -> None:
+                    h: cl.Buffer, xs: XPrep | None = None) -> None:
         """x [T, dim] += delta [T, dim] (skipped when delta is None); h [T, dim] = rmsnorm(x) * w [dim];
-        after group_sums(G), xs [T, dim/G] = the group sums of h."""
+        after group_sums(G), xs.sums [T, dim/G] = the group sums of h (and with int16, xs.q, xs.scale)."""
         wg = self.params["rms_wg"]
         c = self.config
-        if self.xs_group and xs is None:
-            raise PerfxError("the norms write group sums: give them an xs buffer")
-        xs = xs if xs is not None else h                 # unused without group sums
+        if self.xs_group and (xs is None or (self.xs_int16 and xs.q is None)):
+            raise PerfxError("the norms write group sums (and int16 h): give them the buffers")
+        outs = [h if b is None else b for b in (xs.sums, xs.q, xs.scale)] if xs else [h] * 3   # unused: h
         if delta is None:
-            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, xs)
+            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, *outs)
         else:
-            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, xs)
+            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, *outs)
 
-    def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer, xs: cl.Buffer | None = None) -> None:
+    def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer, xs: XPrep | None = None) -> None:
         """h [T, dim] = rmsnorm(x [T, dim]) * w [dim] (and xs, as add_rmsnorm)."""
         self.add_rmsnorm(x, None, w, T, h, xs)
 

@@ -15,7 +15,8 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
   that line up with a plain vector load of x.
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
-for the zero terms, unless gemv_zero_inline), `gemm_few` (weights dequantized once per TT tokens into registers) up to
+for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quantize`, x in int16 blocks
+of 32 with integer products, `int_dot`; the norms write both for the products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
@@ -47,6 +48,7 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "gemv_wg_rows": 8,      # work-items along the rows per work-group
     "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
     "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
+    "gemv_int_dot": True,   # int4 GEMV with x in int16 and integer products where the device builds it
     "gemv_norm": True,      # the residual projections' GEMV ends with the next RMSNorm (one launch fewer)
     "use_image": False,     # read x through an image1d_buffer_t
     "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
@@ -151,6 +153,37 @@ def quantize_int4(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarra
     safe = np.where(scale > 0, scale, 1)[..., None]
     q = np.clip(np.rint((g - zero[..., None]) / safe), 0, 15).astype(np.uint8)
     return q.reshape(rows, cols), scale, zero
+
+
+def quantize_xq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, K] (K a multiple of 32) in int16 blocks of 32 as kernels/xq.h computes them, in natural
+    order: (q int16 [T, K], scale f32 [T, K/32]) with x ~ q * scale."""
+    T, K = x.shape
+    blocks = np.asarray(x, np.float32).reshape(T, K // 32, 32)
+    m = np.abs(blocks).max(axis=-1)
+    inv = np.divide(np.float32(32767), m, out=np.zeros_like(m), where=m > 0)
+    q = np.rint(blocks * inv[..., None]).astype(np.int16)
+    return q.reshape(T, K), (m / np.float32(32767)).astype(np.float32)
+
+
+def xq_view(x: np.ndarray) -> np.ndarray:
+    """The x [T, K] that the int-dot GEMV multiplies (f64): its int16 blocks (quantize_xq) as values over
+    the whole 128-element chunks, the float x in the tail past them."""
+    x = np.asarray(x, np.float32)
+    T, K = x.shape
+    q, scale = quantize_xq(x)
+    out = x.astype(np.float64)
+    whole = K // 128 * 128
+    out[:, :whole] = (q.reshape(T, K // 32, 32) * scale[..., None].astype(np.float64)).reshape(T, K)[:, :whole]
+    return out
+
+
+def xq_positions(K: int) -> np.ndarray:
+    """Where kernels/xq.h stores element k of a row of K values (int64 [K])."""
+    k = np.arange(K)
+    base, e = k & ~127, k & 127
+    permuted = base + 64 * ((e >> 4) & 1) + 16 * ((e >> 2) & 3) + 4 * (e >> 5) + (e & 3)
+    return np.where(base + 128 <= K, permuted, k)
 
 
 @dataclass(eq=False)
@@ -265,18 +298,32 @@ def _pack_words(tensors: list[QTensor], kind: str, group: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class XPrep:
+    """What the int4 GEMV needs of its input x [T, K] besides x itself, written by the kernel that
+    wrote x (the norms) so that the GEMV needs no launch of its own for it."""
+
+    sums: cl.Buffer                   # f32 [T, K/G]: the group sums of x (the zero terms)
+    q: cl.Buffer | None = None        # int16 [T, K]: x in int16 blocks of 32 (kernels/xq.h), int-dot GEMV
+    scale: cl.Buffer | None = None    # f32 [T, K/32]: the blocks' scales
+
+    @property
+    def key(self) -> tuple:
+        return tuple(0 if b is None else b.int_ptr for b in (self.sums, self.q, self.scale))
+
+
+@dataclass(frozen=True)
 class Norm:
     """The RMSNorm a residual projection's GEMV ends with (Matmul.residual_norm)."""
 
     w: cl.Buffer               # f32 [N]: norm weight
     h: cl.Buffer               # f32 [T, N]: out, rmsnorm(y) * w
-    hs: cl.Buffer | None       # f32 [T, N/group]: out, the group sums of h; None: not written
-    group: int                 # group of hs
+    hx: XPrep | None           # out: h's group sums (of `group`) and, with hx.q, h in int16; None: not written
+    group: int                 # group of hx.sums
     eps: float
 
     @property
     def key(self) -> tuple:
-        return (self.w.int_ptr, self.h.int_ptr, self.hs.int_ptr if self.hs is not None else 0, self.group, self.eps)
+        return (self.w.int_ptr, self.h.int_ptr, self.hx.key if self.hx is not None else 0, self.group, self.eps)
 
 
 @dataclass
@@ -304,6 +351,20 @@ class Matmul:
         self.params = {**DEFAULT_PARAMS, **(params or {})}
         self._plans: dict[tuple, _Plan] = {}
         self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
+        self.int_dot = self._int_dot_works()
+
+    def _int_dot_works(self) -> bool:
+        """Whether the int4 GEMV takes x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
+        layout of the GEMV (VEC 16, no K split), and a device whose compiler builds it (x86 with
+        AVX-512BW; elsewhere the build fails and the float GEMV is used)."""
+        p = self.params
+        if not (p["gemv_int_dot"] and p["gemv_vec"] == 16 and p["gemv_ksplit"] == 1):
+            return False
+        try:
+            self.rt.program("gemv", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"], INT_DOT=True)
+        except PerfxError:
+            return False
+        return True
 
     def scheme(self, T: int) -> str:
         """The kernel used for T tokens: "gemv", "few" or "tiled"."""
@@ -312,30 +373,29 @@ class Matmul:
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
-               scheme: str | None = None, xs: cl.Buffer | None = None) -> None:
-        """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers). xs: the group
-        sums of x [T, K/group] when already computed (the norms write them), used by the int4 GEMV in
-        place of its xsum launch."""
+               scheme: str | None = None, xs: XPrep | None = None) -> None:
+        """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers). xs: x's group
+        sums [T, K/group] (and, for the int-dot GEMV, x in int16) when already computed (the norms write
+        them), used by the int4 GEMV in place of its own xsum or quantize launch."""
         self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: cl.Buffer | None = None) -> None:
+               xs: XPrep | None = None) -> None:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
         self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
-                      xs: cl.Buffer | None = None) -> None:
+                      xs: XPrep | None = None) -> None:
         """y [T, N] += x @ W^T, y being the residual stream; then norm.h [T, N] = rmsnorm(y) * norm.w and,
-        with norm.hs, its group sums [T, N/norm.group]: one GEMV launch, whose last work-group to finish
-        normalises (kernels/gemv.cl NORM)."""
+        with norm.hx, its group sums [T, N/norm.group] (and h in int16 with norm.hx.q): one GEMV launch,
+        whose last work-item to finish normalises (kernels/gemv.cl NORM)."""
         if w.bias is not None:
             raise PerfxError("residual_norm takes no bias")
         self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
 
     def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-                 scheme: str | None, xs: cl.Buffer | None = None, norm: Norm | None = None) -> None:
-        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, 0 if xs is None else xs.int_ptr,
-               norm and norm.key)
+                 scheme: str | None, xs: XPrep | None = None, norm: Norm | None = None) -> None:
+        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, xs and xs.key, norm and norm.key)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
@@ -347,7 +407,7 @@ class Matmul:
     # -- building the launches of one call --
 
     def _plan(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-              scheme: str, xs: cl.Buffer | None = None, norm: Norm | None = None) -> _Plan:
+              scheme: str, xs: XPrep | None = None, norm: Norm | None = None) -> _Plan:
         if scheme not in SCHEMES:
             raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
         if T < 1:
@@ -377,26 +437,33 @@ class Matmul:
         return _Plan(steps, (x, y, w.buf) + keep)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
-              accumulate: np.int32, xs_given: cl.Buffer | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
+              accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
         p = self.params
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
         use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
-        inline = w.fmt == "int4" and bool(p["gemv_zero_inline"])
+        int_dot = w.fmt == "int4" and self.int_dot
+        inline = w.fmt == "int4" and not int_dot and bool(p["gemv_zero_inline"])
+        hx = norm.hx if norm is not None else None
+        if hx is not None and hx.q is not None and N % 32:
+            raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
         defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
-                       NORM=norm is not None, HS_G=norm.group if norm is not None and norm.hs is not None else False)
+                       INT_DOT=int_dot, NORM=norm is not None, HS_G=norm.group if hx is not None else False,
+                       HQ=hx is not None and hx.q is not None)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
-        if w.fmt == "int4" and not inline and xs_given is not None:
-            xs = xs_given                                        # f32 [T, K/G], computed by the caller
-        elif w.fmt == "int4" and not inline:
-            xs = self.rt.empty(4 * T * (K // w.group))          # f32 [T, K/G]
-            xsum = cl.Kernel(program, "xsum")
-            xsum.set_args(x, xs)
-            steps.append((xsum, (T * K // w.group,), None))
-            keep += (xs,)
+        if w.fmt == "int4" and not inline:
+            if given is None or (int_dot and given.q is None):
+                # This launch's own first step: x's group sums (xsum), and x in int16 (quantize).
+                given = XPrep(self.rt.empty(4 * T * (K // w.group)),                    # f32 [T, K/G]
+                              *((self.rt.empty(2 * T * K), self.rt.empty(4 * T * K // 32)) if int_dot else ()))
+                first = cl.Kernel(program, "quantize" if int_dot else "xsum")
+                first.set_args(x, given.sums, *((given.q, given.scale, np.int32(K)) if int_dot else ()))
+                steps.append((first, (T * K // w.group,), None))
+                keep += (given.sums, given.q, given.scale)
+            xs = given.sums
         xarg = x
         if use_image:                            # x [K] as K/4 float4 texels
             fmt = cl.ImageFormat(cl.channel_order.RGBA, cl.channel_type.FLOAT)
@@ -408,11 +475,14 @@ class Matmul:
             raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
                              f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
         args = [w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T)]
+        if int_dot:
+            args += [given.q, given.scale]
         if norm is not None:
             if self.done is None:
                 self.done = self.rt.to_device(np.zeros(1, np.int32))    # int32 [1]: finished work-groups
-            args += [norm.w, norm.h, norm.hs if norm.hs is not None else norm.h, self.done, np.float32(norm.eps)]
-            keep += (norm.w, norm.h, norm.hs, self.done)
+            outs = [norm.h if b is None else b for b in (hx.sums, hx.q, hx.scale)] if hx else [norm.h] * 3
+            args += [norm.w, norm.h, *outs, self.done, np.float32(norm.eps)]
+            keep += (norm.w, norm.h, hx, self.done)
         gemv.set_args(*args)
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows

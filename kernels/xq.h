@@ -1,0 +1,44 @@
+/* The input x of the int-dot GEMV (gemv.cl INT_DOT) in int16: one row x [K] becomes
+     xq [K] int16  x in blocks of 32: q = rint(x * 32767 / max|block|)
+     xd [K/32]     f32, the blocks' scales max|block| / 32767 (x ~ q * xd, to 2^-15 of the block's largest)
+   Within each whole 128-element chunk of the row the values are reordered to line up with the int4
+   weight words once their bytes are transposed 4x4 (gemv.cl IPIECE): element e of the chunk
+   (e = 32g + 16h + 4m + j) is stored at 64h + 16m + 4g + j. The tail past the last whole chunk keeps
+   its natural order (the GEMV reads the float x there). The group sums that go with them (the int4
+   zero terms) are taken of the values the blocks hold: xq_block. Written by the norms (rmsnorm.cl XQ,
+   gemv.cl NORM with HQ) and by gemv.cl's quantize kernel. */
+
+/* The block x[k0 .. k0 + 32) of a row of K values: its int16 values into xq, its scale into xd[k0 / 32].
+   Returns the block's sum as the GEMV's zero terms take it: of the values the GEMV multiplies, q * scale
+   in whole chunks (so that the int4 zero terms and the products see the same x) and x itself in the
+   tail. In a whole chunk the block is group g = (k0 % 128) / 32, its halves h = 0, 1 (a, b) of 4 x 4
+   values (m, j) going to 64h + 16m + 4g + j: four 4-value stores each. */
+inline float xq_block(__global const float* x, const int k0, const int K, __global short* xq,
+                      __global float* xd)
+{
+    const float16 a = vload16(0, x + k0), b = vload16(0, x + k0 + 16);
+    const float16 m16 = fmax(fabs(a), fabs(b));
+    const float8 m8 = fmax(m16.lo, m16.hi);
+    const float4 m4 = fmax(m8.lo, m8.hi);
+    const float m = fmax(fmax(m4.x, m4.y), fmax(m4.z, m4.w));
+    const float inv = m > 0.0f ? 32767.0f / m : 0.0f, scale = m / 32767.0f;
+    const float16 qa = rint(a * inv), qb = rint(b * inv);
+    const short16 ca = convert_short16(qa), cb = convert_short16(qb);
+    const bool tail = (k0 & ~127) + 128 > K;          // the GEMV reads the float x there
+    xd[k0 / 32] = scale;
+    if (tail) {
+        vstore16(ca, 0, xq + k0);
+        vstore16(cb, 0, xq + k0 + 16);
+    } else {
+        __global short* p = xq + (k0 & ~127) + 4 * ((k0 & 127) >> 5);
+        vstore4(ca.s0123, 0, p);      vstore4(ca.s4567, 0, p + 16);
+        vstore4(ca.s89ab, 0, p + 32); vstore4(ca.scdef, 0, p + 48);
+        vstore4(cb.s0123, 0, p + 64); vstore4(cb.s4567, 0, p + 80);
+        vstore4(cb.s89ab, 0, p + 96); vstore4(cb.scdef, 0, p + 112);
+    }
+    const float16 s = tail ? a + b : qa + qb;
+    const float8 s8 = s.lo + s.hi;
+    const float4 s4 = s8.lo + s8.hi;
+    const float sum = (s4.x + s4.y) + (s4.z + s4.w);
+    return tail ? sum : sum * scale;
+}
