@@ -47,7 +47,8 @@
 //   36-38 GB/s, fp16 48 GB/s. At 1 thread the float int4 GEMV is bound by instructions (about 29 GMAC/s,
 //   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches. The int-dot
 //   path (INT_DOT, x in int16, the default on AVX-512BW), its quantize launch included, 1 thread:
-//   17 (576x576), 20 (qkv, gate+up), 28 (down), 30 (g128 K1536) GB/s, 1.2-1.45x the float path.
+//   17 (576x576), 20 (qkv, gate+up), 28 (down), 30 (g128 K1536) GB/s, 1.2-1.45x the float path (before
+//   the 16-bit nibble words and the scales of a tile taken in one product, which gave 1.06x more decode).
 //   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
@@ -270,48 +271,52 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // int4 x int16 on x86 AVX-512BW (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
 // float path for all practical purposes, unlike int8 activations). Per row and chunk the 64 weight
 // bytes are transposed 4x4 within each 16-byte lane, so that lane m's bytes 4g..4g+3 hold group g
-// (elements 32g..32g+31: byte g of words 4m..4m+3); the low and high nibbles are widened to 16 bits
-// and multiplied with x (vpmaddwd: adjacent products added into int32 lanes, which stay within a
-// group), the four products summed, converted and scaled by weight scale x block scale of the
-// lane's group. The zero terms come from the group sums xs of the values x holds. About 22
-// instructions per row and chunk where the float piece takes about 30; the tail chunks (64, 32)
-// keep the float path.
+// (elements 32g..32g+31: byte g of words 4m..4m+3). Read as 32 16-bit words (word 8m + 2g + k: bytes
+// 4g + 2k, 4g + 2k + 1 of lane m), each word's four nibbles are four vectors of 16-bit weights (and,
+// shift), each multiplied with its own vector of x (vpmaddwd: adjacent products added into int32
+// lane 4m + g, within one group), the four summed, converted, and scaled by weight scale x block
+// scale of the lane's group. The zero terms come from the group sums xs of the values x holds.
+// About 18 instructions per row and chunk where the float piece takes about 30; the tail chunks
+// (64, 32) keep the float path.
 typedef char char64v __attribute__((ext_vector_type(64)));
-typedef char char32v __attribute__((ext_vector_type(32)));
 typedef short short32v __attribute__((ext_vector_type(32)));
+typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #define LOAD64(T, p) __builtin_astype(vload16(0, (__global const uint*)(p)), T)
 #define T4(b) (b), (b) + 4, (b) + 8, (b) + 12, (b) + 1, (b) + 5, (b) + 9, (b) + 13, \
               (b) + 2, (b) + 6, (b) + 10, (b) + 14, (b) + 3, (b) + 7, (b) + 11, (b) + 15
 #define TRANSPOSE_4X4 T4(0), T4(16), T4(32), T4(48)
-#define HALF0 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, \
-              16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
-#define HALF1 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, \
-              48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63
-#define WIDEN(v, half) __builtin_convertvector(__builtin_shufflevector(v, v, half), short32v)
-#define SL(r, g) sl[(r) * GC_(128) + (g) * GC_(128) / 4]    // scale of row r for block g of the chunk
+#define NIBBLES(w, s) __builtin_astype(((w) >> (ushort)(s)) & (ushort)15, short32v)
+#define ROW4(r) 4 * (r), 4 * (r) + 1, 4 * (r) + 2, 4 * (r) + 3
+#define ROW_LANES(r) ROW4(r), ROW4(r), ROW4(r), ROW4(r)            // lane 4m + g: group g of row r
+#if G == 32                   // scales [RT][GC] -> lanes 4r + g, g the 32-block of the chunk
+#define SCALES(sz) vload_half16(0, sz)
+#elif G == 64
+#define SCALES(sz) vload_half8(0, sz).s0011223344556677
+#else
+#define SCALES(sz) vload_half4(0, sz).s0000111122223333
+#endif
 #ifndef INT_PREFETCH
 #define INT_PREFETCH 32       // chunks ahead that each tile's stream is prefetched (the hardware
 #endif                        // prefetcher alone left this kernel at half the bandwidth)
 #define IPIECE(blk, c, acc, zacc)                                                              \
     {                                                                                          \
-        char64v q[RT];                                                                         \
-        _Pragma("unroll") for (int r = 0; r < RT; r++) q[r] = LOAD64(char64v, (blk) + r * 16); \
+        ushort32v q[RT];                                                                       \
+        _Pragma("unroll") for (int r = 0; r < RT; r++) q[r] = LOAD64(ushort32v, (blk) + r * 16); \
         __global const half* sz = (__global const half*)((blk) + RT * 16);                     \
-        float sl[RT * GC_(128)];                                                               \
-        VLOAD_HALFS(RT_GC_128, sz, sl);                                                        \
+        const float16 sd = SCALES(sz) * (float16)(d4, d4, d4, d4);                             \
         zacc = fma(CAT(vload_half, RT_GC_128)(0, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc); \
-        _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
-            const char64v t = __builtin_shufflevector(q[r], q[r], TRANSPOSE_4X4);              \
-            const char64v lo = t & (char)15;                                                   \
-            const char64v hi = __builtin_astype(__builtin_astype(t, short32v) >> (short)4, char64v) & (char)15; \
-            const int16 dot = __builtin_ia32_pmaddwd512(WIDEN(lo, HALF0), x16[0])              \
-                            + __builtin_ia32_pmaddwd512(WIDEN(lo, HALF1), x16[1])              \
-                            + __builtin_ia32_pmaddwd512(WIDEN(hi, HALF0), x16[2])              \
-                            + __builtin_ia32_pmaddwd512(WIDEN(hi, HALF1), x16[3]);             \
-            const float4 w4 = (float4)(SL(r, 0), SL(r, 1), SL(r, 2), SL(r, 3)) * d4;           \
-            const float8 w8 = w4.s00112233;                                                    \
-            acc[r] = fma(convert_float16(dot), (float16)(w8, w8), acc[r]);                     \
-        }                                                                                      \
+        IROW(q, sd, acc, 0) IROW(q, sd, acc, 1) IROW(q, sd, acc, 2) IROW(q, sd, acc, 3)        \
+    }
+// Row r (a constant: the lanes of its scales are a shuffle pattern) of a tile's chunk.
+#define IROW(q, sd, acc, r)                                                                    \
+    {                                                                                          \
+        const ushort32v t = __builtin_astype(__builtin_shufflevector(                          \
+            __builtin_astype(q[r], char64v), __builtin_astype(q[r], char64v), TRANSPOSE_4X4), ushort32v); \
+        const int16 dot = __builtin_ia32_pmaddwd512(NIBBLES(t, 0), x16[0])                     \
+                        + __builtin_ia32_pmaddwd512(NIBBLES(t, 4), x16[1])                     \
+                        + __builtin_ia32_pmaddwd512(NIBBLES(t, 8), x16[2])                     \
+                        + __builtin_ia32_pmaddwd512(__builtin_astype(t >> (ushort)12, short32v), x16[3]); \
+        acc[r] = fma(convert_float16(dot), __builtin_shufflevector(sd, sd, ROW_LANES(r)), acc[r]); \
     }
 #define DOT128(c, j)                                                                           \
     {                                                                                          \

@@ -2,8 +2,10 @@
      xq [K] int16  x in blocks of 32: q = rint(x * 32767 / max|block|)
      xd [K/32]     f32, the blocks' scales max|block| / 32767 (x ~ q * xd, to 2^-15 of the block's largest)
    Within each whole 128-element chunk of the row the values are reordered to line up with the int4
-   weight words once their bytes are transposed 4x4 (gemv.cl IPIECE): element e of the chunk
-   (e = 32g + 16h + 4m + j) is stored at 64h + 16m + 4g + j. The tail past the last whole chunk keeps
+   weight nibbles as gemv.cl IPIECE reads them: element e of the chunk (e = 32g + 16h + 4m + 2k + o,
+   nibble h of byte 2k + o of group g in lane m once the words are transposed) is stored at
+   32(h + 2o) + 8m + 2g + k: four vectors of 32 values, one per nibble of a 16-bit word. The tail past
+   the last whole chunk keeps
    its natural order (the GEMV reads the float x there). The group sums that go with them (the int4
    zero terms) are taken of the values the blocks hold: xq_block. Written by the norms (rmsnorm.cl XQ,
    gemv.cl NORM with HQ) and by gemv.cl's quantize kernel. */
@@ -12,7 +14,8 @@
    Returns the block's sum as the GEMV's zero terms take it: of the values the GEMV multiplies, q * scale
    in whole chunks (so that the int4 zero terms and the products see the same x) and x itself in the
    tail. In a whole chunk the block is group g = (k0 % 128) / 32, its halves h = 0, 1 (a, b) of 4 x 4
-   values (m, j) going to 64h + 16m + 4g + j: four 4-value stores each. */
+   values (m, j = 2k + o): the even ones (o = 0) and the odd ones each go as pairs (k = 0, 1) to
+   32(h + 2o) + 8m + 2g. */
 inline float xq_block(__global const float* x, const int k0, const int K, __global short* xq,
                       __global float* xd)
 {
@@ -30,11 +33,12 @@ inline float xq_block(__global const float* x, const int k0, const int K, __glob
         vstore16(ca, 0, xq + k0);
         vstore16(cb, 0, xq + k0 + 16);
     } else {
-        __global short* p = xq + (k0 & ~127) + 4 * ((k0 & 127) >> 5);
-        vstore4(ca.s0123, 0, p);      vstore4(ca.s4567, 0, p + 16);
-        vstore4(ca.s89ab, 0, p + 32); vstore4(ca.scdef, 0, p + 48);
-        vstore4(cb.s0123, 0, p + 64); vstore4(cb.s4567, 0, p + 80);
-        vstore4(cb.s89ab, 0, p + 96); vstore4(cb.scdef, 0, p + 112);
+        __global short* p = xq + (k0 & ~127) + 2 * ((k0 & 127) >> 5);
+        const short8 v[4] = {ca.even, cb.even, ca.odd, cb.odd};       // h + 2o = 0, 1, 2, 3
+        for (int n = 0; n < 4; n++) {
+            vstore2(v[n].s01, 0, p + 32 * n);      vstore2(v[n].s23, 0, p + 32 * n + 8);
+            vstore2(v[n].s45, 0, p + 32 * n + 16); vstore2(v[n].s67, 0, p + 32 * n + 24);
+        }
     }
     const float16 s = tail ? a + b : qa + qb;
     const float8 s8 = s.lo + s.hi;

@@ -182,7 +182,8 @@ def xq_positions(K: int) -> np.ndarray:
     """Where kernels/xq.h stores element k of a row of K values (int64 [K])."""
     k = np.arange(K)
     base, e = k & ~127, k & 127
-    permuted = base + 64 * ((e >> 4) & 1) + 16 * ((e >> 2) & 3) + 4 * (e >> 5) + (e & 3)
+    g, h, m, j = e >> 5, (e >> 4) & 1, (e >> 2) & 3, e & 3
+    permuted = base + 32 * (h + 2 * (j & 1)) + 8 * m + 2 * g + (j >> 1)
     return np.where(base + 128 <= K, permuted, k)
 
 
