@@ -374,11 +374,12 @@ class Matmul:
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
-               scheme: str | None = None, xs: XPrep | None = None) -> None:
+               scheme: str | None = None, xs: XPrep | None = None) -> list[cl.Event]:
         """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers). xs: x's group
         sums [T, K/group] (and, for the int-dot GEMV, x in int16) when already computed (the norms write
-        them), used by the int4 GEMV in place of its own xsum or quantize launch."""
-        self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
+        them), used by the int4 GEMV in place of its own xsum or quantize launch. Returns the events of
+        its launches."""
+        return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
                xs: XPrep | None = None) -> None:
@@ -395,15 +396,16 @@ class Matmul:
         self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
 
     def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-                 scheme: str | None, xs: XPrep | None = None, norm: Norm | None = None) -> None:
+                 scheme: str | None, xs: XPrep | None = None, norm: Norm | None = None) -> list[cl.Event]:
+        """Enqueues the call's launches (built once per distinct call); their events."""
         key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, xs and xs.key, norm and norm.key)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs, norm)
-        for kernel, global_size, local_size in plan.steps:
-            cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
+        return [cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
+                for kernel, global_size, local_size in plan.steps]
 
     # -- building the launches of one call --
 
