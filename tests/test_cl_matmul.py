@@ -18,6 +18,7 @@ cl = pytest.importorskip("pyopencl")
 
 from engine.errors import PerfxError
 from engine.tensors import QTensor
+from tests.conftest import held_by_xq
 
 RTOL = 1e-4
 GUARD = 64          # floats after each output that must stay untouched
@@ -346,7 +347,7 @@ def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params, int16_h):
     """y += x W^T, then h = rmsnorm(y) * w and h's group sums (and h in int16 blocks, with the sums
     of what those blocks hold), written by the GEMV's last work-item; the launch after it finds its
     counter back at zero."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm, XPrep, xq_view, xq_positions, quantize_xq
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm, XPrep
 
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T}".encode()))
     if fmt == "int4":
@@ -378,14 +379,12 @@ def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params, int16_h):
         assert np.all(got_h[T * N:] == SENTINEL) and np.all(got_hs[T * n_sums:] == SENTINEL)
         got_h = got_h[:T * N].reshape(T, N)
         assert_close(got_h, want_h)
-        if int16_h:                       # h's int16 blocks, exactly as quantize_xq makes them of h
+        sums_of = want_h
+        if int16_h:                       # h's int16 blocks, as quantize_xq makes them of h
             got_q, got_d = rt.read(hqb, T * N + GUARD, np.int16), rt.read(hdb, T * N // 32 + GUARD)
             assert np.all(got_q[T * N:] == 77) and np.all(got_d[T * N // 32:] == SENTINEL)
-            want_q, want_d = quantize_xq(got_h)
-            np.testing.assert_array_equal(got_q[:T * N].reshape(T, N)[:, xq_positions(N)], want_q)
-            np.testing.assert_allclose(got_d[:T * N // 32].reshape(T, N // 32), want_d, rtol=1e-6)
+            sums_of = held_by_xq(got_h, got_q[:T * N], got_d[:T * N // 32].reshape(T, N // 32))
         if hs_group:
-            sums_of = xq_view(got_h) if int16_h else want_h
             assert_close(got_hs[:T * n_sums].reshape(T, n_sums), sums_of.reshape(T, n_sums, hs_group).sum(-1))
         else:
             assert np.all(np.isnan(got_hs[:T * n_sums]))
