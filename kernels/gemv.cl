@@ -47,8 +47,8 @@
 //   36-38 GB/s, fp16 48 GB/s. At 1 thread the float int4 GEMV is bound by instructions (about 29 GMAC/s,
 //   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches. The int-dot
 //   path (INT_DOT, x in int16, the default on AVX-512BW), its quantize launch included, 1 thread:
-//   17 (576x576), 20 (qkv, gate+up), 28 (down), 30 (g128 K1536) GB/s, 1.2-1.45x the float path (before
-//   the 16-bit nibble words and the scales of a tile taken in one product, which gave 1.06x more decode).
+//   16 (576x576), 21 (qkv, gate+up), 32 (down), 35 (g128 K1536) GB/s, 1.3-1.65x the float path with
+//   its xsum launch (docs/performance.md).
 //   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
