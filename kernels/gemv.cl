@@ -48,7 +48,8 @@
 //   hardly faster with the weights in cache), not by the 40 GB/s a plain read reaches. The int-dot
 //   path (INT_DOT, x in int16, the default on AVX-512BW), its quantize launch included, 1 thread:
 //   16 (576x576), 21 (qkv, gate+up), 32 (down), 35 (g128 K1536) GB/s, 1.3-1.65x the float path with
-//   its xsum launch (docs/performance.md).
+//   its xsum launch (docs/performance.md); int8 49152x576 (output), its quantize launch included,
+//   44 GB/s where the float path reaches 20.
 //   NVIDIA H100 (kernels/tuning.toml): int4 g128 4096x4096 (8.4 MB) 416 GB/s, 11008x4096 815 GB/s, i.e.
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
@@ -265,8 +266,8 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // One 128-element chunk c (piece j) of the NT tiles: float x (XPLANES / TPIECE), or with INT_DOT
 // int16 x against the int4 words (IPIECE).
 #ifdef INT_DOT
-#if FORMAT != 4 || VEC != 16 || KSPLIT != 1
-#error "INT_DOT takes int4 weights, VEC 16 and KSPLIT 1"
+#if FORMAT == 16 || VEC != 16 || KSPLIT != 1
+#error "INT_DOT takes int4 or int8 weights, VEC 16 and KSPLIT 1"
 #endif
 // int4 x int16 on x86 AVX-512BW (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
 // float path for all practical purposes, unlike int8 activations). Per row and chunk the 64 weight
@@ -279,6 +280,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // About 18 instructions per row and chunk where the float piece takes about 30; the tail chunks
 // (64, 32) keep the float path.
 typedef char char64v __attribute__((ext_vector_type(64)));
+typedef char char32v __attribute__((ext_vector_type(32)));
 typedef short short32v __attribute__((ext_vector_type(32)));
 typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #define LOAD64(T, p) __builtin_astype(vload16(0, (__global const uint*)(p)), T)
@@ -298,6 +300,7 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #ifndef INT_PREFETCH
 #define INT_PREFETCH 32       // chunks ahead that each tile's stream is prefetched (the hardware
 #endif                        // prefetcher alone left this kernel at half the bandwidth)
+#if FORMAT == 4
 #define IPIECE(blk, c, acc, zacc)                                                              \
     {                                                                                          \
         ushort32v q[RT];                                                                       \
@@ -318,6 +321,24 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
                         + __builtin_ia32_pmaddwd512(__builtin_astype(t >> (ushort)12, short32v), x16[3]); \
         acc[r] = fma(convert_float16(dot), __builtin_shufflevector(sd, sd, ROW_LANES(r)), acc[r]); \
     }
+#else
+// int8 x int16: x in natural order (XQ_NATURAL); per row and 32-element block the int8 weights are
+// widened to 16 bits and multiplied with the block of x (vpmaddwd), the 16 int32 lanes converted and
+// scaled by weight scale x block scale. 5 instructions per 32 weights where the float piece takes 7.
+#define XQ_NATURAL
+#define IPIECE(blk, c, acc, zacc)                                                              \
+    {                                                                                          \
+        __global const char* q = (__global const char*)(blk);                                 \
+        const float16 sd = vload_half16(0, (__global const half*)((blk) + RT * 32)) * (float16)(d4, d4, d4, d4); \
+        IROW8(q, sd, acc, 0) IROW8(q, sd, acc, 1) IROW8(q, sd, acc, 2) IROW8(q, sd, acc, 3)    \
+    }
+#define IBLOCK8(q, sd, acc, r, b)                                                              \
+    acc[r] = fma(convert_float16(__builtin_ia32_pmaddwd512(__builtin_convertvector(            \
+                     __builtin_astype(vload8(0, (__global const uint*)((q) + (r) * 128 + 32 * (b))), char32v), short32v), \
+                     x16[b])), (float16)(sd[4 * (r) + (b)]), acc[r]);
+#define IROW8(q, sd, acc, r)                                                                   \
+    IBLOCK8(q, sd, acc, r, 0) IBLOCK8(q, sd, acc, r, 1) IBLOCK8(q, sd, acc, r, 2) IBLOCK8(q, sd, acc, r, 3)
+#endif
 #define DOT128(c, j)                                                                           \
     {                                                                                          \
         _Pragma("unroll") for (int i = 0; i < NT; i++)                                         \

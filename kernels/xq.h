@@ -6,7 +6,8 @@
    nibble h of byte 2k + o of group g in lane m once the words are transposed) is stored at
    32(h + 2o) + 8m + 2g + k: four vectors of 32 values, one per nibble of a 16-bit word. The tail past
    the last whole chunk keeps
-   its natural order (the GEMV reads the float x there). The group sums that go with them (the int4
+   its natural order (the GEMV reads the float x there); with XQ_NATURAL (the int8 GEMV) the whole
+   row does. The group sums that go with them (the int4
    zero terms) are taken of the values the blocks hold: xq_block. Written by the norms (rmsnorm.cl XQ,
    gemv.cl NORM with HQ) and by gemv.cl's quantize kernel. */
 
@@ -28,8 +29,13 @@ inline float xq_block(__global const float* x, const int k0, const int K, __glob
     const float16 qa = rint(a * inv), qb = rint(b * inv);
     const short16 ca = convert_short16(qa), cb = convert_short16(qb);
     const bool tail = (k0 & ~127) + 128 > K;          // the GEMV reads the float x there
+#ifdef XQ_NATURAL
+    const bool natural = true;                        // for int8 weights, rows in natural order
+#else
+    const bool natural = tail;
+#endif
     xd[k0 / 32] = scale;
-    if (tail) {
+    if (natural) {
         vstore16(ca, 0, xq + k0);
         vstore16(cb, 0, xq + k0 + 16);
     } else {

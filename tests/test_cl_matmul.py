@@ -145,8 +145,8 @@ def oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def int_dot(mm, w, T: int, scheme: str | None = None) -> bool:
-    """Whether the product takes x in int16 blocks (the int4 GEMV's INT_DOT path, x86 AVX-512BW)."""
-    return mm.int_dot and w.fmt == "int4" and (scheme or mm.scheme(T)) == "gemv"
+    """Whether the product takes x in int16 blocks (the int4 and int8 GEMV's INT_DOT path, x86 AVX-512BW)."""
+    return mm.int_dot and w.fmt in ("int4", "int8") and (scheme or mm.scheme(T)) == "gemv"
 
 
 def x_for(mm, w, x: np.ndarray, scheme: str | None = None) -> np.ndarray:

@@ -16,7 +16,8 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
 for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quantize`, x in int16 blocks
-of 32 with integer products, `int_dot`; the norms write both for the products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
+of 32 with integer products, `int_dot`, for int8 weights too; the norms write both for the int4 products
+that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
@@ -48,7 +49,7 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "gemv_wg_rows": 8,      # work-items along the rows per work-group
     "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
     "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
-    "gemv_int_dot": True,   # int4 GEMV with x in int16 and integer products where the device builds it
+    "gemv_int_dot": True,   # int4/int8 GEMV with x in int16 and integer products where the device builds it
     "gemv_norm": True,      # the residual projections' GEMV ends with the next RMSNorm (one launch fewer)
     "use_image": False,     # read x through an image1d_buffer_t
     "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
@@ -355,7 +356,7 @@ class Matmul:
         self.int_dot = self._int_dot_works()
 
     def _int_dot_works(self) -> bool:
-        """Whether the int4 GEMV takes x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
+        """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
         layout of the GEMV (VEC 16, no K split), and a device whose compiler builds it (x86 with
         AVX-512BW; elsewhere the build fails and the float GEMV is used)."""
         p = self.params
@@ -446,7 +447,7 @@ class Matmul:
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
         use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
-        int_dot = w.fmt == "int4" and self.int_dot
+        int_dot = w.fmt in ("int4", "int8") and self.int_dot
         inline = w.fmt == "int4" and not int_dot and bool(p["gemv_zero_inline"])
         hx = norm.hx if norm is not None else None
         if hx is not None and hx.q is not None and N % 32:
@@ -457,14 +458,16 @@ class Matmul:
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
-        if w.fmt == "int4" and not inline:
-            if given is None or (int_dot and given.q is None):
+        if (w.fmt == "int4" and not inline) or int_dot:
+            # int8 weights take x in natural order (kernels/xq.h XQ_NATURAL), which the norms do not write.
+            if given is None or (int_dot and given.q is None) or w.fmt == "int8":
                 # This launch's own first step: x's group sums (xsum), and x in int16 (quantize).
-                given = XPrep(self.rt.empty(4 * T * (K // w.group)),                    # f32 [T, K/G]
+                group = w.group or 32
+                given = XPrep(self.rt.empty(4 * T * (K // group)),                      # f32 [T, K/G]
                               *((self.rt.empty(2 * T * K), self.rt.empty(4 * T * K // 32)) if int_dot else ()))
                 first = cl.Kernel(program, "quantize" if int_dot else "xsum")
                 first.set_args(x, given.sums, *((given.q, given.scale, np.int32(K)) if int_dot else ()))
-                steps.append((first, (T * K // w.group,), None))
+                steps.append((first, (T * K // group,), None))
                 keep += (given.sums, given.q, given.scale)
             xs = given.sums
         xarg = x
