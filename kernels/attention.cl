@@ -316,3 +316,108 @@ __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, 
     }
     vstore4(o / l, c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
 }
+
+/* Decode on CPUs (att_serial): one new token at position pos, one work-item per KV head, no local
+   memory and no barriers, so that PoCL runs a work-group as one plain loop. The work-item writes the
+   token's K (roped) and V to the cache, then walks the keys in blocks of 16: the block's scores of
+   its GROUP query rows (VW-wide dot products along the head), one max and one rescale per row and
+   block, the probabilities as one 16-wide exp2, then p * V added into the rows' accumulators. The
+   new key itself comes from qkv, as in `attend`. Same arithmetic units as `attend` (log2 scores,
+   fp16-rounded new K and V with KV_HALF). Launch: global (N_KV_HEADS), local (1). */
+#define KB 16
+
+/* Scores of the rows against keys k[0..n) (k: n rows of HEAD_DIM at stride HEAD_DIM, or the one key
+   k_new), then the online softmax update of each row over the block: m, l, the rows' accumulators
+   rescaled, and the block's probabilities into p[g][0..KB) (0 past n). n = 0 changes nothing. */
+inline void score_block(const floatV q[GROUP][DV], __global const kv_t *k, const floatV *k_new, const int n,
+                        float m[GROUP], float l[GROUP], floatV acc[GROUP][DV], float p[GROUP][KB])
+{
+    if (n == 0)
+        return;
+    for (int g = 0; g < GROUP; g++)
+        for (int j = 0; j < KB; j++)
+            p[g][j] = NEG;
+    for (int j = 0; j < n; j++) {
+        floatV kv[DV];
+        for (int c = 0; c < DV; c++)
+            kv[c] = k_new ? k_new[c] : KV_LOAD(c, k + (size_t)j * HEAD_DIM);
+        for (int g = 0; g < GROUP; g++) {
+            floatV d = q[g][0] * kv[0];
+            for (int c = 1; c < DV; c++)
+                d = mad(q[g][c], kv[c], d);
+            p[g][j] = hsumV(d);
+        }
+    }
+    for (int g = 0; g < GROUP; g++) {
+        const float16 s = vload16(0, p[g]);
+        const float m_new = fmax(m[g], hmax16(s));
+        const float a = exp2(m[g] - m_new);
+        const float16 e = exp2(s - m_new);
+        l[g] = mad(l[g], a, hsum16(e));
+        m[g] = m_new;
+        for (int c = 0; c < DV; c++)
+            acc[g][c] *= a;
+        vstore16(e, 0, p[g]);
+    }
+}
+
+__kernel void attend_one(__global const float *qkv,   /* [1, QKV_STRIDE] */
+                         __global const float *rope,  /* [ctx, 2, HEAD_DIM] */
+                         __global kv_t *k_cache,      /* [n_layers, N_KV_HEADS, ctx, HEAD_DIM] */
+                         __global kv_t *v_cache,      /* [n_layers, N_KV_HEADS, ctx, HEAD_DIM] */
+                         __global float *out,         /* [1, Q_DIM] */
+                         const int pos, const int ctx, const int layer)
+{
+    const int kvh = get_global_id(0);
+    const size_t head_base = ((size_t)layer * N_KV_HEADS + kvh) * (size_t)ctx * HEAD_DIM;
+    __global kv_t *kc = k_cache + head_base;   /* [ctx, HEAD_DIM] */
+    __global kv_t *vc = v_cache + head_base;
+    __global const float *k_src = qkv + Q_DIM + kvh * HEAD_DIM;
+    __global const float *v_src = k_src + KV_DIM;
+
+    floatV k_new[DV], v_new[DV];
+    for (int c = 0; c < DV; c++) {
+        k_new[c] = kv_round(roped(k_src, c, rope, pos));
+        v_new[c] = kv_round(vloadV(c, v_src));
+        KV_STORE(k_new[c], c, kc + (size_t)pos * HEAD_DIM);
+        KV_STORE(v_new[c], c, vc + (size_t)pos * HEAD_DIM);
+    }
+    const float qscale = M_LOG2E_F * rsqrt((float)HEAD_DIM);
+    floatV q[GROUP][DV], acc[GROUP][DV];
+    float m[GROUP], l[GROUP], p[GROUP][KB];
+    for (int g = 0; g < GROUP; g++) {
+        for (int c = 0; c < DV; c++) {
+            q[g][c] = roped(qkv + (kvh * GROUP + g) * HEAD_DIM, c, rope, pos) * qscale;
+            acc[g][c] = (floatV)(0.0f);
+        }
+        m[g] = NEG;
+        l[g] = 0.0f;
+    }
+    for (int j0 = 0; j0 <= pos; j0 += KB) {
+        const int cached = min(KB, pos - j0);          /* keys of this block read from the cache */
+        const int n = min(KB, pos + 1 - j0);           /* ... and the new key, in the last block */
+        score_block(q, kc + (size_t)j0 * HEAD_DIM, 0, cached, m, l, acc, p);
+        if (n > cached) {                              /* the new key at pos: its own block of one */
+            for (int j = 0; j < cached; j++)
+                for (int c = 0; c < DV; c++) {
+                    const floatV v = KV_LOAD(c, vc + (size_t)(j0 + j) * HEAD_DIM);
+                    for (int g = 0; g < GROUP; g++)
+                        acc[g][c] = mad((floatV)(p[g][j]), v, acc[g][c]);
+                }
+            score_block(q, kc, k_new, 1, m, l, acc, p);
+            for (int c = 0; c < DV; c++)
+                for (int g = 0; g < GROUP; g++)
+                    acc[g][c] = mad((floatV)(p[g][0]), v_new[c], acc[g][c]);
+            break;
+        }
+        for (int j = 0; j < cached; j++)
+            for (int c = 0; c < DV; c++) {
+                const floatV v = KV_LOAD(c, vc + (size_t)(j0 + j) * HEAD_DIM);
+                for (int g = 0; g < GROUP; g++)
+                    acc[g][c] = mad((floatV)(p[g][j]), v, acc[g][c]);
+            }
+    }
+    for (int g = 0; g < GROUP; g++)
+        for (int c = 0; c < DV; c++)
+            vstoreV(acc[g][c] / l[g], c, out + (kvh * GROUP + g) * HEAD_DIM);
+}

@@ -331,6 +331,28 @@ def test_attention_split_kv(cl_rt, params, kv_half):
     assert ops.splits_for(1, 100) == 1
 
 
+@pytest.mark.parametrize("kv_half", [False, True])
+@pytest.mark.parametrize("params", [CPU_PARAMS, {"att_vec": 4}], ids=["cpu", "vec4"])
+def test_attention_serial_decode(cl_rt, params, kv_half):
+    """att_serial: each decode step by attend_one (one work-item per KV head, keys in blocks of 16),
+    at positions on both sides of the block boundaries, after a prefill and between other steps."""
+    params = {**params, "kv_half": kv_half, "att_serial": True}
+    steps = [(0, 0, 1, None), (0, 1, 1, None), (1, 0, 15, None), (1, 15, 1, None), (1, 16, 1, None),
+             (1, 17, 1, None), (1, 18, 13, None), (1, 31, 1, None), (1, 32, 1, None), (1, 33, 1, None),
+             (1, 34, 100, None), (1, 134, 1, None), (0, 2, 1, None)]
+    _check_attention(cl_rt, make_config(), 200, steps, params)
+
+
+def test_attention_serial_other_shapes(cl_rt):
+    """attend_one with no grouping and head_dim 128 with partial rotary, and with 2 query heads per KV head."""
+    config = make_config(dim=512, n_heads=4, n_kv_heads=4, head_dim=128, rope_dim=32)
+    steps = [(0, 0, 33, None), (0, 33, 1, None), (0, 34, 1, None), (0, 35, 1, None)]
+    _check_attention(cl_rt, config, 64, steps, {"att_vec": 16, "att_serial": True})
+    config = make_config(dim=256, n_heads=4, n_kv_heads=2, head_dim=64)
+    steps = [(1, 0, 1, None), (1, 1, 16, None), (1, 17, 1, None)]
+    _check_attention(cl_rt, config, 32, steps, {"att_vec": 8, "att_serial": True, "kv_half": True})
+
+
 def test_attention_other_shapes(cl_rt):
     """Multi-head (no grouping), head_dim 128 with partial rotary, and 2 query heads per KV head."""
     config = make_config(dim=512, n_heads=4, n_kv_heads=4, head_dim=128, rope_dim=32)

@@ -31,6 +31,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "split_wgs": 0,        # ... aiming at this many work-groups per launch (0: the device's compute units)
     "max_splits": 64,      # ... and at most this many slices per KV head
     "kv_half": False,      # KV cache stored as fp16 (vstore_half / vload_half)
+    "att_serial": False,   # decode (T = 1, no split) by attend_one: one work-item per KV head (CPUs)
     "argmax_wg": 64,       # argmax work-group size (power of two)
     "argmax_groups": 64,   # argmax stage-1 work-groups
 }
@@ -141,6 +142,8 @@ class FusedOps:
         self._attend: dict[int, cl.Kernel] = {}
         self._combine = cl.Kernel(self._attention_program(1), "combine")
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
+        self._attend_one = cl.Kernel(self._attention_program(1), "attend_one")
+        self._attend_one.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 3)
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
 
     def _norm_kernels(self) -> None:
@@ -243,13 +246,17 @@ class FusedOps:
         elif n_splits > 1 and (T > p["split_max_t"] or n_splits > p["max_splits"]):
             raise PerfxError(f"attention: split-KV needs T <= {p['split_max_t']} and "
                              f"n_splits <= {p['max_splits']}")
+        q = self.rt.queue
+        if T == 1 and n_splits <= 1 and p["att_serial"]:
+            self._attend_one(q, (c.n_kv_heads,), (1,), qkv, self.rope, self.k_cache, self.v_cache, out,
+                             start_pos, self.ctx, layer)
+            return
         wg = p["att_wg"]
         chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
         n_splits = _ceil_div(end, chunk)
         partial = int(n_splits > 1)
         qt = self._tile(T)
         knl = self._attend_kernel(qt)
-        q = self.rt.queue
         knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
             qkv, self.rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
             T, start_pos, self.ctx, layer, chunk, partial)
