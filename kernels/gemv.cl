@@ -269,7 +269,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #if FORMAT == 16 || VEC != 16 || KSPLIT != 1
 #error "INT_DOT takes int4 or int8 weights, VEC 16 and KSPLIT 1"
 #endif
-// int4 x int16 on x86 AVX-512BW (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
+// int4 x int16 on x86 CPUs with AVX-512BW or AVX2 (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
 // float path for all practical purposes, unlike int8 activations). Per row and chunk the 64 weight
 // bytes are transposed 4x4 within each 16-byte lane, so that lane m's bytes 4g..4g+3 hold group g
 // (elements 32g..32g+31: byte g of words 4m..4m+3). Read as 32 16-bit words (word 8m + 2g + k: bytes
@@ -288,6 +288,19 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
               (b) + 2, (b) + 6, (b) + 10, (b) + 14, (b) + 3, (b) + 7, (b) + 11, (b) + 15
 #define TRANSPOSE_4X4 T4(0), T4(16), T4(32), T4(48)
 #define NIBBLES(w, s) __builtin_astype(((w) >> (ushort)(s)) & (ushort)15, short32v)
+// 32 x 16-bit products, adjacent pairs added into 16 int32 (vpmaddwd): one 512-bit instruction with
+// AVX-512BW, else (or with INT_DOT_256) two 256-bit ones, which AVX2 CPUs have.
+#if defined(__AVX512BW__) && !defined(INT_DOT_256)
+#define PMADDWD(a, b) __builtin_ia32_pmaddwd512((a), (b))
+#else
+typedef short short16v __attribute__((ext_vector_type(16)));
+#define HALF_LO 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+#define HALF_HI 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
+#define PMADDWD(a, b) __builtin_shufflevector(                                                 \
+    __builtin_ia32_pmaddwd256(__builtin_shufflevector((a), (a), HALF_LO), __builtin_shufflevector((b), (b), HALF_LO)), \
+    __builtin_ia32_pmaddwd256(__builtin_shufflevector((a), (a), HALF_HI), __builtin_shufflevector((b), (b), HALF_HI)), \
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#endif
 #define ROW4(r) 4 * (r), 4 * (r) + 1, 4 * (r) + 2, 4 * (r) + 3
 #define ROW_LANES(r) ROW4(r), ROW4(r), ROW4(r), ROW4(r)            // lane 4m + g: group g of row r
 #if G == 32                   // scales [RT][GC] -> lanes 4r + g, g the 32-block of the chunk
@@ -315,10 +328,9 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
     {                                                                                          \
         const ushort32v t = __builtin_astype(__builtin_shufflevector(                          \
             __builtin_astype(q[r], char64v), __builtin_astype(q[r], char64v), TRANSPOSE_4X4), ushort32v); \
-        const int16 dot = __builtin_ia32_pmaddwd512(NIBBLES(t, 0), x16[0])                     \
-                        + __builtin_ia32_pmaddwd512(NIBBLES(t, 4), x16[1])                     \
-                        + __builtin_ia32_pmaddwd512(NIBBLES(t, 8), x16[2])                     \
-                        + __builtin_ia32_pmaddwd512(__builtin_astype(t >> (ushort)12, short32v), x16[3]); \
+        const int16 dot = PMADDWD(NIBBLES(t, 0), x16[0]) + PMADDWD(NIBBLES(t, 4), x16[1])     \
+                        + PMADDWD(NIBBLES(t, 8), x16[2])                                       \
+                        + PMADDWD(__builtin_astype(t >> (ushort)12, short32v), x16[3]);        \
         acc[r] = fma(convert_float16(dot), __builtin_shufflevector(sd, sd, ROW_LANES(r)), acc[r]); \
     }
 #else
@@ -333,7 +345,7 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
         IROW8(q, sd, acc, 0) IROW8(q, sd, acc, 1) IROW8(q, sd, acc, 2) IROW8(q, sd, acc, 3)    \
     }
 #define IBLOCK8(q, sd, acc, r, b)                                                              \
-    acc[r] = fma(convert_float16(__builtin_ia32_pmaddwd512(__builtin_convertvector(            \
+    acc[r] = fma(convert_float16(PMADDWD(__builtin_convertvector(                              \
                      __builtin_astype(vload8(0, (__global const uint*)((q) + (r) * 128 + 32 * (b))), char32v), short32v), \
                      x16[b])), (float16)(sd[4 * (r) + (b)]), acc[r]);
 #define IROW8(q, sd, acc, r)                                                                   \

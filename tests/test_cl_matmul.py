@@ -404,6 +404,33 @@ def test_int_dot_where_the_cpu_has_avx512bw(rt):
     assert not Matmul(rt, GPU_LIKE).int_dot
 
 
+@pytest.mark.parametrize("fmt,N,K,G,T,op", [
+    ("int4", 577, 576, 32, 1, "linear"), ("int4", 1536, 1536, 128, 3, "linear"), ("int4", 512, 608, 32, 1, "swiglu"),
+    ("int4", 256, 640, 64, 2, "acc"), ("int8", 577, 576, 32, 1, "linear"),
+])
+def test_int_dot_with_256_bit_instructions(rt, fmt, N, K, G, T, op):
+    """gemv_int_dot_256: the integer products as two 256-bit vpmaddwd (the AVX2 form), same results."""
+    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    mm = Matmul(rt, {"gemv_int_dot_256": True})
+    if not mm.int_dot:
+        pytest.skip("the device does not build the int-dot GEMV")
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T} {op}".encode()))
+    if fmt == "int4":
+        parts, w = rand_int4(rng, N, K, G)
+        dm = DeviceMatrix.from_int4(rt, *parts, G)
+    else:
+        parts, w = rand_int8(rng, N, K)
+        dm, w = DeviceMatrix.from_q8(rt, *parts), w.reshape(N, K)
+    x = rng.standard_normal((T, K))
+    want = oracle(x_for(mm, dm, x, "gemv"), w)
+    if op == "swiglu":
+        assert_close(run(rt, mm, dm, x, N // 2, op="swiglu", scheme="gemv"), silu_mul(want))
+    else:
+        y0 = rng.standard_normal((T, N)).astype(np.float32) if op == "acc" else None
+        assert_close(run(rt, mm, dm, x, N, y0=y0, scheme="gemv"), want + (y0 if op == "acc" else 0))
+
+
 def test_gemv_ksplit_must_be_power_of_two(rt):
     from engine.backends.opencl.matmul import DeviceMatrix, Matmul
 

@@ -50,6 +50,7 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
     "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
     "gemv_int_dot": True,   # int4/int8 GEMV with x in int16 and integer products where the device builds it
+    "gemv_int_dot_256": False,  # ... with 256-bit instructions even where AVX-512BW has 512-bit ones
     "gemv_norm": True,      # the residual projections' GEMV ends with the next RMSNorm (one launch fewer)
     "use_image": False,     # read x through an image1d_buffer_t
     "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
@@ -358,12 +359,13 @@ class Matmul:
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
         layout of the GEMV (VEC 16, no K split), and a device whose compiler builds it (x86 with
-        AVX-512BW; elsewhere the build fails and the float GEMV is used)."""
+        AVX-512BW or AVX2; elsewhere the build fails and the float GEMV is used)."""
         p = self.params
         if not (p["gemv_int_dot"] and p["gemv_vec"] == 16 and p["gemv_ksplit"] == 1):
             return False
         try:
-            self.rt.program("gemv", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"], INT_DOT=True)
+            self.rt.program("gemv", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"], INT_DOT=True,
+                            INT_DOT_256=bool(p["gemv_int_dot_256"]))
         except PerfxError:
             return False
         return True
@@ -453,7 +455,8 @@ class Matmul:
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
         defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
-                       INT_DOT=int_dot, NORM=norm is not None, HS_G=norm.group if hx is not None else False,
+                       INT_DOT=int_dot, INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
+                       NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
