@@ -264,13 +264,14 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #endif
 
 // One 128-element chunk c (piece j) of the NT tiles: float x (XPLANES / TPIECE), or with INT_DOT
-// int16 x against the int4 words (IPIECE).
+// int16 x against the int4 or int8 weights (IPIECE).
 #ifdef INT_DOT
 #if FORMAT == 16 || VEC != 16 || KSPLIT != 1
 #error "INT_DOT takes int4 or int8 weights, VEC 16 and KSPLIT 1"
 #endif
-// int4 x int16 on x86 CPUs with AVX-512BW or AVX2 (PoCL): x comes in int16 blocks of 32 (xq.h, 15 bits: as exact as the
-// float path for all practical purposes, unlike int8 activations). Per row and chunk the 64 weight
+// int4 x int16 on x86 CPUs with AVX-512BW or AVX2 (PoCL): x comes in int16 blocks of 32 (xq.h, 15
+// bits: as exact as the float path for all practical purposes, unlike int8 activations, which moved
+// the default model's answers; docs/performance.md). Per row and chunk the 64 weight
 // bytes are transposed 4x4 within each 16-byte lane, so that lane m's bytes 4g..4g+3 hold group g
 // (elements 32g..32g+31: byte g of words 4m..4m+3). Read as 32 16-bit words (word 8m + 2g + k: bytes
 // 4g + 2k, 4g + 2k + 1 of lane m), each word's four nibbles are four vectors of 16-bit weights (and,
@@ -293,7 +294,6 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #if defined(__AVX512BW__) && !defined(INT_DOT_256)
 #define PMADDWD(a, b) __builtin_ia32_pmaddwd512((a), (b))
 #else
-typedef short short16v __attribute__((ext_vector_type(16)));
 #define HALF_LO 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 #define HALF_HI 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
 #define PMADDWD(a, b) __builtin_shufflevector(                                                 \
