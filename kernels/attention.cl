@@ -328,12 +328,10 @@ __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, 
 
 /* Scores of the rows against keys k[0..n) (k: n rows of HEAD_DIM at stride HEAD_DIM, or the one key
    k_new), then the online softmax update of each row over the block: m, l, the rows' accumulators
-   rescaled, and the block's probabilities into p[g][0..KB) (0 past n). n = 0 changes nothing. */
+   rescaled, and the block's probabilities into p[g][0..KB) (0 past n); 1 <= n <= KB. */
 inline void score_block(const floatV q[GROUP][DV], __global const kv_t *k, const floatV *k_new, const int n,
                         float m[GROUP], float l[GROUP], floatV acc[GROUP][DV], float p[GROUP][KB])
 {
-    if (n == 0)
-        return;
     for (int g = 0; g < GROUP; g++)
         for (int j = 0; j < KB; j++)
             p[g][j] = NEG;
@@ -393,30 +391,21 @@ __kernel void attend_one(__global const float *qkv,   /* [1, QKV_STRIDE] */
         m[g] = NEG;
         l[g] = 0.0f;
     }
-    for (int j0 = 0; j0 <= pos; j0 += KB) {
-        const int cached = min(KB, pos - j0);          /* keys of this block read from the cache */
-        const int n = min(KB, pos + 1 - j0);           /* ... and the new key, in the last block */
-        score_block(q, kc + (size_t)j0 * HEAD_DIM, 0, cached, m, l, acc, p);
-        if (n > cached) {                              /* the new key at pos: its own block of one */
-            for (int j = 0; j < cached; j++)
-                for (int c = 0; c < DV; c++) {
-                    const floatV v = KV_LOAD(c, vc + (size_t)(j0 + j) * HEAD_DIM);
-                    for (int g = 0; g < GROUP; g++)
-                        acc[g][c] = mad((floatV)(p[g][j]), v, acc[g][c]);
-                }
-            score_block(q, kc, k_new, 1, m, l, acc, p);
-            for (int c = 0; c < DV; c++)
-                for (int g = 0; g < GROUP; g++)
-                    acc[g][c] = mad((floatV)(p[g][0]), v_new[c], acc[g][c]);
-            break;
-        }
-        for (int j = 0; j < cached; j++)
+    /* The cached keys [0, pos) in blocks of KB, then the new key at pos as a block of one. */
+    for (int j0 = 0; j0 < pos; j0 += KB) {
+        const int n = min(KB, pos - j0);
+        score_block(q, kc + (size_t)j0 * HEAD_DIM, 0, n, m, l, acc, p);
+        for (int j = 0; j < n; j++)
             for (int c = 0; c < DV; c++) {
                 const floatV v = KV_LOAD(c, vc + (size_t)(j0 + j) * HEAD_DIM);
                 for (int g = 0; g < GROUP; g++)
                     acc[g][c] = mad((floatV)(p[g][j]), v, acc[g][c]);
             }
     }
+    score_block(q, kc, k_new, 1, m, l, acc, p);
+    for (int c = 0; c < DV; c++)
+        for (int g = 0; g < GROUP; g++)
+            acc[g][c] = mad((floatV)(p[g][0]), v_new[c], acc[g][c]);
     for (int g = 0; g < GROUP; g++)
         for (int c = 0; c < DV; c++)
             vstoreV(acc[g][c] / l[g], c, out + (kvh * GROUP + g) * HEAD_DIM);
