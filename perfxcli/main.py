@@ -145,8 +145,9 @@ def run(
     else:
         sys.stdout.write(stream.flush() + "\n")
         s = llm.stats
+        rate = f", {s.gen_tps:.1f} tok/s" if s.gen_tokens > 1 else ""    # one token has no rate
         err.print(f"[dim]prompt {s.prompt_tokens} tok, {s.prompt_tps:.1f} tok/s · "
-                  f"reply {s.gen_tokens} tok, {s.gen_tps:.1f} tok/s · {llm.device}[/]", soft_wrap=True)
+                  f"reply {s.gen_tokens} tok{rate} · {llm.device}[/]", soft_wrap=True)
 
 
 @command

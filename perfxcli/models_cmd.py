@@ -35,7 +35,8 @@ class ModelInfo:
     default: bool = False
     context: int | None = None     # the model's trained context, from the GGUF header
     template: str | None = None    # the chat template the file defines
-    memory_need: int | None = None  # bytes to run it at DEFAULT_CTX: the file + an f32 KV cache + headroom
+    memory_need: int | None = None  # bytes to run it at memory_ctx: the file + an f32 KV cache + headroom
+    memory_ctx: int | None = None   # DEFAULT_CTX, or the model's context where shorter
     fits: bool | None = None       # memory_need <= memory available now (None: not known)
     source: str | None = None
     license: str | None = None
@@ -62,7 +63,8 @@ def header_facts(path: Path) -> dict:
     except (KeyError, ValueError):
         pass
     count = sum(int(_prod(t.shape)) for t in header.tensors)
-    facts["params"] = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+    facts["params"] = (f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M" if count >= 1e6
+                       else f"{count / 1e3:.0f}K")
     heads = md.get(f"{arch}.attention.head_count")
     kv_heads = md.get(f"{arch}.attention.head_count_kv", heads)
     dim = md.get(f"{arch}.embedding_length")
@@ -104,7 +106,7 @@ def describe(entry, path: Path | None = None, default: bool = False) -> ModelInf
     if here:
         info.size = path.stat().st_size
     if info.size:
-        ctx = min(DEFAULT_CTX, info.context or DEFAULT_CTX)
+        ctx = info.memory_ctx = min(DEFAULT_CTX, info.context or DEFAULT_CTX)
         info.memory_need = info.size + facts.get("kv_bytes_per_token", 0) * ctx + HEADROOM
         available = available_bytes()
         info.fits = None if available is None else info.memory_need <= available
@@ -112,7 +114,7 @@ def describe(entry, path: Path | None = None, default: bool = False) -> ModelInf
 
 
 def _size(n: int | None) -> str:
-    return "?" if not n else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / MB:.0f} MB"
+    return "?" if not n else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / MB:.0f} MB" if n >= MB else f"{n / 1e3:.0f} kB"
 
 
 def _fits(flag: bool | None) -> str:
@@ -177,7 +179,7 @@ def show_lines(info: ModelInfo) -> list[str]:
             ("context", f"{info.context} tokens" if info.context else None), ("size", _size(info.size)),
             ("license", info.license), ("source", info.source),
             ("file", info.path + ("" if info.downloaded else "  (not downloaded: `perfx download`)")),
-            ("memory", f"{_size(info.memory_need)} at ctx {DEFAULT_CTX}, "
+            ("memory", f"{_size(info.memory_need)} at ctx {info.memory_ctx}, "
                        + {True: "fits", False: "does not fit", None: "?"}[info.fits] + " in the memory available"
              if info.memory_need else None),
             ("template", (template.strip().splitlines() or [""])[0][:100] + (" …" if template.strip().count("\n")

@@ -69,3 +69,10 @@ def test_devices_json() -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert rows[-1]["id"] == "numpy" and all({"id", "device", "memory_bytes"} <= set(row) for row in rows)
+
+
+def test_run_prints_no_rate_for_one_token(tiny_gguf) -> None:
+    path, *_ = tiny_gguf
+    result = perfx("run", "the thin", "-m", str(path), "--raw", "--temp", "0", "-n", "1", "-c", "64")
+    assert result.returncode == 0, result.stderr
+    assert "reply 1 tok · " in result.stderr and "0.0 tok/s" not in result.stderr
