@@ -6,7 +6,6 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -215,16 +214,3 @@ def rm(
         if target.parent.is_dir() and not any(target.parent.iterdir()):
             target.parent.rmdir()
         print(f"deleted {target} ({_size(freed)})")
-
-
-def model_for_chat(path: Optional[Path], name: Optional[str]) -> list[str]:
-    """/show's lines for the model a chat runs."""
-    if path is None:
-        return ["no model file to describe"]
-    try:
-        entry, _ = _lookup(name) if name and not Path(name).expanduser().is_file() else (None, path)
-    except PerfxError:
-        entry = None
-    return show_lines(describe(entry, path))
-
-
