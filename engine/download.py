@@ -5,8 +5,9 @@ Every byte goes to a `.part` file first, and a dropped connection is resumed wit
 A file only ever reaches its final path (registry.local_path) through os.replace, after its size and
 SHA-256 have been checked against the registry entry, the index's digest or the hub's X-Linked-Etag.
 
-PERFX_INDEX_URL, else PIP_INDEX_URL, else https://pypi.org/simple: the package index, asked for its
-JSON simple API (PEP 691: file URLs, sizes and sha256 digests), as PyPI and devpi answer it.
+PERFX_INDEX_URL, else PIP_INDEX_URL, else the index-url of pip's configuration files, else
+https://pypi.org/simple: the package index, asked for its JSON simple API (PEP 691: file URLs, sizes
+and sha256 digests), as PyPI and devpi answer it. (pip's find-links and file:// indexes are not used.)
 HF_ENDPOINT (default https://huggingface.co) and HF_TOKEN: read as huggingface_hub reads them.
 """
 from __future__ import annotations
@@ -228,8 +229,36 @@ def _content_length(response: HTTPResponse) -> int | None:
 
 
 def index_url() -> str:
-    """The package index's simple API root: $PERFX_INDEX_URL, else $PIP_INDEX_URL, else PyPI."""
-    return (os.environ.get(INDEX_ENV) or os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE).rstrip("/")
+    """The package index's simple API root: $PERFX_INDEX_URL, else pip's index-url, else PyPI."""
+    return (os.environ.get(INDEX_ENV) or os.environ.get("PIP_INDEX_URL") or pip_config_index()
+            or PYPI_SIMPLE).rstrip("/")
+
+
+def pip_config_index() -> str | None:
+    """The http(s) index-url of pip's configuration files ([global] or [download]), the later file
+    winning, as pip reads them: site-wide, the user's, the virtual environment's, $PIP_CONFIG_FILE."""
+    import configparser
+    import sys
+
+    import platformdirs
+
+    files = [Path(d, "pip.conf") for d in platformdirs.site_config_dir("pip", multipath=True).split(os.pathsep)]
+    files += [Path("/etc/pip.conf"), Path.home() / ".pip/pip.conf",
+              Path(platformdirs.user_config_dir("pip"), "pip.conf"), Path(sys.prefix, "pip.conf")]
+    if os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    found = None
+    for file in files:
+        config = configparser.ConfigParser(interpolation=None)
+        try:
+            config.read(file, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError):
+            continue
+        for section in ("global", "download"):
+            value = config.get(section, "index-url", fallback=None) or config.get(section, "index_url", fallback=None)
+            if value:
+                found = value.strip()
+    return found if found and found.startswith(("http://", "https://")) else None
 
 
 def wheel_remote(requirement: str) -> tuple[str, Remote]:

