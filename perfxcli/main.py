@@ -50,7 +50,7 @@ def _main(version: bool = typer.Option(False, "--version", "-V", callback=_versi
                                        help="Print perfx's version and exit.")):
     """Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference."""
 
-ModelOpt = typer.Option(None, "-m", "--model", help="Registry name or model file (default: the registry's default).")
+ModelOpt = typer.Option(None, "-m", "--model", help="Registry name, model file or hf:ORG/REPO/FILE.gguf (default: the registry's default).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | numpy | opencl | cpu | gpu | opencl:P:D (see `perfx devices`).")
 ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for an OpenCL CPU device (PoCL).")
 CtxOpt = typer.Option(None, "-c", "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
