@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/system": ("TEXT", "set the system prompt; without TEXT, show it"),
     "/set": ("KEY=VALUE …", "sampling settings; without arguments, show them"),
     "/stats": ("", "timings of the last reply, context use"),
+    "/show": ("", "the model: architecture, quantization, context, template, file"),
     "/save": ("FILE", "save the conversation as JSON"),
     "/load": ("FILE", "load a conversation saved by /save"),
     "/exit": ("", "leave (also Ctrl-D, or Ctrl-C on an empty line)"),
@@ -286,7 +287,7 @@ class ChatUI:
         self.name, self.quant = model_label(session.llm)
         self.handlers: dict[str, Callable[[str], None]] = {
             "/help": self.help, "/reset": self.reset, "/system": self.system, "/set": self.set,
-            "/stats": self.stats, "/save": self.save, "/load": self.load,
+            "/stats": self.stats, "/show": self.show, "/save": self.save, "/load": self.load,
         }
 
     @property
@@ -305,6 +306,7 @@ class ChatUI:
             [("class:prompt", "❯ ")], multiline=True, key_bindings=key_bindings(), history=history,
             completer=slash_completer(), complete_while_typing=True, auto_suggest=AutoSuggestFromHistory(),
             prompt_continuation=lambda width, line, wrap: "· ".rjust(width), placeholder=self._placeholder,
+            erase_when_done=True,       # the sent message is printed whole by echo(), however tall
             bottom_toolbar=self._toolbar, style=Style.from_dict(
                 {"prompt": "ansigreen bold", "placeholder": "ansibrightblack",
                  "bottom-toolbar": "noreverse ansibrightblack"}),
@@ -315,6 +317,7 @@ class ChatUI:
                 line = prompt.prompt()
             except (EOFError, KeyboardInterrupt):
                 break
+            self.echo(line)
             if not self.handle(line):
                 break
             if line.strip():
@@ -462,7 +465,8 @@ class ChatUI:
             s = reply.stats
             table.add_row("prompt", f"{s.prompt_tokens} tokens prefilled ({reply.reused_tokens} cached) in "
                                     f"{s.prompt_s:.2f} s, {s.prompt_tps:.1f} t/s")
-            table.add_row("reply", f"{len(reply.tokens)} tokens in {s.gen_s:.2f} s, {s.gen_tps:.1f} t/s · "
+            rate = f", {s.gen_tps:.1f} t/s" if len(reply.tokens) > 1 else ""   # one token has no rate
+            table.add_row("reply", f"{len(reply.tokens)} tokens in {s.gen_s:.2f} s{rate} · "
                                    f"first token {s.ttft_s:.2f} s · {reply.finish}")
         else:
             table.add_row("last reply", "none yet")
@@ -474,6 +478,12 @@ class ChatUI:
         table.add_row("device", llm.device)
         table.add_row("sampling", describe_settings(session.sampling))
         self.console.print(table, highlight=False)
+
+    def show(self, _: str = "") -> None:
+        from perfxcli.models_cmd import describe, show_lines
+
+        for line in show_lines(describe(None, self.llm.path)):
+            self.console.print(escape(line), highlight=False)
 
     def save(self, arg: str) -> None:
         path = self.session.conversation.save(arg or time.strftime("chat-%Y%m%d-%H%M%S.json"))
@@ -488,6 +498,20 @@ class ChatUI:
         self.note(f"loaded {len(self.session.conversation.turns)} turns from {arg}")
 
     # ------------------------------------------------------------------ output
+
+    def echo(self, line: str) -> None:
+        """The message as it was typed, all of it: prompt-toolkit shows only the part of a tall input
+        that fits the screen, and leaves that behind when it is sent."""
+        from rich.text import Text
+
+        if not line.strip():
+            return
+        text = Text()
+        for i, part in enumerate(line.rstrip("\n").split("\n")):
+            text.append("\n" if i else "")
+            text.append("❯ " if i == 0 else "· ", style="bold green" if i == 0 else "dim")
+            text.append(part)
+        self.console.print(text, highlight=False)
 
     def header(self) -> None:
         quant = f" [cyan]{self.quant}[/]" if self.quant else ""

@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from engine.errors import PerfxError
 
@@ -19,14 +18,42 @@ app = typer.Typer(
     help="Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False)
 
-ModelOpt = typer.Option(None, "-m", "--model", help="Registry name or model file (default: the registry's default).")
+
+def _flags_without_metavar() -> None:
+    """Flags (--raw, --json, -h) take no value, so their help shows none (typer would print <bool>)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_flags_without_metavar()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"perfx {version('perfx')}")
+        except PackageNotFoundError:
+            print("perfx (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print perfx's version and exit.")):
+    """Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference."""
+
+ModelOpt = typer.Option(None, "-m", "--model", help="Registry name, model file or hf:ORG/REPO/FILE.gguf (default: the registry's default).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | numpy | opencl | cpu | gpu | opencl:P:D (see `perfx devices`).")
 ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for an OpenCL CPU device (PoCL).")
-CtxOpt = typer.Option(None, "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
+CtxOpt = typer.Option(None, "-c", "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
 
 
 def command(fn):
@@ -83,7 +110,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    as_json: bool = typer.Option(False, "--json", help="Stream JSON lines: one a token, then the whole reply."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: Optional[int] = CtxOpt,
@@ -108,24 +135,25 @@ def run(
     stream = StreamDecoder(tok)
     for token in llm.generate(prompt_ids, sampling):
         ids.append(token)
-        if not as_json:
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+        text = stream.push(token)
+        sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n" if as_json else text)
+        sys.stdout.flush()
     if as_json:
-        print(json.dumps({"prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
+        print(json.dumps({"done": True, "prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
                           "device": llm.device, "timings": llm.stats.to_dict()}))
     else:
         sys.stdout.write(stream.flush() + "\n")
         s = llm.stats
+        rate = f", {s.gen_tps:.1f} tok/s" if s.gen_tokens > 1 else ""    # one token has no rate
         err.print(f"[dim]prompt {s.prompt_tokens} tok, {s.prompt_tps:.1f} tok/s · "
-                  f"reply {s.gen_tokens} tok, {s.gen_tps:.1f} tok/s · {llm.device}[/]", soft_wrap=True)
+                  f"reply {s.gen_tokens} tok{rate} · {llm.device}[/]", soft_wrap=True)
 
 
 @command
 def perplexity(
     file: Path = typer.Argument(..., help="A text file."),
     model: Optional[str] = ModelOpt,
-    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens."),
+    ctx: int = typer.Option(512, "-c", "--ctx", help="Window length in tokens."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = DeviceOpt,
@@ -160,50 +188,34 @@ def perplexity(
 
 @command
 def download(
-    name: Optional[str] = typer.Argument(None, help="Registry name (default: the default model)."),
+    name: Optional[str] = typer.Argument(None, help="Registry name or hf:ORG/REPO/FILE.gguf (default: the default model)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash a file already downloaded."),
 ):
-    """Fetch a registry model into the model cache (a no-op when it is there)."""
+    """Fetch a model into the model cache, resuming an unfinished download (a no-op when it is there)."""
     from engine import download as dl
-    from engine.registry import load_registry, local_path
+    from engine.registry import load_registry
 
     registry = load_registry()
     entry = registry.get(name or registry.default)
     path = dl.ensure(entry, progress=True)
     if verify and not dl.verify(entry):
-        raise PerfxError(f"{path} does not match its sha256; delete it and run `perfx download {entry.name}`")
-    print(local_path(entry))
-
-
-@command
-def models():
-    """List the registry's models and which are downloaded."""
-    from engine.registry import load_registry, local_path
-
-    registry = load_registry()
-    table = Table(title="perfx models")
-    for col in ("name", "arch", "params", "quant", "size", "license", "local"):
-        table.add_column(col, justify="right" if col == "size" else "left")
-    for name, e in registry.models.items():
-        path = local_path(e)
-        here = "[green]yes[/]" if path.exists() and path.stat().st_size == e.size else "[dim]no[/]"
-        label = f"{name} [dim](default)[/]" if name == registry.default else name
-        table.add_row(label, e.architecture, e.params, e.quantization, f"{e.size / 1e6:.1f} MB", e.license, here)
-    Console().print(table)
+        raise PerfxError(f"{path} does not match its sha256; run `perfx rm {entry.name}` and download it again")
+    print(path)
 
 
 @command
 def devices(
     measure: bool = typer.Option(True, "--measure/--no-measure", help="Measure copy bandwidth (once; cached)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ):
     """List OpenCL platforms and devices, with their measured copy bandwidth."""
     from perfxcli.devices_cmd import devices_command
 
-    devices_command(measure=measure)
+    devices_command(measure=measure, as_json=as_json)
 
 
 # Commands in their own modules register themselves on `app`.
-from perfxcli import bench, chat, convert, serve  # noqa: E402,F401
+from perfxcli import bench, chat, convert, models_cmd, serve  # noqa: E402,F401
 
 
 def main() -> None:
