@@ -59,8 +59,10 @@
 #define OUT_N BN
 #endif
 
-#if BN % WM || BT % WN || WM % 16 || WN % 8
-#error "gemm_mma: BN % WM, BT % WN, WM % 16 and WN % 8 must be 0"
+#define IW (BN * 8 / NWI)                // W items (row, word pair) per work-item in a stage
+#define IX (BT * KS / 8 / NWI)           // X items (8 halves) per work-item in a stage
+#if BN % WM || BT % WN || WM % 16 || WN % 8 || (BN * 8) % NWI || (BT * KS / 8) % NWI || IW % 2
+#error "gemm_mma: BN % WM, BT % WN, WM % 16, WN % 8, BN * 8 % NWI, BT * 8 % NWI and IW % 2 must be 0"
 #endif
 
 inline float silu(float v) { return v / (1.0f + exp(-v)); }
@@ -73,14 +75,76 @@ inline float silu(float v) { return v / (1.0f + exp(-v)); }
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
 #endif
 
+// X [n] f32 -> Xh [n] fp16 (n % 4 == 0), once per product: the GEMM stages X as fp16 copies.
+__kernel void x_to_half(__global const float* restrict X, __global half* restrict Xh, const int n)
+{
+    const int i = get_global_id(0) * 4;
+    if (i < n) vstore_half4_rte(vload4(0, X + i), 0, Xh + i);
+}
+
+// The W item u of this work-item in a stage of chunk width C: local row r, word pair j.
+#define W_ITEM(C, u, r, j) const int i_ = lid + (u) * NWI, r = i_ / ((C) / 16), j = (i_ % ((C) / 16)) * 2
+
+// Global -> registers: stage s's nibble words (wq), the scale and zero of its one or two groups (wsz),
+// and its X halves (xq). The 64-chunk stage has half as many W items.
+#define LOAD_W(C, s)                                                                           \
+    for (int u = 0; u < IW * (C) / 128; u++) {                                                 \
+        W_ITEM(C, u, r, j);                                                                    \
+        const int n = min(out0 + ROW_N(r), N - 1);                                             \
+        __global const uint* blk = W + (size_t)(n / RT + ROW_UP(r) * ntiles) * tile_words + ((s) >> 1) * BLOCK_WORDS(128); \
+        const int row = n % RT, gc = (C) / G, g0 = ((s) & 1) * 64 / G, g1 = (((s) & 1) * 64 + 32) / G; \
+        __global const half* sz = (__global const half*)(blk + RT * ((C) / 8)) + row * gc;     \
+        wq[u] = vload2(0, blk + row * ((C) / 8) + j);                                          \
+        wsz[u] = (float4)(vload_half(g0, sz), vload_half(RT * gc + g0, sz), vload_half(g1, sz), vload_half(RT * gc + g1, sz)); \
+    }
+#define LOAD(s)                                                                                \
+    {                                                                                          \
+        if (((s) >> 1) < n128) LOAD_W(128, s) else LOAD_W(64, s)                               \
+        for (int u = 0; u < IX; u++) {                                                         \
+            const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
+            xq[u] = vload4(0, (__global const uint*)(Xh + (size_t)min(tb0 + t, T - 1) * K + (s) * KS + k)); \
+        }                                                                                      \
+    }
+// Registers -> local memory, W dequantized: plane p0 + pp of the item's two words is stage elements
+// pp*L + j, pp*L + j + 1 (L = C / 8); the second group (G == 32) starts at element 32.
+#define STORE_W(C, s)                                                                          \
+    for (int u = 0; u < IW * (C) / 128; u++) {                                                 \
+        W_ITEM(C, u, r, j);                                                                    \
+        const int p0 = ((s) & 1) * (KS / ((C) / 8));                                           \
+        _Pragma("unroll") for (int pp = 0; pp < KS / ((C) / 8); pp++) {                        \
+            const int second = G == 32 && pp * ((C) / 8) >= 32, sh = 4 * (p0 + pp);            \
+            const float sc = second ? wsz[u].z : wsz[u].x, ze = second ? wsz[u].w : wsz[u].y;  \
+            const float2 v = (float2)((float)((wq[u].x >> sh) & 15u), (float)((wq[u].y >> sh) & 15u)); \
+            vstore_half2_rte(fma(v, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * ((C) / 8) + j); \
+        }                                                                                      \
+    }
+#define STORE(s)                                                                               \
+    {                                                                                          \
+        if (((s) >> 1) < n128) STORE_W(128, s) else STORE_W(64, s)                             \
+        for (int u = 0; u < IX; u++) {                                                         \
+            const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
+            vstore4(xq[u], 0, Xl + t * LDW + k / 2);                                           \
+        }                                                                                      \
+    }
+
+#ifdef SWIGLU
+#define ROW_N(r) (((r) >> 4) * 8 + ((r) & 7))
+#define ROW_UP(r) (((r) >> 3) & 1)
+#else
+#define ROW_N(r) (r)
+#define ROW_UP(r) 0
+#endif
+
+// W: int4 row tiles (rows N, SWIGLU 2N); Xh: [T][K] fp16 (x_to_half); Y: [T][N] f32.
+// Stage s + 1 is loaded into registers while stage s is multiplied.
 __kernel __attribute__((reqd_work_group_size(NWI, 1, 1)))
-void gemm_mma(__global const uint* restrict W, __global const float* restrict X, __global float* restrict Y,
+void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh, __global float* restrict Y,
               const int T, const int K, const int N, const int accumulate)
 {
     __local uint Wl[BN * LDW];           // W stage [BN][LDS] halves
     __local uint Xl[BT * LDW];           // X stage [BT][LDS] halves
     __local half* Wh = (__local half*)Wl;
-    __local half* Xh = (__local half*)Xl;
+    __local half* Xlh = (__local half*)Xl;
 
     const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -89,41 +153,20 @@ void gemm_mma(__global const uint* restrict W, __global const float* restrict X,
     const int ntiles = (N + RT - 1) / RT;
     const int n128 = K / 128, has64 = (K / 64) & 1;
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64);
+    const int stages = K / KS;
 
     float acc[MT][NT][4];
     for (int i = 0; i < MT; i++) for (int j = 0; j < NT; j++) for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    uint2 wq[IW];
+    float4 wsz[IW];
+    uint4 xq[IX];
+    LOAD(0)
 
-    for (int s = 0; s < K / KS; s++) {
-        // Stage s is half s % 2 of chunk s / 2 (128 wide), or the 64-chunk when s / 2 == n128.
-        const int c = s >> 1, C = c < n128 ? 128 : 64, L = C / 8, PP = KS / L, p0 = (s & 1) * PP;
-        const int off = c * BLOCK_WORDS(128), gc = C / G;
+    for (int s = 0; s < stages; s++) {
         barrier(CLK_LOCAL_MEM_FENCE);
-        // W: item (local row r, word pair j) reads nibble words j, j+1 and writes planes p0 .. p0+PP-1.
-        for (int i = lid; i < BN * (L / 2); i += NWI) {
-            const int r = i / (L / 2), j = (i % (L / 2)) * 2;
-#ifdef SWIGLU
-            const int n = min(out0 + (r >> 4) * 8 + (r & 7), N - 1), up = (r >> 3) & 1;
-#else
-            const int n = min(out0 + r, N - 1), up = 0;
-#endif
-            const int row = n % RT;
-            __global const uint* blk = W + (size_t)(n / RT + up * ntiles) * tile_words + off;
-            const uint2 wv = vload2(0, blk + row * L + j);
-            __global const half* sz = (__global const half*)(blk + RT * L) + row * gc;
-            for (int pp = 0; pp < PP; pp++) {
-                const int p = p0 + pp, gi = p * L / G;
-                const float sc = vload_half(gi, sz), ze = vload_half(RT * gc + gi, sz);
-                const float2 v = (float2)((float)((wv.x >> (4 * p)) & 15u), (float)((wv.y >> (4 * p)) & 15u));
-                vstore_half2_rte(fma(v, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * L + j);
-            }
-        }
-        // X: tokens past T read the last token (their results are not stored).
-        for (int i = lid; i < BT * (KS / 4); i += NWI) {
-            const int t = i / (KS / 4), k = (i % (KS / 4)) * 4;
-            const int tok = min(tb0 + t, T - 1);
-            vstore_half4_rte(vload4(0, X + (size_t)tok * K + s * KS + k), 0, Xh + t * LDS + k);
-        }
+        STORE(s)
         barrier(CLK_LOCAL_MEM_FENCE);
+        if (s + 1 < stages) LOAD(s + 1)
 
         for (int kk = 0; kk < KS; kk += 16) {
 #if MMA
@@ -145,7 +188,7 @@ void gemm_mma(__global const uint* restrict W, __global const float* restrict X,
                         const int r = wm + i * 16 + g + (e >> 1) * 8, t = wn + j * 8 + 2 * q + (e & 1);
                         float sum = 0.0f;
                         for (int k = 0; k < 16; k++)
-                            sum += vload_half(r * LDS + kk + k, Wh) * vload_half(t * LDS + kk + k, Xh);
+                            sum += vload_half(r * LDS + kk + k, Wh) * vload_half(t * LDS + kk + k, Xlh);
                         acc[i][j][e] += sum;
                     }
 #endif

@@ -54,13 +54,18 @@ class MmaGemm:
                 "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu}
 
     def steps(self, w, x: cl.Buffer, y: cl.Buffer, T: int, K: int, N: int, accumulate: bool,
-              swiglu: bool) -> list:
-        """The launch (kernel with arguments set, global size, local size) of y [T, N] (+)= x @ W^T
-        (swiglu: N outputs from 2N rows)."""
-        kernel = cl.Kernel(self.rt.program("gemm_mma", **self._defines(w.group, swiglu)), "gemm_mma")
-        kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), np.int32(accumulate))
+              swiglu: bool) -> tuple[list, tuple]:
+        """The launches (kernel with arguments set, global size, local size) of y [T, N] (+)= x @ W^T
+        (swiglu: N outputs from 2N rows): x to fp16, then the product; and the buffers they hold."""
+        program = self.rt.program("gemm_mma", **self._defines(w.group, swiglu))
+        xh = self.rt.empty(2 * T * K)                                  # fp16 [T, K]
+        to_half = cl.Kernel(program, "x_to_half")
+        to_half.set_args(x, xh, np.int32(T * K))
+        kernel = cl.Kernel(program, "gemm_mma")
+        kernel.set_args(w.buf, xh, y, np.int32(T), np.int32(K), np.int32(N), np.int32(accumulate))
         out_n = self.bn // 2 if swiglu else self.bn
-        return [(kernel, (self.nwi * _ceil_div(T, self.bt), _ceil_div(N, out_n)), (self.nwi, 1))]
+        return [(to_half, (_ceil_div(T * K // 4, 256) * 256,), (256,)),
+                (kernel, (self.nwi * _ceil_div(T, self.bt), _ceil_div(N, out_n)), (self.nwi, 1))], (xh,)
 
     def probe(self) -> str | None:
         """None when the kernel builds, fits the device and matches NumPy on a small product (two
@@ -83,9 +88,11 @@ class MmaGemm:
             dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
             xb = self.rt.to_device(x)
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
-            for kernel, gsize, lsize in self.steps(dm, xb, yb, T, K, N, False, False):
+            steps, keep = self.steps(dm, xb, yb, T, K, N, False, False)
+            for kernel, gsize, lsize in steps:
                 cl.enqueue_nd_range_kernel(self.rt.queue, kernel, gsize, lsize)
             got = self.rt.read(yb, (T, N))
+            del keep
         except (PerfxError, cl.Error) as e:
             return str(e).splitlines()[0][:200]
         err = float(np.nanmax(np.abs(got - want))) if np.isfinite(got).all() else float("inf")
