@@ -35,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", default="nvidia")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--parts", default="mma,gemv,attention,norm", help="which kernels, comma-separated")
     a = ap.parse_args()
 
     import pyopencl as cl
@@ -72,10 +73,11 @@ def main() -> None:
     x = rt.to_device(rng.standard_normal((512, 11008)).astype(np.float32))
     y = rt.empty(4 * 512 * 12288)
 
+    parts = a.parts.split(",")
     # mma tiles
     res = []
-    for bn, bt, wm, wn in [(128, 64, 64, 32), (128, 128, 64, 32), (128, 128, 64, 64), (64, 128, 32, 64),
-                           (128, 64, 32, 32), (256, 64, 64, 32)]:
+    for bn, bt, wm, wn in [(128, 64, 64, 32), (128, 128, 64, 32), (128, 128, 32, 64), (256, 128, 64, 64),
+                           (256, 64, 64, 32), (128, 128, 32, 32), (256, 128, 128, 32)] if "mma" in parts else []:
         v = dict(mma_bn=bn, mma_bt=bt, mma_wm=wm, mma_wn=wn)
         try:
             mm = Matmul(rt, {**mparams, **v})
@@ -93,7 +95,7 @@ def main() -> None:
     res = []
     for vec, ks, wgr, tpw, img in [(4, 64, 2, 1, True), (4, 32, 4, 1, True), (4, 32, 2, 2, True), (8, 32, 2, 1, True),
                                    (4, 16, 8, 1, True), (4, 64, 2, 1, False), (4, 128, 1, 1, True), (8, 16, 4, 1, True),
-                                   (4, 32, 8, 1, True), (4, 64, 4, 1, True)]:
+                                   (4, 32, 8, 1, True), (4, 64, 4, 1, True)] if "gemv" in parts else []:
         v = dict(gemv_vec=vec, gemv_ksplit=ks, gemv_wg_rows=wgr, gemv_tpw=tpw, use_image=img)
         try:
             mm = Matmul(rt, {**mparams, **v, "gemm_mma": "off"})
@@ -104,7 +106,8 @@ def main() -> None:
             continue
         res.append((f"vec {vec} ksplit {ks} rows {wgr} tpw {tpw} image {img} (12288x4096 | 4096x11008 µs "
                     f"{s1 * 1e6:.1f} | {s2 * 1e6:.1f})", s1 + s2, (w12.nbytes + w411.nbytes) / (s1 + s2) / 1e9, v))
-    best_m.update(table("GEMV, T = 1 (both matrices)", res, "GB/s"))
+    if res:
+        best_m.update(table("GEMV, T = 1 (both matrices)", res, "GB/s"))
 
     # attention and norms, LLaMA-7B shape, one layer
     config = get_shape("llama-7b").config()
@@ -114,7 +117,7 @@ def main() -> None:
     for wg, vec, rows, half, chunk in [(128, 4, 32, False, 128), (128, 4, 64, False, 128), (128, 4, 16, False, 128),
                                        (64, 4, 32, False, 64), (256, 4, 32, False, 128), (128, 8, 32, False, 128),
                                        (128, 4, 32, True, 128), (128, 4, 32, True, 64), (64, 4, 32, True, 32),
-                                       (256, 8, 64, True, 128)]:
+                                       (256, 8, 64, True, 128)] if "attention" in parts else []:
         v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half, split_min_chunk=chunk)
         try:
             f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v})
@@ -126,11 +129,15 @@ def main() -> None:
         flops = 4 * 512 * 512 * 4096 / 2
         res_p.append((f"wg {wg} vec {vec} rows {rows} half {half}", sp, flops / sp / 1e9, v))
         res_d.append((f"wg {wg} vec {vec} rows {rows} half {half} chunk {chunk}", sd, 0, v))
-    bp = table("prefill attention, T = 512 (GFLOP/s, causal)", res_p, "GFLOP/s")
-    bd = table("decode attention, T = 1 at position 511", res_d, "-")
+    if res_p:
+        bp = table("prefill attention, T = 512 (GFLOP/s, causal)", res_p, "GFLOP/s")
+        bd = table("decode attention, T = 1 at position 511", res_d, "-")
+        # prefill keeps its tile shape, decode its slices and cache type: both must hold in one set
+        best_f.update({k: bp[k] for k in ("att_rows",)})
+        best_f.update({k: bd[k] for k in ("att_wg", "att_vec", "kv_half", "split_min_chunk")})
     res = []
     h = rt.empty(4 * 512 * 4096)
-    for wg in (64, 128, 256, 512, 1024):
+    for wg in (64, 128, 256, 512, 1024) if "norm" in parts else ():
         try:
             f = fz.FusedOps(rt, config, 1024, 1, {**fparams, "rms_wg": wg})
             s1 = timed(lambda: f.add_rmsnorm(qkv, out, qkv, 1, h), sync, 50)
@@ -139,13 +146,13 @@ def main() -> None:
             print(f"rms_wg {wg}: {str(e)[:150]}")
             continue
         res.append((f"rms_wg {wg} (T=512: {s2 * 1e6:.1f} µs)", s1, 0, dict(rms_wg=wg)))
-    best_f.update(table("add_rmsnorm, T = 1", res, "-"))
-    # prefill keeps its tile shape, decode its slices and cache type: both must hold in one set
-    best_f.update({k: bp[k] for k in ("att_rows",)})
-    best_f.update({k: bd[k] for k in ("att_wg", "att_vec", "kv_half", "split_min_chunk")})
+    if res:
+        best_f.update(table("add_rmsnorm, T = 1", res, "-"))
     print("\nbest matmul:", best_m, "\nbest fused:", best_f)
     if a.write:
-        print(write_override(info, "matmul", best_m), write_override(info, "fused", best_f))
+        for kernel, best in (("matmul", best_m), ("fused", best_f)):
+            if best:
+                print(write_override(info, kernel, best))
 
 
 if __name__ == "__main__":
