@@ -54,7 +54,7 @@ class LlamaBenchEngine:
         self.binary, self.path = spec["llama_bench"], spec["path"]
         gpu = bool(spec.get("offload"))
         self.args = ["-m", self.path, "-t", str(spec["threads"]), "-ngl", "99" if gpu else "0",
-                     "-fa", str(int(spec.get("llama_fa", 1))), "-r", "1", "--no-warmup", "-o", "json"]
+                     "-fa", str(int(spec.get("llama_fa", 1))), "-r", "1", "-o", "json"]
         first = self._record(0, 1)                          # a tiny run: the build's name and the model load
         self.info = EngineInfo(
             engine="llama.cpp", version=f"llama-bench {first.get('build_commit', '?')}",
