@@ -3,11 +3,13 @@
 // is 8 planes of L = C/8 consecutive elements, nibble p of word l = element p*L + l; the tile's
 // scale[RT][C/G] and zero[RT][C/G] halves after the nibbles; w = q * scale + zero).
 //
-// A work-group owns BN weight rows x BT tokens and walks K in stages of KS = 64 elements (half a
-// 128-chunk, or the 64-chunk): it dequantizes the stage's W[BN][64] to fp16 into local memory (each
-// weight once per work-group), converts X[BT][64] to fp16 beside it, then each warp (32 consecutive
-// work-items) multiplies its WM x WN sub-tile with mma.sync.m16n8k16 (fp16 operands, f32 accumulators,
-// NVIDIA inline PTX, sm_80 and later) in MT x NT fragments of 16 rows x 8 tokens.
+// x_to_half first converts X to fp16 (Xh), once per product. A work-group of gemm_mma owns BN weight
+// rows x BT tokens and walks K in stages of KS = 64 elements (half a 128-chunk, or the 64-chunk): it
+// dequantizes the stage's W[BN][64] to fp16 into local memory (each weight once per work-group) and
+// copies Xh[BT][64] beside it; then each warp (32 consecutive work-items) multiplies its WM x WN
+// sub-tile with mma.sync.m16n8k16 (fp16 operands, f32 accumulators, NVIDIA inline PTX, sm_80 and later)
+// in MT x NT fragments of 16 rows x 8 tokens, while the next stage's nibble words, scales and fp16
+// inputs load from global memory into registers (IW + IX items per work-item).
 //
 // Fragments (PTX ISA, mma.m16n8k16 .f16): lane = 4 g + q. A (16 x 16, row-major = W rows): a0 = row g,
 // k 2q..2q+1; a1 = row g+8; a2, a3 = the same at k + 8. B (16 x 8, column-major = X rows): b0 = token g,
@@ -21,9 +23,12 @@
 // MMA = 0 computes each lane's d0..d3 from local memory with ordinary arithmetic instead of the PTX
 // instruction: the same staging, tiles and epilogue, so CPUs (PoCL) check all but the instruction.
 //
-// Launch: global (NWI * ceil(T / BT), ceil(N / OUT_N)), local (NWI, 1); NWI = 32 * (BN/WM) * (BT/WN).
+// Launch: x_to_half global (ceil(T * K / 4)); gemm_mma global (NWI * ceil(T / BT), ceil(N / OUT_N)),
+// local (NWI, 1); NWI = 32 * (BN/WM) * (BT/WN).
 // Needs K % 64 == 0 and FORMAT 4 (int4) with G in 32, 64, 128 (C / G groups per chunk).
-// Local memory: (BN + BT) * LDS * 2 bytes (BN = 128, BT = 64: 27.6 KB).
+// Local memory: (BN + BT) * LDS * 2 bytes (BN = BT = 128: 36.9 KB; NVIDIA's OpenCL allows 48 KB).
+// Reached on the H200 (BN = BT = 128, WM = 32, WN = 64): 124 TFLOP/s on 12288 x 4096 x 512
+// (docs/performance.md, H200 section).
 
 #ifndef G
 #define G 32
