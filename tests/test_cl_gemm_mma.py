@@ -25,11 +25,15 @@ def oracle16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return h(x) @ h(w).T
 
 
-@pytest.fixture(scope="module")
-def mm_emulated(rt):
+# Warp tiles of 2 x 2 fragments (MT = NT = 2), 2 warps side by side along the tokens.
+WIDER = {**SMALL, "mma_bt": 32, "mma_wm": 32, "mma_wn": 16}
+
+
+@pytest.fixture(scope="module", params=[SMALL, WIDER], ids=["1x1-fragments", "2x2-fragments"])
+def mm_emulated(rt, request):
     from engine.backends.opencl.matmul import Matmul
 
-    mm = Matmul(rt, SMALL)
+    mm = Matmul(rt, request.param)
     assert mm.mma is not None, "the emulated kernel failed its own probe"
     return mm
 
