@@ -33,6 +33,9 @@ def bench(
     output: str = typer.Option("md", "-o", "--output", help="md | json | jsonl | csv (to standard output)."),
     vs: Optional[str] = typer.Option(
         None, "--vs", help="Also run the tests through llama.cpp (llama-cpp-python), alternating: --vs llama.cpp."),
+    llama_bench: Optional[str] = typer.Option(
+        None, "--llama-bench", help="With --vs llama.cpp: a llama-bench binary (a GPU build, say) as the peer."),
+    llama_fa: int = typer.Option(1, "--llama-fa", min=0, max=1, help="The llama-bench peer's flash attention (-fa)."),
     ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
     cooldown: float = typer.Option(0.0, "--cooldown", min=0.0,
                                    help="Seconds to rest before each timed run (phones: thermal throttling)."),
@@ -57,11 +60,25 @@ def bench(
         ctx=ctx,
         vs_llama_cpp=vs is not None,
         cooldown=cooldown,
+        llama_bench=llama_bench,
+        llama_fa=llama_fa,
     )
-    if vs is not None and not b.llama_cpp_available():
+    if llama_bench is not None:
+        from engine.bench_peer import check_binary
+
+        if vs is None:
+            raise PerfxError("--llama-bench is the peer of --vs llama.cpp: add --vs llama.cpp")
+        config.llama_bench = check_binary(llama_bench)
+    elif vs is not None and not b.llama_cpp_available():
         raise PerfxError(b.INSTALL_HINT)
     if synthetic is not None:
-        config.models += [b.describe_synthetic(name) for name in b.parse_list(synthetic, "--synthetic")]
+        names = b.parse_list(synthetic, "--synthetic")
+        if vs is not None:           # llama.cpp loads files: the shape as a GGUF of random Q4_0 weights
+            from engine.bench_peer import synthetic_gguf
+
+            config.models += [b.describe_file(synthetic_gguf(name, config.seed)) for name in names]
+        else:
+            config.models += [b.describe_synthetic(name) for name in names]
     if model is not None or synthetic is None:
         names = b.parse_list(model, "-m") if model is not None else [None]
         config.models += [b.describe_model(name, progress=True) for name in names]
