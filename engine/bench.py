@@ -40,6 +40,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .backends.numpy_backend import cpu_name, numpy_copy_bandwidth  # noqa: F401 (bench's API)
 from .errors import PerfxError
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -410,17 +411,6 @@ class BenchRun:
         return len(self.config.combos()) * len(self.config.tests) * len(self.config.engines)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
 def build_info() -> Build:
     """perfx's version, and the git commit of this checkout ('-dirty' with local changes)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -459,18 +449,6 @@ def peak_rss() -> int | None:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def numpy_copy_bandwidth(nbytes: int = 64 * MiB, runs: int = 5) -> float:
-    """Host copy bandwidth in bytes/s (bytes read + written) of a NumPy copy: one warm-up, median of runs."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    seconds = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        seconds.append(time.perf_counter() - t)
-    return 2 * src.nbytes / statistics.median(seconds[1:])
-
-
 def bench_tokens(seed: int, vocab: int, n: int) -> np.ndarray:
     """The random tokens of every test: the same for both engines."""
     return np.random.default_rng(seed).integers(0, vocab, size=max(n, 1), dtype=np.int64)
@@ -480,14 +458,15 @@ class PerfxEngine:
     """perfx on one device: a GGUF model or a synthetic shape."""
 
     def __init__(self, spec: dict):
-        from .llm import load_model, make_backend
+        from .backends import open_backend
+        from .llm import load_model
         from .model import Transformer
 
         if spec.get("shape"):
             from .synthetic import get_shape, synthetic_weights
 
             shape = get_shape(spec["shape"])
-            backend, notices = make_backend(spec["device"])
+            backend, notices = open_backend(spec["device"])
             self.transformer = Transformer(shape.config(), synthetic_weights(shape, spec["seed"]), backend,
                                            spec["ctx"])
         else:
@@ -495,16 +474,10 @@ class PerfxEngine:
             self.transformer, notices = llm.transformer, llm.notices
         t = self.transformer
         self.backend = backend = t.backend
-        if backend.name == "opencl":
-            from .backends.opencl.devices import describe
-
-            d = describe(backend.rt.device)
-            device, name, kind, label = d.id, d.name, d.type, "OpenCL"
-        else:
-            device, name, kind, label = "numpy", cpu_name(), "cpu", "NumPy"
-        fused = getattr(backend, "fused", None)
-        kv_bytes = fused.kv_bytes if fused is not None else backend.k_cache.itemsize
-        batch = getattr(backend, "max_tokens", t.ctx)
+        d = backend.report()
+        device, name, kind, label = d.device, d.name, d.kind, d.backend
+        kv_bytes = backend.capabilities.kv_bytes
+        batch = backend.capabilities.max_tokens or t.ctx
         from importlib.metadata import version
 
         self.info = EngineInfo(
@@ -527,14 +500,10 @@ class PerfxEngine:
         return time.perf_counter_ns() - start
 
     def device_bytes(self) -> int | None:
-        return getattr(self.backend, "device_bytes", None)
+        return self.backend.device_bytes
 
     def copy_bandwidth(self) -> float | None:
-        if self.backend.name == "opencl":
-            from .backends.opencl.devices import bandwidth
-
-            return bandwidth(self.backend.rt.device)
-        return numpy_copy_bandwidth()
+        return self.backend.copy_bandwidth()
 
 
 class LlamaCppEngine:

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .backends import open_backend
 from .chat import ChatTemplate
 from .errors import PerfxError
 from .loader import open_model
@@ -155,32 +156,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def make_backend(device: str) -> tuple[object, list[str]]:
-    """The backend for a device spec (auto | numpy | opencl | cpu | gpu | opencl:P:D), and the
-    notices about the choice (a device skipped, a fallback to NumPy)."""
-    from .backends.numpy_backend import NumpyBackend
-
-    if device == "numpy":
-        return NumpyBackend(), []
-    try:
-        from .backends.opencl.devices import select
-    except ImportError as e:  # pyopencl not installed (e.g. Termux without a compiler)
-        if device == "auto":
-            return NumpyBackend(), [f"OpenCL unavailable ({e}): using NumPy"]
-        raise PerfxError(f"OpenCL is unavailable ({e}); install perfx[opencl] or use --device numpy") from None
-    selection = select(device)
-    if selection.backend == "numpy":
-        return NumpyBackend(), selection.notices
-    from .backends.opencl import fused, matmul
-    from .backends.opencl.backend import OpenCLBackend
-    from .backends.opencl.tuning import params_for
-
-    info = selection.info
-    params = {"matmul": params_for(info, "matmul", matmul.DEFAULT_PARAMS),
-              "fused": params_for(info, "fused", fused.DEFAULT_PARAMS)}
-    return OpenCLBackend(selection.runtime(), f"OpenCL {info.id} {info.name}", params), selection.notices
-
-
 def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ctx: int | None = None,
                progress: bool = False) -> LLM:
     """Load a registry model (downloaded on first use) or a model file, on `device`."""
@@ -195,18 +170,12 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     tokenizer = model.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
-    backend, notices = make_backend(device)
+    backend, notices = open_backend(device)
     weights = weights_from_tensors(model.tensors, config, path)
-    numpy = backend.name == "numpy"
-    need = estimate(config, weight_bytes(weights, dequantized=numpy), ctx,
-                    batch_tokens=None if numpy else backend_max_tokens())
+    need = estimate(config, weight_bytes(weights, dequantized=backend.name == "numpy"), ctx,
+                    batch_tokens=backend.capabilities.max_tokens)
     check_available(need.total, f"{config.name or path.name} at --ctx {ctx} ({need.describe()})")
     transformer = Transformer(config, weights, backend, ctx)
     return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
                notices=[*TOKENIZER_NOTICES, *notices])
 
-
-def backend_max_tokens() -> int:
-    from .backends.opencl.backend import MAX_TOKENS
-
-    return MAX_TOKENS

@@ -13,10 +13,11 @@ The last layer's "next norm" is the output norm, so the logits are linear(h, out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from .backends import Backend
 from .config import ModelConfig
 from .tensors import QTensor
 from .errors import PerfxError
@@ -105,36 +106,37 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
 class Transformer:
     """Runs the forward pass on a backend, which owns the weights on its device and the KV cache."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, backend: Any, ctx: int):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: Backend, ctx: int):
         self.config = config
         self.ctx = ctx
         self.backend = backend
         self.w = backend.load(config, weights, ctx)
 
+    def passes(self, n: int) -> Iterator[tuple[int, int]]:
+        """(offset, end) of each pass over n tokens: a backend takes a long prompt in passes of its
+        longest pass (capabilities.max_tokens)."""
+        step = self.backend.capabilities.max_tokens or max(n, 1)
+        for i in range(0, n, step):
+            yield i, min(i + step, n)
+
     def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = True) -> np.ndarray:
         """Logits [len(ids), vocab] (or [1, vocab] for the last token) continuing the cache at start_pos."""
-        step = getattr(self.backend, "max_tokens", len(ids))   # a backend may take a long prompt in passes
         out = []
-        for i in range(0, len(ids), step):
-            part = ids[i:i + step]
-            last_pass = i + step >= len(ids)
-            h = self._layers(part, self._contiguous(start_pos + i))
-            if all_logits or last_pass:
+        for i, end in self.passes(len(ids)):
+            h = self._layers(ids[i:end], self._contiguous(start_pos + i))
+            if all_logits or end == len(ids):
                 out.append(self.backend.logits(h, self.w.output, all_logits))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def next_token(self, ids: np.ndarray, start_pos: int) -> int:
         """The greedy next token after ids; a backend with a device argmax reads back one int."""
-        h = self._prompt(ids, start_pos)
-        if hasattr(self.backend, "argmax_last"):
-            return self.backend.argmax_last(h, self.w.output)
-        return int(np.argmax(self.backend.logits(h, self.w.output, False)[-1]))
+        return self.backend.argmax_last(self._prompt(ids, start_pos), self.w.output)
 
     def greedy(self, ids: np.ndarray, start_pos: int, limit: int) -> Iterator[int]:
         """Up to `limit` greedy tokens after ids (the cache continued at start_pos), each the argmax
         after the one before it, fed back as the next input; stops early at the end of the context.
 
-        A backend that keeps the chosen token on the device (`argmax_async`, embedding ids=None) runs
+        A backend that keeps the chosen token on the device (capabilities.device_argmax) runs
         one step ahead: the next step is enqueued before this token is read back, so the device never
         waits for the host. A step runs only where `limit` and the context allow one more token; if the
         caller stops early, the step ahead has only written the cache past the tokens kept, which the
@@ -142,7 +144,7 @@ class Transformer:
         end = min(start_pos + len(ids) + limit - 1, self.ctx)     # positions of the fed-back tokens: < end
         if limit < 1:
             return
-        if not hasattr(self.backend, "argmax_async"):
+        if not self.backend.capabilities.device_argmax:
             token = self.next_token(ids, start_pos)
             for pos in range(start_pos + len(ids), end):
                 yield token
@@ -158,11 +160,10 @@ class Transformer:
         yield chosen.result()
 
     def _prompt(self, ids: np.ndarray, start_pos: int):
-        """Runs ids through every layer, in passes of the backend's max_tokens; the last pass's final
-        normalised hidden states (a backend handle)."""
-        step = getattr(self.backend, "max_tokens", len(ids))
-        for i in range(0, len(ids), step):
-            h = self._layers(ids[i:i + step], self._contiguous(start_pos + i))
+        """Runs ids through every layer, in passes; the last pass's final normalised hidden states
+        (a backend handle)."""
+        for i, end in self.passes(len(ids)):
+            h = self._layers(ids[i:end], self._contiguous(start_pos + i))
         return h
 
     def forward_paged(self, ids: np.ndarray, batch: PagedBatch):

@@ -54,7 +54,7 @@ def serve(
     config = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, kv_tokens=kv_tokens)
     name = model_id(model)
     llm = load(model, device, ctx, threads)
-    if not hasattr(llm.transformer.backend, "paged_attention"):
+    if not llm.transformer.backend.capabilities.paged_kv:
         raise PerfxError(f"{llm.device} cannot run batched steps yet; serve with --device numpy")
     scheduler = Scheduler(llm, config)
     app = create_app(llm, scheduler, ServerConfig(model_id=name, aliases=tuple(alias), api_key=api_key))

@@ -1,1 +1,164 @@
-"""Backends: each one implements the operators of `engine.model` on one kind of device."""
+"""Backends: each one implements the operators of `engine.model` on one kind of device.
+
+The contract between the transformer (engine/model.py) and a backend, written once:
+
+    backend, notices = open_backend("auto")     # numpy | auto | opencl | cpu | gpu | opencl:P:D
+    backend.capabilities                        # what it can do, declared, never probed
+    w = backend.load(config, weights, ctx)      # the weights on the device, the KV cache allocated
+
+Operators take and return activations, backend handles (a NumPy array [T, width], or a device
+buffer that knows its own token count). Optional abilities are declared in `Capabilities`; the
+defaults below give every backend the same methods, so callers branch on a flag, not on `hasattr`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..errors import PerfxError
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+    from ..model import Weights
+    from ..paged import PagedBatch
+
+Act = Any        # an activation: the backend's handle for [T, width] float32 values
+DeviceW = Any    # a weight as the backend holds it
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it can do."""
+
+    max_tokens: int | None   # the longest pass: a longer prompt runs in passes of this many tokens (None: any)
+    device_argmax: bool      # argmax_async keeps the chosen token on the device and embed(None) reads it there
+    paged_kv: bool           # kv_pool, begin_paged and paged_attention: batched steps (serving)
+    kv_bytes: int            # bytes of one K or V element in the cache: 2 (fp16) or 4 (f32)
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """The device a backend runs on, as bench reports it."""
+
+    backend: str             # "OpenCL", "NumPy"
+    device: str              # the spec that selects it again: "opencl:0:0", "numpy"
+    name: str                # the device's own name
+    kind: str                # "cpu", "gpu" or "accelerator"
+
+
+class Chosen(Protocol):
+    """A greedy token being computed; result() waits for it."""
+
+    def result(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A token already known on the host."""
+
+    token: int
+
+    def result(self) -> int:
+        return self.token
+
+
+class Backend(ABC):
+    """The operators the transformer calls (see engine/model.py's header for how a layer uses them)."""
+
+    name: str                # "numpy", "opencl"
+    description: str         # the device in words, for the user
+    capabilities: Capabilities
+
+    @abstractmethod
+    def load(self, config: ModelConfig, weights: Weights, ctx: int) -> Any:
+        """Puts the weights on the device and allocates the KV cache for ctx positions; the device weights."""
+
+    @property
+    @abstractmethod
+    def device_bytes(self) -> int:
+        """Bytes this backend holds on its device: weights, KV cache, activations."""
+
+    @abstractmethod
+    def report(self) -> DeviceReport: ...
+
+    @abstractmethod
+    def copy_bandwidth(self) -> float:
+        """The device's measured copy bandwidth, bytes/s (read + written)."""
+
+    # --- the operators of a layer ----------------------------------------------------------
+    @abstractmethod
+    def embed(self, table: DeviceW, ids: np.ndarray | None) -> Act:
+        """x [T, dim]: the rows of ids (None: the token the last argmax_async chose, with device_argmax)."""
+
+    @abstractmethod
+    def rmsnorm(self, x: Act, w: DeviceW) -> Act: ...
+
+    @abstractmethod
+    def linear(self, x: Act, w: DeviceW) -> Act:
+        """x @ w^T (+ w's bias)."""
+
+    @abstractmethod
+    def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
+        """RoPE, K and V written to the contiguous cache at start_pos.., causal attention: [T, q_dim]."""
+
+    @abstractmethod
+    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceW, norm: DeviceW) -> tuple[Act, Act]:
+        """x += a @ w^T; h = rmsnorm(x) * norm: (x, h)."""
+
+    @abstractmethod
+    def swiglu(self, h: Act, w_gate_up: DeviceW) -> Act: ...
+
+    @abstractmethod
+    def logits(self, h: Act, output: DeviceW, all_logits: bool) -> np.ndarray:
+        """Logits [T, vocab] of every row of h, or [1, vocab] of the last one, on the host."""
+
+    @abstractmethod
+    def logits_rows(self, h: Act, output: DeviceW, rows: np.ndarray) -> np.ndarray:
+        """Logits [len(rows), vocab] of the given rows of h, on the host."""
+
+    # --- greedy choice: on the host unless the backend declares device_argmax ----------------
+    def argmax_async(self, h: Act, output: DeviceW) -> Chosen:
+        """The most likely token after h's last row, being computed."""
+        return Ready(int(np.argmax(self.logits(h, output, False)[-1])))
+
+    def argmax_last(self, h: Act, output: DeviceW) -> int:
+        return self.argmax_async(h, output).result()
+
+    # --- paged KV cache (engine.paged), with paged_kv ------------------------------------------
+    def kv_pool(self, n_blocks: int, block_size: int) -> None:
+        """Allocates the block pool; from then on products are batch-invariant."""
+        raise PerfxError(f"{self.description} cannot run batched steps yet; serve with --device numpy")
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return 0
+
+    def begin_paged(self, batch: PagedBatch) -> None:
+        raise PerfxError(f"{self.description} has no paged KV cache")
+
+    def paged_attention(self, qkv: Act, layer: int) -> Act:
+        raise PerfxError(f"{self.description} has no paged KV cache")
+
+
+def open_backend(spec: str) -> tuple[Backend, list[str]]:
+    """The backend for a device spec (auto | numpy | opencl | cpu | gpu | opencl:P:D), and the
+    notices about the choice (a device skipped, a fallback to NumPy)."""
+    from .numpy_backend import NumpyBackend
+
+    if spec == "numpy":
+        return NumpyBackend(), []
+    try:
+        from .opencl.devices import select
+    except ImportError as e:  # pyopencl not installed (e.g. Termux without a compiler)
+        if spec == "auto":
+            return NumpyBackend(), [f"OpenCL unavailable ({e}): using NumPy"]
+        raise PerfxError(f"OpenCL is unavailable ({e}); install perfx[opencl] or use --device numpy") from None
+    selection = select(spec)
+    if selection.backend == "numpy":
+        return NumpyBackend(), selection.notices
+    from .opencl.backend import OpenCLBackend
+
+    return OpenCLBackend.from_selection(selection), selection.notices

@@ -4,10 +4,14 @@ Plain and obviously right: it is the oracle that every OpenCL kernel is tested a
 """
 from __future__ import annotations
 
+import platform
+import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import Backend, Capabilities, DeviceReport
 from ..config import ModelConfig
 from ..model import Weights
 from ..paged import PagedBatch, check_batch
@@ -77,9 +81,33 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -
     return out
 
 
-class NumpyBackend:
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def numpy_copy_bandwidth(nbytes: int = 64 << 20, runs: int = 5) -> float:
+    """Host copy bandwidth in bytes/s (bytes read + written) of a NumPy copy: one warm-up, median of runs."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    seconds = []
+    for _ in range(runs + 1):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        seconds.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(seconds[1:])
+
+
+class NumpyBackend(Backend):
     name = "numpy"
     description = "NumPy (float32 reference)"
+    capabilities = Capabilities(max_tokens=None, device_argmax=False, paged_kv=True, kv_bytes=4)
 
     def load(self, config: ModelConfig, weights: Weights, ctx: int) -> DeviceWeights:
         self.config, self.ctx = config, ctx
@@ -110,6 +138,12 @@ class NumpyBackend:
         arrays = [w.tok_embd, w.output, w.output_norm, self.k_cache, self.v_cache, self.cos, self.sin]
         arrays += [a for l in w.layers for a in vars(l).values()]
         return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
+
+    def report(self) -> DeviceReport:
+        return DeviceReport(backend="NumPy", device="numpy", name=cpu_name(), kind="cpu")
+
+    def copy_bandwidth(self) -> float:
+        return numpy_copy_bandwidth()
 
     # --- operators --------------------------------------------------------------------------
 

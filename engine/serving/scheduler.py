@@ -166,8 +166,8 @@ class Scheduler:
         block_size = config.block_size
         n_blocks = -(-config.pool_tokens(llm.ctx) // block_size)
         backend.kv_pool(n_blocks, block_size)
-        self.blocks = BlockAllocator(backend.n_blocks, backend.block_size)
-        limit = getattr(backend, "max_tokens", None) or config.step_tokens
+        self.blocks = BlockAllocator(n_blocks, block_size)
+        limit = backend.capabilities.max_tokens or config.step_tokens
         self.step_tokens = min(config.step_tokens, limit)
         if self.step_tokens <= config.max_batch:
             raise PerfxError(f"the backend takes {limit} tokens per step: lower --max-batch below it")

@@ -2,19 +2,21 @@
 
 Weights are repacked once at load (`DeviceMatrix`, see matmul.py); every activation buffer is
 allocated once for up to `max_tokens` tokens, so a decode step only enqueues kernels. Operators take
-and return `Act` handles (a buffer and its row width); the token count of the pass in flight is set
-by `embed` and read by the others.
+and return `Act` handles: a buffer, its row width and the number of tokens it holds now. Each
+product's output buffer is named with its matrix at load (`Proj`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyopencl as cl
 
 from ...config import ModelConfig
 from ...model import Weights
-from .devices import check_memory
+from .. import Backend, Capabilities, DeviceReport
+from .devices import Selection, bandwidth, check_memory, describe
+from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul, Norm, XPrep
 from .paged import PagedAttention, PagedBatch, check_batch, check_rows
@@ -26,8 +28,25 @@ LOGIT_ROWS = 16       # logits computed and read back this many rows at a time
 
 @dataclass(frozen=True)
 class Act:
-    buf: cl.Buffer    # f32 [max_tokens, width]
+    buf: cl.Buffer    # f32 [max_tokens, width], of which the first T rows hold this pass's tokens
     width: int
+    T: int
+
+    def rows(self, T: int) -> Act:
+        """The same buffer holding T tokens."""
+        return self if T == self.T else Act(self.buf, self.width, T)
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A weight matrix and the activation buffer its product writes."""
+
+    m: DeviceMatrix
+    out: Act          # [max_tokens, rows of m]
+
+    @property
+    def nbytes(self) -> int:
+        return self.m.nbytes
 
 
 @dataclass(frozen=True)
@@ -44,11 +63,11 @@ class Chosen:
 @dataclass
 class Layer:
     attn_norm: cl.Buffer     # f32 [dim]
-    wqkv: DeviceMatrix       # [q_dim + 2 kv_dim, dim] (+ bias f32 [q_dim + 2 kv_dim], Qwen2)
-    wo: DeviceMatrix         # [dim, q_dim]
+    wqkv: Proj               # [q_dim + 2 kv_dim, dim] (+ bias f32 [q_dim + 2 kv_dim], Qwen2) -> qkv
+    wo: Proj                 # [dim, q_dim] -> delta
     ffn_norm: cl.Buffer      # f32 [dim]
-    w_gate_up: DeviceMatrix  # [2 ffn, dim]
-    w_down: DeviceMatrix     # [dim, ffn]
+    w_gate_up: DeviceMatrix  # [2 ffn, dim] -> ffn (silu(gate) * up)
+    w_down: Proj             # [dim, ffn] -> delta
 
 
 @dataclass
@@ -84,13 +103,35 @@ def buffer_bytes(root: object) -> int:
     return total
 
 
-class OpenCLBackend:
+class OpenCLBackend(Backend):
+    name = "opencl"
+
     def __init__(self, rt: Runtime, label: str, params: dict | None = None):
         """params: {"matmul": {...}, "fused": {...}}, the device's tuned -D values (tuning.py)."""
         self.rt = rt
         self.params = params or {}
-        self.name = "opencl"
         self.description = label
+        kv_half = {**FUSED_DEFAULTS, **self.params.get("fused", {})}["kv_half"]
+        self.capabilities = Capabilities(max_tokens=MAX_TOKENS, device_argmax=True, paged_kv=True,
+                                         kv_bytes=2 if kv_half else 4)
+
+    @classmethod
+    def from_selection(cls, selection: Selection) -> OpenCLBackend:
+        """The backend on a selected device, with the device's tuned parameters (tuning.py)."""
+        from . import fused, matmul
+        from .tuning import params_for
+
+        info = selection.info
+        params = {"matmul": params_for(info, "matmul", matmul.DEFAULT_PARAMS),
+                  "fused": params_for(info, "fused", fused.DEFAULT_PARAMS)}
+        return cls(selection.runtime(), f"OpenCL {info.id} {info.name}", params)
+
+    def report(self) -> DeviceReport:
+        d = describe(self.rt.device)
+        return DeviceReport(backend="OpenCL", device=d.id, name=d.name, kind=d.type)
+
+    def copy_bandwidth(self) -> float:
+        return bandwidth(self.rt.device)
 
     # --- loading --------------------------------------------------------------------------
 
@@ -100,33 +141,21 @@ class OpenCLBackend:
         check_memory(rt.device, weights.nbytes + 2 * c.n_layers * c.kv_dim * ctx * 4,
                      f"{c.name or 'the model'} at context {ctx}")
         self.max_tokens = min(MAX_TOKENS, ctx)
+        self.capabilities = replace(self.capabilities, max_tokens=self.max_tokens)
         self.matmul = Matmul(rt, self.params.get("matmul"))
         self.fused = FusedOps(rt, c, ctx, c.n_layers, self.params.get("fused"))
+        self._allocate(c)
+        self.weights = self._upload(weights)
+        self._plan_group_sums(self.weights.layers)
+        rt.queue.finish()
+        return self.weights
 
-        def vec(t) -> cl.Buffer:
-            return rt.to_device(t.dequantize().astype(np.float32))
-
-        layers = [
-            Layer(vec(l.attn_norm), DeviceMatrix.from_qtensors(rt, l.wqkv).with_bias(rt, l.bqkv),
-                  DeviceMatrix.from_qtensors(rt, [l.wo]),
-                  vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
-                  DeviceMatrix.from_qtensors(rt, [l.w_down]))
-            for l in weights.layers
-        ]
-        e = weights.tok_embd
-        output = DeviceMatrix.from_qtensors(rt, [weights.output])
-        if weights.output is e and output.fmt == "int8":
-            table = EmbeddingTable.from_tiles(output)      # tied: the output matrix's rows, held once
-        elif e.qtype in ("Q8_0", "INT8"):
-            table = EmbeddingTable.from_q8(rt, *e.int8()[:2])
-        else:
-            table = EmbeddingTable.from_f32(rt, e.dequantize())
-
-        # Activations [max_tokens, width], f32, allocated once.
-        T, f32 = self.max_tokens, 4
+    def _allocate(self, c: ModelConfig) -> None:
+        """Activations [max_tokens, width], f32, and the host staging arrays, allocated once."""
+        rt, T, f32 = self.rt, self.max_tokens, 4
 
         def act(width: int) -> Act:
-            return Act(rt.empty(T * width * f32), width)
+            return Act(rt.empty(T * width * f32), width, T)
 
         self.x, self.h, self.delta = act(c.dim), act(c.dim), act(c.dim)
         self.qkv, self.attn, self.ffn = act(c.q_dim + 2 * c.kv_dim), act(c.q_dim), act(c.ffn_dim)
@@ -142,26 +171,49 @@ class OpenCLBackend:
         self.rows_host = np.empty(LOGIT_ROWS, np.int32)
         self.paged: PagedAttention | None = None                      # the serving pool (kv_pool)
         self.n_blocks = self.block_size = 0
-        self.T = 0
         self.scheme: str | None = None     # matmul scheme forced for every product ("gemv" once serving)
-        # The norms write the group sums of h (and h in int16 for the int-dot GEMV) for the int4 GEMVs
-        # that read it (QKV, gate+up), which then skip their own xsum or quantize launch: one launch
-        # fewer per product in decode.
-        (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv, l.w_gate_up)}
+
+    def _upload(self, weights: Weights) -> DeviceWeights:
+        """The weights repacked on the device; QKV writes qkv, the o and down projections delta."""
+        rt = self.rt
+
+        def vec(t) -> cl.Buffer:
+            return rt.to_device(t.dequantize().astype(np.float32))
+
+        def mat(tensors, out: Act) -> Proj:
+            return Proj(DeviceMatrix.from_qtensors(rt, tensors), out)
+
+        layers = [
+            Layer(vec(l.attn_norm),
+                  Proj(DeviceMatrix.from_qtensors(rt, l.wqkv).with_bias(rt, l.bqkv), self.qkv),
+                  mat([l.wo], self.delta), vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
+                  mat([l.w_down], self.delta))
+            for l in weights.layers
+        ]
+        e = weights.tok_embd
+        output = DeviceMatrix.from_qtensors(rt, [weights.output])
+        if weights.output is e and output.fmt == "int8":
+            table = EmbeddingTable.from_tiles(output)      # tied: the output matrix's rows, held once
+        elif e.qtype in ("Q8_0", "INT8"):
+            table = EmbeddingTable.from_q8(rt, *e.int8()[:2])
+        else:
+            table = EmbeddingTable.from_f32(rt, e.dequantize())
+        return DeviceWeights(table, layers, vec(weights.output_norm), output)
+
+    def _plan_group_sums(self, layers: list[Layer]) -> None:
+        """The norms write the group sums of h (and h in int16 for the int-dot GEMV) for the int4 GEMVs
+        that read it (QKV, gate+up), which then skip their own xsum or quantize launch: one launch
+        fewer per product in decode."""
+        rt, T, dim, f32 = self.rt, self.max_tokens, self.config.dim, 4
+        (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv.m, l.w_gate_up)}
         self.h_xs, self.xs_group = None, 0
         if not others and fmt == "int4" and (self.matmul.int_dot or not self.matmul.params["gemv_zero_inline"]):
             self.xs_group = group
             int16 = self.matmul.int_dot
             self.fused.group_sums(group, int16=int16)
-            self.h_xs = XPrep(rt.empty(T * c.dim // group * f32),             # f32 [max_tokens, dim / group]
-                              *((rt.empty(T * c.dim * 2), rt.empty(T * c.dim // 32 * f32))  # int16 [max_tokens, dim],
-                                if int16 else ()))                                          # f32 [max_tokens, dim / 32]
-        # Where each matrix writes: QKV into qkv, the o and down projections into delta.
-        self.out_of = {id(l.wqkv): self.qkv for l in layers}
-        self.out_of.update({id(m): self.delta for l in layers for m in (l.wo, l.w_down)})
-        rt.queue.finish()
-        self.weights = DeviceWeights(table, layers, vec(weights.output_norm), output)
-        return self.weights
+            self.h_xs = XPrep(rt.empty(T * dim // group * f32),             # f32 [max_tokens, dim / group]
+                              *((rt.empty(T * dim * 2), rt.empty(T * dim // 32 * f32))  # int16 [max_tokens, dim],
+                                if int16 else ()))                                      # f32 [max_tokens, dim / 32]
 
     @property
     def device_bytes(self) -> int:
@@ -174,70 +226,64 @@ class OpenCLBackend:
         """x [T, dim] = the embeddings of ids; ids None: of the token the last argmax chose (T = 1),
         read where it is, on the device."""
         if ids is None:
-            self.T = 1
             self.fused.embed(table, self.token, 1, self.x.buf)
-            return self.x
-        self.T = T = len(ids)
+            return self.x.rows(1)
+        T = len(ids)
         self.ids_host[:T] = ids
         cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
         self.fused.embed(table, self.ids, T, self.x.buf)
-        return self.x
+        return self.x.rows(T)
 
     def rmsnorm(self, x: Act, w: cl.Buffer) -> Act:
-        self.fused.rmsnorm(x.buf, w, self.T, self.h.buf, self.h_xs)
-        return self.h
+        self.fused.rmsnorm(x.buf, w, x.T, self.h.buf, self.h_xs)
+        return self.h.rows(x.T)
 
     def add_rmsnorm(self, x: Act, delta: Act, w: cl.Buffer) -> tuple[Act, Act]:
-        self.fused.add_rmsnorm(x.buf, delta.buf, w, self.T, self.h.buf, self.h_xs)
-        return x, self.h
+        self.fused.add_rmsnorm(x.buf, delta.buf, w, x.T, self.h.buf, self.h_xs)
+        return x, self.h.rows(x.T)
 
-    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceMatrix, norm: cl.Buffer) -> tuple[Act, Act]:
+    def residual_rmsnorm(self, x: Act, a: Act, w: Proj, norm: cl.Buffer) -> tuple[Act, Act]:
         """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
         one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
         product, then add_rmsnorm."""
-        if (self.scheme or self.matmul.scheme(self.T)) == "gemv" and self.matmul.params["gemv_norm"] \
-                and w.bias is None:
+        if (self.scheme or self.matmul.scheme(x.T)) == "gemv" and self.matmul.params["gemv_norm"] \
+                and w.m.bias is None:
             epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
-            self.matmul.residual_norm(a.buf, w, self.T, x.buf, epilogue, xs=self._sums_of(a, w))
-            return x, self.h
+            self.matmul.residual_norm(a.buf, w.m, x.T, x.buf, epilogue, xs=self._sums_of(a, w.m))
+            return x, self.h.rows(x.T)
         return self.add_rmsnorm(x, self.linear(a, w), norm)
 
     def _sums_of(self, x: Act, w: DeviceMatrix) -> XPrep | None:
         """The group sums (and int16 blocks) of x the norm wrote, when x is h and w an int4 matrix of
         their group."""
-        if self.h_xs is not None and x is self.h and w.fmt == "int4" and w.group == self.xs_group:
+        if self.h_xs is not None and x.buf is self.h.buf and w.fmt == "int4" and w.group == self.xs_group:
             return self.h_xs
         return None
 
-    def linear(self, x: Act, w: DeviceMatrix) -> Act:
-        out = self.out_of[id(w)]
-        self.matmul.linear(x.buf, w, self.T, out.buf, scheme=self.scheme, xs=self._sums_of(x, w))
-        return out
+    def linear(self, x: Act, w: Proj) -> Act:
+        self.matmul.linear(x.buf, w.m, x.T, w.out.buf, scheme=self.scheme, xs=self._sums_of(x, w.m))
+        return w.out.rows(x.T)
 
     def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
-        self.fused.attention(qkv.buf, self.T, layer, start_pos, self.attn.buf)
-        return self.attn
+        self.fused.attention(qkv.buf, qkv.T, layer, start_pos, self.attn.buf)
+        return self.attn.rows(qkv.T)
 
     def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
-        self.matmul.swiglu(h.buf, w_gate_up, self.T, self.ffn.buf, scheme=self.scheme,
+        self.matmul.swiglu(h.buf, w_gate_up, h.T, self.ffn.buf, scheme=self.scheme,
                            xs=self._sums_of(h, w_gate_up))
-        return self.ffn
+        return self.ffn.rows(h.T)
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
         """Logits of every token [T, vocab], or of the last one [1, vocab], read back to the host."""
-        return self.logits_rows(h, output, np.arange(0 if all_logits else self.T - 1, self.T))
-
-    def argmax_last(self, h: Act, output: DeviceMatrix) -> int:
-        """The most likely next token after the last one, computed on the device: one int read back."""
-        return self.argmax_async(h, output).result()
+        return self.logits_rows(h, output, np.arange(0 if all_logits else h.T - 1, h.T))
 
     def argmax_async(self, h: Act, output: DeviceMatrix) -> Chosen:
         """Enqueues argmax_last: the token stays on the device (the next embed(ids=None) reads it) and
         its read into one of two host slots is enqueued without waiting."""
         dim, q = self.config.dim, self.rt.queue
         last = h.buf
-        if self.T > 1:
-            cl.enqueue_copy(q, self.h_rows, h.buf, byte_count=dim * 4, src_offset=(self.T - 1) * dim * 4,
+        if h.T > 1:
+            cl.enqueue_copy(q, self.h_rows, h.buf, byte_count=dim * 4, src_offset=(h.T - 1) * dim * 4,
                             dst_offset=0)
             last = self.h_rows
         self.matmul.linear(last, output, 1, self.logits_buf)
@@ -276,15 +322,15 @@ class OpenCLBackend:
         self.paged.begin(batch)
 
     def paged_attention(self, qkv: Act, layer: int) -> Act:
-        self.paged.attention(qkv.buf, self.T, layer, self.attn.buf)
-        return self.attn
+        self.paged.attention(qkv.buf, qkv.T, layer, self.attn.buf)
+        return self.attn.rows(qkv.T)
 
     def logits_rows(self, h: Act, output: DeviceMatrix, rows: np.ndarray) -> np.ndarray:
         """Logits [len(rows), vocab] of the given rows of h: gathered into h_rows LOGIT_ROWS at a
         time (the embedding gather, h as the table), one product each, read back."""
-        rows = check_rows(rows, self.T)
+        rows = check_rows(rows, h.T)
         dim, q = self.config.dim, self.rt.queue
-        table = EmbeddingTable(vocab=self.T, dim=dim, w=h.buf)
+        table = EmbeddingTable(vocab=h.T, dim=dim, w=h.buf)
         out = np.empty((len(rows), self.config.vocab_size), np.float32)
         for start in range(0, len(rows), LOGIT_ROWS):
             n = min(LOGIT_ROWS, len(rows) - start)
