@@ -7,11 +7,10 @@ soft-capping, experts, an unknown tensor) is refused in one line that names ever
 a feature, implement it and add its entry to the architecture's set.
 
 Entries: "KEY" for a GGUF key without its "{arch}." prefix, "tensor NAME" for a tensor (its "blk.N."
-prefix dropped), "config KEY" or "config KEY=VALUE" for a config.json key.
+prefix dropped), "config KEY" for a config.json key ("config rope_scaling.TYPE" for a RoPE scaling type).
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 
@@ -46,14 +45,19 @@ NEUTRAL = {
     "attention.clamp_kqv": (0.0,), "use_parallel_residual": (False,),
 }
 
-# config.json keys that change the computation, with the values that ask for nothing
-HF_NEUTRAL = {
-    "rope_scaling": (None, {}), "partial_rotary_factor": (None, 1, 1.0), "attention_bias": (None, False),
-    "mlp_bias": (None, False), "hidden_act": (None, "silu"), "sliding_window": (None, 0),
-    "attn_logit_softcapping": (None, 0, 0.0), "final_logit_softcapping": (None, 0, 0.0),
-    "num_local_experts": (None, 0, 1), "num_experts": (None, 0, 1), "qk_layernorm": (None, False),
-    "use_qk_norm": (None, False), "logits_scaling": (None, 1, 1.0), "embedding_multiplier": (None, 1, 1.0),
-    "residual_multiplier": (None, 1, 1.0), "attention_multiplier": (None,), "pretraining_tp": (None, 1),
+# config.json keys that change the computation: (the values that ask for nothing, what the key asks for)
+HF_KEYS = {
+    "rope_scaling": ((None, {}), "scaled RoPE"), "partial_rotary_factor": ((None, 1, 1.0), "RoPE on part of a head"),
+    "attention_bias": ((None, False), "biases on q/k/v_proj and o_proj"),
+    "mlp_bias": ((None, False), "biases on gate/up/down_proj"), "hidden_act": ((None, "silu"), "another activation"),
+    "sliding_window": ((None, 0), "sliding-window attention"),
+    "attn_logit_softcapping": ((None, 0, 0.0), "soft-capped attention scores"),
+    "final_logit_softcapping": ((None, 0, 0.0), "soft-capped logits"),
+    "num_local_experts": ((None, 0, 1), "mixture of experts"), "num_experts": ((None, 0, 1), "mixture of experts"),
+    "qk_layernorm": ((None, False), "Q and K norms"), "use_qk_norm": ((None, False), "Q and K norms"),
+    "logits_scaling": ((None, 1, 1.0), "scaled logits"), "embedding_multiplier": ((None, 1, 1.0), "scaled embeddings"),
+    "residual_multiplier": ((None, 1, 1.0), "scaled residuals"), "attention_multiplier": ((None,), "scaled attention"),
+    "pretraining_tp": ((None, 1), "tensor-parallel slicing of the linears"),
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -63,41 +67,48 @@ def _neutral(value, allowed) -> bool:
     return allowed is None or any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
 
 
-def gguf_requests(arch: str, metadata: dict, tensor_names: Iterable[str], n_layers: int) -> list[str]:
-    """Every "{arch}." key (with a non-neutral value) and every tensor of a GGUF file, as entries."""
-    out = []
+def gguf_requests(arch: str, metadata: dict, tensor_names: Iterable[str], n_layers: int) -> dict[str, str]:
+    """Every "{arch}." key (with a non-neutral value) and every tensor of a GGUF file: {entry: as shown}."""
+    out = {}
     for key, value in metadata.items():
         if key.startswith(arch + "."):
             name = key[len(arch) + 1:]
-            if name in NEUTRAL and _neutral(value, NEUTRAL[name]):
-                continue
-            out.append(f"{name}={value!r:.40}")
+            if not (name in NEUTRAL and _neutral(value, NEUTRAL[name])):
+                out[name] = f"{key}={value!r:.40}"
+    return {**out, **tensor_requests(tensor_names, n_layers)}
+
+
+def tensor_requests(tensor_names: Iterable[str], n_layers: int) -> dict[str, str]:
+    """Each tensor as an entry, "tensor NAME" with a "blk.N." prefix (N < n_layers) dropped."""
+    out = {}
     for t in tensor_names:
         m = _BLOCK.match(t)
-        out.append(f"tensor {m.group(2)}" if m and int(m.group(1)) < n_layers else f"tensor {t}")
+        out[f"tensor {m.group(2)}" if m and int(m.group(1)) < n_layers else f"tensor {t}"] = f"tensor {t}"
     return out
 
 
-def hf_requests(cfg: dict) -> list[str]:
+def hf_requests(cfg: dict) -> dict[str, str]:
     """The config.json keys that change the computation, where their value asks for something."""
-    out = []
-    for key, allowed in HF_NEUTRAL.items():
+    out = {}
+    for key, (neutral, what) in HF_KEYS.items():
         value = cfg.get(key)
-        if key == "sliding_window" and cfg.get("use_sliding_window") is False:
+        if key == "sliding_window" and cfg.get("use_sliding_window") is False or _neutral(value, neutral):
             continue
-        if key == "rope_scaling" and isinstance(value, dict) and value.get("rope_type", value.get("type")) in (
-                None, "default"):
+        if key == "rope_scaling" and isinstance(value, dict):
+            kind = value.get("rope_type", value.get("type"))
+            if kind not in (None, "default"):
+                out[f"config rope_scaling.{kind!s:.20}"] = f"rope_scaling {kind!r:.20}"
             continue
-        if not _neutral(value, allowed):
-            out.append(f"config {key}")
+        out[f"config {key}"] = f"{key} {value!r:.40} ({what})"
     return out
 
 
-def refuse_unsupported(where, arch: str, requests: Iterable[str]) -> None:
-    """A ModelFileError naming every request that `arch` does not implement (the entry or its KEY before '=')."""
+def refuse_unsupported(where, arch: str, requests: dict[str, str]) -> None:
+    """A ModelFileError naming every request (entry: as shown) that `arch` does not implement."""
     supported = SUPPORTED.get(arch, frozenset())
-    missing = list(dict.fromkeys(r for r in requests if r not in supported and r.split("=")[0] not in supported))
+    missing = [shown for entry, shown in requests.items() if entry not in supported]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise ModelFileError(f"{where} asks for what perfx does not implement for {arch}: {shown}; "
-                             "it would run wrong without them, so it is refused")
+        raise ModelFileError(f"{where}: {shown} {'is' if len(missing) == 1 else 'are'} not supported by perfx for "
+                             f"{arch}; it would run wrong without {'it' if len(missing) == 1 else 'them'}, so the "
+                             "model is refused")
