@@ -20,8 +20,11 @@ FORMATS = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: 
 
 
 def value_bytes(vtype: int, value, sub: int | None = None) -> bytes:
-    """A metadata value as GGUF stores it; for an ARRAY, `sub` is the element type (nested: a list of
-    (sub, elements) is not needed: an ARRAY element is written with `sub` ARRAY and the same rule)."""
+    """A metadata value as GGUF stores it. An ARRAY's elements are of type `sub`; with `sub` ARRAY each
+    element is a (sub, elements) pair. An ARRAY given as bytes is written as it is (its element type,
+    count and elements already encoded: how a test nests arrays deeper than Python recursion goes)."""
+    if vtype == ARRAY and isinstance(value, bytes):
+        return value
     if vtype == STRING:
         b = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         return struct.pack("<Q", len(b)) + b
@@ -71,6 +74,8 @@ class Crafted:
             if m[0] == key:
                 m[1:] = [m[1] if vtype is None else vtype, value, m[3] if sub is None else sub]
                 return self
+        if vtype is None:      # a new key: the type its Python value suggests
+            vtype = {bool: BOOL, float: F32, str: STRING}.get(type(value), U32 if 0 <= value < 1 << 32 else I64)
         self.metadata.append([key, vtype, value, sub])
         return self
 
