@@ -23,8 +23,10 @@ def reading_model(path) -> Iterator[None]:
     "PATH is corrupt (...)"; a file can hold anything, so no reader can foresee every way to fail."""
     try:
         yield
-    except PerfxError:
-        raise
+    except PerfxError as e:
+        if "\n" not in str(e):
+            raise
+        raise ModelFileError(" ".join(str(e).split())) from None     # a library's message over many lines
     except (Exception, RecursionError, MemoryError) as e:
         detail = " ".join(f"{type(e).__name__}: {e}".split())
         detail = detail if len(detail) <= 160 else detail[:157] + "..."

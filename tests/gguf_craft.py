@@ -19,11 +19,15 @@ FORMATS = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: 
            I64: "<q", F64: "<d"}
 
 
+class Raw(bytes):
+    """A value's bytes, written as they are whatever the type says (a type id that lies about its value,
+    arrays nested deeper than Python recursion goes)."""
+
+
 def value_bytes(vtype: int, value, sub: int | None = None) -> bytes:
     """A metadata value as GGUF stores it. An ARRAY's elements are of type `sub`; with `sub` ARRAY each
-    element is a (sub, elements) pair. An ARRAY given as bytes is written as it is (its element type,
-    count and elements already encoded: how a test nests arrays deeper than Python recursion goes)."""
-    if vtype == ARRAY and isinstance(value, bytes):
+    element is a (sub, elements) pair."""
+    if isinstance(value, Raw):
         return value
     if vtype == STRING:
         b = value.encode("utf-8") if isinstance(value, str) else bytes(value)

@@ -19,7 +19,7 @@ import pytest
 from engine.errors import PerfxError
 from engine.llm import load_model
 from tests.conftest import TinySpec, write_tiny_gguf
-from tests.gguf_craft import ARRAY, F32, I32, STRING, U32, U64, Crafted
+from tests.gguf_craft import ARRAY, F32, I32, STRING, U32, U64, Crafted, Raw
 
 GGML_F32, GGML_Q4_0, GGML_Q4_1 = 0, 2, 3
 
@@ -106,7 +106,7 @@ def test_array_nested_thousands_deep(tiny, tmp_path):
     value = struct.pack("<IQI", U32, 1, 0)                             # [0]
     for _ in range(5000):
         value = struct.pack("<IQ", ARRAY, 1) + value                     # [[...]]
-    f = tiny.copy().set("general.deep", value, ARRAY)
+    f = tiny.copy().set("general.deep", Raw(value), ARRAY)
     refused(f.write(tmp_path / "m.gguf"), "nested more than 4 deep")
 
 
