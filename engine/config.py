@@ -35,17 +35,20 @@ class ModelConfig:
 
 
 # ---- checking a config read from a file ------------------------------------------------------------
-# Every field's type and range; a file's values are checked against these before anything is sized by them.
-LIMITS = {                       # integer fields: (lowest, highest)
+# Every field is checked by its annotation (int, float, bool, str) and, where listed here, its range, before
+# anything is sized by it; fields of other types pass as they are. A new field needs only a default (and a
+# range here where it sizes something).
+INT_RANGES = {                   # (lowest, highest); other int fields: 0..2^31-1
     "n_layers": (1, 4096), "dim": (1, 1 << 20), "n_heads": (1, 1 << 14), "n_kv_heads": (1, 1 << 14),
     "head_dim": (2, 1 << 16), "ffn_dim": (1, 1 << 22), "vocab_size": (1, 1 << 24),
     "ctx_len": (1, (1 << 31) - 1), "rope_dim": (2, 1 << 16),
 }
+POSITIVE_FLOATS = {"norm_eps": 1.0, "rope_base": math.inf}   # above 0 and below this; other floats: finite
 
 
 def checked_config(values: dict, where: str, keys: dict[str, str] | None = None) -> ModelConfig:
-    """A ModelConfig from a file's values, each checked for its type and range (PerfxError in one line,
-    naming the file's own key from `keys` where given). Fields the dataclass defaults may be left out."""
+    """A ModelConfig from a file's values, each checked for its type and range (a ModelFileError in one
+    line, naming the file's own key from `keys` where given). Fields with a default may be left out."""
     from .errors import ModelFileError
 
     keys = keys or {}
@@ -56,29 +59,31 @@ def checked_config(values: dict, where: str, keys: dict[str, str] | None = None)
     out = {}
     for f in fields(ModelConfig):
         if f.name not in values:
-            if f.default is MISSING:
+            if f.default is MISSING and f.default_factory is MISSING:
                 raise bad(f.name, "is missing")
             continue
         v = values[f.name]
-        if f.name in LIMITS:
-            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if f.type == "int":
+            if number and isinstance(v, float) and math.isfinite(v) and v.is_integer():
                 v = int(v)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not number or not isinstance(v, int):
                 raise bad(f.name, f"is {v!r:.40}, not an integer")
-            lo, hi = LIMITS[f.name]
+            lo, hi = INT_RANGES.get(f.name, (0, (1 << 31) - 1))
             if not lo <= v <= hi:
                 raise bad(f.name, f"is {v}, outside {lo}..{hi}")
-        elif f.name in ("norm_eps", "rope_base"):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise bad(f.name, f"is {v!r:.40}, not a finite number above 0")
-            if f.name == "norm_eps" and v >= 1:
-                raise bad(f.name, f"is {v}, not below 1")
+        elif f.type == "float":
+            if not number or not math.isfinite(v):
+                raise bad(f.name, f"is {v!r:.40}, not a finite number")
+            if f.name in POSITIVE_FLOATS and not 0 < v < POSITIVE_FLOATS[f.name]:
+                raise bad(f.name, f"is {v!r:.40}, not a finite number above 0"
+                                  + (f" and below {POSITIVE_FLOATS[f.name]:g}" if f.name == "norm_eps" else ""))
             v = float(v)
-        elif f.name == "tied_embedding":
-            v = bool(v) if isinstance(v, (bool, int)) else v
-            if not isinstance(v, bool):
+        elif f.type == "bool":
+            if not isinstance(v, (bool, int)) or v not in (0, 1):
                 raise bad(f.name, f"is {v!r:.40}, not true or false")
-        elif not isinstance(v, str):
+            v = bool(v)
+        elif f.type == "str" and not isinstance(v, str):
             raise bad(f.name, f"is {v!r:.40}, not a string")
         out[f.name] = v
     c = ModelConfig(**out)
