@@ -242,6 +242,7 @@ KEY_TYPES = {
     **{f"tokenizer.ggml.{k}_token_id": "id" for k in ("bos", "eos", "eot", "eom", "padding", "unknown",
                                                       "seperator", "mask")},
 }
+USED_IDS = [f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "eot", "eom")]   # must be in the vocabulary
 ARCH_KEY_TYPES = {   # "{arch}." keys
     "block_count": int, "context_length": int, "embedding_length": int, "feed_forward_length": int,
     "attention.head_count": int, "attention.head_count_kv": int, "attention.key_length": int,
@@ -270,8 +271,8 @@ def check_metadata(md: dict, path: Path) -> None:
             raise ModelFileError(f"{path}: metadata {key} is {md[key]!r:.40}, not of type {name}; "
                                  "the file is corrupt")
     n = len(md.get("tokenizer.ggml.tokens") or ())
-    for key, kind in KEY_TYPES.items():
-        if kind == "id" and key in md and not 0 <= md[key] < n:
+    for key in USED_IDS:
+        if n and key in md and not 0 <= md[key] < n:
             raise ModelFileError(f"{path}: metadata {key} is {md[key]}, outside the {n} tokens of the vocabulary; "
                                  "the file is corrupt")
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
