@@ -129,13 +129,13 @@ class _Cursor:
         return value
 
     def count(self, n: int, item_bytes: int, what: str) -> int:
-        """n, checked to fit in the rest of the file at item_bytes or more each."""
+        """n, checked to fit in the rest of the file at item_bytes or more each (`what` names n as "{}")."""
         if n * item_bytes > len(self.buf) - self.pos:
-            raise ValueError(f"{what} claims {n} entries, more than the rest of the file can hold")
+            raise ValueError(what.format(n) + ", more than the rest of the file holds")
         return n
 
     def string(self) -> str:
-        n = self.count(self.scalar("<Q"), 1, "a string")
+        n = self.count(self.scalar("<Q"), 1, "a string of {} bytes")
         text = str(self.buf[self.pos:self.pos + n], "utf-8")
         self.pos += n
         return text
@@ -149,13 +149,14 @@ class _Cursor:
             etype, n = self.scalar("<I"), self.scalar("<Q")
             if etype in _ARRAY_DTYPES:
                 dtype = np.dtype(_ARRAY_DTYPES[etype])
-                self.count(n, dtype.itemsize, "an array")
+                self.count(n, dtype.itemsize, "an array of {} values")
                 values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
                 self.pos += n * dtype.itemsize
                 return values
             if etype not in _MIN_BYTES:
                 raise ValueError(f"unknown metadata array element type {etype}")
-            return [self.value(etype, depth + 1) for _ in range(self.count(n, _MIN_BYTES[etype], "an array"))]
+            n = self.count(n, _MIN_BYTES[etype], "an array of {} values")
+            return [self.value(etype, depth + 1) for _ in range(n)]
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         raise ValueError(f"unknown metadata value type {vtype}")
@@ -172,7 +173,8 @@ def parse_header(path: Path) -> Header:
         version = c.scalar("<I")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
-        n_tensors, n_kv = c.count(c.scalar("<Q"), 24, "the tensor table"), c.count(c.scalar("<Q"), 13, "the metadata")
+        n_tensors = c.count(c.scalar("<Q"), 24, "a tensor table of {} tensors")
+        n_kv = c.count(c.scalar("<Q"), 13, "metadata of {} keys")
         metadata = {}
         for _ in range(n_kv):
             key = c.string()
@@ -267,7 +269,8 @@ def check_metadata(md: dict, path: Path) -> None:
     types = {**KEY_TYPES, **{f"{arch}.{k}": t for k, t in ARCH_KEY_TYPES.items()}}
     for key, kind in types.items():
         if key in md and not _is(md[key], kind):
-            name = kind if isinstance(kind, str) else getattr(kind, "__name__", None) or f"list of {kind[0].__name__}"
+            name = "int (a token id)" if kind == "id" else (f"list of {kind[0].__name__}" if isinstance(kind, list)
+                                                             else kind.__name__)
             raise ModelFileError(f"{path}: metadata {key} is {md[key]!r:.40}, not of type {name}; "
                                  "the file is corrupt")
     n = len(md.get("tokenizer.ggml.tokens") or ())

@@ -115,7 +115,7 @@ def test_counts_larger_than_the_file(tiny, tmp_path):
     head = bytearray(f.header())
     struct.pack_into("<Q", head, 16, 1 << 60)                            # the metadata count
     f.raw_header = bytes(head)
-    refused(f.write(tmp_path / "m.gguf"), "the metadata claims 1152921504606846976 entries")
+    refused(f.write(tmp_path / "m.gguf"), "metadata of 1152921504606846976 keys, more than the rest of the file holds")
 
 
 def test_duplicate_metadata_key(tiny, tmp_path):
@@ -211,7 +211,8 @@ def test_neutral_rope_scaling_loads(tiny, tmp_path):
     ("llama.some_future_key", 1, U32),
 ])
 def test_unimplemented_keys_are_refused(tiny, tmp_path, key, value, vtype):
-    refused(crafted(tiny, tmp_path, **{key.replace(".", "__"): (value, vtype)}), re.escape(key) + "=.* is not supported")
+    path = crafted(tiny, tmp_path, **{key.replace(".", "__"): (value, vtype)})
+    refused(path, re.escape(key) + "=.* is not supported")
 
 
 def test_unknown_tensors_are_refused(tiny, tmp_path):
@@ -324,15 +325,23 @@ def perfx_file(tmp_path_factory) -> Path:
     return d / "m.safetensors"
 
 
-def rewrite_perfx(src: Path, dst: Path, key: str, edit) -> Path:
-    """A copy of a perfx file with metadata `key` (a JSON string) replaced by edit(its value)."""
+def rewrite_safetensors(src: Path, dst: Path, edit) -> Path:
+    """A copy of a safetensors file whose header (a dict) is edited in place by edit(header)."""
     blob = src.read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + n])
-    header["__metadata__"][key] = json.dumps(edit(json.loads(header["__metadata__"][key])))
+    edit(header)
     text = json.dumps(header).encode()
     dst.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
     return dst
+
+
+def rewrite_perfx(src: Path, dst: Path, key: str, edit) -> Path:
+    """A copy of a perfx file with metadata `key` (a JSON string) replaced by edit(its value)."""
+    def change(header):
+        header["__metadata__"][key] = json.dumps(edit(json.loads(header["__metadata__"][key])))
+
+    return rewrite_safetensors(src, dst, change)
 
 
 @pytest.mark.parametrize("field, value, pattern", [
@@ -357,6 +366,15 @@ def test_perfx_tensor_index(perfx_file, tmp_path):
     refused(bad_shape, "output_norm.weight has shape '64'")
 
 
+def test_safetensors_layout(perfx_file, tmp_path):
+    def overlap(header):
+        spans = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+        (_, end), name = spans[1]
+        header[name]["data_offsets"] = [spans[0][0][0], spans[0][0][0] + end - spans[1][0][0]]
+
+    refused(rewrite_safetensors(perfx_file, tmp_path / "m.safetensors", overlap), "overlaps|unused bytes")
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     from engine.export import export_hf
@@ -365,6 +383,13 @@ def hf_dir(tmp_path_factory) -> Path:
     write_tiny_gguf(d / "m.gguf", TinySpec(seed=5))
     export_hf(d / "m.gguf", d / "ckpt")
     return d / "ckpt"
+
+
+def test_hf_config_nested_deep(hf_dir, tmp_path):
+    d = shutil.copytree(hf_dir, tmp_path / "ckpt")
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_text(cfg.rstrip()[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    refused(d, "is corrupt .*RecursionError")
 
 
 @pytest.mark.parametrize("changes, pattern", [
