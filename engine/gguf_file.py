@@ -5,6 +5,12 @@ Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 "qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
 rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
+
+Nothing read is trusted: counts and lengths against the file's size, array nesting, tensor dimensions
+(Python ints, no overflow), the tensor table's layout (aligned, in order, no overlap or gap, inside the
+file), the type of every metadata key perfx reads, and the model's hyper-parameters (`checked_config`).
+What the file asks for beyond what perfx runs is refused (`engine.features`); any other failure while
+reading is one line, "FILE is corrupt (...)" (`engine.errors.reading_model`).
 """
 from __future__ import annotations
 

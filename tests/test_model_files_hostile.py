@@ -260,6 +260,15 @@ def test_tokenizer_that_leaves_the_vocabulary(tiny, tmp_path):
     refused(path, "its tokenizer gives token id 263 for ordinary text, outside the 263 tokens")
 
 
+@pytest.mark.model
+@pytest.mark.slow
+def test_default_model_with_a_sentencepiece_tokenizer(default_model_path, tmp_path):
+    """The reproduction of the report: the default model with tokenizer.ggml.model 'llama' emitted id
+    49152, one past its embedding, and the OpenCL CPU kernel read past its buffer."""
+    path = crafted(Crafted.read(default_model_path), tmp_path, tokenizer__ggml__model="llama")
+    refused(path, "its tokenizer gives token id 49152 for ordinary text, outside the 49152 tokens")
+
+
 @pytest.fixture(scope="module")
 def cl_llm(tiny, tmp_path_factory):
     pytest.importorskip("pyopencl")
