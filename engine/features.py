@@ -39,6 +39,7 @@ SUPPORTED: dict[str, frozenset[str]] = {   # by perfx's architecture name (Model
 NEUTRAL = {
     "rope.scaling.type": ("none",), "rope.scaling.factor": (0.0, 1.0), "rope.scaling.attn_factor": (1.0,),
     "rope.scaling.original_context_length": None, "rope.scaling.finetuned": None,   # None: any value
+    "rope.scale_linear": (1.0,),
     "expert_count": (0,), "expert_used_count": (0,), "attention.causal": (True,),
     "attention.sliding_window": (0,), "final_logit_softcapping": (0.0,), "attn_logit_softcapping": (0.0,),
     "embedding_scale": (1.0,), "residual_scale": (1.0,), "logit_scale": (1.0,),

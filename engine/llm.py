@@ -16,9 +16,9 @@ import numpy as np
 from .chat import ChatTemplate
 from .errors import ModelFileError, PerfxError, reading_model
 from .loader import open_model
-from .quants import requantization_notice
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
+from .quants import requantization_notice
 from .sampler import Sampler, Sampling
 from .tokenizer import NOTICES as TOKENIZER_NOTICES
 from .tokenizer import Tokenizer

@@ -114,11 +114,13 @@ def checked_ids(ids, vocab_size: int) -> np.ndarray:
         a = np.asarray(ids)
     except (ValueError, TypeError, OverflowError):
         a = np.asarray(ids, dtype=object)
-    if a.ndim != 1 or a.size and a.dtype.kind not in "iu":
+    whole = a.dtype.kind in "iu" or a.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.reshape(-1))
+    if a.ndim != 1 or a.size and not whole:
         raise TokenIdError(f"token ids must be a flat sequence of integers (got {a.dtype} of shape {list(a.shape)})")
-    if a.size and (a.min() < 0 or a.max() >= vocab_size):
-        bad = int(a[(a < 0) | (a >= vocab_size)][0])
-        raise TokenIdError(f"token id {bad} is outside the vocabulary of {vocab_size} tokens (0..{vocab_size - 1})")
+    bad = [int(v) for v in a[(a < 0) | (a >= vocab_size)][:1]] if a.size else []
+    if bad:
+        raise TokenIdError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens (0..{vocab_size - 1})")
     return a.astype(np.int64)
 
 
