@@ -73,6 +73,8 @@ def unexpected(e: BaseException) -> int:
     """Reports an exception perfx did not expect in one line (the trace with --debug); the exit status."""
     if isinstance(e, MemoryError):
         error_line("out of memory; use a smaller model, --ctx or batch, or close other programs")
+    elif isinstance(e, OSError) and e.strerror:
+        error_line(f"{e.strerror}{f': {e.filename}' if e.filename else ''} (run with --debug for the full trace)")
     else:
         text = " ".join(str(e).split())
         text = text if len(text) <= 200 else text[:200] + "…"
