@@ -34,7 +34,7 @@ def bench(
     vs: Optional[str] = typer.Option(
         None, "--vs", help="Also run the tests through llama.cpp (llama-cpp-python), alternating: --vs llama.cpp."),
     ctx: int = typer.Option(2048, "--ctx", min=1, help="Context each model is loaded with (raised to the longest test)."),
-    cooldown: float = typer.Option(0.0, "--cooldown", min=0.0,
+    cooldown: float = typer.Option(0.0, "--cooldown", min=0.0, max=3600.0,
                                    help="Seconds to rest before each timed run (phones: thermal throttling)."),
 ):
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
