@@ -127,6 +127,9 @@ class LLM:
         self.cached = prompt[:]
         t_first = time.perf_counter()
         stats.prompt_tokens, stats.prompt_s, stats.ttft_s = len(prompt) - reuse, t_first - t0, t_first - t0
+        if sampling.max_tokens == 0:                 # -n 0: the prompt is read, nothing generated
+            stats.finish = "length"
+            return
         stop = self.tokenizer.eot_ids
         while True:
             if token in stop:
