@@ -31,7 +31,7 @@ from rich.segment import Segment
 from engine.errors import PerfxError
 from engine.registry import HOME_ENV
 from engine.sampler import Sampling
-from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load
+from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import Completer
@@ -330,8 +330,8 @@ class ChatUI:
                 break
 
     def handle(self, line: str) -> bool:
-        """Act on one input: a message or a slash command. False means leave."""
-        text = line.strip()
+        """Act on one input: a message or a slash command. False means leave. No error ends the chat."""
+        text = valid_text(line).strip()
         if not text:
             return True
         try:
@@ -342,6 +342,8 @@ class ChatUI:
             self.error(str(e))
         except KeyboardInterrupt:
             self.note("interrupted")
+        except Exception as e:
+            unexpected(e)
         return True
 
     def command(self, text: str) -> bool:
@@ -558,7 +560,7 @@ def chat(
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
     min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same replies."),
-    n: Optional[int] = typer.Option(None, "-n", "--n-predict", help="Most tokens per reply (default: what the context holds)."),
+    n: Optional[int] = typer.Option(None, "-n", "--n-predict", min=1, help="Most tokens per reply (default: what the context holds)."),
 ):
     """Chat with a model in the terminal. With standard input not a terminal: one message per line, plain replies."""
     from engine.conversation import ChatSession, Conversation
@@ -569,7 +571,7 @@ def chat(
         llm = load(model, device, ctx, threads)
     if n is None:
         sampling = sampling.with_(max_tokens=llm.ctx)
-    session = ChatSession(llm, Conversation(system=system), sampling)
+    session = ChatSession(llm, Conversation(system=None if system is None else valid_text(system)), sampling)
     if sys.stdin.isatty() and sys.stdout.isatty():
         ChatUI(session, Console(highlight=False)).run_tui(_file_history())
     else:

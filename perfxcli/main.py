@@ -3,17 +3,106 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from engine.errors import PerfxError
 
-app = typer.Typer(
+DEBUG_VARIABLE = "PERFX_DEBUG"
+BUG_HINT = "please report this bug in perfx (run with --debug for the full trace)"
+
+
+class App(typer.Typer):
+    """The `perfx` command: every error is one line on standard error, never a Python traceback.
+
+    Expected errors (PerfxError, bad options) say what to do; an unexpected exception names itself and
+    asks for a report; the full trace only with `perfx --debug` or PERFX_DEBUG=1. Ctrl-C exits with
+    status 130, SIGTERM with 143, both after `finally` blocks ran (temporary files removed).
+    """
+
+    def __call__(self, args: list[str] | None = None) -> None:
+        if threading_main():
+            signal.signal(signal.SIGTERM, _terminated)
+        sys.stdin.reconfigure(errors="replace")      # invalid UTF-8 becomes U+FFFD, not an exception
+        try:
+            code = typer.main.get_command(self).main(args, prog_name="perfx", standalone_mode=False)
+        except NoArgsIsHelpError as e:
+            e.show()
+            code = 0
+        except ClickException as e:
+            context = getattr(e, "ctx", None)
+            usage = f" (see `{context.command_path} --help`)" if isinstance(e, UsageError) and context else ""
+            error_line(e.format_message() + usage)
+            code = e.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            code = 130
+        except Exception as e:
+            code = unexpected(e)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def error_line(message: str) -> None:
+    """`error: MESSAGE` on standard error, as one line."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+
+
+def unexpected(e: BaseException) -> int:
+    """Reports an exception perfx did not expect in one line (the trace with --debug); the exit status."""
+    if isinstance(e, MemoryError):
+        error_line("out of memory; use a smaller model, --ctx or batch, or close other programs")
+    elif isinstance(e, OSError) and e.strerror:
+        error_line(f"{e.strerror}{f': {e.filename}' if e.filename else ''} (run with --debug for the full trace)")
+    else:
+        text = " ".join(str(e).split())
+        text = text if len(text) <= 200 else text[:200] + "…"
+        error_line(f"internal error ({type(e).__name__}{': ' + text if text else ''}); {BUG_HINT}")
+    if debugging():
+        sys.stderr.write(traceback.format_exc())
+    return 1
+
+
+def valid_text(text: str) -> str:
+    """`text` with what is not valid Unicode (undecodable bytes of argv or a terminal, lone surrogates)
+    replaced by U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def check_threads(threads: int) -> None:
+    """A thread count beyond the CPUs this process may run on is refused (PoCL aborts on a large one)."""
+    from engine.bench import default_threads
+
+    if threads > default_threads():
+        raise PerfxError(f"-t {threads} is more threads than the {default_threads()} CPUs this process may use; "
+                         f"give at most {default_threads()}")
+
+
+app = App(
     name="perfx",
     help="Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference.",
     no_args_is_help=True,
@@ -47,28 +136,39 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                       help="Print perfx's version and exit.")):
+                                       help="Print perfx's version and exit."),
+          debug: bool = typer.Option(False, "--debug", help=f"Show the full Python trace of an unexpected error "
+                                                            f"(also {DEBUG_VARIABLE}=1).")):
     """Run LLaMA-family models on phones, desktops and servers: one OpenCL engine, with a NumPy reference."""
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"
 
 ModelOpt = typer.Option(None, "-m", "--model", help="Registry name, model file or hf:ORG/REPO/FILE.gguf (default: the registry's default).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | numpy | opencl | cpu | gpu | opencl:P:D (see `perfx devices`).")
-ThreadsOpt = typer.Option(None, "-t", "--threads", help="CPU threads for an OpenCL CPU device (PoCL).")
-CtxOpt = typer.Option(None, "-c", "--ctx", help="Context length in tokens (default: 2048, at most the model's).")
+ThreadsOpt = typer.Option(None, "-t", "--threads", min=1, help="CPU threads for an OpenCL CPU device (PoCL).")
+CtxOpt = typer.Option(None, "-c", "--ctx", min=1, help="Context length in tokens (default: 2048, at most the model's).")
 
 
 def command(fn):
-    """Turns engine errors into a one-line message and Ctrl-C into a quiet exit."""
+    """Turns engine errors into a one-line message, any other exception into one line asking for a
+    report, and Ctrl-C into a quiet exit."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PerfxError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+            error_line(str(e))
+            if debugging():
+                sys.stderr.write(traceback.format_exc())
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
+        except (typer.Exit, ClickException, BrokenPipeError):
+            raise
+        except Exception as e:
+            raise typer.Exit(unexpected(e))
 
     return app.command()(wrapper)
 
@@ -77,8 +177,7 @@ def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optiona
     from engine.llm import load_model
 
     if threads is not None:
-        if threads < 1:
-            raise PerfxError(f"--threads must be at least 1 (got {threads})")
+        check_threads(threads)
         from engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(threads)
@@ -101,7 +200,7 @@ class _nullcontext:
 def run(
     prompt: str = typer.Argument(..., help="The prompt; '-' reads it from standard input."),
     model: Optional[str] = ModelOpt,
-    n: int = typer.Option(256, "-n", "--n-predict", help="Most tokens to generate."),
+    n: int = typer.Option(256, "-n", "--n-predict", min=0, help="Most tokens to generate (0: read the prompt only)."),
     temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 is greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0: off)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
@@ -119,8 +218,8 @@ def run(
     from engine.sampler import Sampling
     from engine.tokenizer import StreamDecoder
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
+    system = None if system is None else valid_text(system)
     sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                         repeat_penalty=repeat_penalty, seed=seed, max_tokens=n)
     llm = load(model, device, ctx, threads)
@@ -145,6 +244,8 @@ def run(
         sys.stdout.write(stream.flush() + "\n")
         s = llm.stats
         rate = f", {s.gen_tps:.1f} tok/s" if s.gen_tokens > 1 else ""    # one token has no rate
+        if n == 0:
+            err.print("[dim]-n 0: the prompt was read, nothing generated[/]")
         err.print(f"[dim]prompt {s.prompt_tokens} tok, {s.prompt_tps:.1f} tok/s · "
                   f"reply {s.gen_tokens} tok{rate} · {llm.device}[/]", soft_wrap=True)
 
@@ -154,7 +255,7 @@ def perplexity(
     file: Path = typer.Argument(..., help="A text file."),
     model: Optional[str] = ModelOpt,
     ctx: int = typer.Option(512, "-c", "--ctx", help="Window length in tokens."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="Score at most this many windows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
