@@ -19,24 +19,11 @@ from ...errors import PerfxError
 from ..numpy_backend import rope_tables
 from .matmul import XPrep
 from .runtime import Runtime
+from .specs import check_fits, defaults
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "rms_wg": 64,          # add_rmsnorm work-group size (power of two)
-    "att_wg": 128,         # attention work-group size = keys per block
-                           # (a multiple of att_vec and of head_dim / att_vec)
-    "att_vec": 4,          # attention vector width per work-item: 4, 8 or 16
-    "att_rows": 32,        # most query rows (tile tokens x query heads of a KV head) per work-group
-    "split_max_t": 8,      # split-KV (flash-decoding) only for T up to this ...
-    "split_min_chunk": 128,  # ... with at least this many keys per slice ...
-    "split_wgs": 0,        # ... aiming at this many work-groups per launch (0: the device's compute units)
-    "max_splits": 64,      # ... and at most this many slices per KV head
-    "kv_half": False,      # KV cache stored as fp16 (vstore_half / vload_half)
-    "att_serial": False,   # decode (T = 1, no split) by attend_one: one work-item per KV head (CPUs)
-    "argmax_wg": 64,       # argmax work-group size (power of two)
-    "argmax_groups": 64,   # argmax stage-1 work-groups
-}
+DEFAULT_PARAMS: dict[str, Any] = defaults("fused")   # declared, with their meaning, in specs.py
 
-# The attention defaults above were measured on an NVIDIA H100. CPUs (PoCL) want wide vectors per
+# The attention defaults (specs.py) were measured on an NVIDIA H100. CPUs (PoCL) want wide vectors per
 # work-item (the work-item loop is not vectorised across work-items) and smaller work-groups;
 # measured on PoCL 3.1 (AVX-512).
 def _ceil_div(a: int, b: int) -> int:
@@ -145,6 +132,8 @@ class FusedOps:
         self._attend_one = cl.Kernel(self._attention_program(1), "attend_one")
         self._attend_one.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 3)
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
+        dev = rt.device          # the largest query tile must fit the device: refused here, not at a launch
+        check_fits("attention", self._attention_defines(self.qt_max), dev.local_mem_size, dev.max_work_group_size)
 
     def _norm_kernels(self) -> None:
         rms = self.rt.program("rmsnorm", RMS_WG=self.params["rms_wg"], XS_G=self.xs_group or False,
@@ -182,11 +171,13 @@ class FusedOps:
         if problems:
             raise PerfxError("fused operators: " + "; ".join(problems))
 
-    def _attention_program(self, qt: int) -> cl.Program:
+    def _attention_defines(self, qt: int) -> dict[str, Any]:
         c, p = self.config, self.params
-        return self.rt.program(
-            "attention", HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
-            ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]))
+        return dict(HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
+                    ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]))
+
+    def _attention_program(self, qt: int) -> cl.Program:
+        return self.rt.program("attention", **self._attention_defines(qt))
 
     def _attend_kernel(self, qt: int) -> cl.Kernel:
         knl = self._attend.get(qt)

@@ -32,6 +32,7 @@ Tunables are the -D defines of the kernels; `params` overrides DEFAULT_PARAMS (P
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyopencl as cl
@@ -40,40 +41,14 @@ from ...errors import PerfxError
 from ...tensors import QTensor
 from . import gemm_mma
 from .runtime import Runtime
+from .specs import defaults
 
 RT = 4                                # rows per tile
 FORMAT_CODE = {"int4": 4, "int8": 8, "f16": 16}
 GROUPS = (32, 64, 128)
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
-DEFAULT_PARAMS: dict[str, int | bool] = {
-    "gemv_vec": 16,         # piece width (lanes of the explicit vectors along K)
-    "gemv_ksplit": 1,       # work-items splitting K within a work-group (local-memory reduction)
-    "gemv_wg_rows": 8,      # work-items along the rows per work-group
-    "gemv_tpw": 1,          # row tiles (4 rows each) per work-item, sharing each load of x
-    "gemv_zero_inline": False,  # int4 zero terms from each work-item's own x (no xsum launch)
-    "gemv_int_dot": True,   # int4/int8 GEMV with x in int16 and integer products where the device builds it
-    "gemv_int_dot_256": False,  # ... with 256-bit instructions even where AVX-512BW has 512-bit ones
-    "gemv_norm": True,      # the residual projections' GEMV ends with the next RMSNorm (one launch fewer)
-    "use_image": False,     # read x through an image1d_buffer_t
-    "few_max_tokens": 32,   # T up to this uses gemm_few, above it gemm_tiled
-    "few_vec": 16,
-    "few_tt": 4,            # tokens per work-item in gemm_few (fewer when T is smaller)
-    "few_wg_rows": 1,       # row tiles per work-group in gemm_few
-    "tiled_vec": 16,        # piece width when dequantizing into local memory
-    "tiled_bn": 16,         # rows per work-group
-    "tiled_bt": 48,         # tokens per work-group
-    "tiled_rr": 4,          # rows per work-item
-    "tiled_tr": 6,          # tokens per work-item
-    "tiled_kc": 0,          # chunks of 128 of K staged per barrier (0: all of K, as local memory allows)
-    "tiled_x_local": 0,     # stage X in local memory too (0: read it from global memory)
-    "gemm_mma": "off",      # many-token int4 GEMM on matrix units: "off", "ptx", "emulated" (gemm_mma.py)
-    "mma_min_tokens": 64,   # T from this uses it
-    "mma_bn": 128,          # rows per work-group
-    "mma_bt": 64,           # tokens per work-group
-    "mma_wm": 64,           # rows per warp
-    "mma_wn": 32,           # tokens per warp
-}
+DEFAULT_PARAMS: dict[str, Any] = defaults("matmul")   # declared, with their meaning, in specs.py
 
 SCHEMES = ("gemv", "few", "tiled", "mma")
 LOAD_ROWS = 4096                      # rows packed at a time when a large matrix is loaded

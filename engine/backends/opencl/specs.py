@@ -1,0 +1,160 @@
+"""Each OpenCL kernel described once, in the manner of CLBlast's tuner specs.
+
+A `KernelSpec` declares a kernel's tunable parameters (the key in `params` and kernels/tuning.toml,
+the -D define it sets, its default, the values the tuner tries and what it means), the defines the
+model's shape sets, and functions of the defines for its local memory and work-group size. From it
+come matmul.py's and fused.py's DEFAULT_PARAMS, the tuner's search space (`search_space`) and the
+check made before a kernel is built (`check_fits`): a configuration whose local memory or work-group
+size the device cannot hold is refused with a message naming the kernel and the limit, instead of
+failing at launch.
+
+A parameter with define None is a host-side choice (a threshold, a scheme), not a -D.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ...errors import PerfxError
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str                     # name in params and kernels/tuning.toml: "att_wg"
+    define: str | None           # the -D it sets ("ATT_WG"); None: a host-side choice
+    default: Any
+    candidates: tuple = ()       # values the tuner tries (empty: not searched)
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str                    # "attention"
+    source: str                  # the file under kernels/
+    section: str                 # its section of the tuning database: "matmul" or "fused"
+    params: tuple[Param, ...]
+    model_defines: tuple[str, ...] = ()                 # set from the model's shape, not tuned
+    local_bytes: Callable[[dict], int] = lambda d: 0    # defines -> local memory per work-group
+    work_group: Callable[[dict], int] = lambda d: 1     # defines -> work-items per work-group
+    constraints: tuple[tuple[str, Callable[[dict], bool]], ...] = field(default=())   # (rule, defines -> ok)
+    hint: str = "lower its tile sizes"                  # what to change when it does not fit
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.key: p.default for p in self.params}
+
+
+def _attention_local(d: dict) -> int:
+    """attention.cl's __local arrays: q_loc [ROWS, HEAD_DIM], p_loc [ROWS, ATT_WG], m, l, a [ROWS],
+    red [ATT_WG] of VW floats; ROWS = QT * GROUP."""
+    rows = d["QT"] * d["GROUP"]
+    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"])
+
+
+GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
+    Param("gemv_vec", "VEC", 16, (4, 8, 16), "piece width (lanes of the explicit vectors along K)"),
+    Param("gemv_ksplit", "KSPLIT", 1, (1, 2, 4, 8, 16), "work-items splitting K within a work-group"),
+    Param("gemv_wg_rows", "WG_ROWS", 8, (1, 2, 4, 8), "work-items along the rows per work-group"),
+    Param("gemv_tpw", "TPW", 1, (), "row tiles (4 rows each) per work-item, sharing each load of x"),
+    Param("gemv_zero_inline", None, False, (), "int4 zero terms from each work-item's own x (no xsum launch)"),
+    Param("gemv_int_dot", None, True, (), "x in int16 and integer products where the device builds it"),
+    Param("gemv_int_dot_256", None, False, (), "... with 256-bit instructions even where 512-bit exist"),
+    Param("gemv_norm", None, True, (), "the residual projections' GEMV ends with the next RMSNorm"),
+    Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
+), model_defines=("FORMAT", "G"),
+    local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"])
+
+GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
+    Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
+    Param("few_vec", "VEC", 16, (4, 8, 16), "piece width"),
+    Param("few_tt", "TT", 4, (2, 4, 8), "tokens per work-item (fewer when T is smaller)"),
+    Param("few_wg_rows", None, 1, (1, 4, 16), "row tiles per work-group"),
+), model_defines=("FORMAT", "G"))
+
+GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
+    Param("tiled_vec", "VEC", 16, (), "piece width when dequantizing into local memory"),
+    Param("tiled_bn", "BN", 16, (16, 32, 64), "rows per work-group"),
+    Param("tiled_bt", "BT", 48, (32, 48, 64), "tokens per work-group"),
+    Param("tiled_rr", "RR", 4, (), "rows per work-item"),
+    Param("tiled_tr", "TR", 6, (4, 6), "tokens per work-item"),
+    Param("tiled_kc", None, 0, (), "chunks of 128 of K staged per barrier (0: all of K, as local memory allows)"),
+    Param("tiled_x_local", "X_LOCAL", 0, (), "stage X in local memory too (0: read it from global memory)"),
+), model_defines=("FORMAT", "G"),
+    local_bytes=lambda d: F32 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),     # one chunk of K staged
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]),
+    constraints=(("BN is a multiple of RR and BT of TR", lambda d: d["BN"] % d["RR"] == 0 and d["BT"] % d["TR"] == 0),))
+
+GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
+    Param("gemm_mma", None, "off", (), 'many-token int4 GEMM on matrix units: "off", "ptx", "emulated"'),
+    Param("mma_min_tokens", None, 64, (), "T from this uses it"),
+    Param("mma_bn", "BN", 128, (), "rows per work-group"),
+    Param("mma_bt", "BT", 64, (), "tokens per work-group"),
+    Param("mma_wm", "WM", 64, (), "rows per warp"),
+    Param("mma_wn", "WN", 32, (), "tokens per warp"),
+), model_defines=("G",))
+
+RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
+    Param("rms_wg", "RMS_WG", 64, (32, 64, 128, 256), "add_rmsnorm work-group size (power of two)"),
+), local_bytes=lambda d: F32 * d["RMS_WG"], work_group=lambda d: d["RMS_WG"],
+    constraints=(("RMS_WG is a power of two", lambda d: d["RMS_WG"] & (d["RMS_WG"] - 1) == 0),))
+
+ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
+    Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per block "
+          "(a multiple of att_vec and of head_dim / att_vec)"),
+    Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item: 4, 8 or 16"),
+    Param("att_rows", None, 32, (8, 16, 32, 64), "most query rows (tile tokens x query heads of a KV head) "
+          "per work-group: sets QT"),
+    Param("split_max_t", None, 8, (), "split-KV (flash-decoding) only for T up to this ..."),
+    Param("split_min_chunk", None, 128, (), "... with at least this many keys per slice ..."),
+    Param("split_wgs", None, 0, (), "... aiming at this many work-groups per launch (0: the compute units)"),
+    Param("max_splits", None, 64, (), "... and at most this many slices per KV head"),
+    Param("kv_half", "KV_HALF", False, (), "KV cache stored as fp16 (vstore_half / vload_half)"),
+    Param("att_serial", None, False, (False, True), "decode (T = 1, no split) by attend_one: one work-item "
+          "per KV head (CPUs)"),
+), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
+    local_bytes=_attention_local, work_group=lambda d: d["ATT_WG"], hint="lower att_rows (or att_wg)",
+    constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM", lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
+                 ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
+                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
+
+ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
+    Param("argmax_wg", "ARGMAX_WG", 64, (), "work-group size (power of two)"),
+    Param("argmax_groups", "ARGMAX_GROUPS", 64, (), "stage-1 work-groups"),
+), local_bytes=lambda d: 2 * F32 * d["ARGMAX_WG"], work_group=lambda d: d["ARGMAX_WG"],
+    constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
+
+SPECS: dict[str, KernelSpec] = {s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, ARGMAX)}
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The default params of every kernel of a tuning-database section ("matmul" or "fused")."""
+    out: dict[str, Any] = {}
+    for spec in SPECS.values():
+        if spec.section == section:
+            out.update(spec.defaults())
+    return out
+
+
+def search_space(kernel: str) -> dict[str, tuple]:
+    """The tuner's candidates for one kernel's parameters: {key: values}."""
+    return {p.key: p.candidates for p in SPECS[kernel].params if p.candidates}
+
+
+def check_fits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_group: int) -> None:
+    """Refuses a configuration that breaks a constraint of the kernel, or whose local memory or
+    work-group size the device cannot hold, before it is built or launched."""
+    spec = SPECS[kernel]
+    where = f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+    broken = [rule for rule, ok in spec.constraints if not ok(defines)]
+    if broken:
+        raise PerfxError(f"{where}: {'; '.join(broken)} does not hold")
+    need = spec.local_bytes(defines)
+    if need > local_mem:
+        raise PerfxError(f"{where}: needs {need} bytes of local memory per work-group, more than the device's "
+                         f"{local_mem}; {spec.hint} in kernels/tuning.toml or the device's override file")
+    wg = spec.work_group(defines)
+    if wg > max_work_group:
+        raise PerfxError(f"{where}: needs work-groups of {wg} work-items, more than the device's {max_work_group}; "
+                         f"{spec.hint} in kernels/tuning.toml or the device's override file")

@@ -1,0 +1,82 @@
+"""Each kernel described once (engine/backends/opencl/specs.py): the declarations agree with the kernel
+sources and the operators' defaults, and a configuration the device cannot hold is refused before launch."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.backends.opencl import specs
+from engine.errors import PerfxError
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+SMOLLM = dict(HEAD_DIM=64, N_KV_HEADS=3, GROUP=3, ATT_WG=128, VW=4, KV_HALF=False)
+LLAMA8B = dict(HEAD_DIM=128, N_KV_HEADS=8, GROUP=4, ATT_WG=128, VW=4, KV_HALF=False)   # GQA group of 4
+
+
+@pytest.mark.parametrize("name", sorted(specs.SPECS))
+def test_every_declared_define_is_read_by_its_kernel(name):
+    spec = specs.SPECS[name]
+    source = (KERNELS / spec.source).read_text()
+    for define in [p.define for p in spec.params if p.define] + list(spec.model_defines):
+        assert re.search(rf"\b{define}\b", source), f"{define} is declared for {name} but {spec.source} never reads it"
+    for p in spec.params:
+        assert not p.candidates or p.default in p.candidates, f"{p.key}: default {p.default} not among its candidates"
+
+
+def test_operator_defaults_come_from_the_specs():
+    from engine.backends.opencl import fused, matmul
+
+    assert fused.DEFAULT_PARAMS == specs.defaults("fused")
+    assert matmul.DEFAULT_PARAMS == specs.defaults("matmul")
+    assert set(specs.search_space("attention")) == {"att_wg", "att_vec", "att_rows", "att_serial"}
+
+
+def test_attention_local_memory_of_a_large_query_tile():
+    """Prefill tiles at head_dim 128 with a GQA group of 4 (32 query rows) need about 34 KiB."""
+    need = specs.ATTENTION.local_bytes({**LLAMA8B, "QT": 8})
+    assert 32 * 1024 < need < 36 * 1024
+    assert specs.ATTENTION.local_bytes({**SMOLLM, "QT": 8}) < 32 * 1024
+
+
+def test_a_configuration_over_the_local_memory_limit_is_refused_by_name():
+    specs.check_fits("attention", {**LLAMA8B, "QT": 8}, local_mem=64 * 1024, max_work_group=1024)
+    with pytest.raises(PerfxError, match=r"attention \(attention.cl\).*local memory.*32768.*att_rows"):
+        specs.check_fits("attention", {**LLAMA8B, "QT": 8}, local_mem=32 * 1024, max_work_group=1024)
+    with pytest.raises(PerfxError, match=r"gemm_tiled.*work-groups of 256 work-items, more than the device's 128"):
+        specs.check_fits("gemm_tiled", dict(BN=64, BT=64, RR=4, TR=4, X_LOCAL=0), local_mem=1 << 20,
+                         max_work_group=128)
+    with pytest.raises(PerfxError, match="ATT_WG is a multiple of VW"):
+        specs.check_fits("attention", {**SMOLLM, "QT": 1, "ATT_WG": 70}, local_mem=1 << 20, max_work_group=1024)
+
+
+class SmallDevice:
+    """An OpenCL device that reports 32 KiB of local memory, as Adreno and Mali GPUs do."""
+
+    local_mem_size = 32 * 1024
+
+    def __init__(self, device):
+        self._device = device
+
+    def __getattr__(self, name):
+        return getattr(self._device, name)
+
+
+def test_fused_ops_refuse_a_device_without_the_local_memory_before_any_launch():
+    cl = pytest.importorskip("pyopencl")
+    from engine.backends.opencl.fused import FusedOps
+    from engine.backends.opencl.runtime import Runtime
+    from tests.test_cl_fused import _pick_device, make_config
+
+    device = _pick_device()
+    if device is None:
+        pytest.skip("no usable OpenCL CPU device")
+    rt = Runtime(device)
+    config = make_config(dim=4096, n_heads=32, n_kv_heads=8, head_dim=128)
+    FusedOps(rt, config, 64, 1)                    # fits the real device
+    rt.device = SmallDevice(device)
+    with pytest.raises(PerfxError, match=r"attention.*QT=8.*more than the device's 32768"):
+        FusedOps(rt, config, 64, 1)
+    FusedOps(rt, config, 64, 1, {"att_rows": 16})   # a smaller query tile fits
+    assert cl is not None
