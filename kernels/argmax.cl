@@ -17,10 +17,10 @@
    Tunables: ARGMAX_WG (a power of two), ARGMAX_GROUPS. */
 
 #ifndef ARGMAX_WG
-#define ARGMAX_WG 64
+#error "ARGMAX_WG: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef ARGMAX_GROUPS
-#define ARGMAX_GROUPS 64
+#error "ARGMAX_GROUPS: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 #define EMPTY_VAL (-MAXFLOAT)

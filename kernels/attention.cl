@@ -67,10 +67,10 @@
 #define QT 1
 #endif
 #ifndef ATT_WG
-#define ATT_WG 64
+#error "ATT_WG: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef VW
-#define VW 4
+#error "VW: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 #define N_HEADS (GROUP * N_KV_HEADS)

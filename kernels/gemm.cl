@@ -34,25 +34,25 @@
 #define G 32
 #endif
 #ifndef VEC
-#define VEC 16
+#error "VEC: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef TT
-#define TT 4
+#error "TT: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef BN
-#define BN 32
+#error "BN: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef BT
-#define BT 32
+#error "BT: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef RR
-#define RR 4
+#error "RR: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef TR
-#define TR 4
+#error "TR: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef X_LOCAL
-#define X_LOCAL 1
+#error "X_LOCAL: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 #define RT 4

@@ -34,16 +34,16 @@
 #define G 32
 #endif
 #ifndef BN
-#define BN 128
+#error "BN: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef BT
-#define BT 64
+#error "BT: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef WM
-#define WM 64
+#error "WM: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef WN
-#define WN 32
+#error "WN: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef MMA
 #define MMA 1

@@ -67,13 +67,13 @@
 #define G 32
 #endif
 #ifndef VEC
-#define VEC 16
+#error "VEC: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef KSPLIT
-#define KSPLIT 1
+#error "KSPLIT: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef WG_ROWS
-#define WG_ROWS 8
+#error "WG_ROWS: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 #define RT 4
@@ -255,7 +255,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define NP64 (8 / PV64)
 
 #ifndef TPW
-#define TPW 1                 // row tiles per work-item (sharing each load of x)
+#error "TPW: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifdef SWIGLU
 #define NT (2 * TPW)          // tiles per work-item: TPW gate tiles and their up tiles

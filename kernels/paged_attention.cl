@@ -72,10 +72,10 @@
 #define QT 1
 #endif
 #ifndef WG
-#define WG 64
+#error "WG: its default is declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef VW
-#define VW 4
+#error "VW: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 #define N_HEADS (GROUP * N_KV_HEADS)

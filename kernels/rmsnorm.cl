@@ -23,7 +23,7 @@
 #include "xq.h"
 
 #ifndef RMS_WG
-#define RMS_WG 64
+#error "RMS_WG: its default is declared in engine/backends/opencl/specs.py"
 #endif
 
 /* The sum of v over the work-group; scratch [RMS_WG]. */

@@ -15,6 +15,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
+from .specs import source_defaults
 
 
 def kernel_source(name: str) -> str:
@@ -43,7 +44,9 @@ class Runtime:
         self._programs: dict[tuple, cl.Program] = {}
 
     def program(self, name: str, **defines) -> cl.Program:
-        """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME)."""
+        """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME); a
+        tunable define not given takes its declared default (specs.py)."""
+        defines = {**source_defaults(f"{name}.cl"), **defines}
         options = tuple(
             f"-D{k}" if v is True else f"-D{k}={v}" for k, v in sorted(defines.items()) if v is not False
         ) + ("-cl-mad-enable", "-cl-fast-relaxed-math")

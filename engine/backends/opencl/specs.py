@@ -119,13 +119,21 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
                   lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
 
+PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
+    Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
+    Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
+), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "BLOCK_SIZE", "QT"),
+    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["WG"] + 3) + d["WG"] * (1 + d["VW"])),
+    work_group=lambda d: d["WG"], hint="lower att_wg")
+
 ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     Param("argmax_wg", "ARGMAX_WG", 64, (), "work-group size (power of two)"),
     Param("argmax_groups", "ARGMAX_GROUPS", 64, (), "stage-1 work-groups"),
 ), local_bytes=lambda d: 2 * F32 * d["ARGMAX_WG"], work_group=lambda d: d["ARGMAX_WG"],
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
-SPECS: dict[str, KernelSpec] = {s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, ARGMAX)}
+SPECS: dict[str, KernelSpec] = {
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -134,6 +142,18 @@ def defaults(section: str) -> dict[str, Any]:
     for spec in SPECS.values():
         if spec.section == section:
             out.update(spec.defaults())
+    return out
+
+
+def source_defaults(source: str) -> dict[str, Any]:
+    """{define: default} of the tunable -D parameters read by kernels/<source>: the defaults that the
+    .cl files do not repeat (Runtime.program fills in any that a build does not set)."""
+    out: dict[str, Any] = {}
+    for spec in SPECS.values():
+        if spec.source == source:
+            for p in spec.params:
+                if p.define:
+                    out.setdefault(p.define, p.default)
     return out
 
 
