@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.backends.opencl import devices as dev
+from engine.backends.opencl.tuning import is_tuned
 from engine.errors import PerfxError
 
 GiB = 1 << 30
@@ -65,11 +66,11 @@ def devices_json(found: list, measure: bool, err: Console) -> str:
         rows.append({"id": info.id, "platform": info.platform_name, "platform_label": info.platform_label,
                      "device": info.name, "type": info.type, "memory_bytes": info.global_mem,
                      "compute_units": info.compute_units, "images": info.has_images, "fp16": info.has_fp16,
-                     "copy_bytes_per_s": bandwidth, "note": note})
+                     "copy_bytes_per_s": bandwidth, "tuned": is_tuned(info), "note": note})
     rows.append({"id": "numpy", "platform": "NumPy", "platform_label": "reference backend (host CPU)",
                  "device": "host CPU", "type": "cpu", "memory_bytes": psutil.virtual_memory().total,
                  "compute_units": os.cpu_count(), "images": None, "fp16": None, "copy_bytes_per_s": None,
-                 "note": None})
+                 "tuned": None, "note": None})
     return json.dumps(rows, indent=2)
 
 
@@ -84,7 +85,7 @@ def devices_command(measure: bool = True, as_json: bool = False) -> None:
     table = Table(title="perfx devices")
     for name, right in (("id", False), ("platform", False), ("device", False), ("type", False),
                         ("memory GiB", True), ("CUs", True), ("images", False), ("fp16", False),
-                        ("copy GB/s", True)):
+                        ("copy GB/s", True), ("tuned", False)):
         table.add_column(name, justify="right" if right else "left")
     notes: list[str] = []
     for info, handle in found:
@@ -101,12 +102,13 @@ def devices_command(measure: bool = True, as_json: bool = False) -> None:
             _yes(info.has_images),
             _yes(info.has_fp16),
             cell,
+            _yes(is_tuned(info)),
         )
-    table.add_row(*_numpy_row())
+    table.add_row(*_numpy_row(), "—")
     out.print(table)
     if not found:
         notes.append(dev.NO_PLATFORM)
     for note in notes:
         out.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
     out.print("[dim]--device takes an id, or auto, opencl, gpu, cpu, numpy; "
-              "copy bandwidth counts bytes read + written[/]")
+              "copy bandwidth counts bytes read + written; `perfx tune --device ID` tunes a device[/]")

@@ -316,7 +316,7 @@ def devices(
 
 
 # Commands in their own modules register themselves on `app`.
-from perfxcli import bench, chat, convert, models_cmd, serve  # noqa: E402,F401
+from perfxcli import bench, chat, convert, models_cmd, serve, tune_cmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
-"""The tuner: candidates checked and timed, the winner written where later runs read it."""
+"""The tuner (`perfx tune`): candidates checked and timed, the winner written where later runs read it."""
 from __future__ import annotations
 
-import importlib.util
-from argparse import Namespace
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,30 +13,71 @@ pytest.importorskip("pyopencl")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_tuner():
-    spec = importlib.util.spec_from_file_location("tune", ROOT / "scripts" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tuner_writes_an_override_that_params_for_reads(tmp_path, monkeypatch):
-    from engine.backends.opencl import devices, matmul, tuning
+def opencl_selection():
+    from engine.backends.opencl import devices
     from engine.errors import PerfxError
 
     try:
-        devices.select("opencl")
+        return devices.select("opencl")
     except PerfxError as e:
         pytest.skip(f"no usable OpenCL device: {e}")
+
+
+def test_tuner_writes_an_override_that_params_for_reads(tmp_path, monkeypatch):
+    from engine.backends.opencl import matmul, tuner, tuning
+
+    sel = opencl_selection()
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
-    tune = load_tuner()
     # a small search: two GEMV work-group shapes, against a current setting that cannot run (so that
     # one of the two must win, whatever the timings)
-    monkeypatch.setattr(tune, "GROUPS", {"gemv": ("gemv", 1, {"gemv_wg_rows": [2, 4]})})
+    monkeypatch.setattr(tuner, "search_space", lambda kernel: {"gemv_wg_rows": (2, 4)})
     monkeypatch.setitem(matmul.DEFAULT_PARAMS, "gemv_wg_rows", 0)
-    tune.tune(Namespace(device="opencl", threads=None, shapes="64x96", group_size=32, only="gemv", dry_run=False))
-    sel = devices.select("opencl")
+    steps = []
+    result = tuner.Tuner(sel, shapes=((64, 96),)).run(["gemv"], budget_s=600, on_step=lambda *a: steps.append(a))
+    [g] = result.groups
+    assert g.before_s is None and g.after_s is not None and g.tried == 2 and len(steps) == 2
     override = tuning.load_override(sel.info)
     assert override["matmul"]["gemv_wg_rows"] in (2, 4)
-    params = tuning.params_for(sel.info, "matmul", matmul.DEFAULT_PARAMS)
-    assert params["gemv_wg_rows"] == override["matmul"]["gemv_wg_rows"]
+    assert tuning.params_for(sel.info, "matmul", matmul.DEFAULT_PARAMS)["gemv_wg_rows"] == \
+        override["matmul"]["gemv_wg_rows"]
+    text = result.path.read_text()
+    assert "# measured " in text and sel.info.name in text and "perfx " in text
+    assert tuning.is_tuned(sel.info)
+
+
+def test_a_wrong_candidate_is_never_chosen(tmp_path, monkeypatch):
+    from engine.backends.opencl import tuner
+
+    sel = opencl_selection()
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    monkeypatch.setattr(tuner, "search_space", lambda kernel: {"gemv_wg_rows": (2, 4)})
+    t = tuner.Tuner(sel, shapes=((64, 96),))
+    real = t.time
+
+    def wrong_when_four(params, scheme, T):     # a candidate whose results are wrong: as if it were refused
+        return None if params["gemv_wg_rows"] == 4 else real(params, scheme, T)
+
+    monkeypatch.setattr(t, "time", wrong_when_four)
+    result = t.run(["gemv"], budget_s=600, write=False)
+    assert result.groups[0].chosen["gemv_wg_rows"] != 4 and result.path is None
+
+
+@pytest.mark.slow
+def test_perfx_tune_for_a_new_user_is_read_by_the_next_run(tmp_path):
+    """`perfx tune --device cpu --budget ...` on a fresh PERFX_HOME: it writes the override, `perfx devices`
+    then shows the device tuned, and the backend of the next run is built with the tuned values."""
+    opencl_selection()
+    env = {**os.environ, "PERFX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "perfxcli", "tune", "--device", "cpu", "--budget", "20",
+                          "--kernels", "gemv"], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert "written to" in run.stdout and "gemv" in run.stdout
+    check = ("from engine.backends import open_backend; from engine.backends.opencl import tuning; "
+             "b, _ = open_backend('cpu'); from engine.backends.opencl.devices import select; "
+             "o = tuning.load_override(select('cpu').info)['matmul']; "
+             "print(all(b.params['matmul'][k] == v for k, v in o.items()), sorted(o))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.startswith("True ['gemv_ksplit', 'gemv_vec', 'gemv_wg_rows']"), out.stderr
+    devices = subprocess.run([sys.executable, "-m", "perfxcli", "devices", "--json", "--no-measure"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert '"tuned": true' in devices.stdout

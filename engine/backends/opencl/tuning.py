@@ -143,16 +143,22 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def write_override(info: DeviceInfo, kernel: str, params: Params) -> Path:
+def write_override(info: DeviceInfo, kernel: str, params: Params, note: str = "") -> Path:
     """Stores the tuner's `params` for `kernel` on the device, replacing that kernel's entry and
-    keeping the others; written to a temporary file, then renamed over the old one."""
+    keeping the others; written to a temporary file, then renamed over the old one. `note` (how and
+    when it was measured) goes in a comment above the kernel's table."""
     params = dict(params)
     if not all(isinstance(k, str) and _is_scalar(v) for k, v in params.items()):
         raise PerfxError(f"the tuned parameters of {kernel} must be numbers, booleans or strings: {params}")
     data = load_override(info)
     data[kernel] = params
     lines = [f"# perfx tuned parameters for {info.key}", ""]
+    notes = _notes(override_path(info))
+    if note:
+        notes[kernel] = note
     for name in sorted(data):
+        if notes.get(name):
+            lines.append(f"# {notes[name]}")
         lines.append(f"[{_toml_key(name)}]")
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in sorted(data[name].items())]
         lines.append("")
@@ -160,6 +166,21 @@ def write_override(info: DeviceInfo, kernel: str, params: Params) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _notes(path: Path) -> dict[str, str]:
+    """The comment line above each kernel's table in an override file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    return {line.strip("[]"): prev[2:] for prev, line in zip(lines, lines[1:])
+            if line.startswith("[") and prev.startswith("# ") and not prev.startswith("# perfx tuned")}
+
+
+def is_tuned(info: DeviceInfo) -> bool:
+    """Whether the tuner has written parameters for the device."""
+    return override_path(info).exists()
 
 
 # ---- merging --------------------------------------------------------------------------------------
