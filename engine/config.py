@@ -6,7 +6,7 @@ from dataclasses import dataclass, asdict
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str             # "llama", or "qwen2" (the same block with Q, K and V biases)
+    arch: str             # "llama", "qwen2" (the same block with Q, K and V biases), "gemma3", "phi3"
     n_layers: int
     dim: int              # residual width
     n_heads: int
@@ -20,6 +20,25 @@ class ModelConfig:
     rope_dim: int         # rotated dimensions of each head (== head_dim for LLaMA)
     tied_embedding: bool  # output matrix is the token embedding
     name: str = ""
+    # Variations of the block (engine/model.py); the defaults are the LLaMA block.
+    act: str = "silu"                 # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: float = 1.0          # the token embedding is multiplied by this (Gemma: sqrt(dim))
+    post_norms: bool = False          # RMSNorm of the attention and FFN outputs before the residual add (Gemma)
+    qk_norm: bool = False             # RMSNorm of each Q and K head before RoPE (Gemma 3)
+    attn_scale: float = 0.0           # softmax scale of QK^T; 0: 1/sqrt(head_dim)
+    sliding_window: int = 0           # keys of a windowed layer: positions pos-window+1 .. pos; 0: none
+    swa_layers: tuple = ()            # per layer, whether it attends through the sliding window
+    rope_base_swa: float = 0.0        # RoPE base of the windowed layers; 0: rope_base
+    rope_scale: float = 1.0           # linear RoPE scaling of the full-attention layers: positions / rope_scale
+    rope_freq_factors: tuple = ()     # per rotated pair, its frequency divided by this (Llama 3: rope_freqs)
+
+    def window(self, layer: int) -> int:
+        """The sliding window of a layer, 0 for full attention."""
+        return self.sliding_window if self.swa_layers and self.swa_layers[layer] else 0
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale or self.head_dim ** -0.5
 
     @property
     def q_dim(self) -> int:

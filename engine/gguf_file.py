@@ -5,6 +5,8 @@ Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 "qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
 rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
+"gemma3" files too (and their per-head Q and K norm weights); their block is described by
+`arch_variations`.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from .errors import PerfxError
 from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
-ROTATE_HALF_ARCHS = ("qwen2",)   # Q and K rows stored in rotate_half order
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+ROTATE_HALF_ARCHS = ("qwen2", "gemma3")   # Q and K rows stored in rotate_half order (NEOX RoPE)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -184,7 +186,7 @@ def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str
     raw data (quantized blocks included) is permuted by whole rows, so nothing is requantized."""
     from .hf import permute_qk
 
-    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads, "attn_q_norm": 1, "attn_k_norm": 1}
     out = dict(tensors)
     for name, t in tensors.items():
         n = heads.get(name.split(".")[-2]) if name.startswith("blk.") else None
@@ -227,4 +229,47 @@ def config_from_metadata(md: dict, tensors: dict[str, QTensor], path: Path) -> M
         rope_dim=int(get("rope.dimension_count", head_dim)),
         tied_embedding="output.weight" not in tensors,
         name=str(md.get("general.name", path.stem)),
+        **arch_variations(arch, md, tensors, path, dim, n_heads, head_dim, int(get("block_count"))),
     )
+
+
+# ---- what each architecture changes in the LLaMA block (ModelConfig's variation fields) -----------------
+
+GEMMA3_SWA_PERIOD = 6          # llama.cpp: every 6th layer attends globally, the other 5 through the window
+GEMMA3_ROPE_BASE_SWA = 10000.0  # llama.cpp's fixed RoPE base of Gemma 3's windowed layers
+
+
+def arch_variations(arch: str, md: dict, tensors: dict, path: Path, dim: int, n_heads: int, head_dim: int,
+                    n_layers: int) -> dict:
+    """The ModelConfig fields by which `arch` differs from the plain LLaMA block, read as llama.cpp reads
+    them; a setting perfx does not implement is refused in one line."""
+    out: dict = {}
+    scaling = md.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        out["rope_scale"] = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+    elif scaling != "none":
+        raise PerfxError(f"{path}: RoPE scaling '{scaling}' ({arch}.rope.scaling.type) is not supported "
+                         "(supported: none, linear, and Llama 3's rope_freqs)")
+    if "rope_freqs.weight" in tensors:
+        factors = tensors["rope_freqs.weight"].dequantize().reshape(-1)
+        out["rope_freq_factors"] = tuple(float(f) for f in factors)
+    window = int(md.get(f"{arch}.attention.sliding_window", 0) or 0)
+    if arch == "gemma3":
+        softcap = float(md.get(f"{arch}.final_logit_softcapping", 0.0) or 0.0)
+        if softcap:
+            raise PerfxError(f"{path}: final logit soft-capping ({arch}.final_logit_softcapping) is not supported")
+        out.update(act="gelu_tanh", embed_scale=float(np.sqrt(np.float32(dim))), post_norms=True, qk_norm=True,
+                   # llama.cpp: 1/sqrt(query_pre_attn_scalar), which is dim / n_heads for the 27B (62 layers)
+                   attn_scale=float((dim // n_heads if n_layers == 62 else head_dim) ** -0.5))
+        if window:
+            pattern = md.get(f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):
+                swa = tuple(bool(p) for p in pattern)
+            else:
+                period = int(pattern or GEMMA3_SWA_PERIOD)
+                swa = tuple(i % period < period - 1 for i in range(n_layers))
+            out.update(sliding_window=window, swa_layers=swa,
+                       rope_base_swa=float(md.get(f"{arch}.rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA)))
+    elif window:                  # Mistral-style: every layer attends through the window, one RoPE
+        out.update(sliding_window=window, swa_layers=(True,) * n_layers)
+    return out
