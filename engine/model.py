@@ -3,6 +3,7 @@
 Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
 
     qkv  = linear(h, wqkv)                      Q, K and V as one matrix product (+ their biases, Qwen2)
+    qkv  = qk_norm(qkv, q_norm, k_norm)         Gemma 3 only: each Q and K head RMS-normalised
     a    = attention(qkv, layer)                RoPE, KV-cache write, QK^T, softmax, .V (contiguous or paged cache)
     x, h = residual_rmsnorm(x, a, wo, ffn_norm)  x += linear(a, wo), h = rmsnorm(x): on a GPU or PoCL one launch
     f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
@@ -205,10 +206,12 @@ class Transformer:
         def post(norm) -> tuple:          # the post-norm argument, passed only where the model has one
             return () if norm is None else (norm,)
 
-        x = ops.embed(w.tok_embd, ids)
+        x = ops.embed(w.tok_embd, ids, self.config.embed_scale)
         h = ops.rmsnorm(x, w.layers[0].attn_norm)
         for i, layer in enumerate(w.layers):
             qkv = ops.linear(h, layer.wqkv)
+            if layer.q_norm is not None:
+                qkv = ops.qk_norm(qkv, layer.q_norm, layer.k_norm)
             a = attend(qkv, i)
             x, h = ops.residual_rmsnorm(x, a, layer.wo, layer.ffn_norm, *post(layer.post_attn_norm))
             f = ops.swiglu(h, layer.w_gate_up)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import PerfxError
 from ..model import Weights
 from ..paged import PagedBatch, check_batch
 from ..tensors import QTensor
@@ -85,10 +86,8 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x ** 3)))
 
 
-def head_rmsnorm(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    """x [T, heads, head_dim] with each head RMS-normalised and scaled by w [head_dim]; x itself if w is None."""
-    if w is None:
-        return x
+def head_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x [T, heads, head_dim] with each head RMS-normalised and scaled by w [head_dim]."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
@@ -100,6 +99,13 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -
     out[..., 0:rope_dim:2] = even * c - odd * s
     out[..., 1:rope_dim:2] = even * s + odd * c
     return out
+
+
+def check_pageable(c: ModelConfig) -> None:
+    """The paged KV cache (serving) has no sliding window nor second RoPE table yet."""
+    if c.sliding_window or c.rope_base_swa:
+        raise PerfxError(f"serving (the paged KV cache) does not support {c.arch}'s sliding-window layers yet; "
+                         "use perfx run or perfx chat")
 
 
 class NumpyBackend:
@@ -140,9 +146,9 @@ class NumpyBackend:
 
     # --- operators --------------------------------------------------------------------------
 
-    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def embed(self, table: np.ndarray, ids: np.ndarray, scale: float = 1.0) -> np.ndarray:
         x = table[np.asarray(ids)].astype(np.float32)  # [T, dim]
-        return x * np.float32(self.config.embed_scale) if self.config.embed_scale != 1.0 else x
+        return x * np.float32(scale) if scale != 1.0 else x
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         ms = np.mean(x * x, axis=-1, keepdims=True)
@@ -183,6 +189,14 @@ class NumpyBackend:
             return gelu_tanh(gate) * up
         return gate / (1.0 + np.exp(-gate)) * up
 
+    def qk_norm(self, qkv: np.ndarray, q_norm: np.ndarray, k_norm: np.ndarray) -> np.ndarray:
+        """qkv [T, q_dim + 2 kv_dim] with each Q head RMS-normalised and scaled by q_norm [head_dim], each K
+        head by k_norm (Gemma 3, before RoPE)."""
+        c, T = self.config, len(qkv)
+        q = head_rmsnorm(qkv[:, :c.q_dim].reshape(T, c.n_heads, c.head_dim), q_norm, c.norm_eps)
+        k = head_rmsnorm(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, c.head_dim), k_norm, c.norm_eps)
+        return np.concatenate([q.reshape(T, -1), k.reshape(T, -1), qkv[:, c.q_dim + c.kv_dim:]], axis=1)
+
     def attention(self, qkv: np.ndarray, layer: int, start_pos: int) -> np.ndarray:
         c = self.config
         T, D = qkv.shape[0], c.head_dim
@@ -190,8 +204,7 @@ class NumpyBackend:
         q = qkv[:, : c.q_dim].reshape(T, c.n_heads, D)
         k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, D)
         v = qkv[:, c.q_dim + c.kv_dim :].reshape(T, c.n_kv_heads, D)
-        lw, window = self.weights.layers[layer], c.window(layer)
-        q, k = head_rmsnorm(q, lw.q_norm, c.norm_eps), head_rmsnorm(k, lw.k_norm, c.norm_eps)
+        window = c.window(layer)
         cos, sin = self.rope_local if window else (self.cos, self.sin)
         cos, sin = cos[start_pos:end], sin[start_pos:end]
         q = apply_rope(q, cos, sin, c.rope_dim)
@@ -222,6 +235,7 @@ class NumpyBackend:
         """Allocates the block pool, K and V [n_layers, n_blocks, n_kv_heads, block_size, head_dim],
         and makes the products row by row (batch-invariant, as serving needs)."""
         c = self.config
+        check_pageable(c)
         shape = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
         self.k_pool = np.zeros(shape, np.float32)
         self.v_pool = np.zeros(shape, np.float32)
@@ -260,7 +274,7 @@ class NumpyBackend:
             keys = self.k_pool[layer, blocks, :, positions % bs]      # [S, kv_heads, D]
             values = self.v_pool[layer, blocks, :, positions % bs]
             qg = q[t].reshape(c.n_kv_heads, group, D)
-            scores = np.einsum("kgd,skd->kgs", qg, keys) * np.float32(1.0 / np.sqrt(D))
+            scores = np.einsum("kgd,skd->kgs", qg, keys) * np.float32(c.scale)
             p = np.exp(scores - scores.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
             out[t] = np.einsum("kgs,skd->kgd", p, values)
