@@ -6,7 +6,9 @@ Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
 rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
 "gemma3" files too (and their per-head Q and K norm weights); their block is described by
-`arch_variations`.
+`arch_variations`. "phi3" files too, whose Q, K and V are one `attn_qkv` matrix and gate and up one
+`ffn_up` matrix [2 * ffn, dim] (gate rows first): reading cuts them into the tensors of "llama" files,
+as views of the same rows.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from .errors import PerfxError
 from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
-ROTATE_HALF_ARCHS = ("qwen2", "gemma3")   # Q and K rows stored in rotate_half order (NEOX RoPE)
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "phi3")
+ROTATE_HALF_ARCHS = ("qwen2", "gemma3", "phi3")   # Q and K rows stored in rotate_half order (NEOX RoPE)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -76,6 +78,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
         tensors[info.name] = QTensor(info.name, info.qtype, info.shape, raw)
 
     config = config_from_metadata(metadata, tensors, path)
+    if config.arch == "phi3":
+        tensors = split_fused(tensors, config, path)
     if config.arch in ROTATE_HALF_ARCHS:
         tensors = adjacent_pairs(tensors, config)
     return GGUFModel(path=path, config=config, metadata=metadata, tensors=tensors)
@@ -195,6 +199,29 @@ def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str
     return out
 
 
+def split_fused(tensors: dict[str, QTensor], config: ModelConfig, path: Path) -> dict[str, QTensor]:
+    """phi3's attn_qkv into attn_q, attn_k, attn_v and its ffn_up [2 ffn, dim] into ffn_gate, ffn_up:
+    row views of the same data (a missing or misshapen tensor is named)."""
+    c, out = config, dict(tensors)
+    for i in range(c.n_layers):
+        parts = {"attn_qkv": [("attn_q", c.q_dim), ("attn_k", c.kv_dim), ("attn_v", c.kv_dim)],
+                 "ffn_up": [("ffn_gate", c.ffn_dim), ("ffn_up", c.ffn_dim)]}
+        for fused, pieces in parts.items():
+            name = f"blk.{i}.{fused}.weight"
+            t = tensors.get(name)
+            if t is None:
+                raise PerfxError(f"{path}: tensor {name} is missing; the file is incomplete")
+            rows = sum(n for _, n in pieces)
+            if len(t.shape) != 2 or t.shape[0] != rows:
+                raise PerfxError(f"{path}: tensor {name} has shape {list(t.shape)}, expected [{rows}, {c.dim}]")
+            start = 0
+            for piece, n in pieces:
+                out[f"blk.{i}.{piece}.weight"] = replace(t.rows(start, start + n), name=f"blk.{i}.{piece}.weight")
+                start += n
+        out.pop(f"blk.{i}.attn_qkv.weight")
+    return out
+
+
 def config_from_metadata(md: dict, tensors: dict[str, QTensor], path: Path) -> ModelConfig:
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -250,6 +277,8 @@ def arch_variations(arch: str, md: dict, tensors: dict, path: Path, dim: int, n_
     elif scaling != "none":
         raise PerfxError(f"{path}: RoPE scaling '{scaling}' ({arch}.rope.scaling.type) is not supported "
                          "(supported: none, linear, and Llama 3's rope_freqs)")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        raise PerfxError(f"{path}: LongRoPE (rope_factors_long / rope_factors_short tensors) is not supported")
     if "rope_freqs.weight" in tensors:
         factors = tensors["rope_freqs.weight"].dequantize().reshape(-1)
         out["rope_freq_factors"] = tuple(float(f) for f in factors)
