@@ -1,7 +1,9 @@
 """Model hyper-parameters, read from a model file's metadata."""
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from .errors import PerfxError
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,20 @@ class ModelConfig:
     rope_base_swa: float = 0.0        # RoPE base of the windowed layers; 0: rope_base
     rope_scale: float = 1.0           # linear RoPE scaling of the full-attention layers: positions / rope_scale
     rope_freq_factors: tuple = ()     # per rotated pair, its frequency divided by this (Llama 3: rope_freqs)
+
+    def __post_init__(self) -> None:          # lists (as JSON gives them back) held as tuples
+        for name in ("swa_layers", "rope_freq_factors"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def variations(self) -> list[str]:
+        """The fields by which this model differs from the plain LLaMA block."""
+        return [f.name for f in fields(self)
+                if f.name != "name" and f.default is not MISSING and getattr(self, f.name) != f.default]
+
+    def check_plain(self, what: str) -> None:
+        """Refuses, in one line, to carry a model with variations through `what` (convert, export)."""
+        if self.variations():
+            raise PerfxError(f"{what} does not carry {self.arch}'s {', '.join(self.variations())} yet")
 
     def window(self, layer: int) -> int:
         """The sliding window of a layer, 0 for full attention."""

@@ -112,3 +112,14 @@ def test_unknown_architecture_is_named(tmp_path):
     with pytest.raises(PerfxError, match="architecture 'gpt2x' is not supported") as e:
         read_gguf(path)
     assert "\n" not in str(e.value)
+
+
+def test_convert_refuses_what_it_would_drop(tmp_path):
+    """perfx's own format holds the plain LLaMA block: a gemma3 file is refused, not half-converted."""
+    from engine.convert import convert
+
+    path = tmp_path / "g.gguf"
+    write_gguf(path, SPECS["gemma3"])
+    with pytest.raises(PerfxError, match="perfx convert does not carry gemma3's act, embed_scale, post_norms"):
+        convert(path, tmp_path / "g.safetensors", scheme="int8")
+    assert not (tmp_path / "g.safetensors").exists()
