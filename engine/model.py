@@ -44,7 +44,6 @@ class LayerWeights:
     post_attn_norm: QTensor | None = None  # [dim]: RMSNorm of the attention output (Gemma)
     post_ffn_norm: QTensor | None = None   # [dim]: RMSNorm of the FFN output (Gemma)
 
-
     def norms(self) -> list[QTensor]:
         """The optional norms this layer has."""
         return [t for t in (self.q_norm, self.k_norm, self.post_attn_norm, self.post_ffn_norm) if t is not None]
