@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import RopeScalingType
 
 from engine import load_model
 from engine.errors import PerfxError
@@ -17,6 +18,8 @@ SPECS = {
     "qwen2-tied": GGUFSpec("qwen2", vocab="bpe", pre="qwen2", tied=True, rope_base=1000000.0),
     "gemma3": GGUFSpec("gemma3", n_layers=6, n_heads=4, n_kv_heads=1, head_dim=32, tied=True,
                        sliding_window=8, rope_base=1000000.0),
+    "gemma3-linear": GGUFSpec("gemma3", n_layers=6, n_heads=2, n_kv_heads=2, head_dim=32, sliding_window=8,
+                              extra={"rope_scaling_type": RopeScalingType.LINEAR, "rope_scaling_factor": 8.0}),
     "phi3": GGUFSpec("phi3", n_kv_heads=4),
 }
 PROMPT = "the capital of france is paris, and what is the capital of"
@@ -51,6 +54,7 @@ def test_reads_as_its_architecture(arch_file):
     if spec.arch == "gemma3":
         assert (c.act, c.post_norms, c.qk_norm, c.head_dim) == ("gelu_tanh", True, True, 32)
         assert c.swa_layers == (True,) * 5 + (False,) and c.rope_base_swa == 10000.0
+        assert c.rope_scale == spec.extra.get("rope_scaling_factor", 1.0)
     assert bool(c.rope_freq_factors) == spec.rope_freqs
 
 
