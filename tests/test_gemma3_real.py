@@ -41,11 +41,14 @@ def gemma3_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def models():
+def ours():
+    return load_model(gemma3_file(), device="numpy", ctx=512)
+
+
+@pytest.fixture(scope="module")
+def models(ours):
     llama_cpp = pytest.importorskip("llama_cpp")
-    path = gemma3_file()
-    ours = load_model(path, device="numpy", ctx=512)
-    theirs = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
+    theirs = llama_cpp.Llama(model_path=str(ours.path), n_ctx=512, logits_all=True, verbose=False)
     return ours, theirs
 
 
@@ -89,8 +92,7 @@ def test_first_tokens_equal_llama_cpp(models, text):
     assert got == want, (tok.decode(got), tok.decode(want))
 
 
-def test_end_of_turn_stops(models):
-    ours, _ = models
+def test_end_of_turn_stops(ours):
     tok = ours.tokenizer
     (eot,) = tok.encode("<end_of_turn>", add_bos=False)
     assert eot in tok.eot_ids and tok.eos_id in tok.eot_ids
