@@ -60,7 +60,7 @@ def spm_vocab(gemma: bool) -> tuple[list[str], list[float], list[int], dict]:
     pieces = list(dict.fromkeys(pieces))
     tokens += pieces
     types += [1] * len(pieces)
-    ctl = ["<start_of_turn>", "<end_of_turn>"] if gemma else ["<|user|>", "<|assistant|>", "<|end|>"]
+    ctl = ["<start_of_turn>", "<end_of_turn>"] if gemma else ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
     tokens += ctl
     types += [3] * len(ctl)
     while len(tokens) % 32:

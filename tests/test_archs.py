@@ -93,7 +93,9 @@ def test_matches_llama_cpp(arch_file):
     assert ref.tokenizer.encode(PROMPT) == theirs
     llm.eval(ids)
     logits = np.array(llm.scores[:len(ids)], np.float32)
-    assert agreement(ref.forward(ids), logits) >= 0.99
+    ours = ref.forward(ids)
+    assert agreement(ours, logits) >= 0.99
+    assert np.abs(ours - logits).max() < 5e-3 * np.abs(ours).max()     # measured: 1e-4 .. 6e-4
 
 
 def test_gemma3_missing_tensor_is_named(tmp_path):
