@@ -90,8 +90,9 @@ class Backend(ABC):
 
     # --- the operators of a layer ----------------------------------------------------------
     @abstractmethod
-    def embed(self, table: DeviceW, ids: np.ndarray | None) -> Act:
-        """x [T, dim]: the rows of ids (None: the token the last argmax_async chose, with device_argmax)."""
+    def embed(self, table: DeviceW, ids: np.ndarray | None, scale: float = 1.0) -> Act:
+        """x [T, dim]: the rows of ids times scale (ids None: the token the last argmax_async chose,
+        with device_argmax)."""
 
     @abstractmethod
     def rmsnorm(self, x: Act, w: DeviceW) -> Act: ...
@@ -101,15 +102,21 @@ class Backend(ABC):
         """x @ w^T (+ w's bias)."""
 
     @abstractmethod
+    def qk_norm(self, qkv: Act, q_norm: DeviceW, k_norm: DeviceW) -> Act:
+        """Each Q head of qkv = rmsnorm(head) * q_norm, each K head by k_norm (Gemma 3)."""
+
+    @abstractmethod
     def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
         """RoPE, K and V written to the contiguous cache at start_pos.., causal attention: [T, q_dim]."""
 
     @abstractmethod
-    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceW, norm: DeviceW) -> tuple[Act, Act]:
-        """x += a @ w^T; h = rmsnorm(x) * norm: (x, h)."""
+    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceW, norm: DeviceW,
+                         post: DeviceW | None = None) -> tuple[Act, Act]:
+        """x += a @ w^T (with post: x += rmsnorm(a @ w^T) * post, Gemma); h = rmsnorm(x) * norm: (x, h)."""
 
     @abstractmethod
-    def swiglu(self, h: Act, w_gate_up: DeviceW) -> Act: ...
+    def swiglu(self, h: Act, w_gate_up: DeviceW) -> Act:
+        """act(gate) * up of h @ w_gate_up^T: SiLU (SwiGLU) or GELU (GeGLU, Gemma), per the config."""
 
     @abstractmethod
     def logits(self, h: Act, output: DeviceW, all_logits: bool) -> np.ndarray:

@@ -15,6 +15,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...model import Weights
 from .. import Backend, Capabilities, DeviceReport
+from ..numpy_backend import OPTIONAL_NORMS, check_pageable
 from .devices import Selection, bandwidth, check_memory, describe
 from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
 from .fused import EmbeddingTable, FusedOps
@@ -68,6 +69,10 @@ class Layer:
     ffn_norm: cl.Buffer      # f32 [dim]
     w_gate_up: DeviceMatrix  # [2 ffn, dim] -> ffn (silu(gate) * up)
     w_down: Proj             # [dim, ffn] -> delta
+    q_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
+    k_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
+    post_attn_norm: cl.Buffer | None = None  # f32 [dim] (Gemma)
+    post_ffn_norm: cl.Buffer | None = None   # f32 [dim] (Gemma)
 
 
 @dataclass
@@ -187,7 +192,8 @@ class OpenCLBackend(Backend):
             Layer(vec(l.attn_norm),
                   Proj(DeviceMatrix.from_qtensors(rt, l.wqkv).with_bias(rt, l.bqkv), self.qkv),
                   mat([l.wo], self.delta), vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
-                  mat([l.w_down], self.delta))
+                  mat([l.w_down], self.delta),
+                  **{k: vec(getattr(l, k)) for k in OPTIONAL_NORMS if getattr(l, k) is not None})
             for l in weights.layers
         ]
         e = weights.tok_embd
@@ -222,16 +228,19 @@ class OpenCLBackend(Backend):
 
     # --- operators --------------------------------------------------------------------------
 
-    def embed(self, table: EmbeddingTable, ids: np.ndarray | None) -> Act:
-        """x [T, dim] = the embeddings of ids; ids None: of the token the last argmax chose (T = 1),
-        read where it is, on the device."""
+    def embed(self, table: EmbeddingTable, ids: np.ndarray | None, scale: float = 1.0) -> Act:
+        """x [T, dim] = the embeddings of ids (times scale); ids None: of the token the last argmax
+        chose (T = 1), read where it is, on the device."""
         if ids is None:
             self.fused.embed(table, self.token, 1, self.x.buf)
-            return self.x.rows(1)
-        T = len(ids)
-        self.ids_host[:T] = ids
-        cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
-        self.fused.embed(table, self.ids, T, self.x.buf)
+            T = 1
+        else:
+            T = len(ids)
+            self.ids_host[:T] = ids
+            cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
+            self.fused.embed(table, self.ids, T, self.x.buf)
+        if scale != 1.0:
+            self.fused.scale(self.x.buf, T * self.config.dim, scale)
         return self.x.rows(T)
 
     def rmsnorm(self, x: Act, w: cl.Buffer) -> Act:
@@ -242,10 +251,16 @@ class OpenCLBackend(Backend):
         self.fused.add_rmsnorm(x.buf, delta.buf, w, x.T, self.h.buf, self.h_xs)
         return x, self.h.rows(x.T)
 
-    def residual_rmsnorm(self, x: Act, a: Act, w: Proj, norm: cl.Buffer) -> tuple[Act, Act]:
+    def residual_rmsnorm(self, x: Act, a: Act, w: Proj, norm: cl.Buffer,
+                         post: cl.Buffer | None = None) -> tuple[Act, Act]:
         """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
         one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
-        product, then add_rmsnorm."""
+        product, then add_rmsnorm. With a post-norm (Gemma): the product, then one launch that adds
+        its rmsnorm * post to x and normalises the sum."""
+        if post is not None:
+            delta = self.linear(a, w)
+            self.fused.post_add_rmsnorm(x.buf, delta.buf, post, norm, x.T, self.h.buf, self.h_xs)
+            return x, self.h.rows(x.T)
         if (self.scheme or self.matmul.scheme(x.T)) == "gemv" and self.matmul.params["gemv_norm"] \
                 and w.m.bias is None:
             epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
@@ -264,13 +279,18 @@ class OpenCLBackend(Backend):
         self.matmul.linear(x.buf, w.m, x.T, w.out.buf, scheme=self.scheme, xs=self._sums_of(x, w.m))
         return w.out.rows(x.T)
 
+    def qk_norm(self, qkv: Act, q_norm: cl.Buffer, k_norm: cl.Buffer) -> Act:
+        """Each Q head of qkv = rmsnorm(head) * q_norm, each K head by k_norm, in place (Gemma 3)."""
+        self.fused.head_rmsnorm(qkv.buf, q_norm, k_norm, qkv.T)
+        return qkv
+
     def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
         self.fused.attention(qkv.buf, qkv.T, layer, start_pos, self.attn.buf)
         return self.attn.rows(qkv.T)
 
     def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
         self.matmul.swiglu(h.buf, w_gate_up, h.T, self.ffn.buf, scheme=self.scheme,
-                           xs=self._sums_of(h, w_gate_up))
+                           xs=self._sums_of(h, w_gate_up), act=self.config.act)
         return self.ffn.rows(h.T)
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
@@ -302,6 +322,7 @@ class OpenCLBackend(Backend):
         the GEMV and attention one token per work-group, so a token's logits are bit for bit the same
         whichever sequences share its step (serving's replies do not depend on the load)."""
         c = self.config
+        check_pageable(c)
         self.paged = None
         kv_bytes = 2 if self.fused.params["kv_half"] else 4
         one = c.n_layers * n_blocks * c.n_kv_heads * block_size * c.head_dim * kv_bytes   # K or V
