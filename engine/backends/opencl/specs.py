@@ -115,7 +115,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
           "per KV head (CPUs)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
     local_bytes=_attention_local, work_group=lambda d: d["ATT_WG"], hint="lower att_rows (or att_wg)",
-    constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM", lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
+    constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM",
+                  lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
                   lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
 
