@@ -22,6 +22,8 @@ def tune(
     device: str = typer.Option("auto", "--device", help="The device to tune: auto | opencl | cpu | gpu | opencl:P:D."),
     kernels: str = typer.Option("gemv,few,tiled", "--kernels", help="Kernel groups to tune: gemv, few, tiled."),
     budget: float = typer.Option(300.0, "--budget", min=1, help="Seconds to spend searching, at most."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Time the products of this model "
+                                        "(registry name or file; default: SmolLM2-135M's shapes)."),
     threads: Optional[int] = ThreadsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the result without writing it."),
 ):
@@ -32,12 +34,19 @@ def tune(
 
         set_cpu_threads(threads)
     from engine.backends.opencl.devices import select
-    from engine.backends.opencl.tuner import Tuner
+    from engine.backends.opencl.tuner import SMOLLM2_SHAPES, Tuner, model_shapes
 
+    shapes, label = SMOLLM2_SHAPES, "SmolLM2-135M"
+    if model is not None:
+        from engine.loader import open_model
+        from engine.registry import resolve
+
+        path, _ = resolve(model, progress=True)
+        shapes, label = model_shapes(open_model(path).config), path.name
     selection = select("opencl" if device == "auto" else device)
-    tuner = Tuner(selection)
-    err.print(f"tuning {selection.info.id} {selection.info.name} for SmolLM2-135M's products, "
-              f"at most {budget:g} s")
+    tuner = Tuner(selection, shapes)
+    err.print(f"tuning {selection.info.id} {selection.info.name} on {label}'s products "
+              f"({', '.join(f'{n}x{k}' for n, k in shapes)}), at most {budget:g} s")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("[dim]{task.fields[best]}[/]"))
     with Progress(*columns, console=err, transient=False) as progress:

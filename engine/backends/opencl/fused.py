@@ -97,6 +97,12 @@ class FusedOps:
         c = config
         self.group = c.n_heads // c.n_kv_heads
         self._check(c, p)
+        self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
+        dev = rt.device          # the largest query tile must fit the device: refused before any build
+        limits = dev.local_mem_size, dev.max_work_group_size
+        check_fits("attention", self._attention_defines(self.qt_max), *limits)
+        check_fits("rmsnorm", {"RMS_WG": p["rms_wg"]}, *limits)
+        check_fits("argmax", {"ARGMAX_WG": p["argmax_wg"], "ARGMAX_GROUPS": p["argmax_groups"]}, *limits)
 
         # RMSNorm and embedding, argmax.
         self.xs_group = 0                   # group of the sums the norms also write (group_sums)
@@ -135,9 +141,6 @@ class FusedOps:
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
         self._attend_one = cl.Kernel(self._attention_program(1), "attend_one")
         self._attend_one.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 4)
-        self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
-        dev = rt.device          # the largest query tile must fit the device: refused here, not at a launch
-        check_fits("attention", self._attention_defines(self.qt_max), dev.local_mem_size, dev.max_work_group_size)
 
     def _norm_kernels(self) -> None:
         rms = self.rt.program("rmsnorm", RMS_WG=self.params["rms_wg"], XS_G=self.xs_group or False,
