@@ -49,6 +49,7 @@ LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_N_BATCH, LLAMA_N_UBATCH = 2048, 512     # llama-bench's defaults
 INSTALL_HINT = ("--vs llama.cpp needs llama-cpp-python: run scripts/install-llama-cpp.sh "
                 f"(or pip install llama-cpp-python=={LLAMA_CPP_VERSION})")
+REBUILD_HINT = "rebuild it with scripts/install-llama-cpp.sh --rebuild"
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -645,9 +646,11 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
         self.engine = engine
         self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.bench", json.dumps({**spec, "engine": engine})],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+        self.proc = subprocess.Popen(self.command({**spec, "engine": engine}), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      text=True, encoding="utf-8")
+
+    def command(self, spec: dict) -> list[str]:
+        return [sys.executable, "-m", "engine.bench", json.dumps(spec)]
 
     def wait_ready(self) -> EngineInfo:
         self.info = EngineInfo(**self._receive()["ready"])
@@ -664,8 +667,7 @@ class Worker:
     def _receive(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            rc = self.proc.wait()
-            raise PerfxError(f"the {self.engine} worker exited with status {rc}: {self._last_log_line()}")
+            raise PerfxError(exit_message(self.engine, self.proc.wait(), self._last_log_line()))
         message = json.loads(line)
         if "error" in message:
             raise PerfxError(message["error"])
@@ -690,6 +692,23 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def exit_message(engine: str, rc: int, last_line: str) -> str:
+    """Why a worker that stopped answering is gone: its exit status, or the signal that killed it and
+    what that means (a crash of llama.cpp's native code is fixed by building it again)."""
+    if rc >= 0:
+        return f"the {engine} worker exited with status {rc}: {last_line}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    if -rc in (9, 15):                                 # SIGKILL, SIGTERM
+        return (f"the {engine} worker was killed by {name} (out of memory, or ended by another process): "
+                f"{last_line}")
+    what = "llama.cpp" if engine == "llama.cpp" else f"the {engine} worker"
+    advice = f"; {REBUILD_HINT}" if engine == "llama.cpp" else ""
+    return f"{what} crashed with {name} ({last_line}){advice}"
 
 
 # ---- running --------------------------------------------------------------------------------------
