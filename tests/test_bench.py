@@ -403,3 +403,21 @@ def test_llama_cpp_build_turns_amx_off_and_keeps_avx512(tmp_path, flags, native)
         assert "-DGGML_NATIVE=OFF" in out and "-DGGML_AVX512=ON" in out and "-DGGML_AVX512_VNNI=ON" in out
         assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(out)
         assert "-DGGML_AVX512_VBMI=OFF" in out          # a flag the CPU lacks stays off
+
+
+def test_a_share_over_100_percent_is_marked_and_explained():
+    run = fake_run()
+    assert "over 100%" not in b.format_markdown(run)
+    for r in run.results:
+        r.info.copy_bandwidth = 20000.0                        # perfx's tg4 reads 31680 B/s: 158%
+    text = b.format_markdown(run)
+    assert "| 158%* |" in text.replace("  ", " ") or "158%*" in text
+    assert "* over 100% of the copy bandwidth: part of what a token reads came from the CPU's caches" in text
+
+
+def test_the_datasheet_peak_is_shown_where_known():
+    run = fake_run()
+    assert "datasheet peak" not in b.format_markdown(run)
+    run.results[0].info.device_name = "NVIDIA H100 80GB HBM3"
+    assert "datasheet peak 3350 GB/s" in b.format_markdown(run)
+    assert b.datasheet_peak("NVIDIA H100 PCIe") == 2.0e12 and b.datasheet_peak("pthread-AMD EPYC") is None
