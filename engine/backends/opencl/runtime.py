@@ -7,6 +7,7 @@ source, options and device, so a second start builds nothing.
 from __future__ import annotations
 
 import os
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -40,6 +41,9 @@ class Runtime:
         props = cl.command_queue_properties.PROFILING_ENABLE if profiling else 0
         self.queue = cl.CommandQueue(self.ctx, properties=props)
         self._programs: dict[tuple, cl.Program] = {}
+        self._building: dict[tuple, threading.Lock] = {}   # one lock per program: built once across threads
+        self._lock = threading.Lock()
+        self.requested: dict[tuple, tuple[str, dict]] = {}  # key -> (name, defines) of each program asked for
 
     def program(self, name: str, **defines) -> cl.Program:
         """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME)."""
@@ -47,7 +51,14 @@ class Runtime:
             f"-D{k}" if v is True else f"-D{k}={v}" for k, v in sorted(defines.items()) if v is not False
         ) + ("-cl-mad-enable", "-cl-fast-relaxed-math")
         key = (name, options)
-        if key not in self._programs:
+        if key in self._programs:
+            return self._programs[key]
+        with self._lock:
+            lock = self._building.setdefault(key, threading.Lock())
+            self.requested.setdefault(key, (name, dict(defines)))
+        with lock:
+            if key in self._programs:
+                return self._programs[key]
             directory = cache_dir()
             directory.mkdir(parents=True, exist_ok=True)
             try:
@@ -58,7 +69,7 @@ class Runtime:
                     f"{self.device.name}: building kernel {name}.cl failed: " + " | ".join(log[:6])
                 ) from None
             self._programs[key] = prg
-        return self._programs[key]
+            return prg
 
     def kernel(self, name: str, entry: str, **defines) -> cl.Kernel:
         return getattr(self.program(name, **defines), entry)
