@@ -126,6 +126,12 @@ def _opencl():
     return pyopencl
 
 
+def setup_icd() -> None:
+    """Points the ICD loader at the drivers perfx lists (drivers.py); before anything lists the
+    platforms (enumerate_devices does it; code that calls pyopencl.get_platforms itself calls this first)."""
+    drivers.setup_icd(root_dir() / "opencl-vendors", intel=drivers.intel_library())
+
+
 def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
     """Every OpenCL device with its pyopencl handle, in platform then device order."""
     global _platforms_listed
@@ -133,7 +139,7 @@ def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
     if cl is None:
         return []
     if not _platforms_listed:
-        drivers.setup_icd(root_dir() / "opencl-vendors", intel=drivers.intel_library())
+        setup_icd()
     _platforms_listed = True
     try:
         platforms = cl.get_platforms()

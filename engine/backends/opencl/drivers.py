@@ -98,25 +98,6 @@ def intel_library(prefix: Path = Path(sys.prefix)) -> Path | None:
     return path if path.is_file() else None
 
 
-def bundled_pocl() -> Path | None:
-    """The PoCL that pyopencl's wheels carry (pyopencl/.libs), by its absolute path, or None."""
-    from importlib.util import find_spec
-
-    try:
-        spec = find_spec("pyopencl")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    libs = Path(next(iter(spec.submodule_search_locations))) / ".libs"
-    icd = libs / "pocl.icd"
-    try:
-        name = icd.read_text(errors="replace").strip()
-    except OSError:
-        return None
-    return libs / name if (libs / name).is_file() else None
-
-
 def _write_vendors(directory: Path, icds: dict[str, str]) -> None:
     """Makes `directory` hold exactly `icds` (file name -> library), each file written by a rename."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,20 +112,27 @@ def _write_vendors(directory: Path, icds: dict[str, str]) -> None:
         os.replace(tmp, path)
 
 
-def setup_icd(vendors_dir: Path, system: Path = SYSTEM_VENDORS, intel: Path | None = None) -> None:
-    """Sets OCL_ICD_VENDORS so that the ICD loader lists the drivers perfx should see (module doc).
-    Call before the process first lists the OpenCL platforms."""
+def setup_icd(vendors_dir: Path, system: Path = SYSTEM_VENDORS, intel: Path | None = None,
+              vendor: str | None = None) -> None:
+    """Sets OCL_ICD_VENDORS so that the ICD loader lists the drivers perfx should see. Call before the
+    process first lists the OpenCL platforms.
+
+    - The user's OCL_ICD_VENDORS or OCL_ICD_FILENAMES stands.
+    - Intel's runtime installed (`intel`) and first in this CPU's preference: a directory of .icd files
+      (`vendors_dir`) with it and the system's drivers, PoCL among them as the fallback (pyopencl's
+      wheels add their own PoCL to any directory, which does not build on every CPU). Each CPU platform
+      listed costs resident memory (docs/performance.md): OCL_ICD_VENDORS=<one .icd file> keeps to one.
+    - Otherwise, where the system's one driver is PoCL: that file alone (pyopencl's own PoCL, a second
+      CPU platform of about 30 MiB resident, stays out)."""
     if "OCL_ICD_VENDORS" in os.environ or "OCL_ICD_FILENAMES" in os.environ:
         return
     try:
         icds = {p.name: p.read_text(errors="replace").strip() for p in sorted(system.glob("*.icd"))}
     except OSError:
         icds = {}
-    if intel is not None and not any("libintelocl" in text for text in icds.values()):
+    preferred = preference(vendor)[0][0] == "intel"
+    if intel is not None and preferred and not any("libintelocl" in text for text in icds.values()):
         icds["perfx-intel-cpu.icd"] = str(intel)
-        pocl = bundled_pocl()
-        if pocl is not None and not any("pocl" in text.lower() for text in icds.values()):
-            icds["perfx-pocl.icd"] = str(pocl)             # the portable fallback
         try:
             _write_vendors(vendors_dir, icds)
         except OSError:
