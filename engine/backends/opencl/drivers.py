@@ -112,13 +112,12 @@ def _write_vendors(directory: Path, icds: dict[str, str]) -> None:
         os.replace(tmp, path)
 
 
-def setup_icd(vendors_dir: Path, system: Path = SYSTEM_VENDORS, intel: Path | None = None,
-              vendor: str | None = None) -> None:
+def setup_icd(vendors_dir: Path, system: Path = SYSTEM_VENDORS, intel: Path | None = None) -> None:
     """Sets OCL_ICD_VENDORS so that the ICD loader lists the drivers perfx should see. Call before the
     process first lists the OpenCL platforms.
 
     - The user's OCL_ICD_VENDORS or OCL_ICD_FILENAMES stands.
-    - Intel's runtime installed (`intel`) and first in this CPU's preference: a directory of .icd files
+    - Intel's runtime installed (`intel`): a directory of .icd files
       (`vendors_dir`) with it and the system's drivers, PoCL among them as the fallback (pyopencl's
       wheels add their own PoCL to any directory, which does not build on every CPU). Each CPU platform
       listed costs resident memory (docs/performance.md): OCL_ICD_VENDORS=<one .icd file> keeps to one.
@@ -130,8 +129,7 @@ def setup_icd(vendors_dir: Path, system: Path = SYSTEM_VENDORS, intel: Path | No
         icds = {p.name: p.read_text(errors="replace").strip() for p in sorted(system.glob("*.icd"))}
     except OSError:
         icds = {}
-    preferred = preference(vendor)[0][0] == "intel"
-    if intel is not None and preferred and not any("libintelocl" in text for text in icds.values()):
+    if intel is not None and not any("libintelocl" in text for text in icds.values()):
         icds["perfx-intel-cpu.icd"] = str(intel)
         try:
             _write_vendors(vendors_dir, icds)
