@@ -39,7 +39,7 @@ class Speedup:
 # CPU vendor (/proc/cpuinfo vendor_id) -> CPU drivers, fastest first, with what the first one gained.
 PREFERENCE: dict[str, tuple[tuple[str, ...], Speedup | None]] = {
     "GenuineIntel": (("intel", "pocl"), Speedup(2.00, 1.01, "Intel Xeon Sapphire Rapids")),
-    "AuthenticAMD": (("pocl", "intel"), None),   # AMD EPYC: PoCL 1.5x Intel's at pp512, 2.5x at tg128
+    "AuthenticAMD": (("pocl", "intel"), None),   # AMD EPYC: PoCL 1.5x Intel's runtime at pp512, 2-3x at tg128
 }
 PORTABLE = (("pocl",), None)                     # ARM and every other CPU: PoCL
 

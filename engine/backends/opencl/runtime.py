@@ -15,6 +15,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
+from .drivers import driver_of
 
 
 def kernel_source(name: str) -> str:
@@ -43,7 +44,7 @@ class Runtime:
         self._programs: dict[tuple, cl.Program] = {}
         # Relaxed math, except on Intel's CPU runtime, whose relaxed rsqrt, exp and division are off by
         # up to 1e-4 relative (PoCL's and GPU drivers' stay within the tests' 1e-5).
-        intel = device.platform.name.startswith("Intel(R) OpenCL")
+        intel = driver_of(device.platform.name) == "intel"
         self.math_options = ("-cl-mad-enable",) if intel else ("-cl-mad-enable", "-cl-fast-relaxed-math")
         self._building: dict[tuple, threading.Lock] = {}   # one lock per program: built once across threads
         self._lock = threading.Lock()
