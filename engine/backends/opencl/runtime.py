@@ -17,10 +17,11 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 
+from .drivers import driver_of
+
 # A compiler's remarks on a build that succeeded (PoCL's vector-ABI notes on CPUs without AVX-512) are no
 # user's business; a failed build raises with its log.
 warnings.filterwarnings("ignore", category=cl.CompilerWarning)
-from .drivers import driver_of
 
 
 def kernel_source(name: str) -> str:
