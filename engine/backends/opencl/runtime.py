@@ -16,7 +16,6 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-
 from .drivers import driver_of
 
 # A compiler's remarks on a build that succeeded (PoCL's vector-ABI notes on CPUs without AVX-512) are no
