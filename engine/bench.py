@@ -50,6 +50,7 @@ LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_N_BATCH, LLAMA_N_UBATCH = 2048, 512     # llama-bench's defaults
 INSTALL_HINT = ("--vs llama.cpp needs llama-cpp-python: run scripts/install-llama-cpp.sh "
                 f"(or pip install llama-cpp-python=={LLAMA_CPP_VERSION})")
+REBUILD_HINT = "rebuild it with scripts/install-llama-cpp.sh --rebuild"
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -623,9 +624,11 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
         self.engine = engine
         self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.bench", json.dumps({**spec, "engine": engine})],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+        self.proc = subprocess.Popen(self.command({**spec, "engine": engine}), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      text=True, encoding="utf-8")
+
+    def command(self, spec: dict) -> list[str]:
+        return [sys.executable, "-m", "engine.bench", json.dumps(spec)]
 
     def wait_ready(self) -> EngineInfo:
         self.info = EngineInfo(**self._receive()["ready"])
@@ -642,8 +645,7 @@ class Worker:
     def _receive(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            rc = self.proc.wait()
-            raise PerfxError(f"the {self.engine} worker exited with status {rc}: {self._last_log_line()}")
+            raise PerfxError(exit_message(self.engine, self.proc.wait(), self._last_log_line()))
         message = json.loads(line)
         if "error" in message:
             raise PerfxError(message["error"])
@@ -668,6 +670,23 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def exit_message(engine: str, rc: int, last_line: str) -> str:
+    """Why a worker that stopped answering is gone: its exit status, or the signal that killed it and
+    what that means (a crash of llama.cpp's native code is fixed by building it again)."""
+    if rc >= 0:
+        return f"the {engine} worker exited with status {rc}: {last_line}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    if -rc in (9, 15):                                 # SIGKILL, SIGTERM
+        return (f"the {engine} worker was killed by {name} (out of memory, or ended by another process): "
+                f"{last_line}")
+    what = "llama.cpp" if engine == "llama.cpp" else f"the {engine} worker"
+    advice = f"; {REBUILD_HINT}" if engine == "llama.cpp" else ""
+    return f"{what} crashed with {name} ({last_line}){advice}"
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -876,9 +895,31 @@ def _columns(run: BenchRun) -> list[tuple[str, int, Callable[[Result], str]]]:
         ("peak RSS", 9, lambda r: _memory(r.info.peak_rss)),
         ("dev mem", 9, lambda r: _memory(r.info.device_bytes)),
         ("GB/s", 6, lambda r: "—" if r.bandwidth is None else f"{r.bandwidth / 1e9:.1f}"),
-        ("of copy BW", 10, lambda r: "—" if r.bandwidth_share is None else f"{100 * r.bandwidth_share:.0f}%"),
+        ("of copy BW", 10, _share),
     ]
     return cols
+
+
+def _share(r: Result) -> str:
+    """The share of the copy bandwidth; over 100% marked *, which the footer explains."""
+    if r.bandwidth_share is None:
+        return "—"
+    return f"{100 * r.bandwidth_share:.0f}%" + ("*" if r.bandwidth_share > 1 else "")
+
+
+# Memory bandwidth on the datasheet (bytes/s), by a substring of the OpenCL device name; shown beside
+# the measured copy bandwidth. Add a device here when its datasheet figure is known.
+DATASHEET_PEAKS = {
+    "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12, "A100-PCIE-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12,
+    "L40S": 864e9, "L4": 300e9, "RTX 4090": 1.008e12, "RTX 3090": 936e9, "Adreno (TM) 750": 77e9,
+}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """The datasheet memory bandwidth of a device, where DATASHEET_PEAKS knows it."""
+    matches = [(len(k), v) for k, v in DATASHEET_PEAKS.items() if k.lower() in device_name.lower()]
+    return max(matches)[1] if matches else None
 
 
 def format_markdown(run: BenchRun) -> str:
@@ -909,8 +950,10 @@ def footer(run: BenchRun) -> list[str]:
         i = rows[0].info
         copies = {r.threads: r.info.copy_bandwidth for r in rows if r.info.copy_bandwidth}
         measured = ", ".join(f"{bw / 1e9:.1f} GB/s ({t} thread{'s' * (t != 1)})" for t, bw in copies.items())
+        peak = datasheet_peak(i.device_name)
         lines.append(f"device {device}: {i.device_name} ({i.device_type}), KV cache {i.kv_type}"
-                     + (f"; measured copy bandwidth {measured}" if measured else ""))
+                     + (f"; measured copy bandwidth {measured}" if measured else "")
+                     + (f"; datasheet peak {peak / 1e9:.0f} GB/s" if peak else ""))
     llama = next((r.info for r in run.results if r.engine == "llama.cpp"), None)
     if llama is not None:
         lines.append(f"llama.cpp: {llama.version}, {llama.backend} backend, KV cache {llama.kv_type}, "
@@ -923,6 +966,10 @@ def footer(run: BenchRun) -> list[str]:
                  "peak RSS: each engine's process; dev mem: device buffers (weights, KV cache, activations); "
                  "GB/s (tg tests): weights + KV cache read per token x t/s; of copy BW: share of the device's "
                  "measured copy bandwidth")
+    if any(r.bandwidth_share and r.bandwidth_share > 1 for r in run.results):
+        lines.append("* over 100% of the copy bandwidth: part of what a token reads came from the CPU's caches "
+                     "(a small model or a short context), which the copy test's 64 MiB buffers do not reach; "
+                     "the copy is measured with each run and the best figure since boot kept")
     cpus = os.cpu_count() or 1
     if run.load > max(1.0, cpus / 4):
         lines.append(f"warning: load average {run.load:.1f} on {cpus} CPUs when the run started: other processes "

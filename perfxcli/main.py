@@ -181,10 +181,16 @@ def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optiona
         from engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(threads)
-    with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext():
-        llm = load_model(model, device=device, ctx=ctx, progress=True)
+    with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext() as status:
+        def kernels(what: str, done: int, total: int) -> None:
+            if status is not None and hasattr(status, "update"):
+                status.update(f"{what} {done}/{total}…")
+            elif done == 0:
+                err.print(f"[dim]{what}…[/]")
+
+        llm = load_model(model, device=device, ctx=ctx, progress=True, kernels=kernels)
     for notice in llm.notices:
-        err.print(f"[dim]{notice}[/]")
+        err.print(f"[dim]{escape(notice)}[/]")
     return llm
 
 

@@ -16,6 +16,14 @@ CHATML = (
 )
 
 
+def pytest_configure(config):
+    """The OpenCL drivers perfx lists (Intel's CPU runtime from pip among them), for the tests that list
+    the platforms through pyopencl themselves (PERFX_TEST_CL_PLATFORM picks one)."""
+    from engine.backends.opencl.devices import setup_icd
+
+    setup_icd()
+
+
 def smollm2_gguf() -> Path:
     """The registry's default model file (SmolLM2-135M-Instruct Q4_1), downloaded if needed;
     $PERFX_TEST_GGUF names another copy. Skips the test when it cannot be had."""

@@ -357,3 +357,67 @@ def test_vs_llama_cpp_alternates_and_gives_ratios(tiny_q4):
     assert llama_tg.info.weight_bytes == config.models[0].file_bytes_per_token
     assert llama_tg.info.copy_bandwidth == perfx_tg.info.copy_bandwidth         # the same CPU
     assert "vs llama.cpp" in b.format_markdown(run)
+
+
+class SelfKillingWorker(b.Worker):
+    """A worker that prints a line to its log, reads one request, then kills itself with SIGSEGV."""
+
+    def command(self, spec: dict) -> list[str]:
+        return [sys.executable, "-c", "import os, signal, sys; print('ggml_backend_amx_mul_mat', file=sys.stderr); "
+                "sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_peer_killed_by_a_signal_says_what_it_means_and_what_to_do():
+    worker = SelfKillingWorker("llama.cpp", {}, threads=1)
+    try:
+        with pytest.raises(PerfxError) as e:
+            worker.request("run", test=0)
+    finally:
+        worker.close()
+    message = str(e.value)
+    assert "SIGSEGV" in message and "status -11" not in message
+    assert "scripts/install-llama-cpp.sh --rebuild" in message and "ggml_backend_amx_mul_mat" in message
+
+
+def test_exit_messages():
+    assert b.exit_message("perfx", 1, "boom") == "the perfx worker exited with status 1: boom"
+    assert "killed by SIGKILL (out of memory" in b.exit_message("llama.cpp", -9, "x")
+    perfx_crash = b.exit_message("perfx", -11, "x")
+    assert perfx_crash.startswith("the perfx worker crashed with SIGSEGV") and "--rebuild" not in perfx_crash
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8", False),
+    ("fpu sse4_2 avx avx2 fma f16c bmi2", True),
+])
+def test_llama_cpp_build_turns_amx_off_and_keeps_avx512(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "install-llama-cpp.sh"
+    out = subprocess.run(["bash", str(script), "--cmake-args"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "CPUINFO": str(cpuinfo)}, check=True).stdout.split()
+    if native:
+        assert out == ["-DGGML_NATIVE=ON"]
+    else:
+        assert "-DGGML_NATIVE=OFF" in out and "-DGGML_AVX512=ON" in out and "-DGGML_AVX512_VNNI=ON" in out
+        assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(out)
+        assert "-DGGML_AVX512_VBMI=OFF" in out          # a flag the CPU lacks stays off
+
+
+def test_a_share_over_100_percent_is_marked_and_explained():
+    run = fake_run()
+    assert "over 100%" not in b.format_markdown(run)
+    for r in run.results:
+        r.info.copy_bandwidth = 20000.0                        # perfx's tg4 reads 31680 B/s: 158%
+    text = b.format_markdown(run)
+    assert "| 158%* |" in text.replace("  ", " ") or "158%*" in text
+    assert "* over 100% of the copy bandwidth: part of what a token reads came from the CPU's caches" in text
+
+
+def test_the_datasheet_peak_is_shown_where_known():
+    run = fake_run()
+    assert "datasheet peak" not in b.format_markdown(run)
+    run.results[0].info.device_name = "NVIDIA H100 80GB HBM3"
+    assert "datasheet peak 3350 GB/s" in b.format_markdown(run)
+    assert b.datasheet_peak("NVIDIA H100 PCIe") == 2.0e12 and b.datasheet_peak("pthread-AMD EPYC") is None

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.backends.opencl import devices as dev
+from engine.backends.opencl import drivers
 from engine.backends.opencl import tuning
 from engine.errors import PerfxError
 
@@ -91,10 +92,16 @@ def test_select_auto_on_this_machine():
         return
     assert sel.info in infos and dev.probe(sel.device) is None
     debian = [i for i in infos if "debian" in i.platform_version.lower()]
-    if debian and not any(i.type == "gpu" for i in infos):
+    intel = [i for i in infos if drivers.driver_of(i.platform_name) == "intel"]
+    if debian and not intel and not any(i.type == "gpu" for i in infos):
         assert "debian" in sel.info.platform_version.lower()
-    for notice in sel.notices:       # devices tried before the chosen one
+    if intel and drivers.preference()[0][0] == "intel" and not any(i.type == "gpu" for i in infos):
+        assert drivers.driver_of(sel.info.platform_name) == "intel"
+    chosen = sel.notices.index(f"running on {sel.info.label}")
+    for notice in sel.notices[:chosen]:       # devices tried before the chosen one
         assert "cannot build kernels" in notice and notice.endswith("trying the next device")
+    for notice in sel.notices[chosen + 1:]:   # a faster driver to install
+        assert notice.endswith(drivers.INTEL_EXTRA)
     assert sel.runtime() is sel.runtime()
 
 
@@ -175,14 +182,20 @@ def test_no_opencl_falls_back_to_numpy(monkeypatch, how):
     assert dev.list_devices() == []
     sel = dev.select("auto")
     assert sel.backend == "numpy"
-    assert sel.notices == ["no OpenCL platform found (install pocl-opencl-icd or your GPU's driver): using NumPy"]
+    if how == "no pyopencl":                  # the extra that brings it, not a system package
+        assert sel.notices == ["pyopencl is not installed (pip install 'perfx[opencl]' gets OpenCL and a CPU "
+                               "driver): using NumPy, many times slower"]
+    else:
+        assert sel.notices == ["no OpenCL platform found (install pocl-opencl-icd or your GPU's driver): using NumPy"]
     for spec in ("opencl", "gpu", "cpu", "opencl:0:0"):
-        with pytest.raises(PerfxError, match="no OpenCL platform found"):
+        with pytest.raises(PerfxError, match="pyopencl is not installed" if how == "no pyopencl"
+                           else "no OpenCL platform found"):
             dev.select(spec)
 
 
-def test_build_failure_falls_back_to_the_next_device(machine):
+def test_build_failure_falls_back_to_the_next_device(machine, monkeypatch):
     *_, calls = machine
+    monkeypatch.setattr(drivers, "cpu_vendor", lambda: "ARM")
     sel = dev.select("auto")
     assert sel.backend == "opencl" and sel.device == "cpu-good" and sel.info.id == "opencl:2:0"
     assert sel.notices == [
@@ -190,6 +203,7 @@ def test_build_failure_falls_back_to_the_next_device(machine):
          "trying the next device"),
         ("opencl:1:0 (pthread-AMD EPYC, PoCL 3.0-rc2) cannot build kernels: error: unknown target CPU 'generic'; "
          "trying the next device"),
+        "running on opencl:2:0 (pthread-skylake-avx512-AMD EPYC, PoCL 3.1+debian)",
     ]
     assert dev.select("opencl").device == "cpu-good"
     assert dev.select("cpu").device == "cpu-good"
@@ -296,6 +310,28 @@ def test_bandwidth_is_measured_once_then_read_from_devices_json(monkeypatch, tmp
     assert dev.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
     assert dev.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
     assert dev.bandwidth(info, measure=False) == 12.5e9
+
+
+def test_bandwidth_measured_before_the_boot_is_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    values = iter([30e9, 20e9])
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    info = fake_info()
+    assert dev.bandwidth(info) == 30e9
+    monkeypatch.setattr(dev, "boot_time", lambda: 4e9)         # the machine booted after that figure
+    assert dev.bandwidth(info, measure=False) is None
+    assert dev.bandwidth(info) == 20e9                          # a lower figure after a reboot stands
+
+
+def test_a_fresh_bandwidth_keeps_the_best_figure_since_boot(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    values = iter([20e9, 30e9, 25e9])
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    info = fake_info()
+    assert dev.bandwidth(info) == 20e9
+    assert dev.bandwidth(info, fresh=True) == 30e9             # measured under less load: it beats the cache
+    assert dev.bandwidth(info, fresh=True) == 30e9             # 25 measured under load: the best one stays
+    assert dev.bandwidth(info, measure=False) == 30e9
 
 
 def test_bandwidth_survives_a_corrupt_cache(monkeypatch, tmp_path):
@@ -460,25 +496,73 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     assert "44.9" in capsys.readouterr().out
 
 
-def test_system_pocl_alone_keeps_the_loader_to_the_one_system_pocl(tmp_path, monkeypatch):
-    from engine.backends.opencl.devices import system_pocl_alone
-
+def test_setup_icd_keeps_the_loader_to_the_one_system_pocl(tmp_path, monkeypatch):
     for name in ("OCL_ICD_VENDORS", "OCL_ICD_FILENAMES"):
         monkeypatch.delenv(name, raising=False)
-    (tmp_path / "pocl.icd").write_text("libpocl.so.2.10.0\n")
-    system_pocl_alone(tmp_path)
-    assert os.environ["OCL_ICD_VENDORS"] == str(tmp_path / "pocl.icd")
+    system = tmp_path / "vendors"
+    system.mkdir()
+    (system / "pocl.icd").write_text("libpocl.so.2.10.0\n")
+    drivers.setup_icd(tmp_path / "mine", system)
+    assert os.environ["OCL_ICD_VENDORS"] == str(system / "pocl.icd")
 
     monkeypatch.delenv("OCL_ICD_VENDORS")
-    (tmp_path / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")   # a GPU's driver too: all of them
-    system_pocl_alone(tmp_path)
+    (system / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")   # a GPU's driver too: all of them
+    drivers.setup_icd(tmp_path / "mine", system)
     assert "OCL_ICD_VENDORS" not in os.environ
 
-    (tmp_path / "pocl.icd").unlink()                                  # one driver, not PoCL
-    system_pocl_alone(tmp_path)
+    (system / "pocl.icd").unlink()                                  # one driver, not PoCL
+    drivers.setup_icd(tmp_path / "mine", system)
     assert "OCL_ICD_VENDORS" not in os.environ
 
     monkeypatch.setenv("OCL_ICD_FILENAMES", "/opt/x/libOpenCL-vendor.so")   # the user's choice stands
-    (tmp_path / "nvidia.icd").write_text("libpocl.so.2\n")
-    system_pocl_alone(tmp_path)
+    (system / "nvidia.icd").write_text("libpocl.so.2\n")
+    drivers.setup_icd(tmp_path / "mine", system, intel=tmp_path / "libintelocl.so")
     assert "OCL_ICD_VENDORS" not in os.environ
+
+
+def test_setup_icd_adds_intels_runtime_beside_the_systems_drivers(tmp_path, monkeypatch):
+    for name in ("OCL_ICD_VENDORS", "OCL_ICD_FILENAMES"):
+        monkeypatch.delenv(name, raising=False)
+    system, mine = tmp_path / "vendors", tmp_path / "mine"
+    system.mkdir()
+    (system / "pocl.icd").write_text("libpocl.so.2.10.0\n")
+    mine.mkdir()
+    (mine / "old-driver.icd").write_text("/gone/libold.so\n")        # from an earlier set-up: removed
+    (system / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")
+    intel = tmp_path / "lib" / "libintelocl.so"
+    drivers.setup_icd(mine, system, intel=intel)
+    assert os.environ["OCL_ICD_VENDORS"] == str(mine)
+    assert {p.name: p.read_text().strip() for p in mine.glob("*.icd")} == {
+        "pocl.icd": "libpocl.so.2.10.0", "nvidia.icd": "libnvidia-opencl.so.1", "perfx-intel-cpu.icd": str(intel)}
+
+
+
+def test_intel_library_is_found_in_the_environment(tmp_path):
+    assert drivers.intel_library(tmp_path) is None
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libintelocl.so").write_bytes(b"")
+    assert drivers.intel_library(tmp_path) == tmp_path / "lib" / "libintelocl.so"
+
+
+def test_auto_prefers_the_faster_cpu_driver_and_names_the_command_for_it(monkeypatch):
+    pocl = (fake_info(0, 0, "cpu", "pthread-x"), "pocl")
+    intel = (fake_info(1, 0, "cpu", "Intel Xeon", platform_name="Intel(R) OpenCL",
+                       platform_version="OpenCL 3.1 LINUX", driver_version="2026.22.10.0.01_160000"), "intel")
+    monkeypatch.setattr(dev, "_build_probe", lambda device: None)
+    monkeypatch.setattr(drivers, "intel_x86_linux", lambda: True)
+    monkeypatch.setattr(drivers, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(dev, "enumerate_devices", lambda: [pocl, intel])
+    sel = dev.select("auto")
+    assert sel.device == "intel" and sel.notices == ["running on opencl:1:0 (Intel Xeon, Intel OpenCL 2026.22.10.0.01)"]
+    assert dev.select("cpu").device == "intel" and dev.select("opencl:0:0").device == "pocl"
+
+    monkeypatch.setattr(dev, "enumerate_devices", lambda: [pocl])     # only PoCL: the command that gets Intel's
+    sel = dev.select("auto")
+    assert sel.device == "pocl" and sel.notices[-1].endswith("pip install 'perfx[intel]'")
+    assert "2.0x faster at prefill" in sel.notices[-1]
+
+    monkeypatch.setattr(drivers, "cpu_vendor", lambda: "")            # ARM and others: PoCL, no hint
+    assert dev.select("auto").notices == ["running on opencl:0:0 (pthread-x, PoCL 3.1+debian)"]
+    monkeypatch.setattr(drivers, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(drivers, "intel_x86_linux", lambda: False)    # not where pip has Intel's runtime
+    assert len(dev.select("auto").notices) == 1

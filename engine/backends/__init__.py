@@ -86,7 +86,7 @@ class Backend(ABC):
 
     @abstractmethod
     def copy_bandwidth(self) -> float:
-        """The device's measured copy bandwidth, bytes/s (read + written)."""
+        """The device's copy bandwidth, bytes/s (read + written), measured now."""
 
     # --- the operators of a layer ----------------------------------------------------------
     @abstractmethod

@@ -136,7 +136,7 @@ class OpenCLBackend(Backend):
         return DeviceReport(backend="OpenCL", device=d.id, name=d.name, kind=d.type)
 
     def copy_bandwidth(self) -> float:
-        return bandwidth(self.rt.device)
+        return bandwidth(self.rt.device, fresh=True)
 
     # --- loading --------------------------------------------------------------------------
 

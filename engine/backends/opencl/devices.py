@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import PerfxError
+from . import drivers
 
 if TYPE_CHECKING:
     import pyopencl as cl
@@ -37,8 +38,10 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 NO_PLATFORM = "no OpenCL platform found (install pocl-opencl-icd or your GPU's driver)"
+NO_PYOPENCL = "pyopencl is not installed (pip install 'perfx[opencl]' gets OpenCL and a CPU driver)"
 AUTO_ORDER = ("gpu", "cpu")                                     # device types that auto tries, in order
-THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "POCL_CPU_MAX_CU_COUNT")   # PoCL 3, PoCL 4 and later
+THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "POCL_CPU_MAX_CU_COUNT",  # PoCL 3, PoCL 4 and later
+                    "CL_CONFIG_CPU_TBB_NUM_WORKERS")                      # Intel's CPU runtime
 _BUILD_NOISE = ("clbuildprogram failed", "build_program_failure", "build on <", "(options:")
 
 _platforms_listed = False
@@ -74,6 +77,8 @@ class DeviceInfo:
     @property
     def platform_label(self) -> str:
         """The platform's version without the OpenCL prefix and build notes: "PoCL 3.1+debian", "CUDA 12.4.89"."""
+        if drivers.driver_of(self.platform_name) == "intel":
+            return f"Intel OpenCL {self.driver_version.split('_')[0]}"
         text = re.sub(r"^OpenCL\s+\d+(\.\d+)*\s*", "", self.platform_version.strip())
         text = re.split(r"\s{2,}|,", text)[0].strip()
         return text or self.platform_name
@@ -121,22 +126,10 @@ def _opencl():
     return pyopencl
 
 
-def system_pocl_alone(vendors: Path = Path("/etc/OpenCL/vendors")) -> None:
-    """Where the system's only OpenCL driver is PoCL, have the ICD loader list that one alone.
-
-    pyopencl's wheels ship their own ICD loader, which also loads the PoCL that pip installs beside
-    them: a second CPU platform (about 23 MiB resident) next to the system's, whose build is
-    usually the one matched to the machine. A single .icd file in OCL_ICD_VENDORS keeps the loader
-    to it. Does nothing where the user set OCL_ICD_VENDORS or OCL_ICD_FILENAMES, or where the system
-    has no driver, or several (a GPU's among them)."""
-    if "OCL_ICD_VENDORS" in os.environ or "OCL_ICD_FILENAMES" in os.environ:
-        return
-    try:
-        icds = sorted(vendors.glob("*.icd"))
-        if len(icds) == 1 and "pocl" in icds[0].read_text(errors="replace").lower():
-            os.environ["OCL_ICD_VENDORS"] = str(icds[0])
-    except OSError:
-        return
+def setup_icd() -> None:
+    """Points the ICD loader at the drivers perfx lists (drivers.py); before anything lists the
+    platforms (enumerate_devices does it; code that calls pyopencl.get_platforms itself calls this first)."""
+    drivers.setup_icd(root_dir() / "opencl-vendors", intel=drivers.intel_library())
 
 
 def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
@@ -146,7 +139,7 @@ def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
     if cl is None:
         return []
     if not _platforms_listed:
-        system_pocl_alone()
+        setup_icd()
     _platforms_listed = True
     try:
         platforms = cl.get_platforms()
@@ -291,6 +284,12 @@ def select(spec: str = "auto") -> Selection:
     if spec == "numpy":
         return Selection("numpy")
     found = enumerate_devices()
+    if not found and _opencl() is None:
+        if spec == "auto":
+            return Selection("numpy", notices=[f"{NO_PYOPENCL}: using NumPy, many times slower"])
+        raise PerfxError(f"{NO_PYOPENCL}; --device numpy runs the NumPy reference backend")
+    vendor = drivers.cpu_vendor()
+    found = sorted(found, key=lambda c: drivers.rank(c[0].platform_name, vendor) if c[0].type == "cpu" else -1)
     if spec in ("auto", "opencl"):
         candidates = [c for kind in AUTO_ORDER for c in found if c[0].type == kind]
         wanted = "GPU or CPU"
@@ -319,12 +318,22 @@ def select(spec: str = "auto") -> Selection:
     for info, device in candidates:
         reason = probe(device)
         if reason is None:
-            return Selection("opencl", device, info, notices)
+            return Selection("opencl", device, info, notices + driver_notices(info, found, vendor))
         failures.append(f"{info.label} cannot build kernels: {reason}")
         notices.append(f"{failures[-1]}; trying the next device")
     if spec == "auto":
         return Selection("numpy", notices=notices[:-1] + [f"{failures[-1]}; using NumPy"])
     raise PerfxError(f"{'; '.join(failures)}; {_available(found)}")
+
+
+def driver_notices(info: DeviceInfo, found: list[tuple[DeviceInfo, cl.Device]], vendor: str) -> list[str]:
+    """Which OpenCL perfx runs on, and on a CPU the command that installs a faster driver where there is one."""
+    notes = [f"running on {info.label}"]
+    if info.type == "cpu":
+        installed = {drivers.driver_of(other.platform_name) for other, _ in found}
+        hint = drivers.faster_driver_hint(info.platform_name, installed, vendor)
+        notes += [hint] if hint else []
+    return notes
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -481,18 +490,44 @@ def measure_bandwidth(device: cl.Device | DeviceInfo, nbytes: int | None = None,
     return 2 * size / statistics.median(seconds[1:])
 
 
-def bandwidth(device: cl.Device | DeviceInfo, measure: bool = True) -> float | None:
-    """The copy bandwidth of `device` (a pyopencl Device or a DeviceInfo) in bytes/s, from
-    devices.json, else measured once and stored there; None when not cached and `measure` is False."""
+def boot_time() -> float:
+    """When this machine booted (Unix time); 0 where unknown."""
+    try:
+        import psutil
+
+        return float(psutil.boot_time())
+    except Exception:  # psutil missing or no access to the boot time
+        return 0.0
+
+
+def _cached_bandwidth(key: str) -> float | None:
+    """The figure devices.json holds for `key` when it was measured since the machine booted."""
+    entry = _read_cache().get(key)
+    if not isinstance(entry, dict):
+        return None
+    value, stamp = entry.get("copy_bandwidth"), entry.get("measured_at")
+    try:
+        measured = datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
+    if not isinstance(value, (int, float)) or value <= 0 or measured < boot_time():
+        return None
+    return float(value)
+
+
+def bandwidth(device: cl.Device | DeviceInfo, measure: bool = True, fresh: bool = False) -> float | None:
+    """The copy bandwidth of `device` (a pyopencl Device or a DeviceInfo) in bytes/s: the best figure
+    measured since the machine booted, kept in devices.json. Without one, measured now (None when
+    `measure` is False); with `fresh`, measured now too, the higher of the two kept (a copy measured
+    while other processes ran reads low, and would let a share of it pass 100%)."""
     info = describe(device)
     key = _bandwidth_key(info)
-    entry = _read_cache().get(key)
-    cached = entry.get("copy_bandwidth") if isinstance(entry, dict) else None
-    if isinstance(cached, (int, float)) and cached > 0:
-        return float(cached)
-    if not measure:
-        return None
+    cached = _cached_bandwidth(key)
+    if (cached is not None and not fresh) or not measure:
+        return cached
     value = measure_bandwidth(device)
+    if cached is not None and cached >= value:
+        return cached
     _write_cache(key, {
         "copy_bandwidth": value,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
