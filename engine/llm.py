@@ -164,7 +164,7 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
                progress: bool = False, kernels: Callable[[str, int, int], None] | None = None) -> LLM:
     """Load a registry model (downloaded on first use) or a model file, on `device`. With `kernels`
     (a progress callback: what, done, total), an OpenCL backend builds the kernels the model runs
-    now rather than at their first use (backends/opencl/builds.py)."""
+    now rather than at their first use (Backend.prepare)."""
     from .registry import resolve
 
     path, _ = resolve(None if name_or_path is None else str(name_or_path), progress=progress)
@@ -185,10 +185,8 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
                     batch_tokens=backend.capabilities.max_tokens)
     check_available(need.total, f"{config.name or path.name} at --ctx {ctx} ({need.describe()})")
     transformer = Transformer(config, weights, backend, ctx)
-    if kernels is not None and backend.name == "opencl":
-        from .backends.opencl.builds import build_kernels
-
-        build_kernels(transformer, kernels)
+    if kernels is not None:
+        backend.prepare(transformer, kernels)
     check_first_logits(transformer, weights, tokenizer, path)
     if not numpy:
         notices = [*notices, *filter(None, [requantization_notice(weights)])]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -83,6 +83,10 @@ class Backend(ABC):
 
     @abstractmethod
     def report(self) -> DeviceReport: ...
+
+    def prepare(self, transformer: Any, progress: Callable[[str, int, int], None]) -> None:
+        """Builds now what the first reply would otherwise wait for (OpenCL: the model's kernels);
+        progress(what, done, total). Nothing to do by default."""
 
     @abstractmethod
     def copy_bandwidth(self) -> float:

@@ -135,6 +135,12 @@ class OpenCLBackend(Backend):
         d = describe(self.rt.device)
         return DeviceReport(backend="OpenCL", device=d.id, name=d.name, kind=d.type)
 
+    def prepare(self, transformer, progress) -> None:
+        """Builds every program the model runs, from the manifest of an earlier load (builds.py)."""
+        from .builds import build_kernels
+
+        build_kernels(transformer, progress)
+
     def copy_bandwidth(self) -> float:
         return bandwidth(self.rt.device, fresh=True)
 
