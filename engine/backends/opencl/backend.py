@@ -67,7 +67,7 @@ class Layer:
     wqkv: Proj               # [q_dim + 2 kv_dim, dim] (+ bias f32 [q_dim + 2 kv_dim], Qwen2) -> qkv
     wo: Proj                 # [dim, q_dim] -> delta
     ffn_norm: cl.Buffer      # f32 [dim]
-    w_gate_up: DeviceMatrix  # [2 ffn, dim] -> ffn (silu(gate) * up)
+    w_gate_up: DeviceMatrix  # [2 ffn, dim] -> ffn (act(gate) * up)
     w_down: Proj             # [dim, ffn] -> delta
     q_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
     k_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
