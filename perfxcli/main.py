@@ -278,7 +278,7 @@ def perplexity(
     llm = load(model, device, ctx, threads)
     columns = [TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ppl]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
+    with Progress(*columns, console=err, transient=True, disable=as_json or not err.is_terminal) as progress:
         task = progress.add_task("ppl", total=None, ppl="")
 
         def on_chunk(done: int, total: int, ppl: float) -> None:
