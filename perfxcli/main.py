@@ -215,7 +215,8 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
-    as_json: bool = typer.Option(False, "--json", help="Stream JSON lines: one a token, then the whole reply."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reply as one JSON object (ids, text, timings)."),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="Stream JSON lines: one a token, then the whole reply."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: Optional[int] = CtxOpt,
@@ -241,9 +242,12 @@ def run(
     for token in llm.generate(prompt_ids, sampling):
         ids.append(token)
         text = stream.push(token)
-        sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n" if as_json else text)
+        if as_jsonl:
+            sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n")
+        elif not as_json:
+            sys.stdout.write(text)
         sys.stdout.flush()
-    if as_json:
+    if as_json or as_jsonl:
         print(json.dumps({"done": True, "prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
                           "device": llm.device, "timings": llm.stats.to_dict()}))
     else:
