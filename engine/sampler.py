@@ -145,7 +145,8 @@ class Sampler:
             recent = np.unique(np.fromiter(history, dtype=np.int64)[-s.repeat_last_n :])
             if recent.size:
                 seen = logits[recent]
-                logits[recent] = np.where(seen > 0, seen / s.repeat_penalty, seen * s.repeat_penalty)
+                with np.errstate(over="ignore"):
+                    logits[recent] = np.where(seen > 0, seen / s.repeat_penalty, seen * s.repeat_penalty)
         big = np.finfo(np.float64).max
         np.clip(logits, -big, big, out=logits)    # an infinite logit (or penalty) would make inf - inf
         if s.greedy:
