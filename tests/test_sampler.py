@@ -1,12 +1,18 @@
 """Sampler: the distribution each setting defines, and draws that follow it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from engine.errors import PerfxError
 from engine.sampler import OPTIONS, Sampler, Sampling, SamplingError
 
+ROOT = Path(__file__).resolve().parents[1]
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS)
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)
@@ -133,3 +139,32 @@ def test_options_table_declares_every_setting_once():
     for o in OPTIONS:
         assert o.help and o.problem(o.default) is None
         assert o.api is None or o.problem(o.api_default) is None
+
+
+# ---------------------------------------------------------------------- the command line
+
+def perfx(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perfxcli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("args, line", [(["--seed", "-1"], "error: --seed must be in 0..18446744073709551615 (got -1)"),
+                                        (["--temp", "2.5"], "error: --temp must be in [0, 2] (got 2.5)"),
+                                        (["--top-p", "0"], "error: --top-p must be in (0, 1] (got 0.0)")])
+def test_perfx_run_refuses_a_setting_out_of_range_in_one_line(args, line):
+    result = perfx("run", "hi", "--device", "numpy", *args)
+    assert result.returncode == 1 and result.stderr.splitlines() == [line]
+
+
+@pytest.mark.model
+def test_a_tiny_temperature_is_greedy_in_run_and_chat(default_model_path):
+    model = ["-m", str(default_model_path), "--device", "numpy", "-n", "4"]
+    greedy = perfx("run", "Hi", *model, "--temp", "0")
+    tiny = perfx("run", "Hi", *model, "--temp", "1e-307")
+    assert tiny.returncode == 0 and tiny.stdout == greedy.stdout and greedy.stdout.strip()
+    chat = perfx("chat", *model, stdin="/set temp=1e-307\nHi\n/set seed=-1\n/reset\n/set temp=0\nHi\n")
+    assert chat.returncode == 0, chat.stderr
+    replies = [line for line in chat.stdout.splitlines() if not line.startswith("temp=")]   # /set shows settings
+    assert replies == [greedy.stdout.strip()] * 2
+    assert [line for line in chat.stderr.splitlines() if line.startswith("error:")] == \
+        ["error: bad sampling setting: seed must be in 0..18446744073709551615"]
