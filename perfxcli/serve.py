@@ -61,6 +61,8 @@ def serve(
         api_key = ""                        # set but empty: refused below, as --api-key '' is
     config = SchedulerConfig(max_batch=max_batch, max_queue=max_queue, kv_tokens=kv_tokens)
     name = model_id(model)
+    if not 1e-6 <= max_body_mb <= 1e6:
+        raise PerfxError(f"--max-body-mb must be between 0.000001 and 1000000 (got {max_body_mb})")
     server_config = ServerConfig(model_id=name, api_key=api_key, max_body_bytes=int(max_body_mb * 1e6))
     limits = Limits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     sock = listen(host, port)               # a bad or busy port fails here, before the model loads

@@ -16,6 +16,10 @@ blocks go back to the pool and it waits again at the head of the queue, to recom
 and the tokens it generated so far (already sent; its sampler keeps its state), so the oldest
 always progress.
 
+A failure stays its request's: an exception while one sequence is sampled ends that sequence with
+an error; when a batched step fails, each of its sequences is stepped alone, so only the one that
+fails ends (the others go on, their results unchanged).
+
 The asyncio side talks to the thread through `submit` and `Job.cancel` (a lock-guarded inbox and
 a wake-up event); the thread answers through `Job`'s asyncio queue with `loop.call_soon_threadsafe`.
 """

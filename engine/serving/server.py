@@ -38,8 +38,10 @@ class Limits:
     max_header_bytes: int = 16 << 10
 
     def __post_init__(self):
-        if min(self.header_timeout, self.body_timeout, self.keep_alive) <= 0:
-            raise PerfxError("the server's timeouts must be positive")
+        for name, seconds in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout),
+                              ("keep-alive", self.keep_alive)):
+            if not 0 < seconds < 1e6:
+                raise PerfxError(f"{name} must be a positive number of seconds (got {seconds})")
         if self.max_connections < 1:
             raise PerfxError(f"--max-connections must be at least 1 (got {self.max_connections})")
 
