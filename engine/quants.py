@@ -197,3 +197,29 @@ def split_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.
     rows, cols = _rows_cols(shape)
     q = blocks[:, 2:].view(np.int8).reshape(rows, cols)
     return q, _f16(blocks, 0).reshape(rows, cols // 32)
+
+
+# ---- what the OpenCL device path cannot hold exactly -----------------------------------------------
+NOTICE_SAMPLE_ROWS = 64      # rows of each requantized tensor measured for the notice
+
+
+def requantization_notice(weights) -> str | None:
+    """One line for the weight matrices that the OpenCL backend requantizes to int4 with groups of 32
+    (Q4_K, Q6_K, BF16, a stack of mixed kinds: see engine.backends.opencl.matmul), with the weight error
+    that costs, measured on the first rows of each; None when every matrix is held exactly."""
+    from .backends.opencl.matmul import _kind, quantize_int4
+
+    stacks = [s for l in weights.layers for s in (l.wqkv, [l.wo], l.w_gate_up, [l.w_down])] + [[weights.output]]
+    requantized = [s for s in stacks if _kind(s)[0] == "requant"]
+    if not requantized:
+        return None
+    err = ref = 0.0
+    for t in {id(t): t for s in requantized for t in s}.values():
+        w = t.rows(0, NOTICE_SAMPLE_ROWS).dequantize().astype(np.float64)
+        q, scale, zero = quantize_int4(w, 32)
+        held = q * np.repeat(scale, 32, axis=1) + np.repeat(zero, 32, axis=1)
+        err, ref = err + float(((held - w) ** 2).sum()), ref + float((w * w).sum())
+    types = ", ".join(sorted({t.qtype for s in requantized for t in s}))
+    return (f"{len(requantized)} of {len(stacks)} weight matrices ({types}) have no exact form on this device and "
+            f"are requantized to int4 in groups of 32: {100 * math.sqrt(err / max(ref, 1e-30)):.1f}% RMS weight "
+            "error (convert the model to Q4_0, Q4_1 or Q8_0 to avoid it)")

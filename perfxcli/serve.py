@@ -37,6 +37,8 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting to join the batch; past it, HTTP 429."),
     kv_tokens: Optional[int] = typer.Option(None, "--kv-tokens",
                                             help="KV pool size in tokens (default: max-batch x ctx, at most 8192)."),
+    alias: list[str] = typer.Option([], "--alias", help="Another name clients may send as \"model\" (repeat it); "
+                                                         "'*' accepts any name, as llama-server does."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PERFX_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every route but /health."),
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MB; past it, HTTP 413."),
@@ -63,7 +65,8 @@ def serve(
     name = model_id(model)
     if not 1e-6 <= max_body_mb <= 1e6:
         raise PerfxError(f"--max-body-mb must be between 0.000001 and 1000000 (got {max_body_mb})")
-    server_config = ServerConfig(model_id=name, api_key=api_key, max_body_bytes=int(max_body_mb * 1e6))
+    server_config = ServerConfig(model_id=name, aliases=tuple(alias), api_key=api_key,
+                                 max_body_bytes=int(max_body_mb * 1e6))
     limits = Limits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     sock = listen(host, port)               # a bad or busy port fails here, before the model loads
     port = sock.getsockname()[1]

@@ -73,9 +73,22 @@ def test_bos_eos_and_extra_variables() -> None:
 
 
 def test_from_tokenizer() -> None:
-    tok = SimpleNamespace(chat_template=None, bos_text="<s>", eos_text="</s>")
+    tok = SimpleNamespace(chat_template=None, bos_text="<s>", eos_text="</s>",
+                          encode=lambda text, special, add_bos: [5, 6], is_control=lambda i: False)
     template = ChatTemplate.from_tokenizer(tok)
     assert template.is_fallback and (template.bos_token, template.eos_token) == ("<s>", "</s>")
+    assert template.source == CHATML_TEMPLATE
+
+
+def test_gemma_vocab_without_template_gets_gemma_template() -> None:
+    """A file without a template whose vocab has Gemma's <start_of_turn> control token: Gemma's turns."""
+    tok = SimpleNamespace(chat_template=None, bos_text="<bos>", eos_text="<eos>",
+                          encode=lambda text, special, add_bos: [105], is_control=lambda i: i == 105)
+    template = ChatTemplate.from_tokenizer(tok)
+    text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_raise_exception() -> None:
@@ -103,3 +116,37 @@ def test_loop_controls_and_strftime() -> None:
     source = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
               "{{ m.content }}{% endfor %}|{{ strftime_now('%Y') | length }}")
     assert ChatTemplate(source).render(CONVERSATION) == "You are terse.|4"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ 'x' * 10**8 }}",
+    "{{ 10**8 * 'x' }}",
+    "{{ ([0] * 10**8) | length }}",
+    "{{ 'x' | center(10**8) }}",
+    "{{ 'x'.ljust(10**8) }}",
+    "{{ 2 ** (10 ** 8) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+])
+def test_template_size_budget(source: str) -> None:
+    """A template that would make a huge string, list or number is stopped before it makes it."""
+    with pytest.raises(PerfxError, match="chat template"):
+        ChatTemplate(source).render(QUESTION)
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}",
+    "{% set s = 'x' * 3000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(22) }}",
+])
+def test_template_time_budget(source: str) -> None:
+    """Loops or calls that run for long (here seconds; for ever in a hostile file) stop at the deadline."""
+    import time
+
+    template = ChatTemplate(source)
+    template.max_seconds = 0.2
+    start = time.monotonic()
+    with pytest.raises(PerfxError, match="did not finish within 0.2 s"):
+        template.render(QUESTION)
+    assert time.monotonic() - start < 1.0

@@ -19,7 +19,9 @@ for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quan
 of 32 with integer products, `int_dot`, for int8 weights too; the norms write both for the int4 products
 that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
-tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. The GEMV also takes
+tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
+database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
+(scheme "mma", gemm_mma.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -36,6 +38,7 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from ...tensors import QTensor
+from . import gemm_mma
 from .runtime import Runtime
 
 RT = 4                                # rows per tile
@@ -64,9 +67,15 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "tiled_tr": 6,          # tokens per work-item
     "tiled_kc": 0,          # chunks of 128 of K staged per barrier (0: all of K, as local memory allows)
     "tiled_x_local": 0,     # stage X in local memory too (0: read it from global memory)
+    "gemm_mma": "off",      # many-token int4 GEMM on matrix units: "off", "ptx", "emulated" (gemm_mma.py)
+    "mma_min_tokens": 64,   # T from this uses it
+    "mma_bn": 128,          # rows per work-group
+    "mma_bt": 64,           # tokens per work-group
+    "mma_wm": 64,           # rows per warp
+    "mma_wn": 32,           # tokens per warp
 }
 
-SCHEMES = ("gemv", "few", "tiled")
+SCHEMES = ("gemv", "few", "tiled", "mma")
 LOAD_ROWS = 4096                      # rows packed at a time when a large matrix is loaded
 
 
@@ -355,6 +364,7 @@ class Matmul:
         self._plans: dict[tuple, _Plan] = {}
         self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
         self.int_dot = self._int_dot_works()
+        self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
@@ -374,6 +384,8 @@ class Matmul:
         """The kernel used for T tokens: "gemv", "few" or "tiled"."""
         if T == 1:
             return "gemv"
+        if self.mma is not None and T >= self.mma.min_tokens:
+            return "mma"
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
@@ -385,9 +397,10 @@ class Matmul:
         return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: XPrep | None = None) -> None:
-        """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
-        self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme, xs)
+               xs: XPrep | None = None, act: str = "silu") -> None:
+        """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows;
+        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU."""
+        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
                       xs: XPrep | None = None) -> None:
@@ -419,17 +432,21 @@ class Matmul:
         if T < 1:
             raise PerfxError(f"the {scheme} scheme cannot take T={T} tokens")
         K, N = w.cols, w.rows
-        if op == "swiglu":
+        if op in ("swiglu", "geglu"):
             if N % (2 * RT):
-                raise PerfxError(f"swiglu needs gate and up halves of a multiple of {RT} rows, got {N} rows")
+                raise PerfxError(f"{op} needs gate and up halves of a multiple of {RT} rows, got {N} rows")
             N //= 2
         if x.size < T * K * 4 or y.size < T * N * 4:
             raise PerfxError(f"matmul buffers too small for x [{T}, {K}] and y [{T}, {N}]")
-        defines = {"FORMAT": FORMAT_CODE[w.fmt], "SWIGLU": op == "swiglu"}
+        defines = {"FORMAT": FORMAT_CODE[w.fmt], "SWIGLU": op in ("swiglu", "geglu"), "GELU": op == "geglu"}
         if w.fmt == "int4":
             defines["G"] = w.group
+        if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K)):
+            scheme = "tiled"                     # int8, f16 or K % 64 != 0: the portable GEMM
         if scheme == "gemv":
             steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
+        elif scheme == "mma":
+            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op == "swiglu")
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
