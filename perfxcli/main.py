@@ -16,6 +16,7 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from engine.errors import PerfxError
+from perfxcli.sampling import sampling_options
 
 DEBUG_VARIABLE = "PERFX_DEBUG"
 BUG_HINT = "please report this bug in perfx (run with --debug for the full trace)"
@@ -203,16 +204,12 @@ class _nullcontext:
 
 
 @command
+@sampling_options
 def run(
     prompt: str = typer.Argument(..., help="The prompt; '-' reads it from standard input."),
     model: Optional[str] = ModelOpt,
     n: int = typer.Option(256, "-n", "--n-predict", min=0, help="Most tokens to generate (0: read the prompt only)."),
-    temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 is greedy."),
-    top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
-    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1: off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
+    sampling=None,  # --temp, --top-k, ... (perfxcli.sampling)
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print the reply as one JSON object (ids, text, timings)."),
@@ -222,13 +219,11 @@ def run(
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
-    from engine.sampler import Sampling
     from engine.tokenizer import StreamDecoder
 
     prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
     system = None if system is None else valid_text(system)
-    sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=n)
+    sampling = sampling.with_(max_tokens=n)
     llm = load(model, device, ctx, threads)
     tok = llm.tokenizer
     if raw:
