@@ -25,7 +25,7 @@ def bench(
         "128", "-n", "--n-gen", help="Generation lengths (tgN tests), comma-separated; 0: none."),
     pg: Optional[List[str]] = typer.Option(
         None, "-pg", help="A prompt then a generation, 'P,N' (a ppP+tgN test); may be repeated."),
-    reps: int = typer.Option(5, "-r", "--repetitions", min=1, help="Timed runs of each test, after one warm-up."),
+    reps: int = typer.Option(5, "-r", "--repetitions", help="Timed runs of each test, after one warm-up."),
     threads: Optional[str] = typer.Option(
         None, "-t", "--threads", help="CPU threads, comma-separated (default: every CPU of this process)."),
     device: str = typer.Option(
@@ -36,7 +36,7 @@ def bench(
     llama_bench: Optional[str] = typer.Option(
         None, "--llama-bench", help="With --vs llama.cpp: a llama-bench binary (a GPU build, say) as the peer."),
     llama_fa: int = typer.Option(1, "--llama-fa", min=0, max=1, help="The llama-bench peer's flash attention (-fa)."),
-    ctx: int = typer.Option(2048, "--ctx", min=1, help="Context each model is loaded with (raised to the longest test)."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
     cooldown: float = typer.Option(0.0, "--cooldown", min=0.0, max=3600.0,
                                    help="Seconds to rest before each timed run (phones: thermal throttling)."),
 ):

@@ -12,13 +12,11 @@ replies, one per message, for scripts.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Optional
 
@@ -30,8 +28,9 @@ from rich.segment import Segment
 
 from engine.errors import PerfxError
 from engine.registry import HOME_ENV
-from engine.sampler import Sampling
+from engine.sampler import OPTIONS, Option, Sampling
 from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
+from perfxcli.sampling import sampling_options
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import Completer
@@ -64,36 +63,7 @@ KEYS_HELP = [
 ]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A /set key: the Sampling field it changes, how its value is read, and what it must be."""
-
-    field: str
-    parse: Callable[[str], Any]
-    kind: str
-
-
-def _number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _seed(text: str) -> int | None:
-    return None if text.lower() in ("none", "random", "off") else int(text)
-
-
-SETTINGS: dict[str, Setting] = {
-    "temp": Setting("temperature", _number, "a number"),
-    "top_k": Setting("top_k", int, "a whole number"),
-    "top_p": Setting("top_p", _number, "a number"),
-    "min_p": Setting("min_p", _number, "a number"),
-    "repeat_penalty": Setting("repeat_penalty", _number, "a number"),
-    "repeat_last_n": Setting("repeat_last_n", int, "a whole number"),
-    "seed": Setting("seed", _seed, "a whole number or 'random'"),
-    "max_tokens": Setting("max_tokens", int, "a whole number"),
-}
+SETTINGS: dict[str, Option] = {o.set_key: o for o in OPTIONS}    # /set keys
 SETTING_ALIASES = {"temperature": "temp", "n": "max_tokens", "top-k": "top_k", "top-p": "top_p",
                    "min-p": "min_p"}
 
@@ -112,14 +82,14 @@ def apply_settings(args: str, sampling: Sampling) -> Sampling:
             hint = f"did you mean {close[0]}? " if close else ""
             raise PerfxError(f"unknown setting '{key}'; {hint}(settings: {', '.join(SETTINGS)})")
         try:
-            changes[setting.field] = setting.parse(value)
+            changes[setting.name] = setting.parse(value)
         except ValueError:
             raise PerfxError(f"{key} must be {setting.kind} (got '{value}')") from None
     return sampling.with_(**changes)
 
 
 def describe_settings(sampling: Sampling) -> str:
-    values = {key: getattr(sampling, s.field) for key, s in SETTINGS.items()}
+    values = {key: getattr(sampling, s.name) for key, s in SETTINGS.items()}
     values["seed"] = "random" if sampling.seed is None else sampling.seed
     return "  ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in values.items())
@@ -549,24 +519,21 @@ class ChatUI:
 
 
 @command
+@sampling_options
 def chat(
     model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: Optional[int] = CtxOpt,
-    temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 is greedy."),
-    top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
-    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same replies."),
+    sampling=None,  # --temp, --top-k, ... (perfxcli.sampling)
     n: Optional[int] = typer.Option(None, "-n", "--n-predict", min=1, help="Most tokens per reply (default: what the context holds)."),
 ):
     """Chat with a model in the terminal. With standard input not a terminal: one message per line, plain replies."""
     from engine.conversation import ChatSession, Conversation
 
-    sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                        **({} if n is None else {"max_tokens": n}))
+    if n is not None:
+        sampling = sampling.with_(max_tokens=n)
     with quiet_keyboard(sys.stdin):
         llm = load(model, device, ctx, threads)
     if n is None:

@@ -16,6 +16,7 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from engine.errors import PerfxError
+from perfxcli.sampling import sampling_options
 
 DEBUG_VARIABLE = "PERFX_DEBUG"
 BUG_HINT = "please report this bug in perfx (run with --debug for the full trace)"
@@ -203,31 +204,26 @@ class _nullcontext:
 
 
 @command
+@sampling_options
 def run(
     prompt: str = typer.Argument(..., help="The prompt; '-' reads it from standard input."),
     model: Optional[str] = ModelOpt,
     n: int = typer.Option(256, "-n", "--n-predict", min=0, help="Most tokens to generate (0: read the prompt only)."),
-    temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 is greedy."),
-    top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
-    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for recent tokens (1: off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same text."),
+    sampling=None,  # --temp, --top-k, ... (perfxcli.sampling)
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
-    as_json: bool = typer.Option(False, "--json", help="Stream JSON lines: one a token, then the whole reply."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reply as one JSON object (ids, text, timings)."),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="Stream JSON lines: one a token, then the whole reply."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
-    from engine.sampler import Sampling
     from engine.tokenizer import StreamDecoder
 
     prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
     system = None if system is None else valid_text(system)
-    sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=n)
+    sampling = sampling.with_(max_tokens=n)
     llm = load(model, device, ctx, threads)
     tok = llm.tokenizer
     if raw:
@@ -241,9 +237,12 @@ def run(
     for token in llm.generate(prompt_ids, sampling):
         ids.append(token)
         text = stream.push(token)
-        sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n" if as_json else text)
+        if as_jsonl:
+            sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n")
+        elif not as_json:
+            sys.stdout.write(text)
         sys.stdout.flush()
-    if as_json:
+    if as_json or as_jsonl:
         print(json.dumps({"done": True, "prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
                           "device": llm.device, "timings": llm.stats.to_dict()}))
     else:
@@ -278,7 +277,7 @@ def perplexity(
     llm = load(model, device, ctx, threads)
     columns = [TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ppl]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
+    with Progress(*columns, console=err, transient=True, disable=as_json or not err.is_terminal) as progress:
         task = progress.add_task("ppl", total=None, ppl="")
 
         def on_chunk(done: int, total: int, ppl: float) -> None:

@@ -35,9 +35,12 @@ def test_run_raw_json_on_tiny_model(tiny_gguf):
     path, *_ = tiny_gguf
     result = perfx("run", "the thin", "-m", str(path), "--raw", "--temp", "0", "-n", "5", "--json")
     assert result.returncode == 0, result.stderr
-    *tokens, out = [json.loads(line) for line in result.stdout.splitlines()]
-    assert out["done"] and [t["id"] for t in tokens] == out["ids"] and "".join(t["text"] for t in tokens) == out["text"]
-    assert len(out["ids"]) <= 5 and out["prompt_ids"] and out["timings"]["prompt_tokens"] == len(out["prompt_ids"])
+    out = json.loads(result.stdout)
+    assert out["done"] and len(out["ids"]) <= 5 and out["text"]
+    assert out["prompt_ids"] and out["timings"]["prompt_tokens"] == len(out["prompt_ids"])
+    streamed = perfx("run", "the thin", "-m", str(path), "--raw", "--temp", "0", "-n", "5", "--jsonl")
+    *tokens, last = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert last["ids"] == out["ids"] == [t["id"] for t in tokens] and "".join(t["text"] for t in tokens) == last["text"]
 
 
 def test_truncated_gguf(tmp_path, default_model_path):

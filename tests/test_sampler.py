@@ -1,12 +1,18 @@
 """Sampler: the distribution each setting defines, and draws that follow it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from engine.errors import PerfxError
-from engine.sampler import Sampler, Sampling
+from engine.sampler import OPTIONS, Sampler, Sampling, SamplingError
 
+ROOT = Path(__file__).resolve().parents[1]
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS)
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)
@@ -72,3 +78,93 @@ def test_seed_reproduces_draws():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(PerfxError, match="bad sampling setting"):
         Sampling(**bad)
+
+
+# ---------------------------------------------------------------------- numeric edges: never NaN
+
+def random_logits(n=49152, seed=0) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(0, 8, n).astype(np.float32)
+    logits[123] = 40.0
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-307, 1e-300, 1e-30, 1e-6, 2.0])
+def test_tiny_temperatures_are_greedy_not_nan(temperature):
+    logits = random_logits()
+    sampler = Sampler(Sampling(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=0))
+    p = sampler.probabilities(logits)
+    assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-9
+    if temperature < 1e-6:
+        assert p[123] == 1.0 and sampler(logits) == 123
+
+
+@pytest.mark.parametrize("settings", [dict(top_p=1e-300), dict(top_p=1.0, min_p=0.999999), dict(top_k=10**30),
+                                      dict(top_k=1, top_p=1e-9, min_p=0.5), dict(repeat_penalty=1e-300),
+                                      dict(repeat_penalty=1e300), dict(temperature=1e-307, repeat_penalty=1e-300)])
+def test_extreme_settings_keep_a_distribution(settings):
+    logits = random_logits()
+    logits[[5, 6, 7]] = [np.inf, -np.inf, np.finfo(np.float32).max]
+    sampler = Sampler(Sampling(**{"temperature": 1.0, "seed": 1, **settings}))
+    p = sampler.probabilities(logits, history=[5, 6, 7, 123, 9])
+    assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-9 and (p >= 0).all()
+    assert 0 <= sampler(logits, [5, 6, 7, 123, 9]) < logits.size
+
+
+def test_nan_logits_are_an_error_not_a_draw():
+    logits = random_logits()
+    logits[3] = np.nan
+    with pytest.raises(PerfxError, match="NaN"):
+        Sampler(Sampling(temperature=0.7, seed=0))(logits)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63, 2**64 - 1])
+def test_every_seed_in_range_works(seed):
+    assert 0 <= Sampler(Sampling(seed=seed))(LOGITS) < 4
+
+
+@pytest.mark.parametrize("bad", [dict(seed=-1), dict(seed=2**64), dict(seed=1.5), dict(temperature=2.5),
+                                 dict(temperature=float("nan")), dict(top_p=float("inf")), dict(top_k=True),
+                                 dict(min_p=-0.0001), dict(repeat_last_n=-1), dict(max_tokens=-1)])
+def test_values_outside_the_declared_range_are_refused(bad):
+    with pytest.raises(SamplingError) as e:
+        Sampling(**bad)
+    assert e.value.option.name == next(iter(bad)) and "\n" not in str(e.value)
+
+
+def test_options_table_declares_every_setting_once():
+    from dataclasses import fields
+
+    assert [o.name for o in OPTIONS] == [f.name for f in fields(Sampling)]
+    assert {f.name: f.default for f in fields(Sampling)} == {o.name: o.default for o in OPTIONS}
+    for o in OPTIONS:
+        assert o.help and o.problem(o.default) is None
+        assert o.api is None or o.problem(o.api_default) is None
+
+
+# ---------------------------------------------------------------------- the command line
+
+def perfx(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perfxcli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("args, line", [(["--seed", "-1"], "error: --seed must be in 0..18446744073709551615 (got -1)"),
+                                        (["--temp", "2.5"], "error: --temp must be in [0, 2] (got 2.5)"),
+                                        (["--top-p", "0"], "error: --top-p must be in (0, 1] (got 0.0)")])
+def test_perfx_run_refuses_a_setting_out_of_range_in_one_line(args, line):
+    result = perfx("run", "hi", "--device", "numpy", *args)
+    assert result.returncode == 1 and result.stderr.splitlines() == [line]
+
+
+@pytest.mark.model
+def test_a_tiny_temperature_is_greedy_in_run_and_chat(default_model_path):
+    model = ["-m", str(default_model_path), "--device", "numpy", "-n", "4"]
+    greedy = perfx("run", "Hi", *model, "--temp", "0")
+    tiny = perfx("run", "Hi", *model, "--temp", "1e-307")
+    assert tiny.returncode == 0 and tiny.stdout == greedy.stdout and greedy.stdout.strip()
+    chat = perfx("chat", *model, stdin="/set temp=1e-307\nHi\n/set seed=-1\n/reset\n/set temp=0\nHi\n")
+    assert chat.returncode == 0, chat.stderr
+    replies = [line for line in chat.stdout.splitlines() if not line.startswith("temp=")]   # /set shows settings
+    assert replies == [greedy.stdout.strip()] * 2
+    assert [line for line in chat.stderr.splitlines() if line.startswith("error:")] == \
+        ["error: bad sampling setting: seed must be in 0..18446744073709551615"]

@@ -6,5 +6,6 @@ scheduler and a paged KV cache.
     scheduler.py  the engine thread: admission, one batched model step after another, sampling
     metrics.py    counters and gauges in Prometheus text format
     api.py        the Starlette app: OpenAI routes, SSE streams, errors, API key
-    server.py     uvicorn in the foreground (the CLI) or in a background thread (tests, load test)
+    server.py     uvicorn in the foreground (the CLI) or in a background thread (tests, load test), with read
+                  deadlines and a connection limit against slow or half-open clients (docs/security.md)
 """

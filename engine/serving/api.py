@@ -26,13 +26,13 @@ from typing import Any, AsyncIterator
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as HttpRequest
+from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..errors import PerfxError
 from ..llm import LLM
-from ..sampler import Sampling
+from ..sampler import OPTIONS, Sampling, SamplingError
 from .metrics import RequestCounter, exposition
 from .scheduler import Delta, Done, Failed, Job, QueueFull, Request, Scheduler
 
@@ -44,6 +44,13 @@ class ServerConfig:
     model_id: str                    # the name clients put in "model"
     api_key: str | None = None       # when set, every route but /health needs "Authorization: Bearer KEY"
     aliases: tuple[str, ...] = ()    # other names accepted in "model"; "*" accepts any name, as llama-server does
+    max_body_bytes: int = 4 << 20    # a longer request body gets 413 before it is read in full
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key:
+            raise PerfxError("--api-key is empty; give a key, or leave the option out to serve without one")
+        if self.max_body_bytes < 1:
+            raise PerfxError(f"the request body limit must be at least 1 byte (got {self.max_body_bytes})")
 
 
 class ApiError(Exception):
@@ -75,12 +82,26 @@ class Generation:
     include_usage: bool
 
 
-async def read_body(request: HttpRequest) -> dict:
-    raw = await request.body()
+async def read_body(request: HttpRequest, limit: int) -> dict:
+    """The JSON object a request sends; 413 as soon as the body is known to pass `limit` bytes."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes, the most this server reads "
+                              "(perfx serve --max-body-mb)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    raw = bytearray()
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
+    except ClientDisconnect:               # gone (or too slow: closed by the server); nobody reads the answer
+        raise ApiError(400, "the client disconnected while sending the request") from None
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object",
+    except (ValueError, RecursionError) as e:    # ValueError: bad JSON, bad UTF-8, an integer of 5000 digits
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ApiError(400, f"the request body is not valid JSON ({reason}); send a JSON object",
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -129,27 +150,43 @@ def parse_generation(data: dict, prompt: list[int], ctx: int, prompt_param: str,
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop")
-    temperature = field(data, "temperature", (int, float), 1.0)
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature must be between 0 and 2 (got {temperature})", param="temperature")
     options = field(data, "stream_options", (dict,), {})
+    settings = {o.name: field(data, o.api, (int,) if o.type is int else (int, float), o.api_default)
+                for o in OPTIONS if o.api}
     try:
-        sampling = Sampling(
-            temperature=float(temperature),
-            top_p=float(field(data, "top_p", (int, float), 1.0)),
-            top_k=field(data, "top_k", (int,), 0),
-            min_p=float(field(data, "min_p", (int, float), 0.0)),
-            repeat_penalty=float(field(data, "repetition_penalty", (int, float), 1.0)),
-            seed=field(data, "seed", (int,), None),
-            max_tokens=max_tokens,
-        )
-    except PerfxError as e:
-        raise ApiError(400, str(e).removeprefix("bad sampling setting: ")) from None
+        sampling = Sampling(**settings, max_tokens=max_tokens)
+    except SamplingError as e:
+        raise ApiError(400, f"'{e.option.api}' {e.problem} (got {e.value})", param=e.option.api) from None
     return Generation(prompt, sampling, tuple(stop), bool(field(data, "stream", (bool,), False)),
                       bool(options.get("include_usage")))
 
 
-def chat_prompt(llm: LLM, data: dict) -> list[int]:
+def most_prompt_chars(llm: LLM) -> int:
+    """A cheap bound: no token stands for more characters than the UTF-8 bytes of the longest vocab entry,
+    so a text of more characters than the context times that cannot fit and is refused before it is
+    tokenized (tokenizing megabytes costs gigabytes)."""
+    tok = llm.tokenizer
+    return llm.ctx * max(len(tok.token_text(i).encode()) for i in range(tok.vocab_size))
+
+
+def too_long(chars: int, ctx: int, param: str) -> ApiError:
+    return ApiError(400, f"the prompt is {chars} characters, far more than the context of {ctx} tokens holds; "
+                         "shorten it", param=param, code="context_length_exceeded")
+
+
+def fitting_text(text: str, most_chars: int, ctx: int, param: str) -> str:
+    """text, once it is known that it could fit the context and is valid Unicode; ApiError otherwise."""
+    if len(text) > most_chars:
+        raise too_long(len(text), ctx, param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the prompt is not valid Unicode (a lone surrogate escape such as \\ud800)",
+                       param=param) from None
+    return text
+
+
+def chat_prompt(llm: LLM, data: dict, most_chars: int) -> list[int]:
     """The token ids of the messages rendered with the model's chat template, as `perfx run` makes them."""
     messages = field(data, "messages", (list,), None)
     if not messages:
@@ -169,20 +206,26 @@ def chat_prompt(llm: LLM, data: dict) -> list[int]:
         elif not isinstance(content, str):
             raise ApiError(400, f"message {i}: 'content' must be a string or a list of text parts", param="messages")
         rendered.append({"role": m["role"], "content": content})
+    chars = sum(len(m["content"]) for m in rendered)
+    if chars > most_chars:
+        raise too_long(chars, llm.ctx, "messages")
     try:
         text = llm.chat_template.render(rendered)
     except PerfxError as e:
         raise ApiError(400, str(e), param="messages") from None
-    return llm.tokenizer.encode(text, special=True)
+    return llm.tokenizer.encode(fitting_text(text, most_chars, llm.ctx, "messages"), special=True)
 
 
-def raw_prompt(llm: LLM, data: dict) -> list[int]:
+def raw_prompt(llm: LLM, data: dict, most_chars: int) -> list[int]:
     """The prompt as `perfx run --raw` encodes it: a string, a one-string list, or a list of token ids."""
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return llm.tokenizer.encode(prompt, special=False)
+        return llm.tokenizer.encode(fitting_text(prompt, most_chars, llm.ctx, "prompt"), special=False)
+    if isinstance(prompt, list) and len(prompt) >= llm.ctx:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens, longer than the context of {llm.ctx}; shorten it",
+                       param="prompt", code="context_length_exceeded")
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         vocab = llm.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
@@ -249,6 +292,7 @@ class EventStream:
 def create_app(llm: LLM, scheduler: Scheduler, config: ServerConfig) -> Starlette:
     requests = RequestCounter()
     started = int(time.time())
+    most_chars = most_prompt_chars(llm)
 
     def check_model(data: dict) -> str:
         model = field(data, "model", (str,), config.model_id)
@@ -281,9 +325,9 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServerConfig) -> Starlett
         raise AssertionError("a job ends with Done or Failed")
 
     async def completion(request: HttpRequest, chat: bool) -> Response | EventStream:
-        data = await read_body(request)
+        data = await read_body(request, config.max_body_bytes)
         model = check_model(data)
-        prompt = await run_in_threadpool(chat_prompt if chat else raw_prompt, llm, data)
+        prompt = await run_in_threadpool(chat_prompt if chat else raw_prompt, llm, data, most_chars)
         gen = parse_generation(data, prompt, llm.ctx, "messages" if chat else "prompt", None if chat else 16)
         job = submit(gen)
         base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -373,14 +417,14 @@ class ApiKey:
     OPEN = ("/health",)
 
     def __init__(self, app, api_key: str | None):
-        self.app, self.key = app, api_key
+        self.app, self.key = app, None if api_key is None else api_key.encode()   # compared as UTF-8 bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or self.key is None or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode()):
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
         message = ("missing API key: send the header 'Authorization: Bearer KEY'" if not header else
                    "incorrect API key; send the key the server was started with (--api-key)")

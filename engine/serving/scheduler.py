@@ -16,6 +16,10 @@ blocks go back to the pool and it waits again at the head of the queue, to recom
 and the tokens it generated so far (already sent; its sampler keeps its state), so the oldest
 always progress.
 
+A failure stays its request's: an exception while one sequence is sampled ends that sequence with
+an error; when a batched step fails, each of its sequences is stepped alone, so only the one that
+fails ends (the others go on, their results unchanged).
+
 The asyncio side talks to the thread through `submit` and `Job.cancel` (a lock-guarded inbox and
 a wake-up event); the thread answers through `Job`'s asyncio queue with `loop.call_soon_threadsafe`.
 """
@@ -289,11 +293,26 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> None:
-        """Runs one batched model step over the active sequences and samples where a sequence is due."""
+        """Runs one batched model step over the active sequences and samples where a sequence is due. When
+        the step fails, each sequence is stepped alone: the one that fails ends with an error, the others go on."""
         self._grow_decoders()
         plan = self._plan()
         if not plan:
             return
+        try:
+            self._step(plan)
+        except Exception as e:
+            if len(plan) == 1:
+                self._fail(plan[0][0], e)
+                return
+            for seq, n in plan:
+                try:
+                    self._step([(seq, n)])
+                except Exception as e:
+                    self._fail(seq, e)
+
+    def _step(self, plan: list[tuple[Sequence, int]]) -> None:
+        """One model step over `plan`; a sequence whose sampling fails ends alone."""
         ids, pos, rows, due = [], [], [], []
         for row, (seq, n) in enumerate(plan):
             start = seq.n_cached
@@ -312,8 +331,17 @@ class Scheduler:
         for seq, n in plan:
             seq.n_cached += n
         for i, (seq, _) in enumerate(due):
-            self._sample(seq, np.asarray(logits[i]))
+            try:
+                self._sample(seq, np.asarray(logits[i]))
+            except Exception as e:
+                self._fail(seq, e)
         self.counters.record_step(len(ids), len(plan), n_prompt, len(due))
+
+    def _fail(self, seq: Sequence, e: Exception) -> None:
+        """Ends one sequence with the error that stopped it; its batch-mates are not touched."""
+        if not isinstance(e, PerfxError):
+            traceback.print_exc(file=sys.stderr)
+        self._finish(seq, Failed(f"generating this reply failed: {type(e).__name__}: {e}"), "error")
 
     def _grow_decoders(self) -> None:
         """Every active sequence owns the blocks for all its tokens; when one cannot grow, the youngest
