@@ -25,6 +25,17 @@ def test_every_declared_define_is_read_by_its_kernel(name):
         assert not p.candidates or p.default in p.candidates, f"{p.key}: default {p.default} not among its candidates"
 
 
+@pytest.mark.parametrize("source", sorted({s.source for s in specs.SPECS.values()}))
+def test_no_kernel_source_repeats_a_declared_default(source):
+    """A tunable's default lives in specs.py only: the .cl file refuses a build without it."""
+    text = (KERNELS / source).read_text()
+    for define in specs.source_defaults(source):
+        if define == "KV_HALF":          # a flag: absent means off
+            continue
+        assert not re.search(rf"#define\s+{define}\s+\S", text), f"{source} repeats the default of {define}"
+        assert re.search(rf"#ifndef {define}\n#error", text), f"{source} builds without {define}"
+
+
 def test_operator_defaults_come_from_the_specs():
     from engine.backends.opencl import fused, matmul
 
