@@ -55,10 +55,13 @@ def tune(
         def step(group: str, done: int, total: int, best_s: float | None, best: dict) -> None:
             if group not in tasks:
                 tasks[group] = progress.add_task(group, total=total, best="")
-            progress.update(tasks[group], completed=done, best=f"best {_us(best_s)} {best}")
+            progress.update(tasks[group], completed=done, best=f"best {_us(best_s)}")
 
         result = tuner.run([k.strip() for k in kernels.split(",") if k.strip()], budget, step, write=not dry_run)
     for g in result.groups:
+        if not g.tried:
+            print(f"{g.group:6} T={g.tokens:<4} not searched: the budget was spent (raise --budget)")
+            continue
         gain = f"{g.speedup:.2f}x" if g.speedup else ("now runs" if g.after_s else "no candidate ran")
         print(f"{g.group:6} T={g.tokens:<4} {_us(g.before_s)} -> {_us(g.after_s)}  {gain}  "
               f"({g.worked} of {g.tried} candidates right)  {g.chosen}")

@@ -36,6 +36,7 @@ GROUPS: dict[str, tuple[str, str, int]] = {
     "tiled": ("gemm_tiled", "tiled", 256),
 }
 SMOLLM2_SHAPES = ((960, 576), (3072, 576), (576, 1536))   # N x K: QKV, gate+up, down of SmolLM2-135M
+MARGIN = 0.03       # a candidate replaces the current setting only when this much faster (timing noise)
 
 
 @dataclass
@@ -137,8 +138,9 @@ class Tuner:
             kernel, scheme, T = GROUPS[name]
             space = search_space(kernel)
             candidates = list(itertools.product(*space.values()))
+            current = {k: best[k] for k in space}
             before = self.time(best, scheme, T)
-            g = GroupResult(name, T, before, before, {k: best[k] for k in space})
+            g = GroupResult(name, T, before, None, current)
             for i, values in enumerate(candidates):
                 if time.monotonic() > deadline:
                     break
@@ -151,10 +153,13 @@ class Tuner:
                         g.after_s, g.chosen = t, candidate
                 if on_step:
                     on_step(name, i + 1, len(candidates), g.after_s, g.chosen)
+            if before is not None and (g.after_s is None or g.after_s > before * (1 - MARGIN)):
+                g.after_s, g.chosen = before, current        # nothing measurably faster: keep it
             best.update(g.chosen)
             result.groups.append(g)
-        result.params = {k: best[k] for name in groups for k in search_space(GROUPS[name][0])}
-        if write and any(g.after_s is not None for g in result.groups):
+        searched = [g.group for g in result.groups if g.tried]       # only measured groups are written
+        result.params = {k: best[k] for name in searched for k in search_space(GROUPS[name][0])}
+        if write and result.params:
             note = f"measured {date.today().isoformat()} on {self.info.name} ({self.info.platform_label}), " \
                    f"perfx {_commit()}, budget {budget_s:g} s"
             result.path = write_override(self.info, "matmul", result.params, note=note)
