@@ -91,3 +91,14 @@ def test_fused_ops_refuse_a_device_without_the_local_memory_before_any_launch():
         FusedOps(rt, config, 64, 1)
     FusedOps(rt, config, 64, 1, {"att_rows": 16})   # a smaller query tile fits
     assert cl is not None
+
+
+def test_declared_traffic_of_a_decode_step():
+    """SmolLM2-135M's QKV GEMV (960 x 576, int4, groups of 32): the weights, x and y once; 2 N K FLOPs."""
+    nbytes, flops = specs.GEMV.cost(T=1, N=960, K=576)
+    assert nbytes == 960 * 576 // 2 + 960 * 18 * 4 + 4 * (576 + 960) and flops == 2 * 960 * 576
+    assert specs.GEMM_TILED.cost(T=256, N=960, K=576, bits=8)[0] == 960 * 576 + 960 * 18 * 2 + 4 * 256 * 1536
+    nbytes, flops = specs.ATTENTION.cost(T=1, S=1000, n_heads=9, n_kv_heads=3, head_dim=64, kv_bytes=2)
+    assert nbytes == 2 * 1000 * 3 * 64 * 2 + 8 * 9 * 64 and flops == 4 * 1000 * 9 * 64
+    with pytest.raises(PerfxError, match="rmsnorm declares no traffic"):
+        specs.RMSNORM.cost(T=1)

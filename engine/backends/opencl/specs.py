@@ -2,7 +2,8 @@
 
 A `KernelSpec` declares a kernel's tunable parameters (the key in `params` and kernels/tuning.toml,
 the -D define it sets, its default, the values the tuner tries and what it means), the defines the
-model's shape sets, and functions of the defines for its local memory and work-group size. From it
+model's shape sets, functions of the defines for its local memory and work-group size, and the bytes
+and FLOPs a launch moves for a shape (`cost`, the floor of a roofline). From it
 come matmul.py's and fused.py's DEFAULT_PARAMS, the tuner's search space (`search_space`) and the
 check made before a kernel is built (`check_fits`): a configuration whose local memory or work-group
 size the device cannot hold is refused with a message naming the kernel and the limit, instead of
@@ -40,9 +41,35 @@ class KernelSpec:
     work_group: Callable[[dict], int] = lambda d: 1     # defines -> work-items per work-group
     constraints: tuple[tuple[str, Callable[[dict], bool]], ...] = field(default=())   # (rule, defines -> ok)
     hint: str = "lower its tile sizes"                  # what to change when it does not fit
+    traffic: Callable[[dict], tuple[int, int]] | None = None   # shape -> (bytes moved, FLOPs), at least
+
+    def cost(self, **shape) -> tuple[int, int]:
+        """(bytes, FLOPs) of one launch on a shape: the floor a roofline measures the kernel against."""
+        if self.traffic is None:
+            raise PerfxError(f"{self.name} declares no traffic")
+        return self.traffic(shape)
 
     def defaults(self) -> dict[str, Any]:
         return {p.key: p.default for p in self.params}
+
+
+WEIGHT_BYTES = {4: lambda n, k, g: n * k // 2 + n * (k // g) * 4,    # int4 + fp16 scale and zero per group
+                8: lambda n, k, g: n * k + n * (k // 32) * 2,         # int8 + fp16 scale per 32
+                16: lambda n, k, g: n * k * 2}
+
+
+def _matmul_traffic(s: dict) -> tuple[int, int]:
+    """y [T, N] = x [T, K] @ W [N, K]^T: the weights read once, x read and y written in f32."""
+    T, N, K = s["T"], s["N"], s["K"]
+    return WEIGHT_BYTES[s.get("bits", 4)](N, K, s.get("group", 32)) + 4 * T * (K + N), 2 * T * N * K
+
+
+def _attention_traffic(s: dict) -> tuple[int, int]:
+    """T queries over S cached positions: K and V read once (kv_bytes each), Q read and out written in f32;
+    QK^T and PV: 4 T S heads head_dim FLOPs (the causal half not subtracted)."""
+    T, S, D = s["T"], s["S"], s["head_dim"]
+    kv = 2 * S * s["n_kv_heads"] * D * s.get("kv_bytes", 4)
+    return kv + 8 * T * s["n_heads"] * D, 4 * T * S * s["n_heads"] * D
 
 
 def _attention_local(d: dict) -> int:
@@ -64,14 +91,14 @@ GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
     Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
-    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"])
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
 
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
     Param("few_vec", "VEC", 16, (4, 8, 16), "piece width"),
     Param("few_tt", "TT", 4, (2, 4, 8), "tokens per work-item (fewer when T is smaller)"),
     Param("few_wg_rows", None, 1, (1, 4, 16), "row tiles per work-group"),
-), model_defines=("FORMAT", "G"))
+), model_defines=("FORMAT", "G"), traffic=_matmul_traffic)
 
 GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
     Param("tiled_vec", "VEC", 16, (), "piece width when dequantizing into local memory"),
@@ -83,7 +110,7 @@ GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
     Param("tiled_x_local", "X_LOCAL", 0, (), "stage X in local memory too (0: read it from global memory)"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),     # one chunk of K staged
-    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]),
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]), traffic=_matmul_traffic,
     constraints=(("BN is a multiple of RR and BT of TR", lambda d: d["BN"] % d["RR"] == 0 and d["BT"] % d["TR"] == 0),))
 
 GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
@@ -93,7 +120,7 @@ GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
     Param("mma_bt", "BT", 64, (), "tokens per work-group"),
     Param("mma_wm", "WM", 64, (), "rows per warp"),
     Param("mma_wn", "WN", 32, (), "tokens per warp"),
-), model_defines=("G",))
+), model_defines=("G",), traffic=_matmul_traffic)
 
 RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
     Param("rms_wg", "RMS_WG", 64, (32, 64, 128, 256), "add_rmsnorm work-group size (power of two)"),
@@ -115,6 +142,7 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
           "per KV head (CPUs)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
     local_bytes=_attention_local, work_group=lambda d: d["ATT_WG"], hint="lower att_rows (or att_wg)",
+    traffic=_attention_traffic,
     constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM",
                   lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
@@ -125,7 +153,7 @@ PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "BLOCK_SIZE", "QT"),
     local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["WG"] + 3) + d["WG"] * (1 + d["VW"])),
-    work_group=lambda d: d["WG"], hint="lower att_wg")
+    work_group=lambda d: d["WG"], hint="lower att_wg", traffic=_attention_traffic)
 
 ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     Param("argmax_wg", "ARGMAX_WG", 64, (), "work-group size (power of two)"),
