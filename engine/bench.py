@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .backends.numpy_backend import cpu_name, numpy_copy_bandwidth  # noqa: F401 (bench's API)
+from .backends.numpy_backend import cpu_name
 from .errors import PerfxError
 
 MiB, GiB = 1 << 20, 1 << 30
