@@ -34,8 +34,10 @@ def tune(
 
         set_cpu_threads(threads)
     from engine.backends.opencl.devices import select
-    from engine.backends.opencl.tuner import SMOLLM2_SHAPES, Tuner, model_shapes
+    from engine.backends.opencl.tuner import SMOLLM2_SHAPES, Tuner, check_groups, model_shapes
 
+    groups = [k.strip() for k in kernels.split(",") if k.strip()]
+    check_groups(groups)
     shapes, label = SMOLLM2_SHAPES, "SmolLM2-135M"
     if model is not None:
         from engine.loader import open_model
@@ -57,7 +59,7 @@ def tune(
                 tasks[group] = progress.add_task(group, total=total, best="")
             progress.update(tasks[group], completed=done, best=f"best {_us(best_s)}")
 
-        result = tuner.run([k.strip() for k in kernels.split(",") if k.strip()], budget, step, write=not dry_run)
+        result = tuner.run(groups, budget, step, write=not dry_run)
     for g in result.groups:
         if not g.tried:
             print(f"{g.group:6} T={g.tokens:<4} not searched: the budget was spent (raise --budget)")

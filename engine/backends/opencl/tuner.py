@@ -79,11 +79,17 @@ def model_shapes(config) -> tuple[tuple[int, int], ...]:
             (config.dim, config.ffn_dim))
 
 
+def check_groups(groups: list[str]) -> None:
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise PerfxError(f"unknown kernel group {(unknown or [''])[0]!r}; choose from {', '.join(GROUPS)}")
+
+
 class Tuner:
     def __init__(self, selection: Selection, shapes=SMOLLM2_SHAPES, group_size: int = 32, seed: int = 0):
         if selection.backend != "opencl":
-            raise PerfxError("no OpenCL device to tune (" + "; ".join(selection.notices) + "); "
-                             "the NumPy backend has nothing to tune")
+            why = f" ({'; '.join(selection.notices)})" if selection.notices else ""
+            raise PerfxError(f"no OpenCL device to tune{why}: the NumPy backend has nothing to tune")
         self.info = selection.info
         self.rt = Runtime(selection.device, profiling=True)
         self.rng = np.random.default_rng(seed)
@@ -128,9 +134,7 @@ class Tuner:
 
     def run(self, groups: list[str], budget_s: float, on_step: Step | None = None,
             write: bool = True) -> TuneResult:
-        unknown = [g for g in groups if g not in GROUPS]
-        if unknown:
-            raise PerfxError(f"unknown kernel group {unknown[0]!r}; choose from {', '.join(GROUPS)}")
+        check_groups(groups)
         deadline = time.monotonic() + budget_s
         best = params_for(self.info, "matmul", matmul.DEFAULT_PARAMS)
         result = TuneResult()
