@@ -38,6 +38,11 @@ def test_block_sizes():
         "Q4_1": (32, 20),
         "Q4_K": (256, 144),
         "Q6_K": (256, 210),
+        "Q5_0": (32, 22),
+        "Q5_1": (32, 24),
+        "Q5_K": (256, 176),
+        "IQ4_NL": (32, 18),
+        "IQ4_XS": (256, 136),
     }
 
 
@@ -195,7 +200,8 @@ def test_multi_row_layout():
 # ---- random cross-check against gguf.quants -----------------------------------
 
 # Byte offsets of the fp16 fields in each block format.
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208], "Q5_0": [0],
+              "Q5_1": [0, 2], "Q5_K": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def random_tensor(qtype: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
@@ -277,9 +283,9 @@ def test_split_q8_0():
 
 def test_unsupported_type():
     with pytest.raises(PerfxError) as err:
-        dequantize(np.zeros(176, dtype=np.uint8), "Q5_K", (256,))
+        dequantize(np.zeros(110, dtype=np.uint8), "Q3_K", (256,))
     message = str(err.value)
-    assert "Q5_K" in message and "not supported" in message and "Q4_K" in message
+    assert "Q3_K" in message and "not supported" in message and "Q4_K" in message
     assert "\n" not in message
 
 
