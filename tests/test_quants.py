@@ -9,6 +9,7 @@ from gguf import quants as gguf_quants
 
 from engine.errors import PerfxError
 from engine.quants import BLOCK_SIZES, dequantize, split_q4, split_q8_0
+from tests.conftest import F16_FIELDS   # byte offsets of the fp16 fields in each block type
 
 
 def f16(x: float) -> bytes:
@@ -199,9 +200,6 @@ def test_multi_row_layout():
 
 # ---- random cross-check against gguf.quants -----------------------------------
 
-# Byte offsets of the fp16 fields in each block format.
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208], "Q5_0": [0],
-              "Q5_1": [0, 2], "Q5_K": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def random_tensor(qtype: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
