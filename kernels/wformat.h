@@ -3,7 +3,8 @@
      FORMAT 4   int4, w = q * scale + zero, one scale and zero per G (32, 64, 128)
      FORMAT 8   int8, w = q * scale (+ zero with ZERO8), one scale (and zero) per G (16, 32)
      FORMAT 16  fp16 weights
-     FORMAT 32  float32 weights (BF16, F32: exact)
+     FORMAT 17  bfloat16 weights (BF16 as stored: the top half of a float32)
+     FORMAT 32  float32 weights (F32)
    Scales and zeros are fp16 (GGUF Q4_0, Q4_1, Q8_0, Q5_0, IQ4_NL: their d as stored) or, with SCALE_F32,
    float32 (K-quants and IQ4_XS: d times a 6- or 8-bit sub-block scale, exact in float32, not in fp16). */
 #ifdef SCALE_F32
@@ -49,10 +50,13 @@
 #else
 #define LOAD_SCALES(n, p, d) _Pragma("unroll") for (int i_ = 0; i_ < (n); i_++) (d)[i_] = SLOAD1(p, i_);
 #endif
-/* The weights of fp16 / float32 rows: PV values at p. */
+/* The weights of fp16 / bfloat16 / float32 rows: PV values at p. */
 #if FORMAT == 32
 #define WTYPE float
 #define WLOAD(PV, p) CAT(vload, PV)(0, p)
+#elif FORMAT == 17
+#define WTYPE ushort
+#define WLOAD(PV, p) CAT(as_float, PV)(CAT(convert_uint, PV)(CAT(vload, PV)(0, p)) << 16)
 #else
 #define WTYPE half
 #define WLOAD(PV, p) CAT(vload_half, PV)(0, p)

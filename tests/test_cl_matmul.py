@@ -489,7 +489,7 @@ def test_from_qtensors_int4_groups(rt, mm):
         assert_close(run(rt, mm, dm, x, 320), oracle(x_for(mm, dm, x), w))
 
 
-@pytest.mark.parametrize("qtypes,form", [(("BF16",), ("f32", 0)), (("Q4_0", "Q8_0"), ("int8x", 32))])
+@pytest.mark.parametrize("qtypes,form", [(("BF16",), ("bf16", 0)), (("Q4_0", "Q8_0"), ("int8x", 32))])
 def test_from_qtensors_other_types_exact(rt, mm, qtypes, form):
     """BF16, or a mix of kinds, is held exactly too (engine/backends/opencl/weights.py), not requantized."""
     from engine.backends.opencl.matmul import DeviceMatrix

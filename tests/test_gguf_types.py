@@ -20,7 +20,7 @@ FORMS = {
     "Q4_0": ("int4", 32, False, False), "Q4_1": ("int4", 32, False, False), "Q4_K": ("int4", 32, True, False),
     "Q8_0": ("int8", 32, False, False), "Q5_0": ("int8", 32, False, False), "IQ4_NL": ("int8", 32, False, False),
     "Q5_1": ("int8x", 32, True, True), "Q5_K": ("int8x", 32, True, True), "Q6_K": ("int8x", 16, True, False),
-    "IQ4_XS": ("int8x", 32, True, False), "F16": ("f16", 0, False, False), "BF16": ("f32", 0, False, False),
+    "IQ4_XS": ("int8x", 32, True, False), "F16": ("f16", 0, False, False), "BF16": ("bf16", 0, False, False),
     "F32": ("f32", 0, False, False),
 }
 
@@ -79,6 +79,9 @@ def unpack(words: np.ndarray, dm) -> np.ndarray:
         if dm.fmt in ("f16", "f32"):
             dt = np.float16 if dm.fmt == "f16" else np.float32
             out[:, :, k0:k0 + c] = take(RT * c * np.dtype(dt).itemsize // 4).view(dt).reshape(ntiles, RT, c)
+        elif dm.fmt == "bf16":
+            bits = take(RT * c // 2).view(np.uint16).astype(np.uint32) << np.uint32(16)
+            out[:, :, k0:k0 + c] = bits.view(np.float32).reshape(ntiles, RT, c)
         else:
             if dm.fmt == "int4":
                 qw = take(RT * c // 8).reshape(ntiles, RT, c // 8)

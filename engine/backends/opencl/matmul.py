@@ -12,6 +12,7 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
     int8  char q[4][C], half scale[4][C/32]
     int8x char q[4][C], float scale[4][C/G], with zeros float zero[4][C/G] (G 16 or 32)
     f16   half w[4][C]
+    bf16  ushort w[4][C] (the top halves of floats)
     f32   float w[4][C]
   (int4 with scale_f32: float scales and zeros). Which form a stack of GGUF tensors takes, exactly: weights.py.
   With the int4 packing one 64-byte load, shifted and masked per plane, gives 16 consecutive weights
@@ -43,7 +44,7 @@ from . import weights
 from .runtime import Runtime
 
 RT = 4                                # rows per tile
-FORMAT_CODE = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "f32": 32}
+FORMAT_CODE = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "bf16": 17, "f32": 32}
 GROUPS = (32, 64, 128)
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
@@ -150,7 +151,7 @@ def pack_f16(w: np.ndarray) -> np.ndarray:
 
 
 def pack_floats(w: np.ndarray, dtype) -> np.ndarray:
-    """w [N, K] -> uint32 row tiles of fp16 or float32 values."""
+    """w [N, K] -> uint32 row tiles of its values as dtype (fp16, float32, or uint16: bfloat16 bits)."""
     wt = _tiles(np.asarray(w, dtype))
     blocks, k0 = [], 0
     for c in chunk_widths(w.shape[1]):
@@ -208,7 +209,7 @@ def xq_positions(K: int) -> np.ndarray:
 class DeviceMatrix:
     """A weight matrix W [rows, cols] (rows = outputs N, cols = inputs K) in row tiles on the device."""
 
-    fmt: str          # "int4", "int8", "int8x", "f16" or "f32"
+    fmt: str          # "int4", "int8", "int8x", "f16", "bf16" or "f32"
     rows: int
     cols: int
     group: int        # int4 group size (32, 64 or 128); 32 for int8; 16 or 32 for int8x; 0 for f16, f32

@@ -11,8 +11,9 @@ all of its types:
 | int4    | ... with Q4_K                           | 4 bits + f32 d*sc, -dmin*m per 32| FORMAT 4, SCALE_F32      |
 | int8    | Q8_0, INT8, Q5_0 (q - 16), IQ4_NL (codebook values) | 8 bits + fp16 d per 32 | FORMAT 8          |
 | f16     | F16                                     | fp16                             | FORMAT 16                |
+| bf16    | BF16                                    | bfloat16 as stored               | FORMAT 17                |
 | int8x   | any mix of the block types above and Q5_1, Q5_K, Q6_K (groups of 16), IQ4_XS | 8 bits + f32 scale (+ zero) per 32 or 16 | FORMAT 8, SCALE_F32, G 16/32, ZERO8 where a type has zeros |
-| f32     | F32, BF16, and stacks mixing float and block types | float32               | FORMAT 32                |
+| f32     | F32, and stacks mixing float types or float and block types | float32      | FORMAT 32                |
 
 int4 and int8 are the tuned GEMVs (int8 with the int-dot path on x86); int8x takes the float GEMV.
 """
@@ -34,7 +35,7 @@ BLOCK_TYPES = set(SPLIT_TYPES) | {"INT4", "INT8"}
 
 @dataclass(frozen=True)
 class Form:
-    fmt: str                 # "int4", "int8", "int8x", "f16" or "f32"
+    fmt: str                 # "int4", "int8", "int8x", "f16", "bf16" or "f32"
     group: int               # scales per group of this many weights along K (0 for f16, f32)
     scale_f32: bool = False  # scales (and zeros) stored as float32 rather than fp16
     zeros: bool = False      # int8x: w = q * scale + zero
@@ -49,6 +50,8 @@ def form_of(tensors: list[QTensor]) -> Form:
         return Form("int8", 32)
     if types == {"F16"}:
         return Form("f16", 0)
+    if types == {"BF16"}:
+        return Form("bf16", 0)
     if types <= BLOCK_TYPES:
         return Form("int8x", 16 if "Q6_K" in types else 32, True, bool(types & ZERO_TYPES))
     return Form("f32", 0)
@@ -87,5 +90,7 @@ def pack(tensors: list[QTensor], form: Form) -> np.ndarray:
     if form.fmt in ("int8", "int8x"):
         q, scale, zero = _stacked(tensors, form.group)
         return pack_int8(q.astype(np.int8), scale, form.group, zero if form.zeros else None, dtype)
+    if form.fmt == "bf16":
+        return pack_floats(np.concatenate([np.asarray(t.raw).view("<u2").reshape(t.shape) for t in tensors]), np.uint16)
     w = np.concatenate([t.dequantize() for t in tensors])
     return pack_f16(w) if form.fmt == "f16" else pack_floats(w, np.float32)
