@@ -222,6 +222,8 @@ class BenchConfig:
     vs_llama_cpp: bool = False
     seed: int = 0
     cooldown: float = 0.0         # seconds of rest before each timed run (thermal throttling on phones)
+    llama_bench: str | None = None  # a llama-bench binary as the llama.cpp peer (engine/bench_peer.py)
+    llama_fa: int = 1             # its flash attention (-fa)
 
     def validate(self) -> None:
         if self.reps < 1:
@@ -245,7 +247,7 @@ class BenchConfig:
                 if m.kind != "gguf":
                     what = "a --synthetic model has no file" if m.shape else f"{m.name} is a {m.kind} model, not GGUF"
                     raise PerfxError(f"--vs llama.cpp needs GGUF models: {what} for llama.cpp")
-            if not llama_cpp_available():
+            if self.llama_bench is None and not llama_cpp_available():
                 raise PerfxError(INSTALL_HINT)
 
     def combos(self) -> list[Combo]:
@@ -607,7 +609,14 @@ def worker_main(argv: list[str]) -> int:
     try:
         spec = json.loads(argv[0])
         tests = [TestSpec(*t) for t in spec["tests"]]
-        engine = PerfxEngine(spec) if spec["engine"] == "perfx" else LlamaCppEngine(spec)
+        if spec["engine"] == "perfx":
+            engine = PerfxEngine(spec)
+        elif spec.get("llama_bench"):
+            from .bench_peer import LlamaBenchEngine
+
+            engine = LlamaBenchEngine(spec)
+        else:
+            engine = LlamaCppEngine(spec)
         send({"ready": asdict(engine.info)})
         for line in sys.stdin:
             request = json.loads(line)
@@ -729,7 +738,8 @@ def _run_combo(config: BenchConfig, combo: Combo, run: BenchRun, progress: Progr
     where = f"{Path(model.name).name} · {combo.device} · {combo.threads} thread{'s' * (combo.threads != 1)}"
     spec = {"path": model.path, "shape": model.shape, "device": combo.device, "threads": combo.threads,
             "ctx": config.n_ctx(model), "seed": config.seed, "max_tokens": max(t.n_tokens for t in config.tests),
-            "tests": [[t.n_prompt, t.n_gen] for t in config.tests]}
+            "tests": [[t.n_prompt, t.n_gen] for t in config.tests],
+            "llama_bench": config.llama_bench, "llama_fa": config.llama_fa}
     workers: list[Worker] = []
     try:
         progress(f"{where} · loading perfx", state["done"], state["total"])

@@ -1,8 +1,20 @@
-"""Chat prompts: a model's Jinja chat template, rendered in a sandbox as HF transformers does."""
+"""Chat prompts: a model's Jinja chat template, rendered in a sandbox as HF transformers does.
+
+The template comes with the model file, so it is untrusted code. The sandbox refuses Python
+internals; on top of it a rendering has a budget of time and size (`ChatTemplate.max_seconds`,
+`max_chars`): every loop step and call checks the clock, and every string or list a template makes
+(by `*`, `+`, `~`, a call or a filter), like the output as it grows, is checked against the size
+limit, before it is made where its size is known in advance. A template over budget is stopped
+with a PerfxError instead of rendering for ever or growing without bound.
+"""
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +22,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from engine.errors import PerfxError
 
@@ -49,12 +62,123 @@ class _GenerationBlock(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+MAX_SECONDS = 5.0          # a real template renders in milliseconds
+MAX_CHARS = 1 << 23        # 8 Mi characters: 2M tokens or so, more than any model's context
+MAX_POWER_BITS = 1 << 16   # the largest integer `**` may make
+
+
+@dataclass
+class _Budget:
+    """What one rendering may still spend; checked from inside the template's code."""
+
+    deadline: float
+    seconds: float
+    chars: int
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise PerfxError(f"the model's chat template did not finish within {self.seconds:g} s "
+                             "(a loop that never ends?); it was stopped")
+
+    def size(self, n: int) -> None:
+        if n > self.chars:
+            raise PerfxError(f"the model's chat template makes a string or list of {n} items, more than "
+                             f"the {self.chars} allowed; it was stopped")
+
+    def check_args(self, args: tuple, kwargs: dict) -> None:
+        """An integer argument beyond the size limit (a width, a count) would make something too large."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.size(abs(value))
+
+    def check_result(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)):
+            self.size(len(value))
+        return value
+
+
+_BUDGET: ContextVar[_Budget] = ContextVar("chat_template_budget")
+_SIZED = (str, list, tuple)
+
+
+def _checked(fn: Any) -> Any:
+    """A filter (or global) with the budget's checks on its arguments and result."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        budget.tick()
+        budget.check_args(args, kwargs)
+        return budget.check_result(fn(*args, **kwargs))
+
+    return checked
+
+
+class _Budgeted(NodeTransformer):
+    """Rewrites a parsed template so that each loop step and each `~` goes through the budget."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = _call("budget_iter", node.iter)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        return _call("budget_concat", *self.generic_visit(node).nodes)
+
+
+def _call(method: str, *args: nodes.Expr) -> nodes.Call:
+    return nodes.Call(nodes.EnvironmentAttribute(method), list(args), [], None, None, lineno=args[0].lineno)
+
+
+class BudgetedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with the current rendering's budget (`_BUDGET`) checked in loops, calls,
+    operators and filters."""
+
+    intercepted_binops = frozenset(["*", "+", "**"])
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        return _Budgeted().visit(super()._parse(source, name, filename))
+
+    def budget_iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        budget = _BUDGET.get()
+        for item in iterable:
+            budget.tick()
+            yield item
+
+    def budget_concat(self, *values: Any) -> str:
+        texts = [str(v) for v in values]
+        _BUDGET.get().size(sum(map(len, texts)))
+        return "".join(texts)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        budget = _BUDGET.get()
+        budget.tick()
+        if __obj not in (__self.budget_iter, __self.budget_concat):
+            budget.check_args(args, kwargs)
+        return budget.check_result(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        budget = _BUDGET.get()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, _SIZED) and isinstance(n, int):
+                    budget.size(len(seq) * n)
+        elif operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
+            budget.size(len(left) + len(right))
+        elif (operator == "**" and isinstance(left, int) and isinstance(right, int)
+              and abs(left) > 1 and right * left.bit_length() > MAX_POWER_BITS):
+            raise PerfxError(f"the model's chat template computes {left} ** {right}, too large a number; "
+                             "it was stopped")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment() -> jinja2.Environment:
-    env = ImmutableSandboxedEnvironment(
+    env = BudgetedSandbox(
         trim_blocks=True, lstrip_blocks=True,
         extensions=["jinja2.ext.loopcontrols", _GenerationBlock],
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _checked(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -65,8 +189,11 @@ class ChatTemplate:
 
     ``source`` is the model's Jinja template (``None``: ChatML). It is compiled once; a template
     that does not compile, or that reaches for Python internals while rendering, raises
-    :class:`PerfxError`.
+    :class:`PerfxError`, as does a rendering over its budget of `max_seconds` and `max_chars`.
     """
+
+    max_seconds = MAX_SECONDS
+    max_chars = MAX_CHARS
 
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "") -> None:
         self.source = CHATML_TEMPLATE if source is None else source
@@ -89,8 +216,17 @@ class ChatTemplate:
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **context,
                      "messages": [dict(m) for m in messages],
                      "add_generation_prompt": add_generation_prompt}
+        budget = _Budget(time.monotonic() + self.max_seconds, self.max_seconds, self.max_chars)
+        token = _BUDGET.set(budget)
         try:
-            return self._template.render(**variables)
+            out: list[str] = []
+            n = 0
+            for piece in self._template.generate(**variables):
+                n += len(piece)
+                budget.size(n)
+                budget.tick()
+                out.append(piece)
+            return "".join(out)
         except PerfxError:
             raise
         except jinja2.TemplateError as e:
@@ -98,3 +234,5 @@ class ChatTemplate:
         except Exception as e:
             raise PerfxError(f"the model's chat template failed on these messages: "
                              f"{type(e).__name__}: {e}") from e
+        finally:
+            _BUDGET.reset(token)

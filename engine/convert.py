@@ -15,6 +15,7 @@ INT8 for int8 targets, F16 under fp16.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,21 @@ def tensor_order(model: ModelFile) -> list[str]:
     return names
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse a folder this process cannot create files in, before minutes of work are spent on them."""
+    try:
+        with tempfile.TemporaryFile(prefix=".perfx-write-check-", dir=folder):
+            pass
+    except OSError as e:
+        raise PerfxError(f"cannot write {what} into {folder} ({e.strerror or e}); choose a folder you can write to") \
+            from None
+
+
+def write_error(path: Path, e: OSError) -> PerfxError:
+    """An OSError met while writing `path` (a full disk, say), as one line."""
+    return PerfxError(f"cannot write {path}: {e.strerror or e} (nothing was left behind)")
+
+
 def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", group: int = 128,
             calib: str | Path | None = None, force: bool = False,
             on_layer: Callable[[int, int], None] | None = None) -> ConvertResult:
@@ -120,6 +136,7 @@ def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", gr
         raise PerfxError(f"--calib is for --quant awq-int4 only (got --quant {scheme})")
     output = Path(output)
     check_output(output, force)
+    check_writable(output.parent, output.name)
     model = open_model(source)
     config, tok = model.config, model.tokenizer
     weights_from_tensors(model.tensors, config, model.path)
@@ -200,7 +217,10 @@ def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", gr
     if calib_info is not None:
         quantization["calibration"] = calib_info
     tensors = {n: out[n] for n in names}
-    write_perfx(output, config, tensors, tok, quantization, force=force)
+    try:
+        write_perfx(output, config, tensors, tok, quantization, force=force)
+    except OSError as e:
+        raise write_error(output, e) from e
     ordered = sorted(reports.values(), key=lambda r: -(r.error if r.output_error is None else r.output_error))
     return ConvertResult(output, output.stat().st_size, scheme, group, model.kind, ordered,
                          time.perf_counter() - start, calib_info)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .convert import check_writable, write_error
 from .errors import PerfxError
 from .hf import hf_name, unpermute_qk
 from .loader import open_model
@@ -82,6 +83,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", forc
         raise PerfxError(f"--dtype must be fp32 or fp16 (got {dtype})")
     out = Path(out_dir)
     check_output_dir(out, force)
+    check_writable(out.parent, out.name)
     model = open_model(source)
     c = model.config
     qkv_bias = any(l.bqkv is not None for l in weights_from_tensors(model.tensors, c, model.path).layers)
@@ -112,6 +114,8 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", forc
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as e:
+        raise write_error(out, e) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

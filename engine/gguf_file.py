@@ -5,9 +5,16 @@ Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 "qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
 rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
+
+Nothing read is trusted: counts and lengths against the file's size, array nesting, tensor dimensions
+(Python ints, no overflow), the tensor table's layout (aligned, in order, no overlap or gap, inside the
+file), the type of every metadata key perfx reads, and the model's hyper-parameters (`checked_config`).
+What the file asks for beyond what perfx runs is refused (`engine.features`); any other failure while
+reading is one line, "FILE is corrupt (...)" (`engine.errors.reading_model`).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, replace
@@ -16,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-from .config import ModelConfig
-from .errors import PerfxError
+from .config import ModelConfig, checked_config
+from .errors import ModelFileError, PerfxError, reading_model
+from .features import gguf_requests, refuse_unsupported
 from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
@@ -35,7 +43,7 @@ class GGUFModel:
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
-    """Open a GGUF file, check it is complete and of a supported kind, and map its tensors."""
+    """Open a GGUF file, check it is complete, consistent and of a supported kind, and map its tensors."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -44,36 +52,35 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise PerfxError(f"cannot read {path}: {e.strerror}") from None
     if magic != GGUF_MAGIC:
         raise PerfxError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
+    with reading_model(path):
+        return _read(path)
 
+
+def _read(path: Path) -> GGUFModel:
     try:
         header = parse_header(path)
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise PerfxError(
+        raise ModelFileError(
             f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
             "download it again (`perfx download` re-fetches registry models)"
         ) from None
     metadata = header.metadata
+    check_metadata(metadata, path)
 
     data = np.memmap(path, np.uint8, mode="r")     # the tensors are views of this one mapping
+    check_tensor_table(header, len(data), path)
     tensors: dict[str, QTensor] = {}
     for info in header.tensors:
-        if info.qtype not in BLOCK_SIZES:
-            raise PerfxError(
-                f"{path}: tensor {info.name} has type {info.qtype}, which perfx does not support "
-                f"(supported: {', '.join(BLOCK_SIZES)})"
-            )
         start = header.data_start + info.offset
-        nbytes = info.nbytes
-        if start + nbytes > len(data):
-            raise PerfxError(f"{path} is truncated: tensor {info.name} ends past the end of the file; download it again")
-        raw = data[start:start + nbytes]
+        raw = data[start:start + info.nbytes]
         if info.qtype in PLAIN_TYPES:
             raw = raw.view(PLAIN_TYPES[info.qtype]).reshape(info.shape)
         else:                                         # quantized blocks: [rows..., bytes per row]
-            raw = raw.reshape(*info.shape[:-1], nbytes // max(1, int(np.prod(info.shape[:-1]))))
+            raw = raw.reshape(*info.shape[:-1], info.nbytes // math.prod(info.shape[:-1]))
         tensors[info.name] = QTensor(info.name, info.qtype, info.shape, raw)
 
     config = config_from_metadata(metadata, tensors, path)
+    refuse_unsupported(path, config.arch, gguf_requests(config.arch, metadata, tensors, config.n_layers))
     if config.arch in ROTATE_HALF_ARCHS:
         tensors = adjacent_pairs(tensors, config)
     return GGUFModel(path=path, config=config, metadata=metadata, tensors=tensors)
@@ -109,6 +116,13 @@ class Header:
     metadata: dict
     tensors: list[TensorInfo]
     data_start: int
+    alignment: int
+
+
+MAX_NESTING = 4                 # arrays of arrays: deeper is refused
+MAX_DIMS = 4                    # GGML tensors have at most 4 dimensions
+MAX_NAME = 256
+_MIN_BYTES = {_STRING: 8, _ARRAY: 12}   # the least a value of a type can take
 
 
 class _Cursor:
@@ -120,27 +134,35 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return value
 
+    def count(self, n: int, item_bytes: int, what: str) -> int:
+        """n, checked to fit in the rest of the file at item_bytes or more each (`what` names n as "{}")."""
+        if n * item_bytes > len(self.buf) - self.pos:
+            raise ValueError(what.format(n) + ", more than the rest of the file holds")
+        return n
+
     def string(self) -> str:
-        n = self.scalar("<Q")
-        if self.pos + n > len(self.buf):
-            raise ValueError("a string runs past the end of the file")
+        n = self.count(self.scalar("<Q"), 1, "a string of {} bytes")
         text = str(self.buf[self.pos:self.pos + n], "utf-8")
         self.pos += n
         return text
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise ValueError(f"a metadata array is nested more than {MAX_NESTING} deep")
             etype, n = self.scalar("<I"), self.scalar("<Q")
             if etype in _ARRAY_DTYPES:
                 dtype = np.dtype(_ARRAY_DTYPES[etype])
-                if self.pos + n * dtype.itemsize > len(self.buf):
-                    raise ValueError("an array runs past the end of the file")
+                self.count(n, dtype.itemsize, "an array of {} values")
                 values = np.frombuffer(self.buf, dtype, n, self.pos).tolist()
                 self.pos += n * dtype.itemsize
                 return values
-            return [self.value(etype) for _ in range(n)]
+            if etype not in _MIN_BYTES:
+                raise ValueError(f"unknown metadata array element type {etype}")
+            n = self.count(n, _MIN_BYTES[etype], "an array of {} values")
+            return [self.value(etype, depth + 1) for _ in range(n)]
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         raise ValueError(f"unknown metadata value type {vtype}")
@@ -157,26 +179,115 @@ def parse_header(path: Path) -> Header:
         version = c.scalar("<I")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
-        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        n_tensors = c.count(c.scalar("<Q"), 24, "a tensor table of {} tensors")
+        n_kv = c.count(c.scalar("<Q"), 13, "metadata of {} keys")
         metadata = {}
         for _ in range(n_kv):
             key = c.string()
+            if key in metadata:
+                raise ValueError(f"metadata key {key!r:.60} appears twice")
             metadata[key] = c.value(c.scalar("<I"))
-        tensors = []
+        tensors, names = [], set()
         for _ in range(n_tensors):
             name = c.string()
-            dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
+            if not 0 < len(name) <= MAX_NAME or name in names:
+                raise ValueError(f"tensor name {name!r:.60} is empty, too long or appears twice")
+            names.add(name)
+            n_dims = c.scalar("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are possible)")
+            dims = [c.scalar("<Q") for _ in range(n_dims)]
             type_id, offset = c.scalar("<I"), c.scalar("<Q")
             try:
                 qtype = GGMLQuantizationType(type_id).name
             except ValueError:
                 raise ValueError(f"tensor {name} has unknown type {type_id}") from None
+            if qtype not in BLOCK_SIZES:
+                raise ModelFileError(f"{path}: tensor {name} has type {qtype}, which perfx does not support "
+                                     f"(supported: {', '.join(BLOCK_SIZES)})")
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-            count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            count = math.prod(dims)                   # Python ints: no overflow
+            if min(dims) < 1 or dims[0] % block or count * type_size // block > len(mm):
+                raise ValueError(f"tensor {name} of type {qtype} has impossible dimensions {dims}")
             tensors.append(TensorInfo(name, qtype, tuple(reversed(dims)), offset, count // block * type_size))
-        align = int(metadata.get("general.alignment", 32))
+        align = metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or not 0 < align <= 1 << 20 or align & (align - 1):
+            raise ModelFileError(f"{path}: general.alignment is {align!r:.40}, not a power of two up to 2^20; "
+                                 "the file is corrupt")
         data_start = -(-c.pos // align) * align
-    return Header(version, metadata, tensors, data_start)
+    return Header(version, metadata, tensors, data_start, align)
+
+
+def check_tensor_table(header: Header, file_size: int, path: Path) -> None:
+    """Each tensor's data starts where the one before it ends, padded to the alignment, as GGUF writers
+    lay them out and llama.cpp requires: no misaligned start, overlap, gap or data past the file's end
+    (a tensor re-typed to a larger size runs into the next one and is caught here)."""
+    expected, before = 0, None
+    for t in header.tensors:
+        where = f"{path}: tensor {t.name} starts at data offset {t.offset}"
+        if t.offset % header.alignment:
+            raise ModelFileError(f"{where}, not a multiple of the alignment {header.alignment}; the file is corrupt")
+        if t.offset < expected:
+            raise ModelFileError(f"{where}, inside {before} (which ends at {expected}); the file is corrupt")
+        if t.offset > expected:
+            raise ModelFileError(f"{where}, leaving {t.offset - expected} unused bytes after "
+                                 f"{before or 'the header'}; the file is corrupt")
+        end = header.data_start + t.offset + t.nbytes
+        if end > file_size:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name} ends past the end of the file; "
+                                 "download it again")
+        expected, before = -(-(t.offset + t.nbytes) // header.alignment) * header.alignment, t.name
+
+
+# ---- metadata ---------------------------------------------------------------------------------------
+# The type of every key perfx reads: int, float, str, bool, [T] (a list of T) or "id" (a token id).
+KEY_TYPES = {
+    "general.architecture": str, "general.name": str, "general.alignment": int,
+    "tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
+    "tokenizer.ggml.tokens": [str], "tokenizer.ggml.merges": [str], "tokenizer.ggml.scores": [float],
+    "tokenizer.ggml.token_type": [int], "tokenizer.ggml.add_bos_token": bool,
+    "tokenizer.ggml.add_eos_token": bool, "tokenizer.ggml.add_space_prefix": bool,
+    **{f"tokenizer.ggml.{k}_token_id": "id" for k in ("bos", "eos", "eot", "eom", "padding", "unknown",
+                                                      "seperator", "mask")},
+}
+USED_IDS = [f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "eot", "eom")]   # must be in the vocabulary
+ARCH_KEY_TYPES = {   # "{arch}." keys
+    "block_count": int, "context_length": int, "embedding_length": int, "feed_forward_length": int,
+    "attention.head_count": int, "attention.head_count_kv": int, "attention.key_length": int,
+    "attention.value_length": int, "vocab_size": int, "rope.dimension_count": int,
+    "attention.layer_norm_rms_epsilon": float, "rope.freq_base": float,
+}
+
+
+def _is(value, kind) -> bool:
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_is(v, kind[0]) for v in value)
+    if kind in (int, "id"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_metadata(md: dict, path: Path) -> None:
+    """Every key perfx reads has the type it must have; token ids and per-token lists fit the vocabulary."""
+    arch = md.get("general.architecture")
+    types = {**KEY_TYPES, **{f"{arch}.{k}": t for k, t in ARCH_KEY_TYPES.items()}}
+    for key, kind in types.items():
+        if key in md and not _is(md[key], kind):
+            name = "int (a token id)" if kind == "id" else (f"list of {kind[0].__name__}" if isinstance(kind, list)
+                                                             else kind.__name__)
+            raise ModelFileError(f"{path}: metadata {key} is {md[key]!r:.40}, not of type {name}; "
+                                 "the file is corrupt")
+    n = len(md.get("tokenizer.ggml.tokens") or ())
+    for key in USED_IDS:
+        if n and key in md and not 0 <= md[key] < n:
+            raise ModelFileError(f"{path}: metadata {key} is {md[key]}, outside the {n} tokens of the vocabulary; "
+                                 "the file is corrupt")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in md and len(md[key]) != n:
+            raise ModelFileError(f"{path}: metadata {key} has {len(md[key])} entries for {n} tokens; "
+                                 "the file is corrupt")
 
 
 def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str, QTensor]:
@@ -196,35 +307,31 @@ def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str
 def config_from_metadata(md: dict, tensors: dict[str, QTensor], path: Path) -> ModelConfig:
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise PerfxError(
-            f"{path}: architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+        raise ModelFileError(
+            f"{path}: architecture '{arch!s:.40}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
-
-    def get(key: str, default=None):
-        value = md.get(f"{arch}.{key}", default)
-        if value is None:
-            raise PerfxError(f"{path}: metadata key {arch}.{key} is missing; the file is incomplete")
-        return value
-
-    dim = int(get("embedding_length"))
-    n_heads = int(get("attention.head_count"))
-    head_dim = int(md.get(f"{arch}.attention.key_length", dim // n_heads))
     embd = tensors.get("token_embd.weight")
     if embd is None:
-        raise PerfxError(f"{path}: tensor token_embd.weight is missing; the file is incomplete")
-    return ModelConfig(
-        arch=arch,
-        n_layers=int(get("block_count")),
-        dim=dim,
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=head_dim,
-        ffn_dim=int(get("feed_forward_length")),
-        vocab_size=int(md.get(f"{arch}.vocab_size", embd.shape[0])),
-        ctx_len=int(get("context_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_base=float(get("rope.freq_base", 10000.0)),
-        rope_dim=int(get("rope.dimension_count", head_dim)),
-        tied_embedding="output.weight" not in tensors,
-        name=str(md.get("general.name", path.stem)),
-    )
+        raise ModelFileError(f"{path}: tensor token_embd.weight is missing; the file is incomplete")
+    keys = {field: f"{arch}.{key}" for field, key in CONFIG_KEYS.items()}
+    values = {field: md[key] for field, key in keys.items() if key in md}
+    for field in ("n_layers", "dim", "n_heads", "ffn_dim", "ctx_len", "norm_eps"):
+        if field not in values:
+            raise ModelFileError(f"{path}: metadata key {keys[field]} is missing; the file is incomplete")
+    n_heads = values["n_heads"]
+    if "head_dim" not in values and isinstance(n_heads, int) and n_heads > 0:
+        values["head_dim"] = values["dim"] // n_heads
+    values.setdefault("n_kv_heads", n_heads)
+    values.setdefault("vocab_size", embd.shape[0])
+    values.setdefault("rope_base", 10000.0)
+    values.setdefault("rope_dim", values.get("head_dim", 0))
+    values.update(arch=arch, tied_embedding="output.weight" not in tensors, name=md.get("general.name", path.stem))
+    return checked_config(values, str(path), keys)
+
+
+CONFIG_KEYS = {   # ModelConfig field: its "{arch}." key
+    "n_layers": "block_count", "dim": "embedding_length", "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length", "ffn_dim": "feed_forward_length",
+    "vocab_size": "vocab_size", "ctx_len": "context_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_base": "rope.freq_base", "rope_dim": "rope.dimension_count",
+}

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import PerfxError
+from .config import ModelConfig, checked_config
+from .errors import ModelFileError, PerfxError
+from .features import hf_requests, refuse_unsupported
 from .loader import ModelFile
 from .perfx_format import read_safetensors
 from .tensors import QTensor, int4_tensor
@@ -91,46 +92,50 @@ def read_json(path: Path) -> dict:
 
 def architecture(cfg: dict) -> str:
     """The model class an HF config.json names ("LlamaForCausalLM", ...)."""
-    return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+    names = cfg.get("architectures")
+    if names is None:
+        return str(cfg.get("model_type", "?"))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelFileError(f"'architectures' is {names!r:.60}, not a list of class names; the config is corrupt")
+    return names[0]
+
+
+HF_KEYS = {   # ModelConfig field: its config.json key
+    "n_layers": "num_hidden_layers", "dim": "hidden_size", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "ffn_dim": "intermediate_size",
+    "vocab_size": "vocab_size", "ctx_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+    "rope_base": "rope_theta", "tied_embedding": "tie_word_embeddings",
+}
 
 
 def config_from_hf(cfg: dict, directory: Path) -> ModelConfig:
     """A ModelConfig from an HF config.json, refusing what perfx's LLaMA block cannot run."""
     where = directory / "config.json"
-    arch = architecture(cfg)
+    try:
+        arch = architecture(cfg)
+    except ModelFileError as e:
+        raise ModelFileError(f"{where}: {e}") from None
     if arch not in ARCHITECTURES:
         raise PerfxError(f"{where}: architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    if cfg.get("attention_bias") and arch not in QKV_BIASED:
-        raise PerfxError(f"{where}: {arch} with attention_bias (biases on q/k/v_proj and o_proj) is not supported; "
-                         "perfx's model has biases on q/k/v_proj only (Qwen2ForCausalLM)")
-    if cfg.get("mlp_bias"):
-        raise PerfxError(f"{where}: {arch} with mlp_bias (biases on gate/up/down_proj) is not supported")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise PerfxError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (perfx runs SwiGLU with silu)")
-    scaling = cfg.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise PerfxError(f"{where}: rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise PerfxError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']} is not supported")
+    name = "qwen2" if arch in QKV_BIASED else "llama"
+    refuse_unsupported(where, name, hf_requests(cfg))
 
-    def get(key: str):
-        if cfg.get(key) is None:
-            raise PerfxError(f"{where}: '{key}' is missing; the config is incomplete")
-        return cfg[key]
-
-    dim, n_heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    head_dim = int(cfg.get("head_dim") or dim // n_heads)
-    ctx = int(get("max_position_embeddings"))
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        ctx = min(ctx, int(cfg["sliding_window"]))
-    return ModelConfig(
-        arch="qwen2" if arch in QKV_BIASED else "llama", n_layers=int(get("num_hidden_layers")), dim=dim,
-        n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
-        ffn_dim=int(get("intermediate_size")), vocab_size=int(get("vocab_size")), ctx_len=ctx,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_base=float(cfg.get("rope_theta", 10000.0)),
-        rope_dim=head_dim, tied_embedding=bool(cfg.get("tie_word_embeddings", False)),
-        name=str(cfg.get("_name_or_path") or directory.name),
-    )
+    values = {field: cfg[key] for field, key in HF_KEYS.items() if cfg.get(key) is not None}
+    for field in ("n_layers", "dim", "n_heads", "ffn_dim", "vocab_size", "ctx_len"):
+        if field not in values:
+            raise PerfxError(f"{where}: '{HF_KEYS[field]}' is missing; the config is incomplete")
+    dim, n_heads = values["dim"], values["n_heads"]
+    if "head_dim" not in values and isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0:
+        values["head_dim"] = dim // n_heads
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0 and isinstance(values["ctx_len"], int):
+        values["ctx_len"] = min(values["ctx_len"], window)     # within the window, plain attention is the same
+    values.setdefault("n_kv_heads", n_heads)
+    values.setdefault("norm_eps", 1e-6)
+    values.setdefault("rope_base", 10000.0)
+    values.setdefault("tied_embedding", False)
+    values.update(arch=name, rope_dim=values.get("head_dim", 0), name=str(cfg.get("_name_or_path") or directory.name))
+    return checked_config(values, str(where), HF_KEYS)
 
 
 def awq_config(cfg: dict, directory: Path) -> dict | None:
@@ -140,6 +145,8 @@ def awq_config(cfg: dict, directory: Path) -> dict | None:
         q = read_json(directory / "quant_config.json")
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise ModelFileError(f"{directory}: quantization_config is {q!r:.40}, not an object; the config is corrupt")
     method = q.get("quant_method", "awq")
     if method != "awq":
         raise PerfxError(f"{directory}: quantization method {method!r} is not supported (perfx imports AutoAWQ)")

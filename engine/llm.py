@@ -14,10 +14,10 @@ from typing import Iterator
 import numpy as np
 
 from .chat import ChatTemplate
-from .errors import PerfxError
+from .errors import ModelFileError, PerfxError, reading_model
 from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
-from .model import Transformer, weights_from_tensors
+from .model import Transformer, checked_ids, weights_from_tensors
 from .sampler import Sampler, Sampling
 from .tokenizer import NOTICES as TOKENIZER_NOTICES
 from .tokenizer import Tokenizer
@@ -80,7 +80,7 @@ class LLM:
 
     def forward(self, ids, start_pos: int = 0) -> np.ndarray:
         """Teacher-forced logits [len(ids), vocab], continuing the cache at start_pos."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = checked_ids(ids, self.config.vocab_size)
         if start_pos < 0 or start_pos > len(self.cached):
             raise PerfxError(f"start_pos {start_pos} is past the {len(self.cached)} cached tokens")
         self._check_fits(start_pos + len(ids))
@@ -97,7 +97,7 @@ class LLM:
     def generate(self, prompt_ids, sampling: Sampling = Sampling()) -> Iterator[int]:
         """Yields generated tokens one by one. Tokens already in the cache (a shared prefix with the
         previous call, as in a chat) are not computed again."""
-        prompt = [int(t) for t in prompt_ids]
+        prompt = checked_ids(list(prompt_ids), self.config.vocab_size).tolist()
         if not prompt:
             raise PerfxError("the prompt is empty")
         self._check_fits(len(prompt) + 1)
@@ -126,6 +126,9 @@ class LLM:
         self.cached = prompt[:]
         t_first = time.perf_counter()
         stats.prompt_tokens, stats.prompt_s, stats.ttft_s = len(prompt) - reuse, t_first - t0, t_first - t0
+        if sampling.max_tokens == 0:                 # -n 0: the prompt is read, nothing generated
+            stats.finish = "length"
+            return
         stop = self.tokenizer.eot_ids
         while True:
             if token in stop:
@@ -195,15 +198,47 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     tokenizer = model.tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise PerfxError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}")
+    check_tokenizer(tokenizer, config.vocab_size, path)
     backend, notices = make_backend(device)
-    weights = weights_from_tensors(model.tensors, config, path)
+    with reading_model(path):
+        weights = weights_from_tensors(model.tensors, config, path)
     numpy = backend.name == "numpy"
     need = estimate(config, weight_bytes(weights, dequantized=numpy), ctx,
                     batch_tokens=None if numpy else backend_max_tokens())
     check_available(need.total, f"{config.name or path.name} at --ctx {ctx} ({need.describe()})")
     transformer = Transformer(config, weights, backend, ctx)
+    check_first_logits(transformer, weights, tokenizer, path)
     return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
                notices=[*TOKENIZER_NOTICES, *notices])
+
+
+PROBE_TEXT = "Hello, world! The 3 quick brown foxes: é, ß, 中文, 😀\n\ttabs & <b>tags</b>"
+
+
+def check_tokenizer(tokenizer: Tokenizer, vocab_size: int, path) -> None:
+    """The tokenizer's ids for ordinary text lie in the vocabulary: a tokenizer that does not match the
+    model (e.g. a SentencePiece reading of a byte-level BPE vocabulary) is a file error, found at load."""
+    with reading_model(path):
+        ids = tokenizer.encode(PROBE_TEXT, add_bos=True)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ModelFileError(f"{path}: its tokenizer gives token id {bad[0]} for ordinary text, outside the "
+                             f"{vocab_size} tokens of the model; the tokenizer does not match the model, "
+                             "the file is corrupt")
+
+
+def check_first_logits(transformer: Transformer, weights, tokenizer: Tokenizer, path) -> None:
+    """One token through the model: its logits must be finite, or the file is refused naming the likely cause."""
+    probe = tokenizer.bos_id if tokenizer.bos_id is not None else 0
+    with np.errstate(all="ignore"):          # overflow is what this looks for: no warnings on the way
+        logits = transformer.forward(np.array([probe]), 0, all_logits=False)
+    if np.isfinite(logits).all():
+        return
+    cause = next((f"tensor {t.name} holds NaN or infinite values" for t in weights.tensors()
+                  if not np.isfinite(t.dequantize()).all()),
+                 "the weights overflow: a tensor's values or scales are far out of range (corrupt or mistyped)")
+    raise ModelFileError(f"{path}: the model's first logits are not finite (NaN or inf); likely cause: {cause}; "
+                         "the file is corrupt")
 
 
 def backend_max_tokens() -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
-from .errors import PerfxError
+from .errors import PerfxError, reading_model
 from .tensors import QTensor
 from .tokenizer import Tokenizer
 
@@ -29,8 +29,14 @@ class ModelFile:
 
 def open_model(path: str | Path) -> ModelFile:
     """Reads the file's header and maps its tensors; the kind is recognised from the content:
-    a GGUF file, a perfx file, or a Hugging Face checkpoint directory (plain or AutoAWQ)."""
+    a GGUF file, a perfx file, or a Hugging Face checkpoint directory (plain or AutoAWQ).
+    Whatever the file holds, the only exception is a PerfxError in one line."""
     path = Path(path)
+    with reading_model(path):
+        return _open(path)
+
+
+def _open(path: Path) -> ModelFile:
     if path.is_dir():
         if (path / "config.json").is_file():
             from .hf import read_hf

@@ -68,9 +68,11 @@ def meminfo_available(meminfo: Path = MEMINFO) -> int | None:
     return None
 
 
-def check_available(needed_bytes: int, what: str, available: int | None = None) -> None:
+def check_available(needed_bytes: int, what: str, available: int | None = None,
+                    hint: str = "close apps or use a smaller --ctx") -> None:
     """Raise PerfxError when `needed_bytes` exceed the memory available now (`available`, or
-    measured). Does nothing where the figure cannot be known or PERFX_SKIP_MEMORY_CHECK=1."""
+    measured), with `hint` on what to do. Does nothing where the figure cannot be known or
+    PERFX_SKIP_MEMORY_CHECK=1."""
     if os.environ.get(SKIP_VARIABLE, "") not in ("", "0"):
         return
     if available is None:
@@ -78,7 +80,7 @@ def check_available(needed_bytes: int, what: str, available: int | None = None) 
     if available is None or needed_bytes <= available:
         return
     raise PerfxError(f"not enough memory: {what} needs {_mib(needed_bytes)} MiB, {_mib(available)} MiB available "
-                     "(close apps or use a smaller --ctx)")
+                     f"({hint})")
 
 
 def _mib(n: int) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .tensors import QTensor
-from .errors import PerfxError
+from .errors import PerfxError, TokenIdError
 from .paged import PagedBatch
 
 
@@ -41,13 +41,18 @@ class Weights:
     output_norm: QTensor           # [dim]
     output: QTensor                # [vocab, dim]; the embedding itself when tied
 
+    def tensors(self) -> list[QTensor]:
+        """Every tensor once (the tied embedding too), the small norms first."""
+        tensors = {id(t): t for t in (self.output_norm, *(n for l in self.layers for n in (l.attn_norm, l.ffn_norm)))}
+        tensors.update({id(t): t for l in self.layers for t in (*(l.bqkv or ()), *l.wqkv, l.wo, *l.w_gate_up,
+                                                                 l.w_down)})
+        tensors.update({id(t): t for t in (self.tok_embd, self.output)})
+        return list(tensors.values())
+
     @property
     def nbytes(self) -> int:
         """Bytes of the weights as stored (the tied embedding counted once)."""
-        tensors = {id(t): t for l in self.layers for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up,
-                                                         l.w_down, *(l.bqkv or ()))}
-        tensors.update({id(t): t for t in (self.tok_embd, self.output_norm, self.output)})
-        return sum(t.nbytes for t in tensors.values())
+        return sum(t.nbytes for t in self.tensors())
 
 
 def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> Weights:
@@ -100,6 +105,23 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
     embd = need("token_embd.weight")
     output = need("output.weight") if "output.weight" in t else embd
     return Weights(embd, layers, need("output_norm.weight"), output)
+
+
+def checked_ids(ids, vocab_size: int) -> np.ndarray:
+    """ids as int64 [n], each checked to lie in 0..vocab_size-1: a TokenIdError (a ValueError) in one line
+    otherwise, before any backend indexes its embedding with them."""
+    try:
+        a = np.asarray(ids)
+    except (ValueError, TypeError, OverflowError):
+        a = np.asarray(ids, dtype=object)
+    whole = a.dtype.kind in "iu" or a.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.reshape(-1))
+    if a.ndim != 1 or a.size and not whole:
+        raise TokenIdError(f"token ids must be a flat sequence of integers (got {a.dtype} of shape {list(a.shape)})")
+    bad = [int(v) for v in a[(a < 0) | (a >= vocab_size)][:1]] if a.size else []
+    if bad:
+        raise TokenIdError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens (0..{vocab_size - 1})")
+    return a.astype(np.int64)
 
 
 class Transformer:
@@ -180,6 +202,8 @@ class Transformer:
         attend(qkv, layer) is the attention operator: over a contiguous cache or a paged one."""
         ops, w = self.backend, self.w
         n = len(w.layers)
+        if ids is not None:
+            ids = checked_ids(ids, self.config.vocab_size)
         x = ops.embed(w.tok_embd, ids)
         h = ops.rmsnorm(x, w.layers[0].attn_norm)
         for i, layer in enumerate(w.layers):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -34,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import PerfxError
+from .config import ModelConfig, checked_config
+from .errors import ModelFileError, PerfxError
+from .features import refuse_unsupported, tensor_requests
 from .tensors import QTensor
 from .tokenizer import Tokenizer
 
@@ -91,7 +93,7 @@ def read_safetensors(path: str | Path) -> SafetensorsFile:
     metadata = header.pop("__metadata__", None) or {}
     size = path.stat().st_size
     data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    arrays, dtypes = {}, {}
+    arrays, dtypes, spans = {}, {}, []
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
@@ -99,14 +101,30 @@ def read_safetensors(path: str | Path) -> SafetensorsFile:
             raise PerfxError(f"{path}: the entry for tensor {name} is malformed; the file is corrupt") from None
         if dtype not in _DTYPES:
             raise PerfxError(f"{path}: tensor {name} has dtype {dtype}, which perfx does not read")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and min(shape, default=0) >= 0):
+            raise ModelFileError(f"{path}: tensor {name} has offsets {[begin, end]} and shape {shape}; "
+                                 "the file is corrupt")
         if start + end > size:
             raise PerfxError(f"{path} is truncated: tensor {name} ends past the end of the file")
         np_dtype = np.dtype(_DTYPES[dtype])
-        if end - begin != int(np.prod(shape)) * np_dtype.itemsize:
+        if end - begin != math.prod(shape) * np_dtype.itemsize:
             raise PerfxError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}; the file is corrupt")
         arrays[name] = data[start + begin:start + end].view(np_dtype).reshape(shape)
         dtypes[name] = dtype
+        spans.append((begin, end, name))
+    check_layout(spans, path)
     return SafetensorsFile(path, dict(metadata), arrays, dtypes)
+
+
+def check_layout(spans: list[tuple[int, int, str]], path: Path) -> None:
+    """The tensors' data, (begin, end, name) each, tile the data section without overlap or gap, as the
+    safetensors format requires."""
+    expected, before = 0, "the header"
+    for begin, end, name in sorted(spans):
+        if begin != expected:
+            how = f"overlaps {before}" if begin < expected else f"leaves {begin - expected} unused bytes after {before}"
+            raise ModelFileError(f"{path}: tensor {name} {how}; the file is corrupt")
+        expected, before = end, name
 
 
 def is_perfx(path: Path) -> bool:
@@ -141,6 +159,9 @@ def read_perfx(path: str | Path) -> PerfxModel:
                          "convert the model again with this perfx (or upgrade perfx)")
     config = _config(_json(md, "config", path), path)
     index = _json(md, "tensors", path)
+    if not isinstance(index, dict) or not all(isinstance(e, dict) for e in index.values()):
+        raise ModelFileError(f"{path}: metadata 'tensors' is not an object of tensor entries; the file is corrupt")
+    refuse_unsupported(path, config.arch, tensor_requests(index, config.n_layers))
     tensors = {name: _tensor(name, entry, st, path) for name, entry in index.items()}
     tokenizer = tokenizer_from_metadata(md, path)
     return PerfxModel(path, config, tensors, tokenizer, _json(md, "quantization", path), md)
@@ -153,16 +174,20 @@ def _json(md: dict[str, str], key: str, path: Path):
         raise PerfxError(f"{path}: metadata '{key}' is missing or not JSON; the file is corrupt") from None
 
 
-def _config(d: dict, path: Path) -> ModelConfig:
+def _config(d, path: Path) -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ModelFileError(f"{path}: metadata 'config' is not an object; the file is corrupt")
     names = {f.name for f in fields(ModelConfig)}
-    try:
-        return ModelConfig(**{k: v for k, v in d.items() if k in names})
-    except TypeError as e:
-        raise PerfxError(f"{path}: the model config is incomplete ({e}); the file is corrupt") from None
+    return checked_config({k: v for k, v in d.items() if k in names}, str(path))
 
 
 def _tensor(name: str, entry: dict, st: SafetensorsFile, path: Path) -> QTensor:
-    qtype, shape, group = entry.get("qtype"), tuple(entry.get("shape", ())), int(entry.get("group", 0))
+    qtype, shape, group = entry.get("qtype"), entry.get("shape"), entry.get("group", 0)
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(_count(d) for d in shape)
+            and (group == 0 or _count(group))):
+        raise ModelFileError(f"{path}: tensor {name} has shape {shape!r:.40} and group {group!r:.20}; "
+                             "the file is corrupt")
+    shape = tuple(shape)
     parts = {"F32": {"": "F32"}, "F16": {"": "F16"}, "INT8": {".q": "I8", ".scale": "F16"},
              "INT4": {".q": "U8", ".scale": "F16", ".zero": "F16"}}.get(qtype)
     if parts is None:
@@ -202,6 +227,11 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, str]:
     template = config.pop("chat_template", None) or ""
     return {"tokenizer_file": name, "tokenizer": base64.b64encode(blob).decode("ascii"),
             "tokenizer_config": json.dumps(config, ensure_ascii=False), "chat_template": template}
+
+
+def _count(v) -> bool:
+    """v is a positive integer (a dimension or a group size)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 40
 
 
 def tokenizer_from_metadata(md: dict[str, str], path: Path) -> Tokenizer:

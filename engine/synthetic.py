@@ -166,3 +166,89 @@ def synthetic_weights(shape: Shape, seed: int = 0) -> Weights:
     output = embd if shape.tied else random_q8_0("output.weight", shape.vocab_size, shape.dim,
                                                  1 / math.sqrt(shape.dim), _rng(seed, n, 1))
     return Weights(embd, layers, _norm("output_norm.weight", shape.dim, _rng(seed, n, 2)), output)
+
+
+# ---- as a GGUF file, for engines that load files (llama.cpp) ----------------------------------------
+
+Q4_0_BLOCK, Q4_0_BYTES = 32, 18
+UNIFORM_Q4_0_STD = math.sqrt((16 * 16 - 1) / 12)      # std of q - 8, q uniform in 0..15
+
+
+def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw Q4_0 blocks uint8 [rows, cols/32*18] (fp16 d, 16 bytes of nibbles; w = (q - 8) * d) whose weights
+    have std about 1/sqrt(cols)."""
+    blocks = rows * cols // Q4_0_BLOCK
+    raw = np.empty((blocks, Q4_0_BYTES), np.uint8)
+    raw[:, 2:] = rng.bit_generator.random_raw(-(-blocks * 16 // 8)).view(np.uint8)[: blocks * 16].reshape(blocks, 16)
+    d = (rng.uniform(0.75, 1.25, blocks) / (UNIFORM_Q4_0_STD * math.sqrt(cols))).astype(np.float16)
+    raw[:, :2] = d.view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, cols // Q4_0_BLOCK * Q4_0_BYTES)
+
+
+def tokenizer_fields(path: str) -> list[tuple[str, object, object, object]]:
+    """The tokenizer.* metadata of a GGUF file: (key, value, type, array element type) each."""
+    import gguf
+
+    out = []
+    for name, field in gguf.GGUFReader(path).fields.items():
+        if name.startswith("tokenizer."):
+            vtype = field.types[0]
+            out.append((name, field.contents(), vtype, field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None))
+    return out
+
+
+def write_gguf(shape: Shape, path: str, tokenizer_from: str, seed: int = 0) -> int:
+    """Writes a GGUF file of `shape` (llama architecture) with random Q4_0 layer matrices, Q8_0 embedding
+    and output, F32 norms, and the tokenizer (and so the vocabulary) of the GGUF `tokenizer_from`, so that
+    perfx and llama.cpp load the very same weights. Written to a temporary file, renamed into place.
+    Returns the vocabulary size."""
+    import os
+
+    import gguf
+
+    fields = tokenizer_fields(tokenizer_from)
+    vocab = next((len(v) for k, v, *_ in fields if k == "tokenizer.ggml.tokens"), 0)
+    if not vocab:
+        raise PerfxError(f"{tokenizer_from} has no tokenizer.ggml.tokens: give a GGUF model file with a tokenizer")
+    tmp = f"{path}.tmp{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(f"perfx synthetic {shape.name}")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_context_length(shape.ctx_len)
+    w.add_embedding_length(shape.dim)
+    w.add_block_count(shape.n_layers)
+    w.add_feed_forward_length(shape.ffn_dim)
+    w.add_head_count(shape.n_heads)
+    w.add_head_count_kv(shape.n_kv_heads)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_freq_base(shape.rope_base)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    for key, value, vtype, sub in fields:
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    q4, q8, f32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32
+    n = shape.n_layers
+
+    def q8_0(name: str, std: float, key: int) -> None:
+        t = random_q8_0(name, vocab, shape.dim, std, _rng(seed, n, key))
+        w.add_tensor(name, t.raw, raw_dtype=q8)
+
+    q8_0("token_embd.weight", 1.0, 0)
+    for i in range(n):
+        for k, (name, rows, cols) in enumerate(shape.matrices()):
+            w.add_tensor(f"blk.{i}.{name}.weight", random_q4_0(rows, cols, _rng(seed, i, k)), raw_dtype=q4)
+        for name, key in (("attn_norm", 100), ("ffn_norm", 101)):
+            w.add_tensor(f"blk.{i}.{name}.weight", _norm("", shape.dim, _rng(seed, i, key)).raw, raw_dtype=f32)
+    w.add_tensor("output_norm.weight", _norm("", shape.dim, _rng(seed, n, 2)).raw, raw_dtype=f32)
+    if not shape.tied:
+        q8_0("output.weight", 1 / math.sqrt(shape.dim), 1)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return vocab

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from engine.errors import PerfxError
-from perfxcli.main import command, err
+from perfxcli.main import check_threads, command, err
 
 VS_CHOICES = ("llama.cpp",)
 
@@ -25,7 +25,7 @@ def bench(
         "128", "-n", "--n-gen", help="Generation lengths (tgN tests), comma-separated; 0: none."),
     pg: Optional[List[str]] = typer.Option(
         None, "-pg", help="A prompt then a generation, 'P,N' (a ppP+tgN test); may be repeated."),
-    reps: int = typer.Option(5, "-r", "--repetitions", help="Timed runs of each test, after one warm-up."),
+    reps: int = typer.Option(5, "-r", "--repetitions", min=1, help="Timed runs of each test, after one warm-up."),
     threads: Optional[str] = typer.Option(
         None, "-t", "--threads", help="CPU threads, comma-separated (default: every CPU of this process)."),
     device: str = typer.Option(
@@ -33,8 +33,11 @@ def bench(
     output: str = typer.Option("md", "-o", "--output", help="md | json | jsonl | csv (to standard output)."),
     vs: Optional[str] = typer.Option(
         None, "--vs", help="Also run the tests through llama.cpp (llama-cpp-python), alternating: --vs llama.cpp."),
-    ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
-    cooldown: float = typer.Option(0.0, "--cooldown", min=0.0,
+    llama_bench: Optional[str] = typer.Option(
+        None, "--llama-bench", help="With --vs llama.cpp: a llama-bench binary (a GPU build, say) as the peer."),
+    llama_fa: int = typer.Option(1, "--llama-fa", min=0, max=1, help="The llama-bench peer's flash attention (-fa)."),
+    ctx: int = typer.Option(2048, "--ctx", min=1, help="Context each model is loaded with (raised to the longest test)."),
+    cooldown: float = typer.Option(0.0, "--cooldown", min=0.0, max=3600.0,
                                    help="Seconds to rest before each timed run (phones: thermal throttling)."),
 ):
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
@@ -57,15 +60,32 @@ def bench(
         ctx=ctx,
         vs_llama_cpp=vs is not None,
         cooldown=cooldown,
+        llama_bench=llama_bench,
+        llama_fa=llama_fa,
     )
-    if vs is not None and not b.llama_cpp_available():
+    if llama_bench is not None:
+        from engine.bench_peer import check_binary
+
+        if vs is None:
+            raise PerfxError("--llama-bench is the peer of --vs llama.cpp: add --vs llama.cpp")
+        config.llama_bench = check_binary(llama_bench)
+    elif vs is not None and not b.llama_cpp_available():
         raise PerfxError(b.INSTALL_HINT)
     if synthetic is not None:
-        config.models += [b.describe_synthetic(name) for name in b.parse_list(synthetic, "--synthetic")]
+        names = b.parse_list(synthetic, "--synthetic")
+        if vs is not None:           # llama.cpp loads files: the shape as a GGUF of random Q4_0 weights
+            from engine.bench_peer import synthetic_gguf
+
+            config.models += [b.describe_file(synthetic_gguf(name, config.seed)) for name in names]
+        else:
+            config.models += [b.describe_synthetic(name) for name in names]
     if model is not None or synthetic is None:
         names = b.parse_list(model, "-m") if model is not None else [None]
         config.models += [b.describe_model(name, progress=True) for name in names]
     config.validate()
+    for t in config.threads:
+        check_threads(t)
+    check_memory(config)
 
     quiet = output != "md" or not err.is_terminal
     columns = [SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
@@ -87,3 +107,22 @@ def bench(
     if run.interrupted:
         err.print(f"interrupted: {len(run.results)} of {run.n_tests} tests finished")
         raise typer.Exit(130)
+
+
+def check_memory(config) -> None:
+    """Refuse a synthetic shape that cannot fit in the memory available now, before building it (a model
+    file is checked as it loads): on NumPy its weights are float32, elsewhere int4 as generated."""
+    from engine.memory import check_available, estimate
+    from engine.synthetic import get_shape
+
+    for model in config.models:
+        if model.shape is None:
+            continue
+        shape, ctx = get_shape(model.shape), config.n_ctx(model)
+        for device in config.devices:
+            numpy = device.strip().lower() == "numpy"
+            need = estimate(shape.config(), 4 * shape.n_params if numpy else shape.nbytes, ctx,
+                            batch_tokens=None if numpy else 512)
+            check_available(need.total, f"--synthetic {model.name} on --device {device} at --ctx {ctx} "
+                                        f"({need.describe()})",
+                            hint="close apps, or use a smaller --ctx or another --device")

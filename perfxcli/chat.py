@@ -31,7 +31,7 @@ from rich.segment import Segment
 from engine.errors import PerfxError
 from engine.registry import HOME_ENV
 from engine.sampler import Sampling
-from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load
+from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import Completer
@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/system": ("TEXT", "set the system prompt; without TEXT, show it"),
     "/set": ("KEY=VALUE …", "sampling settings; without arguments, show them"),
     "/stats": ("", "timings of the last reply, context use"),
+    "/show": ("", "the model: architecture, quantization, context, template, file"),
     "/save": ("FILE", "save the conversation as JSON"),
     "/load": ("FILE", "load a conversation saved by /save"),
     "/exit": ("", "leave (also Ctrl-D, or Ctrl-C on an empty line)"),
@@ -286,7 +287,7 @@ class ChatUI:
         self.name, self.quant = model_label(session.llm)
         self.handlers: dict[str, Callable[[str], None]] = {
             "/help": self.help, "/reset": self.reset, "/system": self.system, "/set": self.set,
-            "/stats": self.stats, "/save": self.save, "/load": self.load,
+            "/stats": self.stats, "/show": self.show, "/save": self.save, "/load": self.load,
         }
 
     @property
@@ -305,6 +306,7 @@ class ChatUI:
             [("class:prompt", "❯ ")], multiline=True, key_bindings=key_bindings(), history=history,
             completer=slash_completer(), complete_while_typing=True, auto_suggest=AutoSuggestFromHistory(),
             prompt_continuation=lambda width, line, wrap: "· ".rjust(width), placeholder=self._placeholder,
+            erase_when_done=True,       # the sent message is printed whole by echo(), however tall
             bottom_toolbar=self._toolbar, style=Style.from_dict(
                 {"prompt": "ansigreen bold", "placeholder": "ansibrightblack",
                  "bottom-toolbar": "noreverse ansibrightblack"}),
@@ -315,6 +317,7 @@ class ChatUI:
                 line = prompt.prompt()
             except (EOFError, KeyboardInterrupt):
                 break
+            self.echo(line)
             if not self.handle(line):
                 break
             if line.strip():
@@ -327,8 +330,8 @@ class ChatUI:
                 break
 
     def handle(self, line: str) -> bool:
-        """Act on one input: a message or a slash command. False means leave."""
-        text = line.strip()
+        """Act on one input: a message or a slash command. False means leave. No error ends the chat."""
+        text = valid_text(line).strip()
         if not text:
             return True
         try:
@@ -339,6 +342,8 @@ class ChatUI:
             self.error(str(e))
         except KeyboardInterrupt:
             self.note("interrupted")
+        except Exception as e:
+            unexpected(e)
         return True
 
     def command(self, text: str) -> bool:
@@ -462,7 +467,8 @@ class ChatUI:
             s = reply.stats
             table.add_row("prompt", f"{s.prompt_tokens} tokens prefilled ({reply.reused_tokens} cached) in "
                                     f"{s.prompt_s:.2f} s, {s.prompt_tps:.1f} t/s")
-            table.add_row("reply", f"{len(reply.tokens)} tokens in {s.gen_s:.2f} s, {s.gen_tps:.1f} t/s · "
+            rate = f", {s.gen_tps:.1f} t/s" if len(reply.tokens) > 1 else ""   # one token has no rate
+            table.add_row("reply", f"{len(reply.tokens)} tokens in {s.gen_s:.2f} s{rate} · "
                                    f"first token {s.ttft_s:.2f} s · {reply.finish}")
         else:
             table.add_row("last reply", "none yet")
@@ -474,6 +480,12 @@ class ChatUI:
         table.add_row("device", llm.device)
         table.add_row("sampling", describe_settings(session.sampling))
         self.console.print(table, highlight=False)
+
+    def show(self, _: str = "") -> None:
+        from perfxcli.models_cmd import describe, show_lines
+
+        for line in show_lines(describe(None, self.llm.path)):
+            self.console.print(escape(line), highlight=False)
 
     def save(self, arg: str) -> None:
         path = self.session.conversation.save(arg or time.strftime("chat-%Y%m%d-%H%M%S.json"))
@@ -488,6 +500,20 @@ class ChatUI:
         self.note(f"loaded {len(self.session.conversation.turns)} turns from {arg}")
 
     # ------------------------------------------------------------------ output
+
+    def echo(self, line: str) -> None:
+        """The message as it was typed, all of it: prompt-toolkit shows only the part of a tall input
+        that fits the screen, and leaves that behind when it is sent."""
+        from rich.text import Text
+
+        if not line.strip():
+            return
+        text = Text()
+        for i, part in enumerate(line.rstrip("\n").split("\n")):
+            text.append("\n" if i else "")
+            text.append("❯ " if i == 0 else "· ", style="bold green" if i == 0 else "dim")
+            text.append(part)
+        self.console.print(text, highlight=False)
 
     def header(self) -> None:
         quant = f" [cyan]{self.quant}[/]" if self.quant else ""
@@ -534,7 +560,7 @@ def chat(
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
     min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: same seed, same replies."),
-    n: Optional[int] = typer.Option(None, "-n", "--n-predict", help="Most tokens per reply (default: what the context holds)."),
+    n: Optional[int] = typer.Option(None, "-n", "--n-predict", min=1, help="Most tokens per reply (default: what the context holds)."),
 ):
     """Chat with a model in the terminal. With standard input not a terminal: one message per line, plain replies."""
     from engine.conversation import ChatSession, Conversation
@@ -545,7 +571,7 @@ def chat(
         llm = load(model, device, ctx, threads)
     if n is None:
         sampling = sampling.with_(max_tokens=llm.ctx)
-    session = ChatSession(llm, Conversation(system=system), sampling)
+    session = ChatSession(llm, Conversation(system=None if system is None else valid_text(system)), sampling)
     if sys.stdin.isatty() and sys.stdout.isatty():
         ChatUI(session, Console(highlight=False)).run_tui(_file_history())
     else:

@@ -44,7 +44,7 @@ def convert(
 
     src = _source(source)
     columns = [TextColumn(f"{quant}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeElapsedColumn()]
-    with Progress(*columns, console=err) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("layers", total=None)
 
         def on_layer(done: int, total: int) -> None:

@@ -2,6 +2,7 @@
 bandwidth (measured once, then read from devices.json), with the NumPy backend last."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -46,11 +47,40 @@ def _numpy_row() -> list[str]:
             str(os.cpu_count() or "?"), "—", "—", "—"]
 
 
-def devices_command(measure: bool = True) -> None:
+def devices_json(found: list, measure: bool, err: Console) -> str:
+    """The devices as a JSON list (bytes and bytes/s), the NumPy backend last."""
+    import psutil
+
+    rows: list[dict[str, Any]] = []
+    for info, handle in found:
+        reason = dev.probe(handle)
+        bandwidth, note = None, None if reason is None else f"cannot build kernels: {reason}"
+        if reason is None:
+            try:
+                bandwidth = dev.bandwidth(info, measure=False)
+                if bandwidth is None and measure:
+                    bandwidth = dev.bandwidth(handle)
+            except PerfxError as e:
+                note = str(e)
+        rows.append({"id": info.id, "platform": info.platform_name, "platform_label": info.platform_label,
+                     "device": info.name, "type": info.type, "memory_bytes": info.global_mem,
+                     "compute_units": info.compute_units, "images": info.has_images, "fp16": info.has_fp16,
+                     "copy_bytes_per_s": bandwidth, "note": note})
+    rows.append({"id": "numpy", "platform": "NumPy", "platform_label": "reference backend (host CPU)",
+                 "device": "host CPU", "type": "cpu", "memory_bytes": psutil.virtual_memory().total,
+                 "compute_units": os.cpu_count(), "images": None, "fp16": None, "copy_bytes_per_s": None,
+                 "note": None})
+    return json.dumps(rows, indent=2)
+
+
+def devices_command(measure: bool = True, as_json: bool = False) -> None:
     """Prints the table of devices; `measure` measures the bandwidth of devices not yet in the cache."""
-    out = Console() if sys.stdout.isatty() else Console(width=160)
+    out = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True, highlight=False)
     found = dev.enumerate_devices()
+    if as_json:
+        print(devices_json(found, measure, err))
+        return
     table = Table(title="perfx devices")
     for name, right in (("id", False), ("platform", False), ("device", False), ("type", False),
                         ("memory GiB", True), ("CUs", True), ("images", False), ("fp16", False),

@@ -36,6 +36,8 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting to join the batch; past it, HTTP 429."),
     kv_tokens: Optional[int] = typer.Option(None, "--kv-tokens",
                                             help="KV pool size in tokens (default: max-batch x ctx, at most 8192)."),
+    alias: list[str] = typer.Option([], "--alias", help="Another name clients may send as \"model\" (repeat it); "
+                                                         "'*' accepts any name, as llama-server does."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PERFX_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every route but /health."),
 ):
@@ -55,7 +57,7 @@ def serve(
     if not hasattr(llm.transformer.backend, "paged_attention"):
         raise PerfxError(f"{llm.device} cannot run batched steps yet; serve with --device numpy")
     scheduler = Scheduler(llm, config)
-    app = create_app(llm, scheduler, ServerConfig(model_id=name, api_key=api_key))
+    app = create_app(llm, scheduler, ServerConfig(model_id=name, aliases=tuple(alias), api_key=api_key))
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host} without --api-key: anyone who reaches it can use it[/]")
     blocks = scheduler.blocks

@@ -103,3 +103,37 @@ def test_loop_controls_and_strftime() -> None:
     source = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
               "{{ m.content }}{% endfor %}|{{ strftime_now('%Y') | length }}")
     assert ChatTemplate(source).render(CONVERSATION) == "You are terse.|4"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ 'x' * 10**8 }}",
+    "{{ 10**8 * 'x' }}",
+    "{{ ([0] * 10**8) | length }}",
+    "{{ 'x' | center(10**8) }}",
+    "{{ 'x'.ljust(10**8) }}",
+    "{{ 2 ** (10 ** 8) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "{% set ns = namespace(s='x') %}{% for i in range(27) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+])
+def test_template_size_budget(source: str) -> None:
+    """A template that would make a huge string, list or number is stopped before it makes it."""
+    with pytest.raises(PerfxError, match="chat template"):
+        ChatTemplate(source).render(QUESTION)
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}",
+    "{% set s = 'x' * 3000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(22) }}",
+])
+def test_template_time_budget(source: str) -> None:
+    """Loops or calls that run for long (here seconds; for ever in a hostile file) stop at the deadline."""
+    import time
+
+    template = ChatTemplate(source)
+    template.max_seconds = 0.2
+    start = time.monotonic()
+    with pytest.raises(PerfxError, match="did not finish within 0.2 s"):
+        template.render(QUESTION)
+    assert time.monotonic() - start < 1.0

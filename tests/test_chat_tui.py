@@ -73,6 +73,20 @@ def test_alt_enter_and_pasted_newlines_stay_one_message(ui):
     assert user_messages(ui) == ["one\ntwo", "pasted\nlines"]
 
 
+def test_one_token_reply_prints_no_rate(ui):
+    ui.session.sampling = SAMPLING.with_(max_tokens=1)
+    out = type_keys(ui, "the thin hen" + ENTER + "/stats" + ENTER)
+    assert len(ui.session.last.tokens) == 1
+    assert re.search(r"reply 1 tok · first token", out), out
+    assert re.search(r"1 tokens in \d+\.\d+ s · first token", out), out
+
+
+def test_show_describes_the_model(ui):
+    out = type_keys(ui, "/show" + ENTER)
+    assert re.search(r"architecture +llama", out) and re.search(r"context +128 tokens", out)
+    assert str(ui.llm.path) in out and "{% for message in messages %}" in out
+
+
 def test_ctrl_c_clears_the_line_then_leaves(ui):
     type_keys(ui, "never sent" + CTRL_C + CTRL_C + "not typed" + ENTER)
     assert user_messages(ui) == []
@@ -186,7 +200,7 @@ def test_tab_completion(tmp_path):
         return [c.text for c in completer.get_completions(Document(text), CompleteEvent(completion_requested=True))]
 
     assert complete("/he") == ["/help"]
-    assert complete("/s") == ["/system", "/set", "/stats", "/save"]
+    assert complete("/s") == ["/system", "/set", "/stats", "/show", "/save"]
     assert complete("/set temp=1 top") == ["top_k=", "top_p="]
     (tmp_path / "chat.json").write_text("{}")
     assert complete(f"/load {tmp_path}/ch") == ["at.json"]
@@ -301,5 +315,29 @@ def test_end_to_end_in_tmux(default_model_path, tmp_path):
         tmux.send("/exit", "Enter")
         tmux.wait_for("EXIT=0", timeout=30)
         assert "What is the capital of France?" in (home / "history").read_text()
+    finally:
+        tmux.close()
+
+
+def test_a_paste_taller_than_the_screen_stays_visible(tiny_gguf, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    path, *_ = tiny_gguf
+    command = (f"{shlex.quote(sys.executable)} -m perfxcli chat -m {shlex.quote(str(path))} --device numpy "
+               "--temp 0 -n 2; echo EXIT=$?; sleep 120")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PERFX_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
+    tmux = Tmux(tmp_path / "tmux.sock", f"cd {shlex.quote(str(ROOT))} && {command}", env)
+    lines = [f"pasted line {i:02d}" for i in range(1, 61)]          # taller than the 40-line window
+    paste = tmp_path / "paste.txt"
+    paste.write_text("\n".join(lines))
+    try:
+        tmux.wait_for("Send a message")
+        subprocess.run([*tmux.base, "load-buffer", str(paste)], check=True, timeout=30)
+        subprocess.run([*tmux.base, "paste-buffer", "-p", "-t", "chat"], check=True, timeout=30)
+        tmux.wait_for("pasted line 60")
+        tmux.send("Enter")
+        screen = tmux.wait_for("error: the message is too long")
+        sent = screen.rpartition("❯ pasted line 01")[2].partition("error:")[0]
+        assert [line.removeprefix("· ").strip() for line in sent.strip().splitlines()] == lines[1:]
     finally:
         tmux.close()

@@ -35,7 +35,8 @@ def test_run_raw_json_on_tiny_model(tiny_gguf):
     path, *_ = tiny_gguf
     result = perfx("run", "the thin", "-m", str(path), "--raw", "--temp", "0", "-n", "5", "--json")
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    *tokens, out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert out["done"] and [t["id"] for t in tokens] == out["ids"] and "".join(t["text"] for t in tokens) == out["text"]
     assert len(out["ids"]) <= 5 and out["prompt_ids"] and out["timings"]["prompt_tokens"] == len(out["prompt_ids"])
 
 

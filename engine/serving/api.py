@@ -43,6 +43,7 @@ MAX_STOPS = 4
 class ServerConfig:
     model_id: str                    # the name clients put in "model"
     api_key: str | None = None       # when set, every route but /health needs "Authorization: Bearer KEY"
+    aliases: tuple[str, ...] = ()    # other names accepted in "model"; "*" accepts any name, as llama-server does
 
 
 class ApiError(Exception):
@@ -251,7 +252,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServerConfig) -> Starlett
 
     def check_model(data: dict) -> str:
         model = field(data, "model", (str,), config.model_id)
-        if model != config.model_id:
+        if model != config.model_id and model not in config.aliases and "*" not in config.aliases:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{config.model_id}'",
                            param="model", code="model_not_found")
         return model

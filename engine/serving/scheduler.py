@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import PerfxError
 from ..llm import LLM
+from ..memory import check_available
 from ..paged import PagedBatch
 from ..sampler import Sampler, Sampling
 from ..tokenizer import StreamDecoder
@@ -56,6 +57,8 @@ class SchedulerConfig:
             raise PerfxError(f"--max-queue must be at least 0 (got {self.max_queue})")
         if self.block_size < 1:
             raise PerfxError(f"the KV block size must be at least 1 (got {self.block_size})")
+        if self.kv_tokens is not None and self.kv_tokens < 1:
+            raise PerfxError(f"--kv-tokens must be at least 1 (got {self.kv_tokens})")
         if self.step_tokens <= self.max_batch:
             raise PerfxError(f"the step budget ({self.step_tokens} tokens) must exceed --max-batch "
                              f"({self.max_batch}) so prompts get prefilled while the batch decodes")
@@ -165,6 +168,9 @@ class Scheduler:
         self.backend = backend = llm.transformer.backend
         block_size = config.block_size
         n_blocks = -(-config.pool_tokens(llm.ctx) // block_size)
+        c = llm.transformer.config
+        check_available(2 * c.n_layers * n_blocks * block_size * c.kv_dim * 4,      # K and V, float32
+                        f"a KV pool of {n_blocks * block_size} tokens", hint="give a smaller --kv-tokens")
         backend.kv_pool(n_blocks, block_size)
         self.blocks = BlockAllocator(backend.n_blocks, backend.block_size)
         limit = getattr(backend, "max_tokens", None) or config.step_tokens

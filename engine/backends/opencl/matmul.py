@@ -23,7 +23,9 @@ for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quan
 of 32 with integer products, `int_dot`, for int8 weights too; the norms write both for the int4 products
 that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
-tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. The GEMV also takes
+tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
+database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
+(scheme "mma", gemm_mma.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -40,7 +42,7 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from ...tensors import QTensor
-from . import weights
+from . import gemm_mma, weights
 from .runtime import Runtime
 
 RT = 4                                # rows per tile
@@ -69,9 +71,15 @@ DEFAULT_PARAMS: dict[str, int | bool] = {
     "tiled_tr": 6,          # tokens per work-item
     "tiled_kc": 0,          # chunks of 128 of K staged per barrier (0: all of K, as local memory allows)
     "tiled_x_local": 0,     # stage X in local memory too (0: read it from global memory)
+    "gemm_mma": "off",      # many-token int4 GEMM on matrix units: "off", "ptx", "emulated" (gemm_mma.py)
+    "mma_min_tokens": 64,   # T from this uses it
+    "mma_bn": 128,          # rows per work-group
+    "mma_bt": 64,           # tokens per work-group
+    "mma_wm": 64,           # rows per warp
+    "mma_wn": 32,           # tokens per warp
 }
 
-SCHEMES = ("gemv", "few", "tiled")
+SCHEMES = ("gemv", "few", "tiled", "mma")
 LOAD_ROWS = 4096                      # rows packed at a time when a large matrix is loaded
 
 
@@ -350,6 +358,7 @@ class Matmul:
         self._plans: dict[tuple, _Plan] = {}
         self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
         self.int_dot = self._int_dot_works()
+        self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
@@ -369,6 +378,8 @@ class Matmul:
         """The kernel used for T tokens: "gemv", "few" or "tiled"."""
         if T == 1:
             return "gemv"
+        if self.mma is not None and T >= self.mma.min_tokens:
+            return "mma"
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
@@ -421,8 +432,12 @@ class Matmul:
         if x.size < T * K * 4 or y.size < T * N * 4:
             raise PerfxError(f"matmul buffers too small for x [{T}, {K}] and y [{T}, {N}]")
         defines = {**w.defines, "SWIGLU": op == "swiglu"}
+        if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K) or w.scale_f32):
+            scheme = "tiled"                     # int8, f16, float32 scales or K % 64 != 0: the portable GEMM
         if scheme == "gemv":
             steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
+        elif scheme == "mma":
+            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op == "swiglu")
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))

@@ -7,6 +7,7 @@ source, options and device, so a second start builds nothing.
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +52,10 @@ class Runtime:
             directory = cache_dir()
             directory.mkdir(parents=True, exist_ok=True)
             try:
-                prg = cl.Program(self.ctx, kernel_source(name)).build(options=list(options), cache_dir=str(directory))
+                with warnings.catch_warnings():   # a compiler's remarks (PoCL's vector-ABI notes) are no user's business
+                    warnings.simplefilter("ignore", cl.CompilerWarning)
+                    prg = cl.Program(self.ctx, kernel_source(name)).build(options=list(options),
+                                                                          cache_dir=str(directory))
             except cl.RuntimeError as e:
                 log = str(e).strip().splitlines()
                 raise PerfxError(

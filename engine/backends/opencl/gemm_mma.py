@@ -1,0 +1,114 @@
+"""The many-token GEMM on matrix units (kernels/gemm_mma.cl): int4 weights dequantized to fp16 tiles in
+local memory, activations converted to fp16 beside them, products by NVIDIA's mma.sync through inline
+PTX with f32 accumulators.
+
+`MmaGemm` is made by `Matmul` when the tuning database asks for it (matmul parameter gemm_mma):
+  "off"       never (the default; CPUs and GPUs without the instruction);
+  "ptx"       the PTX instruction, checked at load (`probe`: a small product against NumPy); a device whose
+              compiler rejects it, or whose result is wrong, falls back to the portable tiled GEMM, and
+              the reason goes to stderr once;
+  "emulated"  the same kernel with the instruction replaced by ordinary arithmetic (slow), so that a CPU
+              checks the staging, tiles and epilogue.
+It takes int4 matrices with K % 64 == 0 and T >= mma_min_tokens; everything else keeps its scheme.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyopencl as cl
+
+from ...errors import PerfxError
+from .runtime import Runtime
+
+MODES = ("off", "ptx", "emulated")
+KS, PAD = 64, 8                       # K elements per stage, halves of padding per local row (gemm_mma.cl)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class MmaGemm:
+    """Launches of gemm_mma for one device, with its tile parameters (mma_bn, mma_bt, mma_wm, mma_wn)."""
+
+    def __init__(self, rt: Runtime, params: dict):
+        mode = params["gemm_mma"]
+        if mode not in MODES:
+            raise PerfxError(f"gemm_mma must be one of {MODES}, got {mode!r}")
+        self.rt, self.mode = rt, mode
+        self.bn, self.bt, self.wm, self.wn = (int(params[k]) for k in ("mma_bn", "mma_bt", "mma_wm", "mma_wn"))
+        self.min_tokens = int(params["mma_min_tokens"])
+        if self.bn % self.wm or self.bt % self.wn or self.wm % 16 or self.wn % 8:
+            raise PerfxError(f"mma tiles: mma_bn % mma_wm, mma_bt % mma_wn, mma_wm % 16 and mma_wn % 8 must be 0, "
+                             f"got {self.bn}, {self.bt}, {self.wm}, {self.wn}")
+        self.nwi = 32 * (self.bn // self.wm) * (self.bt // self.wn)
+        self.local_bytes = (self.bn + self.bt) * (KS + PAD) * 2
+
+    def takes(self, fmt: str, K: int) -> bool:
+        """Whether it can multiply a matrix of this format and width (T >= min_tokens: Matmul.scheme)."""
+        return fmt == "int4" and K % KS == 0
+
+    def _defines(self, G: int, swiglu: bool) -> dict:
+        return {"G": G, "BN": self.bn, "BT": self.bt, "WM": self.wm, "WN": self.wn,
+                "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu}
+
+    def steps(self, w, x: cl.Buffer, y: cl.Buffer, T: int, K: int, N: int, accumulate: bool,
+              swiglu: bool) -> tuple[list, tuple]:
+        """The launches (kernel with arguments set, global size, local size) of y [T, N] (+)= x @ W^T
+        (swiglu: N outputs from 2N rows): x to fp16, then the product; and the buffers they hold."""
+        program = self.rt.program("gemm_mma", **self._defines(w.group, swiglu))
+        xh = self.rt.empty(2 * T * K)                                  # fp16 [T, K]
+        to_half = cl.Kernel(program, "x_to_half")
+        to_half.set_args(x, xh, np.int32(T * K))
+        kernel = cl.Kernel(program, "gemm_mma")
+        kernel.set_args(w.buf, xh, y, np.int32(T), np.int32(K), np.int32(N), np.int32(accumulate))
+        out_n = self.bn // 2 if swiglu else self.bn
+        return [(to_half, (_ceil_div(T * K // 4, 256) * 256,), (256,)),
+                (kernel, (self.nwi * _ceil_div(T, self.bt), _ceil_div(N, out_n)), (self.nwi, 1))], (xh,)
+
+    def probe(self) -> str | None:
+        """None when the kernel builds, fits the device and matches NumPy on a small product (two
+        work-groups each way, a 64-chunk, partial tiles); else why not."""
+        from .matmul import DeviceMatrix
+
+        dev = self.rt.device
+        if self.local_bytes > dev.local_mem_size - 1024 or self.nwi > dev.max_work_group_size:
+            return (f"tiles of {self.bn} x {self.bt} need {self.local_bytes} bytes of local memory and "
+                    f"{self.nwi} work-items; the device has {dev.local_mem_size} and {dev.max_work_group_size}")
+        rng = np.random.default_rng(7)
+        T, K, N = self.bt + 3, 192, self.bn + 5
+        q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+        scale = rng.uniform(0.01, 0.02, (N, K // 32)).astype(np.float16)
+        zero = (-8 * scale).astype(np.float16)
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        w = (q * np.repeat(scale, 32, axis=1).astype(np.float32) + np.repeat(zero, 32, axis=1)).astype(np.float16)
+        want = x.astype(np.float16).astype(np.float64) @ w.astype(np.float64).T
+        try:
+            dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
+            xb = self.rt.to_device(x)
+            yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
+            steps, keep = self.steps(dm, xb, yb, T, K, N, False, False)
+            for kernel, gsize, lsize in steps:
+                cl.enqueue_nd_range_kernel(self.rt.queue, kernel, gsize, lsize)
+            got = self.rt.read(yb, (T, N))
+            del keep
+        except (PerfxError, cl.Error) as e:
+            return str(e).splitlines()[0][:200]
+        err = float(np.nanmax(np.abs(got - want))) if np.isfinite(got).all() else float("inf")
+        if not err <= 1e-3 * np.abs(want).max():
+            return f"its result differs from NumPy's by {err:.3g}"
+        return None
+
+
+def make(rt: Runtime, params: dict) -> MmaGemm | None:
+    """The device's MmaGemm, or None where gemm_mma is off or the probe fails (said on stderr)."""
+    if params["gemm_mma"] == "off":
+        return None
+    gemm = MmaGemm(rt, params)
+    why = gemm.probe()
+    if why is not None:
+        print(f"perfx: {rt.device.name.strip()}: the tensor-core GEMM is not used ({why}); "
+              "prefill uses the portable tiled GEMM", file=sys.stderr)
+        return None
+    return gemm

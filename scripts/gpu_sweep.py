@@ -1,0 +1,159 @@
+"""A short tuning sweep of the kernels that bound a GPU's prefill and decode on LLaMA-7B's shape, each
+variant timed alone (median of 5 runs of `reps` launches after a warm-up):
+
+  mma GEMM tiles (12288x4096, T = 512), GEMV (12288x4096 and 4096x11008, T = 1), prefill attention
+  (T = 512 from position 0), decode attention (T = 1 at position 511), add_rmsnorm (T = 1 and 512).
+
+    python3 scripts/gpu_sweep.py [--platform nvidia] [--write]
+
+prints one table per kernel; --write stores the fastest of each as the device's tuned parameters
+(the tuner's file, engine/backends/opencl/tuning.py write_override), which perfx then loads.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def timed(run, sync, reps: int = 10) -> float:
+    run()
+    sync()
+    out = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            run()
+        sync()
+        out.append((time.perf_counter() - t) / reps)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--platform", default="nvidia")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--parts", default="mma,gemv,attention,norm", help="which kernels, comma-separated")
+    a = ap.parse_args()
+
+    import pyopencl as cl
+
+    from engine.backends.opencl import fused as fz
+    from engine.backends.opencl.devices import describe
+    from engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
+    from engine.backends.opencl.runtime import Runtime
+    from engine.backends.opencl.tuning import params_for, write_override
+    from engine.synthetic import get_shape
+
+    device = next(d for p in cl.get_platforms() if a.platform in p.name.lower() for d in p.get_devices())
+    info = describe(device)
+    rt = Runtime(device)
+    sync = rt.queue.finish
+    mparams = params_for(info, "matmul", DEFAULT_PARAMS)
+    fparams = params_for(info, "fused", fz.DEFAULT_PARAMS)
+    rng = np.random.default_rng(0)
+    best_m, best_f = {}, {}
+
+    def table(title, results, unit):
+        results.sort(key=lambda r: r[1])
+        print(f"\n## {title}\n| variant | µs | {unit} |\n| --- | ---: | ---: |")
+        for label, sec, metric, _ in results:
+            print(f"| {label} | {sec * 1e6:.1f} | {metric:.0f} |")
+        return results[0][3]
+
+    def matrix(M, K):
+        q = rng.integers(0, 16, (M, K), dtype=np.uint8)
+        s = rng.uniform(0.002, 0.004, (M, K // 32)).astype(np.float16)
+        return DeviceMatrix.from_int4(rt, q, s, (-8 * s).astype(np.float16), 32)
+
+    w12 = matrix(12288, 4096)
+    w411 = matrix(4096, 11008)
+    x = rt.to_device(rng.standard_normal((512, 11008)).astype(np.float32))
+    y = rt.empty(4 * 512 * 12288)
+
+    parts = a.parts.split(",")
+    # mma tiles
+    res = []
+    for bn, bt, wm, wn in [(128, 64, 64, 32), (128, 128, 64, 32), (128, 128, 32, 64), (256, 128, 64, 64),
+                           (256, 64, 64, 32), (128, 128, 32, 32), (256, 128, 128, 32)] if "mma" in parts else []:
+        v = dict(mma_bn=bn, mma_bt=bt, mma_wm=wm, mma_wn=wn)
+        try:
+            mm = Matmul(rt, {**mparams, **v})
+            if mm.mma is None:
+                continue
+            sec = timed(lambda: mm.linear(x, w12, 512, y, scheme="mma"), sync)
+        except Exception as e:          # noqa: BLE001 (a variant that does not build is reported)
+            print(f"mma {v}: {str(e)[:150]}")
+            continue
+        res.append((f"bn {bn} bt {bt} wm {wm} wn {wn}", sec, 2 * 12288 * 4096 * 512 / sec / 1e9, v))
+    if res:
+        best_m.update(table("mma GEMM 12288x4096, T = 512", res, "GFLOP/s"))
+
+    # GEMV
+    res = []
+    for vec, ks, wgr, tpw, img in [(4, 64, 2, 1, True), (4, 32, 4, 1, True), (4, 32, 2, 2, True), (8, 32, 2, 1, True),
+                                   (4, 16, 8, 1, True), (4, 64, 2, 1, False), (4, 128, 1, 1, True), (8, 16, 4, 1, True),
+                                   (4, 32, 8, 1, True), (4, 64, 4, 1, True)] if "gemv" in parts else []:
+        v = dict(gemv_vec=vec, gemv_ksplit=ks, gemv_wg_rows=wgr, gemv_tpw=tpw, use_image=img)
+        try:
+            mm = Matmul(rt, {**mparams, **v, "gemm_mma": "off"})
+            s1 = timed(lambda: mm.linear(x, w12, 1, y), sync, 50)
+            s2 = timed(lambda: mm.linear(x, w411, 1, y), sync, 50)
+        except Exception as e:          # noqa: BLE001
+            print(f"gemv {v}: {str(e)[:150]}")
+            continue
+        res.append((f"vec {vec} ksplit {ks} rows {wgr} tpw {tpw} image {img} (12288x4096 | 4096x11008 µs "
+                    f"{s1 * 1e6:.1f} | {s2 * 1e6:.1f})", s1 + s2, (w12.nbytes + w411.nbytes) / (s1 + s2) / 1e9, v))
+    if res:
+        best_m.update(table("GEMV, T = 1 (both matrices)", res, "GB/s"))
+
+    # attention and norms, LLaMA-7B shape, one layer
+    config = get_shape("llama-7b").config()
+    qkv = rt.to_device(rng.standard_normal((512, 3 * 4096)).astype(np.float32))
+    out = rt.empty(4 * 512 * 4096)
+    res_p, res_d = [], []
+    for wg, vec, rows, half, chunk in [(128, 4, 32, False, 128), (128, 4, 64, False, 128), (128, 4, 16, False, 128),
+                                       (64, 4, 32, False, 64), (256, 4, 32, False, 128), (128, 8, 32, False, 128),
+                                       (128, 4, 32, True, 128), (128, 4, 32, True, 64), (64, 4, 32, True, 32),
+                                       (256, 8, 64, True, 128)] if "attention" in parts else []:
+        v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half, split_min_chunk=chunk)
+        try:
+            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v})
+            sp = timed(lambda: f.attention(qkv, 512, 0, 0, out), sync, 5)
+            sd = timed(lambda: f.attention(qkv, 1, 0, 511, out), sync, 50)
+        except Exception as e:          # noqa: BLE001
+            print(f"attention {v}: {str(e)[:150]}")
+            continue
+        flops = 4 * 512 * 512 * 4096 / 2
+        res_p.append((f"wg {wg} vec {vec} rows {rows} half {half}", sp, flops / sp / 1e9, v))
+        res_d.append((f"wg {wg} vec {vec} rows {rows} half {half} chunk {chunk}", sd, 0, v))
+    if res_p:
+        bp = table("prefill attention, T = 512 (GFLOP/s, causal)", res_p, "GFLOP/s")
+        bd = table("decode attention, T = 1 at position 511", res_d, "-")
+        # prefill keeps its tile shape, decode its slices and cache type: both must hold in one set
+        best_f.update({k: bp[k] for k in ("att_rows",)})
+        best_f.update({k: bd[k] for k in ("att_wg", "att_vec", "kv_half", "split_min_chunk")})
+    res = []
+    h = rt.empty(4 * 512 * 4096)
+    for wg in (64, 128, 256, 512, 1024) if "norm" in parts else ():
+        try:
+            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, "rms_wg": wg})
+            s1 = timed(lambda: f.add_rmsnorm(qkv, out, qkv, 1, h), sync, 50)
+            s2 = timed(lambda: f.add_rmsnorm(qkv, out, qkv, 512, h), sync, 10)
+        except Exception as e:          # noqa: BLE001
+            print(f"rms_wg {wg}: {str(e)[:150]}")
+            continue
+        res.append((f"rms_wg {wg} (T=512: {s2 * 1e6:.1f} µs)", s1, 0, dict(rms_wg=wg)))
+    if res:
+        best_f.update(table("add_rmsnorm, T = 1", res, "-"))
+    print("\nbest matmul:", best_m, "\nbest fused:", best_f)
+    if a.write:
+        for kernel, best in (("matmul", best_m), ("fused", best_f)):
+            if best:
+                print(write_override(info, kernel, best))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The tensor-core GEMM (kernels/gemm_mma.cl through Matmul) against a float64 NumPy oracle.
+
+Here (PoCL) it runs "emulated": the same kernel, staging, tiles and epilogue, with the PTX instruction
+replaced by ordinary arithmetic. On an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia) the PTX tests run
+too. Outputs are poisoned, with a guard region after them (tests/test_cl_matmul.py's `run`). The oracle
+multiplies x and the dequantized weights rounded to fp16, as the kernel does; tolerance 1e-4 of the
+output's largest magnitude.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_cl_matmul import assert_close, rand_int4, rt, run, silu_mul  # noqa: F401 (rt: fixture)
+
+# Small tiles so that odd sizes cover several work-groups, partial tiles and every warp position.
+SMALL = {"gemm_mma": "emulated", "mma_bn": 32, "mma_bt": 16, "mma_wm": 16, "mma_wn": 8, "mma_min_tokens": 2}
+
+
+def h(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float64).astype(np.float16).astype(np.float64)
+
+
+def oracle16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return h(x) @ h(w).T
+
+
+# Warp tiles of 2 x 2 fragments (MT = NT = 2), 2 warps side by side along the tokens.
+WIDER = {**SMALL, "mma_bt": 32, "mma_wm": 32, "mma_wn": 16}
+
+
+@pytest.fixture(scope="module", params=[SMALL, WIDER], ids=["1x1-fragments", "2x2-fragments"])
+def mm_emulated(rt, request):
+    from engine.backends.opencl.matmul import Matmul
+
+    mm = Matmul(rt, request.param)
+    assert mm.mma is not None, "the emulated kernel failed its own probe"
+    return mm
+
+
+@pytest.fixture(scope="module")
+def mm_ptx(rt):
+    from engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
+    from engine.backends.opencl.tuning import vendor_params
+
+    if "nvidia" not in rt.device.platform.name.lower():
+        pytest.skip("the PTX path needs an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia)")
+    mm = Matmul(rt, vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS))
+    assert mm.mma is not None, "the tensor-core GEMM failed its probe on an NVIDIA device"
+    return mm
+
+
+CASES = [
+    # N, K, G, T, op
+    (37, 576, 32, 19, "linear"),       # 4 chunks of 128 and one of 64; partial row and token tiles
+    (64, 192, 64, 33, "linear"),
+    (101, 1536, 128, 5, "linear"),
+    (2 * 40, 320, 32, 23, "swiglu"),   # 40 outputs: gate rows then up rows
+    (2 * 12, 576, 64, 17, "swiglu"),
+]
+
+
+def _case(rt, N, K, G, T, seed):
+    from engine.backends.opencl.matmul import DeviceMatrix
+
+    rng = np.random.default_rng(seed)
+    parts, w = rand_int4(rng, N, K, G)
+    return DeviceMatrix.from_int4(rt, *parts, G), w, rng.standard_normal((T, K))
+
+
+@pytest.mark.parametrize("N,K,G,T,op", CASES)
+def test_emulated(rt, mm_emulated, N, K, G, T, op):
+    dm, w, x = _case(rt, N, K, G, T, N * K + T)
+    assert mm_emulated.scheme(T) == "mma"
+    if op == "swiglu":
+        assert_close(run(rt, mm_emulated, dm, x, N // 2, op="swiglu"), silu_mul(oracle16(x, w)))
+    else:
+        assert_close(run(rt, mm_emulated, dm, x, N), oracle16(x, w))
+
+
+def test_emulated_accumulate(rt, mm_emulated):
+    dm, w, x = _case(rt, 45, 256, 32, 21, 3)
+    y0 = np.random.default_rng(4).standard_normal((21, 45)).astype(np.float32)
+    assert_close(run(rt, mm_emulated, dm, x, 45, y0=y0), y0 + oracle16(x, w))
+
+
+def test_other_formats_keep_the_portable_gemm(rt, mm_emulated):
+    """int8 weights (and K % 64 != 0) are not the tensor-core kernel's: the tiled GEMM runs them."""
+    from engine.backends.opencl.matmul import DeviceMatrix
+    from tests.test_cl_matmul import oracle, rand_int8
+
+    rng = np.random.default_rng(5)
+    parts, w = rand_int8(rng, 40, 96)
+    x = rng.standard_normal((9, 96))
+    # the portable GEMM is exact to 1e-4 without fp16 rounding of x: this fails if the mma kernel ran
+    assert_close(run(rt, mm_emulated, DeviceMatrix.from_q8(rt, *parts), x, 40), oracle(x, w.reshape(40, 96)))
+
+
+def test_ptx_falls_back_where_the_device_lacks_it(rt, capsys):
+    from engine.backends.opencl.matmul import Matmul
+
+    if "nvidia" in rt.device.platform.name.lower():
+        pytest.skip("the device has the instruction")
+    mm = Matmul(rt, {"gemm_mma": "ptx"})
+    assert mm.mma is None and mm.scheme(512) == "tiled"
+    assert "tensor-core GEMM is not used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("N,K,G,T,op", CASES + [(12288 // 8, 4096, 32, 512, "linear"), (2 * 1000, 4096, 32, 77, "swiglu")])
+def test_ptx(rt, mm_ptx, N, K, G, T, op):
+    dm, w, x = _case(rt, N, K, G, T, N + K + T)
+    if op == "swiglu":
+        assert_close(run(rt, mm_ptx, dm, x, N // 2, op="swiglu", scheme="mma"), silu_mul(oracle16(x, w)))
+    else:
+        assert_close(run(rt, mm_ptx, dm, x, N, scheme="mma"), oracle16(x, w))
