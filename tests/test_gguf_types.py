@@ -12,7 +12,8 @@ from gguf import quants as gguf_quants
 from engine.quants import BLOCK_SIZES, SPLIT_TYPES, split
 from engine.tensors import QTensor
 from tests.conftest import TinySpec, random_blocks, write_tiny_gguf
-from tests.test_cl_matmul import assert_close, mm, oracle, rt, run, silu_mul, x_for  # noqa: F401 (fixtures)
+from tests.test_cl_matmul import (assert_close, mm, mm_gpu_like, mm_nvidia, oracle, rt, run,  # noqa: F401 (fixtures)
+                                  silu_mul, x_for)
 
 FLOAT_TYPES = ("F16", "BF16", "F32")
 # type -> (device form, group, scale_f32, zeros)
@@ -121,6 +122,14 @@ def check_matrix(rt, mm, tensors: list[QTensor], form: tuple) -> None:
 @pytest.mark.parametrize("qtype", list(FORMS))
 def test_type_on_device_exact(rt, mm, qtype):
     check_matrix(rt, mm, [tensor(qtype, 77, cols_for(qtype), seed=2)], FORMS[qtype])
+
+
+@pytest.mark.slow                   # 12 kernel builds per define set: minutes on a cold cache
+@pytest.mark.parametrize("params", ["mm_gpu_like", "mm_nvidia"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q5_K", "Q6_K", "IQ4_XS", "BF16"])
+def test_type_with_gpu_params(rt, request, params, qtype):
+    """The GPU layouts of the kernels (VEC 4, K split, x through an image; NVIDIA's tuning entry)."""
+    check_matrix(rt, request.getfixturevalue(params), [tensor(qtype, 77, cols_for(qtype), seed=3)], FORMS[qtype])
 
 
 @pytest.mark.parametrize("qtypes,form", [
