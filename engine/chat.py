@@ -35,7 +35,23 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-"""Used when the model ships no template."""
+"""Used when the model ships no template (and its vocabulary is not Gemma's)."""
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
+    " + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+"""Gemma's own template (as its Hugging Face tokenizer_config writes it, for text messages): used for
+a file without a template whose vocabulary has Gemma's <start_of_turn> control token."""
 
 
 def _raise_exception(message: str) -> None:
@@ -50,6 +66,11 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
+
+
+def _is_gemma_vocab(tokenizer: Tokenizer) -> bool:
+    ids = tokenizer.encode("<start_of_turn>", special=True, add_bos=False)
+    return len(ids) == 1 and tokenizer.is_control(ids[0])
 
 
 class _GenerationBlock(Extension):
@@ -207,8 +228,14 @@ class ChatTemplate:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> ChatTemplate:
-        """The tokenizer's own template (ChatML when it has none), with its BOS/EOS texts."""
-        return cls(tokenizer.chat_template, tokenizer.bos_text, tokenizer.eos_text)
+        """The tokenizer's own template (when it has none: Gemma's for a Gemma vocabulary, else ChatML),
+        with its BOS/EOS texts."""
+        template = tokenizer.chat_template
+        if template is None and _is_gemma_vocab(tokenizer):
+            template = GEMMA_TEMPLATE
+        chat = cls(template, tokenizer.bos_text, tokenizer.eos_text)
+        chat.is_fallback = tokenizer.chat_template is None
+        return chat
 
     def render(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
                **context: Any) -> str:

@@ -140,6 +140,7 @@ def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", gr
     model = open_model(source)
     config, tok = model.config, model.tokenizer
     weights_from_tensors(model.tensors, config, model.path)
+    config.check_plain("perfx convert")
     if tok.vocab_size != config.vocab_size:
         raise PerfxError(f"{model.path}: the tokenizer has {tok.vocab_size} tokens but the model {config.vocab_size}; "
                          "perfx needs them equal")

@@ -86,6 +86,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", forc
     check_writable(out.parent, out.name)
     model = open_model(source)
     c = model.config
+    c.check_plain("perfx export")
     qkv_bias = any(l.bqkv is not None for l in weights_from_tensors(model.tensors, c, model.path).layers)
     if c.rope_dim != c.head_dim:
         raise PerfxError(f"{model.path}: RoPE on {c.rope_dim} of {c.head_dim} head dimensions has no "

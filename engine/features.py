@@ -2,8 +2,7 @@
 
 A GGUF file asks by its "{arch}." metadata keys and by its tensors; a Hugging Face config.json by the keys
 that change the computation. Each architecture declares, as data, the keys and tensors perfx runs for it;
-a file asking for anything else (Llama 3's `rope_freqs`, `{arch}.rope.scaling.*`, a sliding window, logit
-soft-capping, experts, an unknown tensor) is refused in one line that names every such request. To support
+a file asking for anything else (YaRN or LongRoPE scaling, logit soft-capping, experts, an unknown tensor) is refused in one line that names every such request. To support
 a feature, implement it and add its entry to the architecture's set.
 
 Entries: "KEY" for a GGUF key without its "{arch}." prefix, "tensor NAME" for a tensor (its "blk.N."
@@ -30,9 +29,23 @@ LLAMA = frozenset({
     "config sliding_window",
 })
 
+# Llama 3's frequency factors (`rope_freqs`), linear RoPE scaling and a Mistral-style sliding window
+LLAMA_3 = LLAMA | {"tensor rope_freqs.weight", "rope.scaling.type", "rope.scaling.factor",
+                   "attention.sliding_window"}
+
+GEMMA3 = LLAMA | {
+    "attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa",
+    "rope.scaling.type", "rope.scaling.factor",
+    *(f"tensor {t}.weight" for t in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")),
+}
+
+PHI3 = LLAMA_3 | {"tensor attn_qkv.weight"}   # Q, K and V as one matrix; ffn_up holds gate and up
+
 SUPPORTED: dict[str, frozenset[str]] = {   # by perfx's architecture name (ModelConfig.arch)
-    "llama": LLAMA,
-    "qwen2": LLAMA,
+    "llama": LLAMA_3,
+    "qwen2": LLAMA_3,
+    "gemma3": GEMMA3,
+    "phi3": PHI3,
 }
 
 # GGUF keys whose value asks for nothing when it is one of these (e.g. rope.scaling.type "none")
@@ -104,9 +117,10 @@ def hf_requests(cfg: dict) -> dict[str, str]:
     return out
 
 
-def refuse_unsupported(where, arch: str, requests: dict[str, str]) -> None:
-    """A ModelFileError naming every request (entry: as shown) that `arch` does not implement."""
-    supported = SUPPORTED.get(arch, frozenset())
+def refuse_unsupported(where, arch: str, requests: dict[str, str], supported: frozenset[str] | None = None) -> None:
+    """A ModelFileError naming every request (entry: as shown) that `arch` does not implement (or, given,
+    that is not in `supported`: a format that carries less than GGUF)."""
+    supported = SUPPORTED.get(arch, frozenset()) if supported is None else supported
     missing = [shown for entry, shown in requests.items() if entry not in supported]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")

@@ -5,6 +5,10 @@ Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
 "qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
 rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
+"gemma3" files too (and their per-head Q and K norm weights); their block is described by
+`arch_variations`. "phi3" files too, whose Q, K and V are one `attn_qkv` matrix and gate and up one
+`ffn_up` matrix [2 * ffn, dim] (gate rows first): reading cuts them into the tensors of "llama" files,
+as views of the same rows.
 
 Nothing read is trusted: counts and lengths against the file's size, array nesting, tensor dimensions
 (Python ints, no overflow), the tensor table's layout (aligned, in order, no overlap or gap, inside the
@@ -29,8 +33,8 @@ from .features import gguf_requests, refuse_unsupported
 from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
-ROTATE_HALF_ARCHS = ("qwen2",)   # Q and K rows stored in rotate_half order
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "phi3")
+ROTATE_HALF_ARCHS = ("qwen2", "gemma3", "phi3")   # Q and K rows stored in rotate_half order (NEOX RoPE)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -81,6 +85,8 @@ def _read(path: Path) -> GGUFModel:
 
     config = config_from_metadata(metadata, tensors, path)
     refuse_unsupported(path, config.arch, gguf_requests(config.arch, metadata, tensors, config.n_layers))
+    if config.arch == "phi3":
+        tensors = split_fused(tensors, config, path)
     if config.arch in ROTATE_HALF_ARCHS:
         tensors = adjacent_pairs(tensors, config)
     return GGUFModel(path=path, config=config, metadata=metadata, tensors=tensors)
@@ -295,12 +301,35 @@ def adjacent_pairs(tensors: dict[str, QTensor], config: ModelConfig) -> dict[str
     raw data (quantized blocks included) is permuted by whole rows, so nothing is requantized."""
     from .hf import permute_qk
 
-    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads, "attn_q_norm": 1, "attn_k_norm": 1}
     out = dict(tensors)
     for name, t in tensors.items():
         n = heads.get(name.split(".")[-2]) if name.startswith("blk.") else None
         if n and t.shape[0] == n * config.head_dim:   # other shapes are refused by weights_from_tensors
             out[name] = replace(t, raw=np.ascontiguousarray(permute_qk(np.asarray(t.raw), n)))
+    return out
+
+
+def split_fused(tensors: dict[str, QTensor], config: ModelConfig, path: Path) -> dict[str, QTensor]:
+    """phi3's attn_qkv into attn_q, attn_k, attn_v and its ffn_up [2 ffn, dim] into ffn_gate, ffn_up:
+    row views of the same data (a missing or misshapen tensor is named)."""
+    c, out = config, dict(tensors)
+    for i in range(c.n_layers):
+        parts = {"attn_qkv": [("attn_q", c.q_dim), ("attn_k", c.kv_dim), ("attn_v", c.kv_dim)],
+                 "ffn_up": [("ffn_gate", c.ffn_dim), ("ffn_up", c.ffn_dim)]}
+        for fused, pieces in parts.items():
+            name = f"blk.{i}.{fused}.weight"
+            t = tensors.get(name)
+            if t is None:
+                raise PerfxError(f"{path}: tensor {name} is missing; the file is incomplete")
+            rows = sum(n for _, n in pieces)
+            if len(t.shape) != 2 or t.shape[0] != rows:
+                raise PerfxError(f"{path}: tensor {name} has shape {list(t.shape)}, expected [{rows}, {c.dim}]")
+            start = 0
+            for piece, n in pieces:
+                out[f"blk.{i}.{piece}.weight"] = replace(t.rows(start, start + n), name=f"blk.{i}.{piece}.weight")
+                start += n
+        out.pop(f"blk.{i}.attn_qkv.weight")
     return out
 
 
@@ -326,7 +355,8 @@ def config_from_metadata(md: dict, tensors: dict[str, QTensor], path: Path) -> M
     values.setdefault("rope_base", 10000.0)
     values.setdefault("rope_dim", values.get("head_dim", 0))
     values.update(arch=arch, tied_embedding="output.weight" not in tensors, name=md.get("general.name", path.stem))
-    return checked_config(values, str(path), keys)
+    c = checked_config(values, str(path), keys)
+    return replace(c, **arch_variations(arch, md, tensors, path, c.dim, c.n_heads, c.head_dim, c.n_layers))
 
 
 CONFIG_KEYS = {   # ModelConfig field: its "{arch}." key
@@ -335,3 +365,47 @@ CONFIG_KEYS = {   # ModelConfig field: its "{arch}." key
     "vocab_size": "vocab_size", "ctx_len": "context_length", "norm_eps": "attention.layer_norm_rms_epsilon",
     "rope_base": "rope.freq_base", "rope_dim": "rope.dimension_count",
 }
+
+
+# ---- what each architecture changes in the LLaMA block (ModelConfig's variation fields) -----------------
+
+GEMMA3_SWA_PERIOD = 6          # llama.cpp: every 6th layer attends globally, the other 5 through the window
+GEMMA3_ROPE_BASE_SWA = 10000.0  # llama.cpp's fixed RoPE base of Gemma 3's windowed layers
+
+
+def arch_variations(arch: str, md: dict, tensors: dict, path: Path, dim: int, n_heads: int, head_dim: int,
+                    n_layers: int) -> dict:
+    """The ModelConfig fields by which `arch` differs from the plain LLaMA block, read as llama.cpp reads
+    them; a setting perfx does not implement is refused in one line."""
+    out: dict = {}
+    scaling = md.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        out["rope_scale"] = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+    elif scaling != "none":
+        raise ModelFileError(f"{path}: RoPE scaling '{scaling}' ({arch}.rope.scaling.type) is not supported "
+                         "(supported: none, linear, and Llama 3's rope_freqs)")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        raise ModelFileError(f"{path}: LongRoPE (rope_factors_long / rope_factors_short tensors) is not supported")
+    if "rope_freqs.weight" in tensors:
+        factors = tensors["rope_freqs.weight"].dequantize().reshape(-1)
+        out["rope_freq_factors"] = tuple(float(f) for f in factors)
+    window = int(md.get(f"{arch}.attention.sliding_window", 0) or 0)
+    if arch == "gemma3":
+        softcap = float(md.get(f"{arch}.final_logit_softcapping", 0.0) or 0.0)
+        if softcap:
+            raise ModelFileError(f"{path}: final logit soft-capping ({arch}.final_logit_softcapping) is not supported")
+        out.update(act="gelu_tanh", embed_scale=float(np.sqrt(np.float32(dim))), post_norms=True, qk_norm=True,
+                   # llama.cpp: 1/sqrt(query_pre_attn_scalar), which is dim / n_heads for the 27B (62 layers)
+                   attn_scale=float((dim // n_heads if n_layers == 62 else head_dim) ** -0.5))
+        if window:
+            pattern = md.get(f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):
+                swa = tuple(bool(p) for p in pattern)
+            else:
+                period = int(pattern or GEMMA3_SWA_PERIOD)
+                swa = tuple(i % period < period - 1 for i in range(n_layers))
+            out.update(sliding_window=window, swa_layers=swa,
+                       rope_base_swa=float(md.get(f"{arch}.rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA)))
+    elif window:                  # Mistral-style: every layer attends through the window, one RoPE
+        out.update(sliding_window=window, swa_layers=(True,) * n_layers)
+    return out

@@ -3,12 +3,19 @@
 Per layer (pre-norm LLaMA block; `h` is always the normalised residual stream):
 
     qkv  = linear(h, wqkv)                      Q, K and V as one matrix product (+ their biases, Qwen2)
+    qkv  = qk_norm(qkv, q_norm, k_norm)         Gemma 3 only: each Q and K head RMS-normalised
     a    = attention(qkv, layer)                RoPE, KV-cache write, QK^T, softmax, .V (contiguous or paged cache)
     x, h = residual_rmsnorm(x, a, wo, ffn_norm)  x += linear(a, wo), h = rmsnorm(x): on a GPU or PoCL one launch
     f    = swiglu(h, w_gate_up)                 gate and up as one product, silu(gate) * up
     x, h = residual_rmsnorm(x, f, w_down, next norm)
 
 The last layer's "next norm" is the output norm, so the logits are linear(h, output).
+
+Gemma 3 varies the block through its config: the embedding scaled by sqrt(dim), Q and K heads
+RMS-normalised before RoPE (q_norm, k_norm), sliding-window attention with its own RoPE base on the
+local layers, the attention and FFN outputs RMS-normalised before each residual add (the `post` norm of
+residual_rmsnorm) and GeGLU in place of SwiGLU. GGUF files store Gemma's (1 + w) norm weights with the
+1 already added, so every norm is the plain rmsnorm(x) * w.
 """
 from __future__ import annotations
 
@@ -32,6 +39,14 @@ class LayerWeights:
     w_gate_up: list[QTensor]       # [ffn, dim], [ffn, dim]: stacked into one matrix
     w_down: QTensor                # [dim, ffn]
     bqkv: list[QTensor] | None = None  # [q_dim], [kv_dim], [kv_dim]: biases of Q, K, V (Qwen2), or None
+    q_norm: QTensor | None = None          # [head_dim]: RMSNorm of each Q head (Gemma 3)
+    k_norm: QTensor | None = None          # [head_dim]: RMSNorm of each K head (Gemma 3)
+    post_attn_norm: QTensor | None = None  # [dim]: RMSNorm of the attention output (Gemma)
+    post_ffn_norm: QTensor | None = None   # [dim]: RMSNorm of the FFN output (Gemma)
+
+    def norms(self) -> list[QTensor]:
+        """The optional norms this layer has."""
+        return [t for t in (self.q_norm, self.k_norm, self.post_attn_norm, self.post_ffn_norm) if t is not None]
 
 
 @dataclass
@@ -45,7 +60,7 @@ class Weights:
         """Every tensor once (the tied embedding too), the small norms first."""
         tensors = {id(t): t for t in (self.output_norm, *(n for l in self.layers for n in (l.attn_norm, l.ffn_norm)))}
         tensors.update({id(t): t for l in self.layers for t in (*(l.bqkv or ()), *l.wqkv, l.wo, *l.w_gate_up,
-                                                                 l.w_down)})
+                                                                 l.w_down, *l.norms())})
         tensors.update({id(t): t for t in (self.tok_embd, self.output)})
         return list(tensors.values())
 
@@ -65,6 +80,8 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
         "attn_output.weight": (c.dim, c.q_dim), "ffn_gate.weight": (c.ffn_dim, c.dim),
         "ffn_up.weight": (c.ffn_dim, c.dim), "ffn_down.weight": (c.dim, c.ffn_dim),
         "attn_q.bias": (c.q_dim,), "attn_k.bias": (c.kv_dim,), "attn_v.bias": (c.kv_dim,),
+        "attn_q_norm.weight": (c.head_dim,), "attn_k_norm.weight": (c.head_dim,),
+        "post_attention_norm.weight": (c.dim,), "post_ffw_norm.weight": (c.dim,),
     }
 
     def need(name: str) -> QTensor:
@@ -96,6 +113,10 @@ def weights_from_tensors(t: dict[str, QTensor], config: ModelConfig, path) -> We
             w_gate_up=[need(f"blk.{i}.ffn_gate.weight"), need(f"blk.{i}.ffn_up.weight")],
             w_down=need(f"blk.{i}.ffn_down.weight"),
             bqkv=biases(i),
+            **({"q_norm": need(f"blk.{i}.attn_q_norm.weight"), "k_norm": need(f"blk.{i}.attn_k_norm.weight")}
+               if c.qk_norm else {}),
+            **({"post_attn_norm": need(f"blk.{i}.post_attention_norm.weight"),
+                "post_ffn_norm": need(f"blk.{i}.post_ffw_norm.weight")} if c.post_norms else {}),
         )
         for i in range(c.n_layers)
     ]
@@ -204,13 +225,19 @@ class Transformer:
         n = len(w.layers)
         if ids is not None:
             ids = checked_ids(ids, self.config.vocab_size)
-        x = ops.embed(w.tok_embd, ids)
+
+        def post(norm) -> tuple:          # the post-norm argument, passed only where the model has one
+            return () if norm is None else (norm,)
+
+        x = ops.embed(w.tok_embd, ids, self.config.embed_scale)
         h = ops.rmsnorm(x, w.layers[0].attn_norm)
         for i, layer in enumerate(w.layers):
             qkv = ops.linear(h, layer.wqkv)
+            if layer.q_norm is not None:
+                qkv = ops.qk_norm(qkv, layer.q_norm, layer.k_norm)
             a = attend(qkv, i)
-            x, h = ops.residual_rmsnorm(x, a, layer.wo, layer.ffn_norm)
+            x, h = ops.residual_rmsnorm(x, a, layer.wo, layer.ffn_norm, *post(layer.post_attn_norm))
             f = ops.swiglu(h, layer.w_gate_up)
             next_norm = w.layers[i + 1].attn_norm if i + 1 < n else w.output_norm
-            x, h = ops.residual_rmsnorm(x, f, layer.w_down, next_norm)
+            x, h = ops.residual_rmsnorm(x, f, layer.w_down, next_norm, *post(layer.post_ffn_norm))
         return h

@@ -37,7 +37,7 @@ import numpy as np
 
 from .config import ModelConfig, checked_config
 from .errors import ModelFileError, PerfxError
-from .features import refuse_unsupported, tensor_requests
+from .features import LLAMA, refuse_unsupported, tensor_requests
 from .tensors import QTensor
 from .tokenizer import Tokenizer
 
@@ -161,7 +161,7 @@ def read_perfx(path: str | Path) -> PerfxModel:
     index = _json(md, "tensors", path)
     if not isinstance(index, dict) or not all(isinstance(e, dict) for e in index.values()):
         raise ModelFileError(f"{path}: metadata 'tensors' is not an object of tensor entries; the file is corrupt")
-    refuse_unsupported(path, config.arch, tensor_requests(index, config.n_layers))
+    refuse_unsupported(path, config.arch, tensor_requests(index, config.n_layers), supported=LLAMA)  # the plain block
     tensors = {name: _tensor(name, entry, st, path) for name, entry in index.items()}
     tokenizer = tokenizer_from_metadata(md, path)
     return PerfxModel(path, config, tensors, tokenizer, _json(md, "quantization", path), md)

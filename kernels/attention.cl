@@ -46,7 +46,10 @@
    Launch attend:  global (ATT_WG * ceil(T / QT), N_KV_HEADS, n_splits), local (ATT_WG, 1, 1).
    Launch combine: global (HEAD_DIM / 4, N_HEADS, T), any local size.
 
-   Model defines: HEAD_DIM (a multiple of VW), N_KV_HEADS, GROUP (query heads per KV head).
+   Model defines: HEAD_DIM (a multiple of VW), N_KV_HEADS, GROUP (query heads per KV head), ATT_SCALE
+   (the softmax scale of Q.K^T; default 1 / sqrt(HEAD_DIM)).
+   Sliding window (argument `window`, 0 for none): the query at position p sees keys p - window + 1 .. p;
+   the key loops start at the tile's first visible key.
    Option: KV_HALF (fp16 cache through vload_half / vstore_half, core OpenCL, no cl_khr_fp16; the
    new tokens' K and V are rounded to fp16 before use, so a token sees the same values whether they
    come from qkv or from the cache).
@@ -54,6 +57,9 @@
    CPUs, whose compilers do not vectorise across work-items here), ATT_WG (work-group size = keys
    per block; a multiple of VW and of HEAD_DIM / VW). */
 
+#ifndef ATT_SCALE
+#define ATT_SCALE rsqrt((float)HEAD_DIM)
+#endif
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
 #endif
@@ -149,7 +155,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             __global float *part_ml,     /* [n_splits, T, N_HEADS, 2] */
             const int T, const int start_pos, const int ctx, const int layer,
             const int chunk,             /* keys per split; >= start_pos + T when not split */
-            const int partial)           /* 1: write part_o / part_ml, 0: write out */
+            const int partial,           /* 1: write part_o / part_ml, 0: write out */
+            const int window)            /* sliding window, 0: none */
 {
     __local floatV q_loc[ROWS * DV];     /* [ROWS, HEAD_DIM] roped, pre-scaled queries */
     __local float p_loc[ROWS * ATT_WG];  /* [ROWS, ATT_WG] scores of a key block, then probabilities */
@@ -183,7 +190,7 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
         KV_STORE(kv_round(vloadV(c, v_new + row)), c, vc + (size_t)pos * HEAD_DIM);
     }
 
-    const float qscale = M_LOG2E_F * rsqrt((float)HEAD_DIM);
+    const float qscale = M_LOG2E_F * ATT_SCALE;
     for (int idx = lid; idx < ROWS * DV; idx += ATT_WG) {
         const int r = idx / DV, c = idx % DV, tq = r / GROUP, g = r % GROUP;
         floatV q = (floatV)(0.0f);
@@ -202,7 +209,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     for (int r = 0; r < ROWS; r++)
         acc[r] = (floatV)(0.0f);
 
-    for (int b = s0; b < s1; b += ATT_WG) {
+    const int kstart = window ? max(s0, p0 - window + 1) : s0;   /* the first key a row of the tile sees */
+    for (int b = kstart; b < s1; b += ATT_WG) {
         const int nk = min(ATT_WG, s1 - b);
 
         /* 1. scores of key b + lid against every row */
@@ -229,7 +237,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
                 }
             }
             for (int r = 0; r < ROWS; r++) {
-                const bool visible = lid < nk && pos <= p0 + r / GROUP;
+                const bool visible = lid < nk && pos <= p0 + r / GROUP
+                                     && (!window || pos > p0 + r / GROUP - window);
                 p_loc[r * ATT_WG + lid] = visible ? hsumV(sv[r]) : NEG;
             }
         }
@@ -364,7 +373,7 @@ __kernel void attend_one(__global const float *qkv,   /* [1, QKV_STRIDE] */
                          __global kv_t *k_cache,      /* [n_layers, N_KV_HEADS, ctx, HEAD_DIM] */
                          __global kv_t *v_cache,      /* [n_layers, N_KV_HEADS, ctx, HEAD_DIM] */
                          __global float *out,         /* [1, Q_DIM] */
-                         const int pos, const int ctx, const int layer)
+                         const int pos, const int ctx, const int layer, const int window)
 {
     const int kvh = get_global_id(0);
     const size_t head_base = ((size_t)layer * N_KV_HEADS + kvh) * (size_t)ctx * HEAD_DIM;
@@ -380,7 +389,7 @@ __kernel void attend_one(__global const float *qkv,   /* [1, QKV_STRIDE] */
         KV_STORE(k_new[c], c, kc + (size_t)pos * HEAD_DIM);
         KV_STORE(v_new[c], c, vc + (size_t)pos * HEAD_DIM);
     }
-    const float qscale = M_LOG2E_F * rsqrt((float)HEAD_DIM);
+    const float qscale = M_LOG2E_F * ATT_SCALE;
     floatV q[GROUP][DV], acc[GROUP][DV];
     float m[GROUP], l[GROUP], p[GROUP][KB];
     for (int g = 0; g < GROUP; g++) {
@@ -392,7 +401,7 @@ __kernel void attend_one(__global const float *qkv,   /* [1, QKV_STRIDE] */
         l[g] = 0.0f;
     }
     /* The cached keys [0, pos) in blocks of KB, then the new key at pos as a block of one. */
-    for (int j0 = 0; j0 < pos; j0 += KB) {
+    for (int j0 = window ? max(0, pos - window + 1) : 0; j0 < pos; j0 += KB) {
         const int n = min(KB, pos - j0);
         score_block(q, kc + (size_t)j0 * HEAD_DIM, 0, n, m, l, acc, p);
         for (int j = 0; j < n; j++)

@@ -74,3 +74,9 @@ __kernel void embed_tiles(__global const int *ids, __global const uint *W, __glo
     const float s = vload_half(r * (c / 32) + e / 32, (__global const half *)(blk + RT * c / 4));
     vstore4(convert_float4(q) * s, i, x + (size_t)t * dim);
 }
+
+/* x [n] *= s: Gemma's embedding scale (sqrt(dim)), after the gather. Launch: global (n). */
+__kernel void scale(__global float *x, const float s)
+{
+    x[get_global_id(0)] *= s;
+}

@@ -25,7 +25,7 @@
 //
 // Defines: FORMAT (4, 8, 16, 32), G (int4 group; int8: 32 or 16), SCALE_F32, ZERO8 (kernels/wformat.h), VEC (piece and micro-kernel width 4, 8, 16), TT (gemm_few
 // tokens per work-item), BN, BT, RR, TR (gemm_tiled tiles; RR divides BN, TR divides BT, BN % 4 == 0),
-// X_LOCAL (stage X in local memory), SWIGLU (Y[t][f] = silu(gate f) * up f; the up rows follow).
+// X_LOCAL (stage X in local memory), SWIGLU (Y[t][f] = silu(gate f) * up f; the up rows follow), GELU (with SWIGLU: GELU-tanh in place of silu).
 
 #ifndef FORMAT
 #define FORMAT 4
@@ -72,6 +72,11 @@ inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
 inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
 inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 inline float silu(float v) { return v / (1.0f + exp(-v)); }
+#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
+inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
+#else
+#define gate_act silu
+#endif
 
 // Word offset of chunk number c inside a tile, and its first element along K; the tails (64, then 32)
 // follow the 128-wide chunks.
@@ -220,7 +225,7 @@ __kernel void gemm_few(__global const uint* restrict W, __global const float* re
             const int n = tile * RT + r;
             if (n >= N) break;
 #ifdef SWIGLU
-            const float v = silu(out[0][r][t]) * out[1][r][t];
+            const float v = gate_act(out[0][r][t]) * out[1][r][t];
 #else
             const float v = out[0][r][t];
 #endif
@@ -329,7 +334,7 @@ void gemm_tiled(__global const uint* restrict W, __global const float* restrict 
             const int n = n0 + ri * RR + i;
             if (n >= N) break;
 #ifdef SWIGLU
-            const float v = silu(out[0][i][j]) * out[1][i][j];
+            const float v = gate_act(out[0][i][j]) * out[1][i][j];
 #else
             const float v = out[0][i][j];
 #endif

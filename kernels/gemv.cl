@@ -430,6 +430,11 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
     }
 
 inline float silu(float v) { return v / (1.0f + exp(-v)); }
+#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
+inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
+#else
+#define gate_act silu
+#endif
 
 // Group sums of x for the int4 zero terms: xs[g] = sum of x[g*G .. g*G + G). x: [T, K], xs: [T, K/G]
 // (rows of x are whole groups, so the T rows are one run of groups). Global size T*K/G.
@@ -514,7 +519,7 @@ inline void last_item_norm(volatile __global const float* y, __global const floa
 #endif
 
 // W: row tiles [ceil(rows/4)][tile_words] (layout above); x: [T, K]; y: [T, N] where N = rows, or with
-// SWIGLU N = rows/2 = F and y[t, f] = silu(gate f) * up f; xs_all: [T, K/G] group sums of x from xsum
+// SWIGLU N = rows/2 = F and y[t, f] = silu(gate f) * up f (GELU: gelu_tanh(gate f) * up f); xs_all: [T, K/G] group sums of x from xsum
 // (int4 without ZERO_INLINE; any buffer otherwise); with INT_DOT, xq_all [T, K] int16 and xd_all
 // [T, K/32] x in int16 blocks (xq.h). accumulate != 0: y += result. With NORM, after the product: h, hs
 // and with HQ hq [T, N] int16, hd [T, N/32] from y (last_item_norm above); done: int [1], 0 before
@@ -586,7 +591,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
                     const int n = (tile * TPW + i) * RT + r;
                     if (n >= N) break;
 #ifdef SWIGLU
-                    const float v = silu(out[i][r]) * out[TPW + i][r];
+                    const float v = gate_act(out[i][r]) * out[TPW + i][r];
 #else
                     const float v = out[i][r];
 #endif

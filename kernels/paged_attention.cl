@@ -56,6 +56,9 @@
    core OpenCL). Tunables: QT (tokens per tile), VW (4, 8 or 16), WG (work-group size = keys per
    step; a multiple of VW and of HEAD_DIM / VW). */
 
+#ifndef ATT_SCALE                  /* softmax scale of Q.K^T */
+#define ATT_SCALE rsqrt((float)HEAD_DIM)
+#endif
 #ifndef HEAD_DIM
 #define HEAD_DIM 64
 #endif
@@ -187,7 +190,7 @@ void paged_attend(__global const float *qkv,     /* [T, QKV_STRIDE] */
     __global const kv_t *kl = k_pool + head;  /* + at(block, slot): one key */
     __global const kv_t *vl = v_pool + head;
 
-    const float qscale = M_LOG2E_F * rsqrt((float)HEAD_DIM);
+    const float qscale = M_LOG2E_F * ATT_SCALE;
     for (int idx = lid; idx < ROWS * DV; idx += WG) {
         const int r = idx / DV, c = idx % DV, tq = r / GROUP, g = r % GROUP;
         floatV q = (floatV)(0.0f);

@@ -138,3 +138,34 @@ void rmsnorm(__global float *x, __global const float *w, __global float *h, cons
     norm_row(x + row, x + row, w, h + row, dim, eps, false, scratch);
     group_sums(h + row, XS_ROW(get_group_id(0)), XQ_ROW(get_group_id(0)), dim);
 }
+
+/* Gemma's post-norm in the residual epilogue: x [T, dim] += rmsnorm(delta) * post [dim], then h, xs, xq,
+   xd as add_rmsnorm. delta is scratch: it is overwritten with its normalised, weighted self. */
+__kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
+void post_add_rmsnorm(__global float *x, __global float *delta, __global const float *post,
+                      __global const float *w, __global float *h, const int dim, const float eps,
+                      __global float *xs, __global short *xq, __global float *xd)
+{
+    __local float scratch[RMS_WG];
+    const size_t row = (size_t)get_group_id(0) * dim;
+    __global float *d = delta + row;
+    norm_row(d, d, post, d, dim, eps, false, scratch);   /* each work-item rewrites the values it reads */
+    barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);  /* scratch is reused; d read by the same items */
+    norm_row(x + row, d, w, h + row, dim, eps, true, scratch);
+    group_sums(h + row, XS_ROW(get_group_id(0)), XQ_ROW(get_group_id(0)), dim);
+}
+
+/* Gemma 3's Q and K norms, in place: each head vector of qkv [T, stride] (the n_heads query heads then
+   the n_kv_heads key heads of a token, head_dim wide, at the row's start) = rmsnorm(v) * qw or kw
+   [head_dim]. Launch: global (RMS_WG * T * (n_heads + n_kv_heads)), local (RMS_WG). */
+__kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1)))
+void head_rmsnorm(__global float *qkv, __global const float *qw, __global const float *kw,
+                  const int n_heads, const int n_kv_heads, const int head_dim, const int stride,
+                  const float eps)
+{
+    __local float scratch[RMS_WG];
+    const int g = get_group_id(0), heads = n_heads + n_kv_heads;
+    const int t = g / heads, j = g % heads;
+    __global float *v = qkv + (size_t)t * stride + (size_t)j * head_dim;
+    norm_row(v, v, j < n_heads ? qw : kw, v, head_dim, eps, false, scratch);
+}

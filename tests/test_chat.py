@@ -73,9 +73,22 @@ def test_bos_eos_and_extra_variables() -> None:
 
 
 def test_from_tokenizer() -> None:
-    tok = SimpleNamespace(chat_template=None, bos_text="<s>", eos_text="</s>")
+    tok = SimpleNamespace(chat_template=None, bos_text="<s>", eos_text="</s>",
+                          encode=lambda text, special, add_bos: [5, 6], is_control=lambda i: False)
     template = ChatTemplate.from_tokenizer(tok)
     assert template.is_fallback and (template.bos_token, template.eos_token) == ("<s>", "</s>")
+    assert template.source == CHATML_TEMPLATE
+
+
+def test_gemma_vocab_without_template_gets_gemma_template() -> None:
+    """A file without a template whose vocab has Gemma's <start_of_turn> control token: Gemma's turns."""
+    tok = SimpleNamespace(chat_template=None, bos_text="<bos>", eos_text="<eos>",
+                          encode=lambda text, special, add_bos: [105], is_control=lambda i: i == 105)
+    template = ChatTemplate.from_tokenizer(tok)
+    text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_raise_exception() -> None:

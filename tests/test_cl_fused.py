@@ -99,6 +99,7 @@ def reference(config: ModelConfig, ctx: int) -> NumpyBackend:
     ref.k_cache = np.zeros(shape, np.float32)
     ref.v_cache = np.zeros(shape, np.float32)
     ref.cos, ref.sin = rope_tables(config, ctx)
+    ref.rope_local = rope_tables(config, ctx, local=True) if config.rope_base_swa else (ref.cos, ref.sin)
     return ref
 
 

@@ -81,6 +81,7 @@ def test_permutation_turns_rotate_half_into_adjacent_pairs():
 
     class C:
         rope_base, rope_dim = base, d
+        rope_base_swa, rope_scale, rope_freq_factors = 0.0, 1.0, ()
 
     c_, s_ = rope_tables(C, T)
     perfx = apply_rope(permute_qk(q.T, n_head).T.reshape(T, n_head, d), c_, s_, d).reshape(T, -1)

@@ -187,15 +187,19 @@ def with_tensor(base: Crafted, name: str, values: np.ndarray) -> Crafted:
     return f
 
 
-def test_rope_freqs_is_refused_not_dropped(tiny, tmp_path):
-    f = with_tensor(tiny, "rope_freqs.weight", np.ones(8))              # Llama 3.1 / 3.2 RoPE scaling
-    refused(f.write(tmp_path / "m.gguf"), "tensor rope_freqs.weight is not supported by perfx for llama")
+def test_rope_freqs_are_used_not_dropped(tiny, tmp_path):
+    """Llama 3.1 / 3.2's frequency factors change the result; factors of 1 leave it as it was."""
+    plain = load_model(tiny.write(tmp_path / "plain.gguf"), device="numpy", ctx=64).forward([5, 6, 7])
+    ones = with_tensor(tiny, "rope_freqs.weight", np.ones(8)).write(tmp_path / "ones.gguf")
+    eights = with_tensor(tiny, "rope_freqs.weight", np.full(8, 8.0)).write(tmp_path / "eights.gguf")
+    np.testing.assert_allclose(load_model(ones, device="numpy", ctx=64).forward([5, 6, 7]), plain, rtol=1e-5)
+    assert not np.allclose(load_model(eights, device="numpy", ctx=64).forward([5, 6, 7]), plain, rtol=1e-3)
 
 
-def test_rope_scaling_keys_are_refused(tiny, tmp_path):
-    path = crafted(tiny, tmp_path, llama__rope__scaling__type=("linear", STRING),
+def test_unimplemented_rope_scaling_is_refused(tiny, tmp_path):
+    path = crafted(tiny, tmp_path, llama__rope__scaling__type=("yarn", STRING),
                    llama__rope__scaling__factor=(8.0, F32))
-    refused(path, "llama.rope.scaling.type='linear', llama.rope.scaling.factor=8.0 are not supported")
+    refused(path, "RoPE scaling 'yarn'.* is not supported")
 
 
 def test_neutral_rope_scaling_loads(tiny, tmp_path):
@@ -205,7 +209,6 @@ def test_neutral_rope_scaling_loads(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, vtype", [
-    ("llama.attention.sliding_window", 16, U32),
     ("llama.final_logit_softcapping", 30.0, F32),
     ("llama.expert_count", 8, U32),
     ("llama.some_future_key", 1, U32),

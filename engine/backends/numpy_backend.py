@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import PerfxError
 from ..model import Weights
 from ..paged import PagedBatch, check_batch
 from ..tensors import QTensor
@@ -34,6 +35,10 @@ class Layer:
     ffn_norm: np.ndarray   # [dim]
     w_gate_up: np.ndarray  # [2*ffn, dim]
     w_down: np.ndarray     # [dim, ffn]
+    q_norm: np.ndarray | None = None         # [head_dim] (Gemma 3)
+    k_norm: np.ndarray | None = None         # [head_dim] (Gemma 3)
+    post_attn_norm: np.ndarray | None = None  # [dim] (Gemma)
+    post_ffn_norm: np.ndarray | None = None   # [dim] (Gemma)
 
 
 @dataclass
@@ -60,11 +65,30 @@ def stack_biased(tensors: list[QTensor], biases: list[QTensor] | None) -> np.nda
     return w if biases is None else Biased(w, stack(biases))
 
 
-def rope_tables(config: ModelConfig, ctx: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [ctx, rope_dim/2] for rotating adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/rope_dim)."""
-    inv_freq = config.rope_base ** (-np.arange(0, config.rope_dim, 2, dtype=np.float64) / config.rope_dim)
-    angles = np.outer(np.arange(ctx, dtype=np.float64), inv_freq)
+def rope_tables(config: ModelConfig, ctx: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [ctx, rope_dim/2] for rotating adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/rope_dim)
+    / factor_i (Llama 3's rope_freqs), with the windowed layers' own base (local) or the full-attention
+    layers' base and linear scaling (positions / rope_scale)."""
+    base = config.rope_base_swa if local and config.rope_base_swa else config.rope_base
+    inv_freq = base ** (-np.arange(0, config.rope_dim, 2, dtype=np.float64) / config.rope_dim)
+    if config.rope_freq_factors:
+        inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float64)
+    positions = np.arange(ctx, dtype=np.float64) / (1.0 if local else config.rope_scale)
+    angles = np.outer(positions, inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+OPTIONAL_NORMS = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU with the tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return np.float32(0.5) * x * (1 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x ** 3)))
+
+
+def head_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x [T, heads, head_dim] with each head RMS-normalised and scaled by w [head_dim]."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -> np.ndarray:
@@ -75,6 +99,13 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_dim: int) -
     out[..., 0:rope_dim:2] = even * c - odd * s
     out[..., 1:rope_dim:2] = even * s + odd * c
     return out
+
+
+def check_pageable(c: ModelConfig) -> None:
+    """The paged KV cache (serving) has no sliding window nor second RoPE table yet."""
+    if c.sliding_window or c.rope_base_swa:
+        raise PerfxError(f"serving (the paged KV cache) does not support {c.arch}'s sliding-window layers yet; "
+                         "use perfx run or perfx chat")
 
 
 class NumpyBackend:
@@ -93,6 +124,7 @@ class NumpyBackend:
                 ffn_norm=l.ffn_norm.dequantize(),
                 w_gate_up=stack(l.w_gate_up),
                 w_down=l.w_down.dequantize(),
+                **{k: getattr(l, k).dequantize() for k in OPTIONAL_NORMS if getattr(l, k) is not None},
             )
             for l in weights.layers
         ]
@@ -100,6 +132,7 @@ class NumpyBackend:
         self.k_cache = np.zeros(shape, np.float32)  # [layer, pos, kv_head, head_dim]
         self.v_cache = np.zeros(shape, np.float32)
         self.cos, self.sin = rope_tables(config, ctx)
+        self.rope_local = rope_tables(config, ctx, local=True) if config.rope_base_swa else (self.cos, self.sin)
         self.weights = DeviceWeights(embd, layers, weights.output_norm.dequantize(), output)
         return self.weights
 
@@ -113,8 +146,9 @@ class NumpyBackend:
 
     # --- operators --------------------------------------------------------------------------
 
-    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return table[np.asarray(ids)].astype(np.float32)  # [T, dim]
+    def embed(self, table: np.ndarray, ids: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        x = table[np.asarray(ids)].astype(np.float32)  # [T, dim]
+        return x * np.float32(scale) if scale != 1.0 else x
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         ms = np.mean(x * x, axis=-1, keepdims=True)
@@ -124,10 +158,12 @@ class NumpyBackend:
         x = x + delta
         return x, self.rmsnorm(x, w)
 
-    def residual_rmsnorm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray | Biased,
-                         norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x + a @ w^T, and its rmsnorm * norm: a residual projection and the norm after it."""
-        return self.add_rmsnorm(x, self.linear(a, w), norm)
+    def residual_rmsnorm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray | Biased, norm: np.ndarray,
+                         post: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x + a @ w^T (its rmsnorm * post first, where a post-norm is given), and the sum's rmsnorm * norm:
+        a residual projection and the norm after it."""
+        delta = self.linear(a, w)
+        return self.add_rmsnorm(x, delta if post is None else self.rmsnorm(delta, post), norm)
 
     rowwise = False    # products one token at a time (serving: rows independent of the batch)
     k_pool = v_pool = None   # the serving pool (kv_pool)
@@ -146,9 +182,20 @@ class NumpyBackend:
         return self._mm(x, w)  # [T, in] x [out, in]^T -> [T, out]
 
     def swiglu(self, x: np.ndarray, w_gate_up: np.ndarray) -> np.ndarray:
+        """act(x @ Wg^T) * (x @ Wu^T): silu (SwiGLU), or tanh-approximated GELU (GeGLU) by config.act."""
         gu = self._mm(x, w_gate_up)
         gate, up = np.split(gu, 2, axis=-1)
+        if self.config.act == "gelu_tanh":
+            return gelu_tanh(gate) * up
         return gate / (1.0 + np.exp(-gate)) * up
+
+    def qk_norm(self, qkv: np.ndarray, q_norm: np.ndarray, k_norm: np.ndarray) -> np.ndarray:
+        """qkv [T, q_dim + 2 kv_dim] with each Q head RMS-normalised and scaled by q_norm [head_dim], each K
+        head by k_norm (Gemma 3, before RoPE)."""
+        c, T = self.config, len(qkv)
+        q = head_rmsnorm(qkv[:, :c.q_dim].reshape(T, c.n_heads, c.head_dim), q_norm, c.norm_eps)
+        k = head_rmsnorm(qkv[:, c.q_dim:c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, c.head_dim), k_norm, c.norm_eps)
+        return np.concatenate([q.reshape(T, -1), k.reshape(T, -1), qkv[:, c.q_dim + c.kv_dim:]], axis=1)
 
     def attention(self, qkv: np.ndarray, layer: int, start_pos: int) -> np.ndarray:
         c = self.config
@@ -157,7 +204,9 @@ class NumpyBackend:
         q = qkv[:, : c.q_dim].reshape(T, c.n_heads, D)
         k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(T, c.n_kv_heads, D)
         v = qkv[:, c.q_dim + c.kv_dim :].reshape(T, c.n_kv_heads, D)
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        window = c.window(layer)
+        cos, sin = self.rope_local if window else (self.cos, self.sin)
+        cos, sin = cos[start_pos:end], sin[start_pos:end]
         q = apply_rope(q, cos, sin, c.rope_dim)
         self.k_cache[layer, start_pos:end] = apply_rope(k, cos, sin, c.rope_dim)
         self.v_cache[layer, start_pos:end] = v
@@ -165,9 +214,10 @@ class NumpyBackend:
         keys, values = self.k_cache[layer, :end], self.v_cache[layer, :end]   # [S, kv_heads, D]
         group = c.n_heads // c.n_kv_heads
         qg = q.reshape(T, c.n_kv_heads, group, D)
-        scores = np.einsum("tkgd,skd->kgts", qg, keys) * np.float32(1.0 / np.sqrt(D))           # [kv_heads, group, T, S]
-        causal = np.arange(end)[None, :] > (start_pos + np.arange(T))[:, None]  # [T, S]
-        scores[..., causal] = -np.inf
+        scores = np.einsum("tkgd,skd->kgts", qg, keys) * np.float32(c.scale)    # [kv_heads, group, T, S]
+        dist = (start_pos + np.arange(T))[:, None] - np.arange(end)[None, :]    # [T, S]: query pos - key pos
+        masked = (dist < 0) | ((dist >= window) if window else False)
+        scores[..., masked] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
@@ -185,6 +235,7 @@ class NumpyBackend:
         """Allocates the block pool, K and V [n_layers, n_blocks, n_kv_heads, block_size, head_dim],
         and makes the products row by row (batch-invariant, as serving needs)."""
         c = self.config
+        check_pageable(c)
         shape = (c.n_layers, n_blocks, c.n_kv_heads, block_size, c.head_dim)
         self.k_pool = np.zeros(shape, np.float32)
         self.v_pool = np.zeros(shape, np.float32)
@@ -223,7 +274,7 @@ class NumpyBackend:
             keys = self.k_pool[layer, blocks, :, positions % bs]      # [S, kv_heads, D]
             values = self.v_pool[layer, blocks, :, positions % bs]
             qg = q[t].reshape(c.n_kv_heads, group, D)
-            scores = np.einsum("kgd,skd->kgs", qg, keys) * np.float32(1.0 / np.sqrt(D))
+            scores = np.einsum("kgd,skd->kgs", qg, keys) * np.float32(c.scale)
             p = np.exp(scores - scores.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
             out[t] = np.einsum("kgs,skd->kgd", p, values)

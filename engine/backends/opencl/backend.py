@@ -14,6 +14,7 @@ import pyopencl as cl
 
 from ...config import ModelConfig
 from ...model import Weights
+from ..numpy_backend import OPTIONAL_NORMS, check_pageable
 from .devices import check_memory
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul, Norm, XPrep
@@ -49,6 +50,10 @@ class Layer:
     ffn_norm: cl.Buffer      # f32 [dim]
     w_gate_up: DeviceMatrix  # [2 ffn, dim]
     w_down: DeviceMatrix     # [dim, ffn]
+    q_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
+    k_norm: cl.Buffer | None = None          # f32 [head_dim] (Gemma 3)
+    post_attn_norm: cl.Buffer | None = None  # f32 [dim] (Gemma)
+    post_ffn_norm: cl.Buffer | None = None   # f32 [dim] (Gemma)
 
 
 @dataclass
@@ -110,7 +115,8 @@ class OpenCLBackend:
             Layer(vec(l.attn_norm), DeviceMatrix.from_qtensors(rt, l.wqkv).with_bias(rt, l.bqkv),
                   DeviceMatrix.from_qtensors(rt, [l.wo]),
                   vec(l.ffn_norm), DeviceMatrix.from_qtensors(rt, l.w_gate_up),
-                  DeviceMatrix.from_qtensors(rt, [l.w_down]))
+                  DeviceMatrix.from_qtensors(rt, [l.w_down]),
+                  **{k: vec(getattr(l, k)) for k in OPTIONAL_NORMS if getattr(l, k) is not None})
             for l in weights.layers
         ]
         e = weights.tok_embd
@@ -170,17 +176,19 @@ class OpenCLBackend:
 
     # --- operators --------------------------------------------------------------------------
 
-    def embed(self, table: EmbeddingTable, ids: np.ndarray | None) -> Act:
-        """x [T, dim] = the embeddings of ids; ids None: of the token the last argmax chose (T = 1),
-        read where it is, on the device."""
+    def embed(self, table: EmbeddingTable, ids: np.ndarray | None, scale: float = 1.0) -> Act:
+        """x [T, dim] = the embeddings of ids (times scale); ids None: of the token the last argmax
+        chose (T = 1), read where it is, on the device."""
         if ids is None:
             self.T = 1
             self.fused.embed(table, self.token, 1, self.x.buf)
-            return self.x
-        self.T = T = len(ids)
-        self.ids_host[:T] = ids
-        cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
-        self.fused.embed(table, self.ids, T, self.x.buf)
+        else:
+            self.T = T = len(ids)
+            self.ids_host[:T] = ids
+            cl.enqueue_copy(self.rt.queue, self.ids, self.ids_host[:T], is_blocking=False)
+            self.fused.embed(table, self.ids, T, self.x.buf)
+        if scale != 1.0:
+            self.fused.scale(self.x.buf, self.T * self.config.dim, scale)
         return self.x
 
     def rmsnorm(self, x: Act, w: cl.Buffer) -> Act:
@@ -191,10 +199,16 @@ class OpenCLBackend:
         self.fused.add_rmsnorm(x.buf, delta.buf, w, self.T, self.h.buf, self.h_xs)
         return x, self.h
 
-    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceMatrix, norm: cl.Buffer) -> tuple[Act, Act]:
+    def residual_rmsnorm(self, x: Act, a: Act, w: DeviceMatrix, norm: cl.Buffer,
+                         post: cl.Buffer | None = None) -> tuple[Act, Act]:
         """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
         one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
-        product, then add_rmsnorm."""
+        product, then add_rmsnorm. With a post-norm (Gemma): the product, then one launch that adds
+        its rmsnorm * post to x and normalises the sum."""
+        if post is not None:
+            delta = self.linear(a, w)
+            self.fused.post_add_rmsnorm(x.buf, delta.buf, post, norm, self.T, self.h.buf, self.h_xs)
+            return x, self.h
         if (self.scheme or self.matmul.scheme(self.T)) == "gemv" and self.matmul.params["gemv_norm"] \
                 and w.bias is None:
             epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
@@ -214,13 +228,18 @@ class OpenCLBackend:
         self.matmul.linear(x.buf, w, self.T, out.buf, scheme=self.scheme, xs=self._sums_of(x, w))
         return out
 
+    def qk_norm(self, qkv: Act, q_norm: cl.Buffer, k_norm: cl.Buffer) -> Act:
+        """Each Q head of qkv = rmsnorm(head) * q_norm, each K head by k_norm, in place (Gemma 3)."""
+        self.fused.head_rmsnorm(qkv.buf, q_norm, k_norm, self.T)
+        return qkv
+
     def attention(self, qkv: Act, layer: int, start_pos: int) -> Act:
         self.fused.attention(qkv.buf, self.T, layer, start_pos, self.attn.buf)
         return self.attn
 
     def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
         self.matmul.swiglu(h.buf, w_gate_up, self.T, self.ffn.buf, scheme=self.scheme,
-                           xs=self._sums_of(h, w_gate_up))
+                           xs=self._sums_of(h, w_gate_up), act=self.config.act)
         return self.ffn
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
@@ -256,6 +275,7 @@ class OpenCLBackend:
         the GEMV and attention one token per work-group, so a token's logits are bit for bit the same
         whichever sequences share its step (serving's replies do not depend on the load)."""
         c = self.config
+        check_pageable(c)
         self.paged = None
         kv_bytes = 2 if self.fused.params["kv_half"] else 4
         one = c.n_layers * n_blocks * c.n_kv_heads * block_size * c.head_dim * kv_bytes   # K or V

@@ -43,12 +43,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def rope_table(config: ModelConfig, ctx: int) -> np.ndarray:
+def rope_table(config: ModelConfig, ctx: int, local: bool = False) -> np.ndarray:
     """f32 [ctx, 2, head_dim]: per position, cos and signed sin per dimension, so that
     roped(x) = x * table[pos, 0] + swap_pairs(x) * table[pos, 1] with swap_pairs(x)[2i] = x[2i+1]:
     dims 2i and 2i+1 both carry cos(a_i), and -sin(a_i), +sin(a_i), a_i = pos * base^(-2i/rope_dim);
     dims past rope_dim carry cos 1 and sin 0."""
-    cos, sin = rope_tables(config, ctx)   # [ctx, rope_dim / 2]
+    cos, sin = rope_tables(config, ctx, local)   # [ctx, rope_dim / 2] (local: the windowed layers' base)
     table = np.zeros((ctx, 2, config.head_dim), np.float32)
     table[:, 0, :] = 1.0
     table[:, 0, 0:config.rope_dim:2] = table[:, 0, 1:config.rope_dim:2] = cos
@@ -121,6 +121,8 @@ class FusedOps:
         self._embed_f32.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
         self._embed_tiles = cl.Kernel(emb, "embed_tiles")
         self._embed_tiles.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
+        self._scale = cl.Kernel(emb, "scale")
+        self._scale.set_scalar_arg_dtypes([None, np.float32])
         am = rt.program("argmax", ARGMAX_WG=p["argmax_wg"], ARGMAX_GROUPS=p["argmax_groups"])
         self._argmax_partial = cl.Kernel(am, "argmax_partial")
         self._argmax_final = cl.Kernel(am, "argmax_final")
@@ -136,6 +138,8 @@ class FusedOps:
         self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
+        # The windowed layers' own RoPE (Gemma 3's local base), where the model has one.
+        self.rope_local = rt.to_device(rope_table(c, ctx, local=True)) if c.rope_base_swa else self.rope
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
         self.part_o = rt.empty(4 * slots * c.head_dim)  # [max_splits, split_max_t, n_heads, head_dim]
         self.part_ml = rt.empty(4 * slots * 2)          # [max_splits, split_max_t, n_heads, 2]
@@ -143,7 +147,7 @@ class FusedOps:
         self._combine = cl.Kernel(self._attention_program(1), "combine")
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
         self._attend_one = cl.Kernel(self._attention_program(1), "attend_one")
-        self._attend_one.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 3)
+        self._attend_one.set_scalar_arg_dtypes([None] * 5 + [np.int32] * 4)
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
 
     def _norm_kernels(self) -> None:
@@ -151,6 +155,10 @@ class FusedOps:
                               XQ=self.xs_int16)
         self._add_rmsnorm, self._rmsnorm = cl.Kernel(rms, "add_rmsnorm"), cl.Kernel(rms, "rmsnorm")
         self._add_rmsnorm.set_scalar_arg_dtypes([None, None, None, None, np.int32, np.float32, None, None, None])
+        self._post_add_rmsnorm = cl.Kernel(rms, "post_add_rmsnorm")
+        self._post_add_rmsnorm.set_scalar_arg_dtypes([None] * 5 + [np.int32, np.float32] + [None] * 3)
+        self._head_rmsnorm = cl.Kernel(rms, "head_rmsnorm")
+        self._head_rmsnorm.set_scalar_arg_dtypes([None] * 3 + [np.int32] * 4 + [np.float32])
         self._rmsnorm.set_scalar_arg_dtypes([None, None, None, np.int32, np.float32, None, None, None])
 
     def group_sums(self, group: int, int16: bool = False) -> None:
@@ -186,13 +194,14 @@ class FusedOps:
         c, p = self.config, self.params
         return self.rt.program(
             "attention", HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
-            ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]))
+            ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]),
+            ATT_SCALE=f"{c.attn_scale!r}f" if c.attn_scale else False)
 
     def _attend_kernel(self, qt: int) -> cl.Kernel:
         knl = self._attend.get(qt)
         if knl is None:
             knl = cl.Kernel(self._attention_program(qt), "attend")
-            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 6)
+            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 7)
             self._attend[qt] = knl
         return knl
 
@@ -211,6 +220,26 @@ class FusedOps:
             self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, *outs)
         else:
             self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, *outs)
+
+    def post_add_rmsnorm(self, x: cl.Buffer, delta: cl.Buffer, post: cl.Buffer, w: cl.Buffer, T: int,
+                         h: cl.Buffer, xs: XPrep | None = None) -> None:
+        """x [T, dim] += rmsnorm(delta [T, dim]) * post [dim] (delta is overwritten), then h and xs as
+        add_rmsnorm: Gemma's post-norm in the residual epilogue, one launch."""
+        wg, c = self.params["rms_wg"], self.config
+        outs = [h if b is None else b for b in (xs.sums, xs.q, xs.scale)] if xs else [h] * 3
+        self._post_add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, post, w, h, c.dim, c.norm_eps, *outs)
+
+    def head_rmsnorm(self, qkv: cl.Buffer, q_norm: cl.Buffer, k_norm: cl.Buffer, T: int) -> None:
+        """Each Q and K head of qkv [T, q_dim + 2 kv_dim] = rmsnorm(head) * q_norm or k_norm [head_dim],
+        in place (Gemma 3's QK-norm, before the attention's RoPE)."""
+        wg, c = self.params["rms_wg"], self.config
+        heads = c.n_heads + c.n_kv_heads
+        self._head_rmsnorm(self.rt.queue, (wg * T * heads,), (wg,), qkv, q_norm, k_norm, c.n_heads,
+                           c.n_kv_heads, c.head_dim, c.q_dim + 2 * c.kv_dim, c.norm_eps)
+
+    def scale(self, x: cl.Buffer, n: int, s: float) -> None:
+        """x [n] *= s."""
+        self._scale(self.rt.queue, (n,), None, x, s)
 
     def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer, xs: XPrep | None = None) -> None:
         """h [T, dim] = rmsnorm(x [T, dim]) * w [dim] (and xs, as add_rmsnorm)."""
@@ -247,9 +276,11 @@ class FusedOps:
             raise PerfxError(f"attention: split-KV needs T <= {p['split_max_t']} and "
                              f"n_splits <= {p['max_splits']}")
         q = self.rt.queue
+        window = c.window(layer)
+        rope = self.rope_local if window else self.rope
         if T == 1 and n_splits <= 1 and p["att_serial"]:
-            self._attend_one(q, (c.n_kv_heads,), (1,), qkv, self.rope, self.k_cache, self.v_cache, out,
-                             start_pos, self.ctx, layer)
+            self._attend_one(q, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
+                             start_pos, self.ctx, layer, window)
             return
         wg = p["att_wg"]
         chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
@@ -258,8 +289,8 @@ class FusedOps:
         qt = self._tile(T)
         knl = self._attend_kernel(qt)
         knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
-            qkv, self.rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
-            T, start_pos, self.ctx, layer, chunk, partial)
+            qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
+            T, start_pos, self.ctx, layer, chunk, partial, window)
         if partial:
             self._combine(q, (c.head_dim // 4, c.n_heads, T), None,
                           self.part_o, self.part_ml, out, T, n_splits)

@@ -391,9 +391,10 @@ class Matmul:
         return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: XPrep | None = None) -> None:
-        """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows."""
-        self._enqueue("swiglu", x, w_gate_up, T, y, False, scheme, xs)
+               xs: XPrep | None = None, act: str = "silu") -> None:
+        """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows;
+        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU."""
+        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
                       xs: XPrep | None = None) -> None:
@@ -425,13 +426,13 @@ class Matmul:
         if T < 1:
             raise PerfxError(f"the {scheme} scheme cannot take T={T} tokens")
         K, N = w.cols, w.rows
-        if op == "swiglu":
+        if op in ("swiglu", "geglu"):
             if N % (2 * RT):
-                raise PerfxError(f"swiglu needs gate and up halves of a multiple of {RT} rows, got {N} rows")
+                raise PerfxError(f"{op} needs gate and up halves of a multiple of {RT} rows, got {N} rows")
             N //= 2
         if x.size < T * K * 4 or y.size < T * N * 4:
             raise PerfxError(f"matmul buffers too small for x [{T}, {K}] and y [{T}, {N}]")
-        defines = {**w.defines, "SWIGLU": op == "swiglu"}
+        defines = {**w.defines, "SWIGLU": op in ("swiglu", "geglu"), "GELU": op == "geglu"}
         if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K) or w.scale_f32):
             scheme = "tiled"                     # int8, f16, float32 scales or K % 64 != 0: the portable GEMM
         if scheme == "gemv":
