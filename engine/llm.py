@@ -19,7 +19,6 @@ from .errors import ModelFileError, PerfxError, reading_model
 from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
-from .quants import requantization_notice
 from .sampler import Sampler, Sampling
 from .tokenizer import NOTICES as TOKENIZER_NOTICES
 from .tokenizer import Tokenizer
@@ -188,8 +187,6 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     if kernels is not None:
         backend.prepare(transformer, kernels)
     check_first_logits(transformer, weights, tokenizer, path)
-    if not numpy:
-        notices = [*notices, *filter(None, [requantization_notice(weights)])]
     return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
                notices=[*TOKENIZER_NOTICES, *notices])
 

@@ -28,6 +28,24 @@ run of fixed-size blocks. All multi-byte fields are little-endian.
         nibble of ql[l+32], the high nibble of ql[l], the high nibble of
         ql[l+32], and bits 0-1, 2-3, 4-5, 6-7 of qh[l];
         w = d * scale * (q - 32).
+- Q5_0  32 elements, 22 bytes: fp16 d, 32-bit qh, 16 bytes of nibbles laid out
+        as in Q4_0; bit j of qh is bit 4 of element j; w = d * (q - 16).
+- Q5_1  32 elements, 24 bytes: fp16 d, fp16 m, qh, nibbles as in Q5_0;
+        w = d * q + m.
+- Q5_K  256 elements, 176 bytes: fp16 d, fp16 dmin, the 12 scale bytes of
+        Q4_K, qh[32], 128 bytes of nibbles as in Q4_K; bit i of qh[l] is bit 4
+        of element l of sub-block i; w = d * scale * q - dmin * min.
+- IQ4_NL 32 elements, 18 bytes: fp16 d, nibbles as in Q4_0;
+        w = d * KVALUES[q].
+- IQ4_XS 256 elements, 136 bytes: fp16 d, 16-bit scales_h, scales_l[4],
+        128 bytes of nibbles, 16 per 32-element sub-block laid out as in Q4_0.
+        Sub-block i's 6-bit scale: nibble i % 2 of scales_l[i / 2] and bits
+        2i, 2i+1 of scales_h above it; w = d * (scale - 32) * KVALUES[q].
+
+Every block type is also split exactly into integers and float32 factors,
+w = q * scale (+ zero) per group of 16 or 32 (`split`): fp16 d times a 6- or
+8-bit scale is exact in float32, so these values equal the dequantized ones bit
+for bit (the order of operations is the reference's).
 """
 
 from __future__ import annotations
@@ -47,7 +65,13 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "Q4_1": (32, 20),
     "Q4_K": (256, 144),
     "Q6_K": (256, 210),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q5_K": (256, 176),
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
 }
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 _NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8)
 _CRUMB_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
@@ -145,13 +169,79 @@ def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     return (sub_scale * q.reshape(n, 16, 16)).reshape(n, 256)
 
 
+def _bits(packed: np.ndarray) -> np.ndarray:
+    """[n, b] bytes -> [n, 8b] bits, bit i of byte j at 8j + i."""
+    return np.unpackbits(packed, axis=1, bitorder="little")
+
+
+def _split_q5(blocks: np.ndarray, qh_at: int) -> np.ndarray:
+    """Q5_0 / Q5_1 5-bit values in element order, uint8 [n_blocks, 32]."""
+    return _q4_parts(blocks) | (_bits(blocks[:, qh_at : qh_at + 4]) << np.uint8(4))
+
+
+def _k_parts(blocks: np.ndarray, nibbles_at: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: (4-bit values [n, 256], scale d*sc and zero -dmin*m float32 [n, 8])."""
+    n = blocks.shape[0]
+    scales, mins = _q4_k_scales_mins(blocks[:, 4:16])
+    q = _nibbles(blocks[:, nibbles_at:nibbles_at + 128].reshape(n, 4, 32)).reshape(n, 256)
+    return q, _f16(blocks, 0) * scales.astype(np.float32), -(_f16(blocks, 2) * mins.astype(np.float32))
+
+
+def _split_blocks(blocks: np.ndarray, qtype: str):
+    """(q [n_blocks, elems] (int8 or uint8), scale [n_blocks, elems/group] f32, zero or None, group)."""
+    n = blocks.shape[0]
+    if qtype in ("Q4_0", "Q4_1"):
+        d = _f16(blocks, 0)
+        return _q4_parts(blocks), d, -8 * d if qtype == "Q4_0" else _f16(blocks, 2), 32
+    if qtype == "Q8_0":
+        return blocks[:, 2:].view(np.int8), _f16(blocks, 0), None, 32
+    if qtype == "Q5_0":
+        return (_split_q5(blocks, 2).view(np.int8) - np.int8(16)), _f16(blocks, 0), None, 32
+    if qtype == "Q5_1":
+        return _split_q5(blocks, 4), _f16(blocks, 0), _f16(blocks, 2), 32
+    if qtype == "Q4_K":
+        return _k_parts(blocks, 16) + (32,)
+    if qtype == "Q5_K":
+        q, scale, zero = _k_parts(blocks, 48)
+        high = _bits(blocks[:, 16:48]).reshape(n, 32, 8).transpose(0, 2, 1).reshape(n, 256)
+        return q | (high << np.uint8(4)), scale, zero, 32
+    if qtype == "Q6_K":
+        ql = blocks[:, 0:128].reshape(n, 2, 64)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+        low = _nibbles(ql).reshape(n, 2, 4, 32)
+        high = (qh >> _CRUMB_SHIFTS[:, None]) & np.uint8(0x03)
+        q = (low | (high << np.uint8(4))).reshape(n, 256).view(np.int8) - np.int8(32)
+        return q, _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32), None, 16
+    if qtype == "IQ4_NL":
+        return KVALUES[_q4_parts(blocks)], _f16(blocks, 0), None, 32
+    if qtype == "IQ4_XS":
+        low = _nibbles(blocks[:, 4:8])                                       # [n, 8]: l0 l2 l4 l6 then l1 l3 l5 l7
+        low = low.reshape(n, 2, 4).transpose(0, 2, 1).reshape(n, 8)
+        high = (blocks[:, 2:4].view("<u2").astype(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))) & 3
+        ls = (low | (high.astype(np.uint8) << np.uint8(4))).astype(np.float32) - np.float32(32)
+        q = KVALUES[_nibbles(blocks[:, 8:].reshape(n, 8, 16)).reshape(n, 256)]
+        return q, _f16(blocks, 0) * ls, None, 32
+    raise PerfxError(f"tensor type {qtype} has no integer form")
+
+
+def _dequant_split(qtype: str):
+    def dequant(blocks: np.ndarray) -> np.ndarray:
+        q, scale, zero, group = _split_blocks(blocks, qtype)
+        n, elems = q.shape
+        w = scale[:, :, None] * q.reshape(n, elems // group, group).astype(np.float32)
+        return (w if zero is None else w + zero[:, :, None]).reshape(n, elems)
+    return dequant
+
+
 _BLOCK_DEQUANT = {
     "Q8_0": _dequant_q8_0,
     "Q4_0": _dequant_q4_0,
     "Q4_1": _dequant_q4_1,
     "Q4_K": _dequant_q4_k,
     "Q6_K": _dequant_q6_k,
+    **{t: _dequant_split(t) for t in ("Q5_0", "Q5_1", "Q5_K", "IQ4_NL", "IQ4_XS")},
 }
+SPLIT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS")
 
 
 def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -199,27 +289,16 @@ def split_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.
     return q, _f16(blocks, 0).reshape(rows, cols // 32)
 
 
-# ---- what the OpenCL device path cannot hold exactly -----------------------------------------------
-NOTICE_SAMPLE_ROWS = 64      # rows of each requantized tensor measured for the notice
-
-
-def requantization_notice(weights) -> str | None:
-    """One line for the weight matrices that the OpenCL backend requantizes to int4 with groups of 32
-    (Q4_K, Q6_K, BF16, a stack of mixed kinds: see engine.backends.opencl.matmul), with the weight error
-    that costs, measured on the first rows of each; None when every matrix is held exactly."""
-    from .backends.opencl.matmul import _kind, quantize_int4
-
-    stacks = [s for l in weights.layers for s in (l.wqkv, [l.wo], l.w_gate_up, [l.w_down])] + [[weights.output]]
-    requantized = [s for s in stacks if _kind(s)[0] == "requant"]
-    if not requantized:
-        return None
-    err = ref = 0.0
-    for t in {id(t): t for s in requantized for t in s}.values():
-        w = t.rows(0, NOTICE_SAMPLE_ROWS).dequantize().astype(np.float64)
-        q, scale, zero = quantize_int4(w, 32)
-        held = q * np.repeat(scale, 32, axis=1) + np.repeat(zero, 32, axis=1)
-        err, ref = err + float(((held - w) ** 2).sum()), ref + float((w * w).sum())
-    types = ", ".join(sorted({t.qtype for s in requantized for t in s}))
-    return (f"{len(requantized)} of {len(stacks)} weight matrices ({types}) have no exact form on this device and "
-            f"are requantized to int4 in groups of 32: {100 * math.sqrt(err / max(ref, 1e-30)):.1f}% RMS weight "
-            "error (convert the model to Q4_0, Q4_1 or Q8_0 to avoid it)")
+def split(
+    raw: np.ndarray, qtype: str, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Split any block type of SPLIT_TYPES exactly into (q [rows, cols], scale float32
+    [rows, cols/group], zero float32 like scale or None, group) with w = q * scale (+ zero), the
+    float32 products equal to `dequantize`'s values. q is uint8 (0..15 for the 4-bit types Q4_0,
+    Q4_1, Q4_K, which take zero = -8d, m, -dmin*min; 0..31 for Q5_1, Q5_K) or int8 (Q5_0 q - 16,
+    Q6_K q - 32 with groups of 16, Q8_0, IQ4_NL and IQ4_XS their codebook values)."""
+    blocks = _blocks(raw, qtype, shape)
+    rows, cols = _rows_cols(shape)
+    q, scale, zero, group = _split_blocks(blocks, qtype)
+    scale = scale.reshape(rows, cols // group)
+    return q.reshape(rows, cols), scale, None if zero is None else zero.reshape(scale.shape), group

@@ -23,7 +23,7 @@
 // 223 - 282 GFLOP/s, gemm_few 190 GFLOP/s. NVIDIA H100 (NVIDIA_PARAMS): gemm_tiled 2.3 - 4.7 TFLOP/s,
 // gemm_few at T = 16: 0.5 - 0.95 TFLOP/s.
 //
-// Defines: FORMAT (4, 8, 16), G (int4 group), VEC (piece and micro-kernel width 4, 8, 16), TT (gemm_few
+// Defines: FORMAT (4, 8, 16, 32), G (int4 group; int8: 32 or 16), SCALE_F32, ZERO8 (kernels/wformat.h), VEC (piece and micro-kernel width 4, 8, 16), TT (gemm_few
 // tokens per work-item), BN, BT, RR, TR (gemm_tiled tiles; RR divides BN, TR divides BT, BN % 4 == 0),
 // X_LOCAL (stage X in local memory), SWIGLU (Y[t][f] = silu(gate f) * up f; the up rows follow), GELU (with SWIGLU: GELU-tanh in place of silu).
 
@@ -59,14 +59,12 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
+#include "wformat.h"
 #if FORMAT == 4
-#define BLOCK_WORDS(C) (RT * ((C) / 8 + (C) / G))
 #define GC_(C) ((C) >= G ? (C) / G : 1)
 #elif FORMAT == 8
-#define BLOCK_WORDS(C) (RT * (C) / 4 + RT * (C) / 64)
-#define GC_(C) ((C) / 32)
+#define GC_(C) ((C) / G)
 #else
-#define BLOCK_WORDS(C) (RT * (C) / 2)
 #define GC_(C) 1
 #endif
 
@@ -91,11 +89,6 @@ inline int chunk_k0(int c, int n128, int has64)
     return c < n128 ? c * 128 : n128 * 128 + (c > n128 ? has64 * 64 : 0);
 }
 
-// vload_half4/8/16 convert in hardware on PoCL x86 (F16C); RT * groups is always 4, 8 or 16.
-#define VLOAD_HALF_4(p, d) vstore4(vload_half4(0, p), 0, d)
-#define VLOAD_HALF_8(p, d) vstore8(vload_half8(0, p), 0, d)
-#define VLOAD_HALF_16(p, d) vstore16(vload_half16(0, p), 0, d)
-#define VLOAD_HALFS(n, p, d) CAT(VLOAD_HALF_, n)(p, d)
 
 // Scales (and int4 zeros) of a tile's chunk block, as floats s[RT][GC], z[RT][GC]: the block holds
 // scale[RT][GC] then zero[RT][GC] (halves) after the data.
@@ -113,8 +106,8 @@ inline int chunk_k0(int c, int n128, int has64)
 #define RT_GC_32 4
 #define LOAD_SZ(C, blk, s, z)                                                                  \
     float s[RT * GC_(C)], z[RT * GC_(C)];                                                      \
-    VLOAD_HALFS(RT_GC_##C, (__global const half*)((blk) + RT * (C) / 8), s);                   \
-    VLOAD_HALFS(RT_GC_##C, (__global const half*)((blk) + RT * (C) / 8) + RT * GC_(C), z);
+    CAT(vstore, RT_GC_##C)(SVLOAD(RT_GC_##C, (__global const SCALE_T*)((blk) + RT * (C) / 8)), 0, s); \
+    CAT(vstore, RT_GC_##C)(SVLOAD(RT_GC_##C, (__global const SCALE_T*)((blk) + RT * (C) / 8) + RT * GC_(C)), 0, z);
 // Plane p (elements p*L + j0 .. + PV) of row r, dequantized.
 #define DEQ(C, PV, blk, r, j0, p, s, z)                                                        \
     (fma(CAT(convert_float, PV)((CAT(vload, PV)(0, (blk) + (r) * ((C) / 8) + (j0)) >> (4 * (p))) & 15u), \
@@ -125,19 +118,26 @@ inline int chunk_k0(int c, int n128, int has64)
 #define QLOAD_8(p) as_char8(vload2(0, (__global const uint*)(p)))
 #define QLOAD_4(p) as_char4(*(__global const uint*)(p))
 #define QLOAD(PV, p) CAT(QLOAD_, PV)(p)
-#define RT_GC_128 16
-#define RT_GC_64 8
-#define RT_GC_32 4
+#ifdef ZERO8
+#define LOAD_Z8(C, blk, z)                                                                     \
+    float z[RT * GC_(C)];                                                                      \
+    LOAD_SCALES(RT_GC_##C, (__global const SCALE_T*)((blk) + RT * (C) / 4) + RT * GC_(C), z)
+#define ADD_Z8(v, zv) ((v) + (zv))
+#else
+#define LOAD_Z8(C, blk, z)
+#define ADD_Z8(v, zv) (v)
+#endif
 #define LOAD_SZ(C, blk, s, z)                                                                  \
     float s[RT * GC_(C)];                                                                      \
-    VLOAD_HALFS(RT_GC_##C, (__global const half*)((blk) + RT * (C) / 4), s);
+    LOAD_SCALES(RT_GC_##C, (__global const SCALE_T*)((blk) + RT * (C) / 4), s)               \
+    LOAD_Z8(C, blk, z)
 #define DEQ(C, PV, blk, r, j0, p, s, z)                                                        \
-    (CAT(convert_float, PV)(QLOAD(PV, (__global const char*)(blk) + (r) * (C) + (p) * ((C) / 8) + (j0))) \
-     * s[(r) * GC_(C) + (p) / (8 / GC_(C))])
+    ADD_Z8(CAT(convert_float, PV)(QLOAD(PV, (__global const char*)(blk) + (r) * (C) + (p) * ((C) / 8) + (j0))) \
+           * s[(r) * GC_(C) + (p) / (8 / GC_(C))], z[(r) * GC_(C) + (p) / (8 / GC_(C))])
 #else
 #define LOAD_SZ(C, blk, s, z)
 #define DEQ(C, PV, blk, r, j0, p, s, z)                                                        \
-    CAT(vload_half, PV)(0, (__global const half*)(blk) + (r) * (C) + (p) * ((C) / 8) + (j0))
+    WLOAD(PV, (__global const WTYPE*)(blk) + (r) * (C) + (p) * ((C) / 8) + (j0))
 #endif
 
 // ================================================================================================

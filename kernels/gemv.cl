@@ -14,11 +14,15 @@
 //     uint  q[RT][L]       nibble p (bits 4p..4p+3) of word l of row r = q of element p*L + l
 //     half  scale[RT][C/G]
 //     half  zero[RT][C/G]                                  -> RT*(L + C/G) words
-//   FORMAT 8 (int8, one scale per 32, w = q * scale):
+//   FORMAT 8 (int8, one scale per G = 32 or 16, w = q * scale, with ZERO8 + zero):
 //     char  q[RT][C]       natural order
-//     half  scale[RT][C/32]                                -> RT*C/4 + RT*C/64 words
+//     half  scale[RT][C/G]
+//     half  zero[RT][C/G]  (ZERO8 only)                    -> RT*C/4 + RT*C/64 words (G 32, no zeros)
 //   FORMAT 16 (fp16):
 //     half  w[RT][C]       natural order                   -> RT*C/2 words
+//   FORMAT 32 (float32):
+//     float w[RT][C]       natural order                   -> RT*C words
+// With SCALE_F32 the scales and zeros are float32 (kernels/wformat.h).
 //
 // The int4 packing lets one wide load (uint16 = 64 bytes) give, with a shift and a mask per plane,
 // 16 consecutive weights: the plane vectors line up with plain vector loads of x. Scales and zeros sit
@@ -54,7 +58,7 @@
 //   97% and 78% of a plain copy kernel moving the same bytes per launch (scripts/gemv_bandwidth.py);
 //   int8 1.15 TB/s, fp16 1.4 TB/s. At these sizes every kernel on that driver is launch-bound.
 //
-// Defines: FORMAT (4, 8, 16), G (int4 group), VEC (4, 8, 16), KSPLIT (a power of two), WG_ROWS, TPW (row
+// Defines: FORMAT (4, 8, 16, 32), G (int4 group; int8: 32 or 16), SCALE_F32, ZERO8 (int8 zeros), VEC (4, 8, 16), KSPLIT (a power of two), WG_ROWS, TPW (row
 // tiles per work-item), SWIGLU, USE_IMAGE, ZERO_INLINE (int4: each work-item adds the zero terms of its
 // own lanes from the x it loaded, so no xsum launch; the NVIDIA setting). On CPUs the norms write the
 // group sums of h instead (rmsnorm.cl XS_G), so the QKV and gate+up GEMVs need no xsum launch either.
@@ -80,14 +84,8 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
-// ---- words per chunk block, by chunk width C ----
-#if FORMAT == 4
-#define BLOCK_WORDS(C) (RT * ((C) / 8 + (C) / G))
-#elif FORMAT == 8
-#define BLOCK_WORDS(C) (RT * (C) / 4 + RT * (C) / 64)
-#else
-#define BLOCK_WORDS(C) (RT * (C) / 2)
-#endif
+// ---- words per chunk block, by chunk width C; scale loads (SCALE_F32, ZERO8, FORMAT 32) ----
+#include "wformat.h"
 
 // ---- x: a global vector, or an image1d_buffer_t of float4 texels ----
 #ifdef USE_IMAGE
@@ -103,11 +101,6 @@
 #define XLOAD16(o) vload16(0, x + xo + (o))
 #endif
 
-// vload_half4/8/16 convert in hardware on PoCL x86 (F16C); RT*groups is always 4, 8 or 16.
-#define VLOAD_HALF_4(p, d) vstore4(vload_half4(0, p), 0, d)
-#define VLOAD_HALF_8(p, d) vstore8(vload_half8(0, p), 0, d)
-#define VLOAD_HALF_16(p, d) vstore16(vload_half16(0, p), 0, d)
-#define VLOAD_HALFS(n, p, d) CAT(VLOAD_HALF_, n)(p, d)
 
 inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
 inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
@@ -164,8 +157,8 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
         const int L = (C) / 8;                                                                 \
         CAT(uint, PV) wr[RT];                                                                  \
         _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * L + (j0)); \
-        __global const half* sz = (__global const half*)((blk) + RT * L);                      \
-        const ZTYPE(C) s16 = CAT(vload_half, RT_GC_##C)(0, sz) * 16.0f;                        \
+        __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * L);                \
+        const ZTYPE(C) s16 = SVLOAD(RT_GC_##C, sz) * 16.0f;                                    \
         _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
             _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                               \
                 CAT(float, PV) t = 0.0f;                                                       \
@@ -182,7 +175,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define ZACC(C, PV, sz, s16, k0, j0, acc, zacc)                                                \
     {                                                                                          \
         float zl[RT * GC_(C)];                                                                 \
-        CAT(vstore, RT_GC_##C)(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, 0, zl);  \
+        CAT(vstore, RT_GC_##C)(SVLOAD(RT_GC_##C, sz + RT * GC_(C)) - s16, 0, zl);              \
         _Pragma("unroll") for (int r = 0; r < RT; r++)                                         \
             _Pragma("unroll") for (int g = 0; g < GC_(C); g++)                                 \
                 acc[r] = fma((CAT(float, PV))(zl[r * GC_(C) + g]), xgv[g], acc[r]);            \
@@ -191,7 +184,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // Zero terms from the group sums of x (xsum kernel), added by the work-item holding lane 0.
 #define ZACC(C, PV, sz, s16, k0, j0, acc, zacc)                                                \
     if ((j0) == 0)                                                                             \
-        zacc = fma(CAT(vload_half, RT_GC_##C)(0, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc);
+        zacc = fma(SVLOAD(RT_GC_##C, sz + RT * GC_(C)) - s16, XS_##C((k0) / G), zacc);
 #endif
 // out[r] += the zero terms of row r: lanes r*GC .. r*GC + GC-1 of zacc.
 #define ZERO_TERMS(C, zacc, out)                                                               \
@@ -207,22 +200,36 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define QLOAD_8(p) as_char8(vload2(0, (__global const uint*)(p)))
 #define QLOAD_4(p) as_char4(*(__global const uint*)(p))
 #define QLOAD(PV, p) CAT(QLOAD_, PV)(p)
-#define GC_(C) ((C) / 32)
-#define RT_GC_128 16
-#define RT_GC_64 8
-#define RT_GC_32 4
+#define GC_(C) ((C) / G)        // G 32, or 16 (Q6_K)
 #define ZTYPE(C) float
 #define ZERO_TERMS(C, zacc, out)
 #define XPLANES(C, PV, k0, j0, xp)
+// With ZERO8 the zeros: of row r, group g times x summed over the group's planes (no xsum launch).
+#ifdef ZERO8
+#define ZERO8_TERMS(C, PV, sp, k0, j0, acc)                                                    \
+    {                                                                                          \
+        float z[RT * GC_(C)];                                                                  \
+        LOAD_SCALES(RT_GC_##C, sp + RT * GC_(C), z)                                            \
+        _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                                   \
+            CAT(float, PV) xg = 0.0f;                                                          \
+            _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++)  \
+                xg += CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));                             \
+            _Pragma("unroll") for (int r = 0; r < RT; r++) acc[r] = fma(z[r * GC_(C) + g], xg, acc[r]); \
+        }                                                                                      \
+    }
+#else
+#define ZERO8_TERMS(C, PV, sp, k0, j0, acc)
+#endif
 #define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
     {                                                                                          \
         const int L = (C) / 8;                                                                 \
         __global const char* q = (__global const char*)(blk);                                  \
+        __global const SCALE_T* sp = (__global const SCALE_T*)((blk) + RT * (C) / 4);          \
         float s[RT * GC_(C)];                                                                  \
         _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
             CAT(char, PV) qr[8];                                                               \
             _Pragma("unroll") for (int p = 0; p < 8; p++) qr[p] = QLOAD(PV, q + r * (C) + p * L + (j0)); \
-            if (r == 0) VLOAD_HALFS(RT_GC_##C, (__global const half*)((blk) + RT * (C) / 4), s); \
+            if (r == 0) { LOAD_SCALES(RT_GC_##C, sp, s) }                                    \
             _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                               \
                 CAT(float, PV) t = 0.0f;                                                       \
                 _Pragma("unroll") for (int p = g * (8 / GC_(C)); p < (g + 1) * (8 / GC_(C)); p++) \
@@ -230,6 +237,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
                 acc[r] = fma(s[r * GC_(C) + g], t, acc[r]);                                    \
             }                                                                                  \
         }                                                                                      \
+        ZERO8_TERMS(C, PV, sp, k0, j0, acc)                                                    \
     }
 #else
 #define ZTYPE(C) float
@@ -237,11 +245,11 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define XPLANES(C, PV, k0, j0, xp)
 #define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
     {                                                                                          \
-        __global const half* h = (__global const half*)(blk);                                  \
+        __global const WTYPE* h = (__global const WTYPE*)(blk);                                \
         _Pragma("unroll") for (int p = 0; p < 8; p++) {                                        \
             const CAT(float, PV) xv = CAT(XLOAD, PV)((k0) + p * ((C) / 8) + (j0));             \
             _Pragma("unroll") for (int r = 0; r < RT; r++)                                     \
-                acc[r] = fma(CAT(vload_half, PV)(0, h + r * (C) + p * ((C) / 8) + (j0)), xv, acc[r]); \
+                acc[r] = fma(WLOAD(PV, h + r * (C) + p * ((C) / 8) + (j0)), xv, acc[r]);       \
         }                                                                                      \
     }
 #endif
@@ -266,8 +274,8 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // One 128-element chunk c (piece j) of the NT tiles: float x (XPLANES / TPIECE), or with INT_DOT
 // int16 x against the int4 or int8 weights (IPIECE).
 #ifdef INT_DOT
-#if FORMAT == 16 || VEC != 16 || KSPLIT != 1
-#error "INT_DOT takes int4 or int8 weights, VEC 16 and KSPLIT 1"
+#if FORMAT >= 16 || VEC != 16 || KSPLIT != 1 || (FORMAT == 8 && (G != 32 || defined(ZERO8)))
+#error "INT_DOT takes int4 or int8 (groups of 32, no zeros) weights, VEC 16 and KSPLIT 1"
 #endif
 // int4 x int16 on x86 CPUs with AVX-512BW or AVX2 (PoCL): x comes in int16 blocks of 32 (xq.h, 15
 // bits: as exact as the float path for all practical purposes, unlike int8 activations, which moved
@@ -304,11 +312,11 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #define ROW4(r) 4 * (r), 4 * (r) + 1, 4 * (r) + 2, 4 * (r) + 3
 #define ROW_LANES(r) ROW4(r), ROW4(r), ROW4(r), ROW4(r)            // lane 4m + g: group g of row r
 #if G == 32                   // scales [RT][GC] -> lanes 4r + g, g the 32-block of the chunk
-#define SCALES(sz) vload_half16(0, sz)
+#define SCALES(sz) SVLOAD(16, sz)
 #elif G == 64
-#define SCALES(sz) vload_half8(0, sz).s0011223344556677
+#define SCALES(sz) SVLOAD(8, sz).s0011223344556677
 #else
-#define SCALES(sz) vload_half4(0, sz).s0000111122223333
+#define SCALES(sz) SVLOAD(4, sz).s0000111122223333
 #endif
 #ifndef INT_PREFETCH
 #define INT_PREFETCH 32       // chunks ahead that each tile's stream is prefetched (the hardware
@@ -318,9 +326,9 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
     {                                                                                          \
         ushort32v q[RT];                                                                       \
         _Pragma("unroll") for (int r = 0; r < RT; r++) q[r] = LOAD64(ushort32v, (blk) + r * 16); \
-        __global const half* sz = (__global const half*)((blk) + RT * 16);                     \
+        __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * 16);               \
         const float16 sd = SCALES(sz) * (float16)(d4, d4, d4, d4);                             \
-        zacc = fma(CAT(vload_half, RT_GC_128)(0, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc); \
+        zacc = fma(SVLOAD(RT_GC_128, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc);        \
         IROW(q, sd, acc, 0) IROW(q, sd, acc, 1) IROW(q, sd, acc, 2) IROW(q, sd, acc, 3)        \
     }
 // Row r (a constant: the lanes of its scales are a shuffle pattern) of a tile's chunk.
@@ -341,7 +349,7 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #define IPIECE(blk, c, acc, zacc)                                                              \
     {                                                                                          \
         __global const char* q = (__global const char*)(blk);                                 \
-        const float16 sd = vload_half16(0, (__global const half*)((blk) + RT * 32)) * (float16)(d4, d4, d4, d4); \
+        const float16 sd = SVLOAD(16, (__global const SCALE_T*)((blk) + RT * 32)) * (float16)(d4, d4, d4, d4); \
         IROW8(q, sd, acc, 0) IROW8(q, sd, acc, 1) IROW8(q, sd, acc, 2) IROW8(q, sd, acc, 3)    \
     }
 #define IBLOCK8(q, sd, acc, r, b)                                                              \

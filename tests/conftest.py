@@ -62,9 +62,32 @@ class TinySpec:
     ctx_len: int = 128
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    qtype: str = "F32"          # type of the layer matrices: F32, F16, Q8_0, Q4_0, Q4_1
+    qtype: str = "F32"          # type of the layer matrices: F32, F16, Q8_0, Q4_0, Q4_1, ... any GGUF type perfx reads
     tied: bool = True
     seed: int = 0
+    types: tuple[tuple[str, str], ...] = ()     # (matrix, type) overrides, e.g. ("attn_v", "Q6_K")
+
+
+# Byte offsets of the fp16 factors in each block type (random_blocks scales them).
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208], "Q5_0": [0],
+              "Q5_1": [0, 2], "Q5_K": [0, 2], "IQ4_NL": [0], "IQ4_XS": [0]}
+
+
+def random_blocks(qtype: str, shape: tuple[int, int], rng: np.random.Generator, std: float) -> np.ndarray:
+    """Random blocks of a GGUF block type, uint8 [rows, bytes per row], whose values have about `std`:
+    random bytes, the fp16 factors (d, dmin) set to one common factor per tensor."""
+    from engine.quants import BLOCK_SIZES, dequantize
+
+    elems, nbytes = BLOCK_SIZES[qtype]
+    blocks = rng.integers(0, 256, (shape[0] * shape[1] // elems, nbytes), dtype=np.uint8)
+
+    def set_factor(f: float) -> None:
+        for offset in F16_FIELDS[qtype]:
+            blocks[:, offset:offset + 2] = np.full(len(blocks), f, np.float16).view(np.uint8).reshape(-1, 2)
+
+    set_factor(1.0)
+    set_factor(std / float(dequantize(blocks, qtype, shape).std()))
+    return blocks.reshape(shape[0], -1)
 
 
 def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
@@ -108,8 +131,13 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.nda
 
     def add(name: str, shape: tuple[int, ...], qtype: str, scale: float = 0.2, offset: float = 0.0) -> None:
         values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+        qtype = dict(spec.types).get(name.split(".")[-2], qtype) if name.startswith("blk.") else qtype
         kind = gguf.GGMLQuantizationType[qtype]
-        if qtype == "F32":
+        if qtype in F16_FIELDS and qtype not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+            raw = random_blocks(qtype, shape, rng, scale)         # types gguf cannot quantize
+            values = gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+        elif qtype == "F32":
             w.add_tensor(name, values)
         elif qtype == "F16":
             values = values.astype(np.float16).astype(np.float32)

@@ -464,10 +464,8 @@ def test_from_qtensors_exact(rt, mm, qtypes):
                for i, (qt, rows) in enumerate(zip(qtypes, (576, 192, 192)))]
     dm = DeviceMatrix.from_qtensors(rt, tensors)
     w = np.concatenate([t.dequantize() for t in tensors]).astype(np.float64)
-    if qtypes == ("F32",):
-        w = f16(w).astype(np.float64)              # F32 is stored as fp16 on the device
     assert dm.rows == w.shape[0] and dm.cols == K
-    assert dm.fmt == {"Q4_1": "int4", "Q4_0": "int4", "Q8_0": "int8", "F16": "f16", "F32": "f16"}[qtypes[0]]
+    assert dm.fmt == {"Q4_1": "int4", "Q4_0": "int4", "Q8_0": "int8", "F16": "f16", "F32": "f32"}[qtypes[0]]
     for T in (1, 7, 33):
         x = rng.standard_normal((T, K))
         assert_close(run(rt, mm, dm, x, w.shape[0]), oracle(x_for(mm, dm, x), w))
@@ -491,20 +489,16 @@ def test_from_qtensors_int4_groups(rt, mm):
         assert_close(run(rt, mm, dm, x, 320), oracle(x_for(mm, dm, x), w))
 
 
-@pytest.mark.parametrize("qtypes", [("BF16",), ("Q4_0", "Q8_0")])
-def test_from_qtensors_requantizes_other_types(rt, mm, qtypes):
-    """BF16, or a mix of types, has no device format: int4 g32 by round-to-nearest (quantize_int4)."""
-    from engine.backends.opencl.matmul import DeviceMatrix, quantize_int4
+@pytest.mark.parametrize("qtypes,form", [(("BF16",), ("bf16", 0)), (("Q4_0", "Q8_0"), ("int8x", 32))])
+def test_from_qtensors_other_types_exact(rt, mm, qtypes, form):
+    """BF16, or a mix of kinds, is held exactly too (engine/backends/opencl/weights.py), not requantized."""
+    from engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(6)
     tensors = [_qtensor(f"t{i}", qt, rng.standard_normal((128, 512))) for i, qt in enumerate(qtypes)]
     dm = DeviceMatrix.from_qtensors(rt, tensors)
-    assert (dm.fmt, dm.group, dm.rows) == ("int4", 32, 128 * len(qtypes))
-    exact = np.concatenate([t.dequantize() for t in tensors])
-    q, scale, zero = quantize_int4(exact, 32)
-    w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
-    step = np.repeat(scale, 32, axis=1)
-    assert np.all(np.abs(w - exact) <= 0.5 * step + 1e-2 * np.abs(exact) + 1e-6)   # within half a step
+    assert (dm.fmt, dm.group, dm.rows) == (*form, 128 * len(qtypes))
+    w = np.concatenate([t.dequantize() for t in tensors]).astype(np.float64)
     x = rng.standard_normal((2, 512))
     assert_close(run(rt, mm, dm, x, dm.rows), oracle(x_for(mm, dm, x), w))
 

@@ -308,23 +308,6 @@ def test_token_ids_outside_the_vocabulary(request, backend, bad):
     assert np.isfinite(llm.forward([1, 262])).all()                       # the model still runs
 
 
-# ---- weights the device cannot hold exactly --------------------------------------------------------------
-
-def test_requantized_weights_are_announced_with_their_error(cl_llm, tmp_path):
-    path = tmp_path / "bf16.gguf"
-    write_tiny_gguf(path, TinySpec(qtype="BF16", seed=5))
-    llm = load_model(path, device="opencl", ctx=64)
-    found = [n for n in llm.notices if "requantized to int4" in n]
-    assert len(found) == 1, llm.notices
-    error = float(re.search(r"([0-9.]+)% RMS weight error", found[0]).group(1))
-    assert "8 of 9 weight matrices (BF16)" in found[0] and 1 < error < 20
-    assert not [n for n in load_model(path, device="numpy", ctx=64).notices if "requantized" in n]
-
-
-def test_exact_weights_are_not_announced(cl_llm):
-    assert not [n for n in cl_llm.notices if "requantized" in n]
-
-
 # ---- perfx files and Hugging Face config.json ----------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from gguf import quants as gguf_quants
 
 from engine.errors import PerfxError
 from engine.quants import BLOCK_SIZES, dequantize, split_q4, split_q8_0
+from tests.conftest import F16_FIELDS   # byte offsets of the fp16 fields in each block type
 
 
 def f16(x: float) -> bytes:
@@ -38,6 +39,11 @@ def test_block_sizes():
         "Q4_1": (32, 20),
         "Q4_K": (256, 144),
         "Q6_K": (256, 210),
+        "Q5_0": (32, 22),
+        "Q5_1": (32, 24),
+        "Q5_K": (256, 176),
+        "IQ4_NL": (32, 18),
+        "IQ4_XS": (256, 136),
     }
 
 
@@ -194,8 +200,6 @@ def test_multi_row_layout():
 
 # ---- random cross-check against gguf.quants -----------------------------------
 
-# Byte offsets of the fp16 fields in each block format.
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
 
 
 def random_tensor(qtype: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
@@ -277,9 +281,9 @@ def test_split_q8_0():
 
 def test_unsupported_type():
     with pytest.raises(PerfxError) as err:
-        dequantize(np.zeros(176, dtype=np.uint8), "Q5_K", (256,))
+        dequantize(np.zeros(110, dtype=np.uint8), "Q3_K", (256,))
     message = str(err.value)
-    assert "Q5_K" in message and "not supported" in message and "Q4_K" in message
+    assert "Q3_K" in message and "not supported" in message and "Q4_K" in message
     assert "\n" not in message
 
 

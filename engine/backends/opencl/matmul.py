@@ -10,7 +10,11 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
 - one chunk's block holds the data of its 4 rows, then their scales and zeros:
     int4  uint q[4][L] (nibble p of word l = q of element p*L + l), half scale[4][C/G], half zero[4][C/G]
     int8  char q[4][C], half scale[4][C/32]
+    int8x char q[4][C], float scale[4][C/G], with zeros float zero[4][C/G] (G 16 or 32)
     f16   half w[4][C]
+    bf16  ushort w[4][C] (the top halves of floats)
+    f32   float w[4][C]
+  (int4 with scale_f32: float scales and zeros). Which form a stack of GGUF tensors takes, exactly: weights.py.
   With the int4 packing one 64-byte load, shifted and masked per plane, gives 16 consecutive weights
   that line up with a plain vector load of x.
 
@@ -39,12 +43,12 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from ...tensors import QTensor
-from . import gemm_mma
+from . import gemm_mma, weights
 from .runtime import Runtime
 from .specs import defaults
 
 RT = 4                                # rows per tile
-FORMAT_CODE = {"int4": 4, "int8": 8, "f16": 16}
+FORMAT_CODE = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "bf16": 17, "f32": 32}
 GROUPS = (32, 64, 128)
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
@@ -79,8 +83,9 @@ def _as_words(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint32)
 
 
-def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
-    """q uint8 [N, K] in 0..15, scale and zero [N, K/group] (w = q*scale + zero) -> uint32 row tiles."""
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int, dtype=np.float16) -> np.ndarray:
+    """q uint8 [N, K] in 0..15, scale and zero [N, K/group] (w = q*scale + zero), stored as dtype (fp16 or
+    float32) -> uint32 row tiles."""
     rows, cols = q.shape
     if group not in GROUPS or cols % group:
         raise PerfxError(f"int4 group must be one of {GROUPS} and divide the {cols} columns, got {group}")
@@ -90,8 +95,8 @@ def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) ->
     if q.size and q.max() > 15:
         raise PerfxError(f"int4 values must be 0..15, got {int(q.max())}")
     qt = _tiles(q)                                          # [tiles, 4, K]
-    st = _tiles(np.asarray(scale, np.float16))              # [tiles, 4, K/G]
-    zt = _tiles(np.asarray(zero, np.float16))
+    st = _tiles(np.asarray(scale, dtype))                   # [tiles, 4, K/G]
+    zt = _tiles(np.asarray(zero, dtype))
     blocks, k0 = [], 0
     for c in chunk_widths(cols):
         lanes = c // 8
@@ -105,22 +110,32 @@ def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) ->
     return np.concatenate(blocks, axis=1).reshape(-1)
 
 
-def pack_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """q int8 [N, K], scale [N, K/32] (w = q*scale) -> uint32 row tiles."""
+def pack_int8(q: np.ndarray, scale: np.ndarray, group: int = 32, zero: np.ndarray | None = None,
+              dtype=np.float16) -> np.ndarray:
+    """q int8 [N, K], scale (and zero) [N, K/group] (w = q*scale (+ zero)), group 32 or 16, stored as
+    dtype (fp16 or float32) -> uint32 row tiles."""
     rows, cols = q.shape
-    if scale.shape != (rows, cols // 32):
-        raise PerfxError(f"int8 scale must be [{rows}, {cols // 32}], got {scale.shape}")
-    qt, st = _tiles(np.asarray(q, np.int8)), _tiles(np.asarray(scale, np.float16))
+    if group not in (16, 32) or scale.shape != (rows, cols // group):
+        raise PerfxError(f"int8 scale must be [{rows}, {cols // group}] with a group of 16 or 32, got {scale.shape}")
+    qt, st = _tiles(np.asarray(q, np.int8)), _tiles(np.asarray(scale, dtype))
+    zt = None if zero is None else _tiles(np.asarray(zero, dtype))
     blocks, k0 = [], 0
     for c in chunk_widths(cols):
-        blocks += [_as_words(qt[:, :, k0 : k0 + c]), _as_words(st[:, :, k0 // 32 : (k0 + c) // 32])]
+        g0, g1 = k0 // group, (k0 + c) // group
+        blocks += [_as_words(qt[:, :, k0 : k0 + c]), _as_words(st[:, :, g0:g1])]
+        blocks += [] if zt is None else [_as_words(zt[:, :, g0:g1])]
         k0 += c
     return np.concatenate(blocks, axis=1).reshape(-1)
 
 
 def pack_f16(w: np.ndarray) -> np.ndarray:
     """w [N, K] -> uint32 row tiles of fp16 values."""
-    wt = _tiles(np.asarray(w, np.float16))
+    return pack_floats(w, np.float16)
+
+
+def pack_floats(w: np.ndarray, dtype) -> np.ndarray:
+    """w [N, K] -> uint32 row tiles of its values as dtype (fp16, float32, or uint16: bfloat16 bits)."""
+    wt = _tiles(np.asarray(w, dtype))
     blocks, k0 = [], 0
     for c in chunk_widths(w.shape[1]):
         blocks.append(_as_words(wt[:, :, k0 : k0 + c]))
@@ -177,13 +192,21 @@ def xq_positions(K: int) -> np.ndarray:
 class DeviceMatrix:
     """A weight matrix W [rows, cols] (rows = outputs N, cols = inputs K) in row tiles on the device."""
 
-    fmt: str          # "int4", "int8" or "f16"
+    fmt: str          # "int4", "int8", "int8x", "f16", "bf16" or "f32"
     rows: int
     cols: int
-    group: int        # int4 group size (32, 64 or 128); 32 for int8; 0 for f16
+    group: int        # int4 group size (32, 64 or 128); 32 for int8; 16 or 32 for int8x; 0 for f16, f32
     buf: cl.Buffer    # uint32 row tiles, see the module docstring
     nbytes: int
     bias: cl.Buffer | None = None   # f32 [rows]: added to each output row by linear (kernels/bias.cl), or None
+    scale_f32: bool = False         # scales (and zeros) as float32 (int4 of Q4_K, int8x)
+    zeros: bool = False             # int8x with zeros: w = q*scale + zero
+
+    @property
+    def defines(self) -> dict:
+        """The kernel defines of this matrix's format (kernels/wformat.h)."""
+        return {"FORMAT": FORMAT_CODE[self.fmt], "G": self.group if self.fmt in ("int4", "int8x") else False,
+                "SCALE_F32": self.scale_f32, "ZERO8": self.zeros}
 
     @classmethod
     def _upload(cls, rt: Runtime, fmt: str, rows: int, cols: int, group: int, words: np.ndarray) -> DeviceMatrix:
@@ -208,10 +231,8 @@ class DeviceMatrix:
     def from_qtensors(cls, rt: Runtime, tensors: list[QTensor]) -> DeviceMatrix:
         """The rows of `tensors` stacked in order (Q, K, V as one matrix; gate then up).
 
-        Q4_0, Q4_1 and INT4 become int4, exactly: with mixed group sizes the smallest is used and the
-        larger groups' scales and zeros repeated. Q8_0 and INT8 become int8 (exact), F16 and F32 fp16.
-        Any other type (Q4_K, Q6_K, BF16, or a mix of kinds) is dequantized and requantized to int4 with
-        groups of 32 by round-to-nearest (`quantize_int4`), which is not exact.
+        Every type is held exactly, in the form weights.form_of picks: with mixed group sizes the
+        smallest is used and the larger groups' scales and zeros repeated.
 
         A large matrix is packed LOAD_ROWS rows at a time straight into its device buffer, and the file
         pages of each packed piece are let go (QTensor.drop_pages), so loading needs little more host
@@ -222,27 +243,27 @@ class DeviceMatrix:
         cols = {t.shape[-1] for t in tensors}
         if len(cols) != 1 or any(len(t.shape) != 2 for t in tensors):
             raise PerfxError(f"tensors to stack must be 2-D with equal columns: {[t.shape for t in tensors]}")
-        kind, group = _kind(tensors)
-        fmt = {"int4": "int4", "int8": "int8", "f16": "f16", "requant": "int4"}[kind]
+        form = weights.form_of(tensors)
+        fmt, group, extra = form.fmt, form.group, {"scale_f32": form.scale_f32, "zeros": form.zeros}
         rows = sum(t.shape[0] for t in tensors)
         if rows <= LOAD_ROWS or any(t.shape[0] % RT for t in tensors[:-1]):
-            words = _pack_words(tensors, kind, group)
+            words = weights.pack(tensors, form)
             for t in tensors:
                 t.drop_pages()
-            return cls._upload(rt, fmt, rows, cols.pop(), group, words)
+            return replace(cls._upload(rt, fmt, rows, cols.pop(), group, words), **extra)
         ntiles = -(-rows // RT)
         buf, tile_words, tile0 = None, 0, 0
         for t in tensors:
             for r in range(0, t.shape[0], LOAD_ROWS):
                 piece = t.rows(r, r + LOAD_ROWS)
-                words = _pack_words([piece], kind, group)       # uint32 [piece tiles * tile_words]
+                words = weights.pack([piece], form)             # uint32 [piece tiles * tile_words]
                 piece.drop_pages()
                 if buf is None:
                     tile_words = words.size // -(-piece.shape[0] // RT)
                     buf = rt.empty(4 * ntiles * tile_words)
                 cl.enqueue_copy(rt.queue, buf, words, dst_offset=4 * tile0 * tile_words, is_blocking=True)
                 tile0 += words.size // tile_words
-        return cls(fmt, rows, cols.pop(), group, buf, 4 * ntiles * tile_words)
+        return cls(fmt, rows, cols.pop(), group, buf, 4 * ntiles * tile_words, **extra)
 
     def with_bias(self, rt: Runtime, biases: list[QTensor] | None) -> DeviceMatrix:
         """This matrix with `biases` stacked in order (Q, K, V) as its f32 bias [rows]; itself when None."""
@@ -252,33 +273,6 @@ class DeviceMatrix:
         if b.shape != (self.rows,):
             raise PerfxError(f"a bias of {b.size} values for a matrix of {self.rows} rows")
         return replace(self, bias=rt.to_device(b), nbytes=self.nbytes + int(b.nbytes))
-
-
-def _kind(tensors: list[QTensor]) -> tuple[str, int]:
-    """How a stack of tensors is packed: ("int4", smallest group), ("int8", 32), ("f16", 0) or
-    ("requant", 32) (dequantized and requantized to int4)."""
-    types = {t.qtype for t in tensors}
-    if types <= {"Q4_0", "Q4_1", "INT4"}:
-        return "int4", min(t.group if t.qtype == "INT4" else 32 for t in tensors)
-    if types <= {"Q8_0", "INT8"}:
-        return "int8", 32
-    if types <= {"F16", "F32"}:
-        return "f16", 0
-    return "requant", 32
-
-
-def _pack_words(tensors: list[QTensor], kind: str, group: int) -> np.ndarray:
-    """The row tiles (uint32) of the stacked tensors, packed as _kind said."""
-    if kind == "int4":
-        parts = [t.int4() for t in tensors]                     # (q, scale, zero, group) each
-        q = np.concatenate([p[0] for p in parts])
-        scale, zero = (np.concatenate([np.repeat(p[i], p[3] // group, axis=1) for p in parts]) for i in (1, 2))
-        return pack_int4(q, scale, zero, group)
-    if kind == "int8":
-        parts = [t.int8() for t in tensors]
-        return pack_int8(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    w = np.concatenate([t.dequantize() for t in tensors])
-    return pack_f16(w) if kind == "f16" else pack_int4(*quantize_int4(w, 32), 32)
 
 
 # ---- launching ------------------------------------------------------------------------------------
@@ -413,11 +407,9 @@ class Matmul:
             N //= 2
         if x.size < T * K * 4 or y.size < T * N * 4:
             raise PerfxError(f"matmul buffers too small for x [{T}, {K}] and y [{T}, {N}]")
-        defines = {"FORMAT": FORMAT_CODE[w.fmt], "SWIGLU": op in ("swiglu", "geglu"), "GELU": op == "geglu"}
-        if w.fmt == "int4":
-            defines["G"] = w.group
-        if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K)):
-            scheme = "tiled"                     # int8, f16 or K % 64 != 0: the portable GEMM
+        defines = {**w.defines, "SWIGLU": op in ("swiglu", "geglu"), "GELU": op == "geglu"}
+        if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K) or w.scale_f32):
+            scheme = "tiled"                     # int8, f16, float32 scales or K % 64 != 0: the portable GEMM
         if scheme == "gemv":
             steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
         elif scheme == "mma":
