@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,20 @@ class LLM:
         logits = self.transformer.forward(ids, start_pos)
         self.cached = self.cached[:start_pos] + ids.tolist()
         return logits
+
+    @functools.cached_property
+    def most_prompt_chars(self) -> int:
+        """A cheap bound: no token stands for more characters than the UTF-8 bytes of the longest vocab
+        entry, so a text of more characters than the context times that cannot fit and is refused before
+        it is tokenized (tokenizing megabytes costs gigabytes)."""
+        tok = self.tokenizer
+        return self.ctx * max(len(tok.token_text(i).encode()) for i in range(tok.vocab_size))
+
+    def check_text_fits(self, text: str) -> None:
+        """Refuses, before tokenizing it, a text that cannot fit the context whatever its tokens."""
+        if len(text) > self.most_prompt_chars:
+            raise PerfxError(f"the prompt is {len(text)} characters, far more than the context of {self.ctx} "
+                             "tokens holds; shorten it or raise --ctx")
 
     def _check_fits(self, n: int) -> None:
         if n > self.ctx:

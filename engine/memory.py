@@ -113,8 +113,9 @@ def weight_bytes(weights: Any, dequantized: bool) -> int:
     """Resident bytes of a model's weights (`engine.model.Weights`), the tied embedding once.
 
     dequantized=True: as float32 arrays (the NumPy backend: 4 bytes a value, whatever the file
-    stores). False: as stored (a GPU backend, whose repacked buffers are about the file's size;
-    on a phone they are in the same RAM). The memory-mapped file itself is not counted: its pages
+    stores). False: as the OpenCL backend holds them, each stack in its exact device form
+    (`engine.backends.opencl.weights`: Q5 and Q6 types widen to 8 bits; on a phone or a CPU these
+    buffers are in the same RAM). The memory-mapped file itself is not counted: its pages
     are page cache, which the kernel reclaims before it kills anything, and `MemAvailable`
     already counts them as available.
     """
@@ -122,7 +123,13 @@ def weight_bytes(weights: Any, dequantized: bool) -> int:
               for t in (l.attn_norm, *l.wqkv, l.wo, l.ffn_norm, *l.w_gate_up, l.w_down, *(l.bqkv or ()))]
     unique = {id(t): t for t in (*layers, weights.tok_embd, weights.output_norm, weights.output)}
     if not dequantized:
-        return sum(int(t.nbytes) for t in unique.values())
+        from .backends.opencl.weights import device_bytes
+
+        stacks = [s for l in weights.layers for s in (l.wqkv, [l.wo], l.w_gate_up, [l.w_down])]
+        rest = [t for t in unique.values()                # norms, biases, an untied embedding: as stored
+                if len(t.shape) < 2 or t is weights.tok_embd and t is not weights.output]
+        return (sum(device_bytes(s) for s in stacks) + device_bytes([weights.output])
+                + sum(int(t.nbytes) for t in rest))
     total = 0
     for t in unique.values():
         n = 1

@@ -197,6 +197,21 @@ def tokenizer_fields(path: str) -> list[tuple[str, object, object, object]]:
     return out
 
 
+def add_block_params(w, *, n_layers: int, ctx_len: int, dim: int, ffn_dim: int, n_heads: int, n_kv_heads: int,
+                     norm_eps: float, rope_base: float, rope_dim: int | None = None) -> None:
+    """The block's hyper-parameters as llama.cpp's GGUF keys, into a gguf.GGUFWriter (of any architecture)."""
+    w.add_block_count(n_layers)
+    w.add_context_length(ctx_len)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn_dim)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_layer_norm_rms_eps(norm_eps)
+    w.add_rope_freq_base(rope_base)
+    if rope_dim is not None:
+        w.add_rope_dimension_count(rope_dim)
+
+
 def write_gguf(shape: Shape, path: str, tokenizer_from: str, seed: int = 0) -> int:
     """Writes a GGUF file of `shape` (llama architecture) with random Q4_0 layer matrices, Q8_0 embedding
     and output, F32 norms, and the tokenizer (and so the vocabulary) of the GGUF `tokenizer_from`, so that
@@ -214,15 +229,9 @@ def write_gguf(shape: Shape, path: str, tokenizer_from: str, seed: int = 0) -> i
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_name(f"perfx synthetic {shape.name}")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    w.add_context_length(shape.ctx_len)
-    w.add_embedding_length(shape.dim)
-    w.add_block_count(shape.n_layers)
-    w.add_feed_forward_length(shape.ffn_dim)
-    w.add_head_count(shape.n_heads)
-    w.add_head_count_kv(shape.n_kv_heads)
-    w.add_rope_dimension_count(shape.head_dim)
-    w.add_rope_freq_base(shape.rope_base)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_block_params(w, n_layers=shape.n_layers, ctx_len=shape.ctx_len, dim=shape.dim, ffn_dim=shape.ffn_dim,
+                     n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, norm_eps=1e-5, rope_base=shape.rope_base,
+                     rope_dim=shape.head_dim)
     w.add_vocab_size(vocab)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub_type=sub)

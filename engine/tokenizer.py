@@ -295,6 +295,12 @@ class Tokenizer:
         ``add_bos`` (default: the vocab's own setting) asks for it and the text does not already
         start with it.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode takes a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:                   # lone surrogates (undecodable bytes): U+FFFD, as the CLI
+            text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
         ids = self._backend.encode(text, special)
         if add_bos is None:
             add_bos = self.add_bos

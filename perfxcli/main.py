@@ -226,11 +226,14 @@ def run(
     sampling = sampling.with_(max_tokens=n)
     llm = load(model, device, ctx, threads)
     tok = llm.tokenizer
+    llm.check_text_fits(prompt)
     if raw:
         prompt_ids = tok.encode(prompt, special=False)  # with BOS where the model wants one
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt_ids = tok.encode(llm.chat_template.render(messages), special=True)
+        rendered = llm.chat_template.render(messages)
+        llm.check_text_fits(rendered)
+        prompt_ids = tok.encode(rendered, special=True)
 
     ids: list[int] = []
     stream = StreamDecoder(tok)

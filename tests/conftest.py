@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.bpe import byte_to_char
+from engine.synthetic import add_block_params
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -90,6 +91,27 @@ def random_blocks(qtype: str, shape: tuple[int, int], rng: np.random.Generator, 
     return blocks.reshape(shape[0], -1)
 
 
+def add_random_tensor(w, name: str, shape: tuple[int, ...], qtype: str, rng: np.random.Generator, scale: float,
+                      offset: float = 0.0) -> np.ndarray:
+    """A random tensor of `qtype` into a gguf.GGUFWriter; returns its values as stored, in float32."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
+    if qtype in F16_FIELDS and qtype not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        raw = random_blocks(qtype, shape, rng, scale)         # types gguf cannot quantize
+    elif qtype == "F32":
+        w.add_tensor(name, values)
+        return values
+    elif qtype == "F16":
+        w.add_tensor(name, values.astype(np.float16))
+        return values.astype(np.float16).astype(np.float32)
+    else:
+        raw = gguf.quants.quantize(values, kind)
+    w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+    return gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
+
+
 def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
     """A llama-architecture GGUF with random weights and a byte-level BPE tokenizer
     (256 bytes, a few merges, ChatML control tokens). Returns the float32 weights as stored."""
@@ -106,15 +128,9 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.nda
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny")
-    w.add_block_count(spec.n_layers)
-    w.add_context_length(spec.ctx_len)
-    w.add_embedding_length(spec.dim)
-    w.add_feed_forward_length(spec.ffn_dim)
-    w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
-    w.add_layer_norm_rms_eps(spec.norm_eps)
-    w.add_rope_freq_base(spec.rope_base)
-    w.add_rope_dimension_count(spec.dim // spec.n_heads)
+    add_block_params(w, n_layers=spec.n_layers, ctx_len=spec.ctx_len, dim=spec.dim, ffn_dim=spec.ffn_dim,
+                     n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, norm_eps=spec.norm_eps,
+                     rope_base=spec.rope_base, rope_dim=spec.dim // spec.n_heads)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -130,23 +146,8 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> dict[str, np.nda
     stored: dict[str, np.ndarray] = {}
 
     def add(name: str, shape: tuple[int, ...], qtype: str, scale: float = 0.2, offset: float = 0.0) -> None:
-        values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
         qtype = dict(spec.types).get(name.split(".")[-2], qtype) if name.startswith("blk.") else qtype
-        kind = gguf.GGMLQuantizationType[qtype]
-        if qtype in F16_FIELDS and qtype not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
-            raw = random_blocks(qtype, shape, rng, scale)         # types gguf cannot quantize
-            values = gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
-        elif qtype == "F32":
-            w.add_tensor(name, values)
-        elif qtype == "F16":
-            values = values.astype(np.float16).astype(np.float32)
-            w.add_tensor(name, values.astype(np.float16))
-        else:
-            raw = gguf.quants.quantize(values, kind)
-            values = gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
-        stored[name] = values
+        stored[name] = add_random_tensor(w, name, shape, qtype, rng, scale, offset)
 
     add("token_embd.weight", (vocab, spec.dim), "Q8_0" if spec.qtype != "F32" else "F32", scale=1.0)
     for i in range(spec.n_layers):

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.synthetic import add_block_params
+from tests.conftest import add_random_tensor
+
 WORDS = ("the", "capital", "of", "france", "is", "paris", "a", "and", "to", "in", "it", "that", "was", "he",
          "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or",
          "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there")
@@ -104,7 +107,7 @@ def bpe_vocab(pre: str) -> tuple[list[str], list[str], list[int], dict]:
 def write_gguf(path: Path, spec: GGUFSpec) -> dict[str, np.ndarray]:
     """Writes the file; returns its tensors as float32 values, named as in the file."""
     import gguf
-    from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
 
     s, rng = spec, np.random.default_rng(spec.seed)
     arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == s.arch)
@@ -115,19 +118,12 @@ def write_gguf(path: Path, spec: GGUFSpec) -> dict[str, np.ndarray]:
 
     w = gguf.GGUFWriter(str(path), s.arch)
     w.add_name(f"random-{s.arch}")
-    w.add_block_count(s.n_layers)
-    w.add_context_length(s.ctx_len)
-    w.add_embedding_length(s.dim)
-    w.add_feed_forward_length(s.ffn_dim)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv_heads)
-    w.add_layer_norm_rms_eps(1e-6 if gemma else 1e-5)
-    w.add_rope_freq_base(s.rope_base)
+    add_block_params(w, n_layers=s.n_layers, ctx_len=s.ctx_len, dim=s.dim, ffn_dim=s.ffn_dim, n_heads=s.n_heads,
+                     n_kv_heads=s.n_kv_heads, norm_eps=1e-6 if gemma else 1e-5, rope_base=s.rope_base,
+                     rope_dim=None if gemma else head_dim)
     if gemma:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    else:
-        w.add_rope_dimension_count(head_dim)
     if s.sliding_window:
         w.add_sliding_window(s.sliding_window)
     for key, value in s.extra.items():
@@ -165,21 +161,10 @@ def write_gguf(path: Path, spec: GGUFSpec) -> dict[str, np.ndarray]:
         base = name.rsplit(".", 1)[0]
         generic = base if not base.startswith("blk.") else "blk.{bid}." + base.split(".", 2)[2]
         assert generic in known, f"{generic} is not a {s.arch} tensor in gguf-py"
-        values = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
-        qtype = qtype or s.qtype
         if name in s.skip:
+            rng.standard_normal(shape)          # drawn all the same: the other tensors keep their values
             return
-        if qtype == "F32":
-            w.add_tensor(name, values)
-        elif qtype == "F16":
-            values = values.astype(np.float16).astype(np.float32)
-            w.add_tensor(name, values.astype(np.float16))
-        else:
-            kind = gguf.GGMLQuantizationType[qtype]
-            raw = gguf.quants.quantize(values, kind)
-            values = gguf.quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
-        stored[name] = values
+        stored[name] = add_random_tensor(w, name, shape, qtype or s.qtype, rng, scale, offset)
 
     def norm(name: str, n: int) -> None:
         add(name, (n,), 0.1, 1.0, "F32")

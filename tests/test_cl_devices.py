@@ -566,3 +566,15 @@ def test_auto_prefers_the_faster_cpu_driver_and_names_the_command_for_it(monkeyp
     monkeypatch.setattr(drivers, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(drivers, "intel_x86_linux", lambda: False)    # not where pip has Intel's runtime
     assert len(dev.select("auto").notices) == 1
+
+
+def test_pip_pocl_names_the_faster_system_pocl():
+    """On Debian/Ubuntu, running on the PoCL that pip installs names the one command for the system's."""
+    from engine.backends.opencl import drivers
+
+    pocl = "Portable Computing Language"
+    hint = drivers.distro_pocl_hint(pocl, "OpenCL 3.0 PoCL 3.0-rc2  Linux, Release", debian=True)
+    assert hint and "apt-get install pocl-opencl-icd" in hint
+    assert drivers.distro_pocl_hint(pocl, "OpenCL 3.0 PoCL 3.1+debian  Linux", debian=True) is None
+    assert drivers.distro_pocl_hint(pocl, "OpenCL 3.0 PoCL 3.0-rc2  Linux", debian=False) is None
+    assert drivers.distro_pocl_hint("NVIDIA CUDA", "OpenCL 3.0 CUDA 13.0", debian=True) is None

@@ -68,15 +68,15 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = tmp_path / "q5.gguf"
+    path = tmp_path / "q2k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    raw = gguf.quants.quantize(np.ones((4, 32), np.float32), gguf.GGMLQuantizationType.Q5_0)
-    w.add_tensor("token_embd.weight", raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    raw = np.zeros((4, 84), np.uint8)                           # one Q2_K block (256 weights) a row
+    w.add_tensor("token_embd.weight", raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q2_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_one_line_error(perfx("run", "hi", "-m", str(path)), "Q5_0", "not support")
+    assert_one_line_error(perfx("run", "hi", "-m", str(path)), "Q2_K", "not support")
 
 
 def test_unknown_model_name_suggests_close_match():

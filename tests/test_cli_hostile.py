@@ -235,3 +235,22 @@ def test_template_that_grows_without_bound(tmp_path, monkeypatch):
     path = with_template(tmp_path / "big.gguf", "{{ 'x' * 10**8 }}", monkeypatch)
     result = perfx("run", "hi", "-m", str(path), "--device", "numpy")
     assert_one_line_error(result, "chat template", "100000000")
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tiny_gguf):
+    """Megabytes on standard input are refused by their length alone, in one line and quickly."""
+    path, *_ = tiny_gguf
+    result = subprocess.run([sys.executable, "-m", "perfxcli", "run", "-", "-m", str(path), "--device", "numpy",
+                             "--ctx", "32", "--raw"], input=("word " * 2_000_000).encode(), capture_output=True,
+                            timeout=120)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "far more than the context of 32 tokens" in stderr
+
+
+def test_lone_surrogates_reach_the_tokenizer_as_replacement_characters(tiny_gguf):
+    from engine import load_model
+
+    path, *_ = tiny_gguf
+    llm = load_model(path, device="numpy", ctx=64)
+    assert llm.tokenizer.encode("a\udc80b") == llm.tokenizer.encode("a\ufffdb")

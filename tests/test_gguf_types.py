@@ -178,3 +178,13 @@ def test_model_per_type_matches_numpy(tmp_path, cl_device, qtype, types):
     np.testing.assert_allclose(dev.forward(ids), expected, atol=atol, rtol=0)
     more = [5, 77, 140]
     np.testing.assert_allclose(dev.forward(more, len(ids)), ref.forward(more, len(ids)), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "F16", "BF16"])
+def test_device_bytes_count_the_device_form(qtype):
+    """The memory check counts a stack as the device holds it (Q5 and Q6 widened to 8 bits, Q4_K's f32
+    factors), which is never less than the file's bytes."""
+    from engine.backends.opencl.weights import device_bytes, form_of, pack
+
+    t = tensor(qtype, 64, 512, 3)
+    assert device_bytes([t]) == pack([t], form_of([t])).nbytes >= t.nbytes

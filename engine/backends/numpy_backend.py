@@ -169,7 +169,7 @@ class NumpyBackend(Backend):
         """Bytes of the arrays this backend holds: weights (as float32), KV cache, RoPE tables."""
         w = self.weights
         arrays = [w.tok_embd, w.output, w.output_norm, self.k_cache, self.v_cache, self.cos, self.sin]
-        arrays += [a for l in w.layers for a in vars(l).values() if a is not None]   # optional norms: None
+        arrays += [a for l in w.layers for a in vars(l).values() if a is not None]
         return sum(a.nbytes for a in {id(a): a for a in arrays}.values())
 
     def report(self) -> DeviceReport:

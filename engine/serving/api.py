@@ -161,14 +161,6 @@ def parse_generation(data: dict, prompt: list[int], ctx: int, prompt_param: str,
                       bool(options.get("include_usage")))
 
 
-def most_prompt_chars(llm: LLM) -> int:
-    """A cheap bound: no token stands for more characters than the UTF-8 bytes of the longest vocab entry,
-    so a text of more characters than the context times that cannot fit and is refused before it is
-    tokenized (tokenizing megabytes costs gigabytes)."""
-    tok = llm.tokenizer
-    return llm.ctx * max(len(tok.token_text(i).encode()) for i in range(tok.vocab_size))
-
-
 def too_long(chars: int, ctx: int, param: str) -> ApiError:
     return ApiError(400, f"the prompt is {chars} characters, far more than the context of {ctx} tokens holds; "
                          "shorten it", param=param, code="context_length_exceeded")
@@ -292,7 +284,7 @@ class EventStream:
 def create_app(llm: LLM, scheduler: Scheduler, config: ServerConfig) -> Starlette:
     requests = RequestCounter()
     started = int(time.time())
-    most_chars = most_prompt_chars(llm)
+    most_chars = llm.most_prompt_chars
 
     def check_model(data: dict) -> str:
         model = field(data, "model", (str,), config.model_id)

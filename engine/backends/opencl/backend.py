@@ -22,6 +22,7 @@ from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul, Norm, XPrep
 from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
+from .weights import device_bytes
 
 MAX_TOKENS = 512      # tokens per pass; longer prompts run in passes of this size
 LOGIT_ROWS = 16       # logits computed and read back this many rows at a time
@@ -149,7 +150,10 @@ class OpenCLBackend(Backend):
     def load(self, config: ModelConfig, weights: Weights, ctx: int) -> DeviceWeights:
         rt, c = self.rt, config
         self.config, self.ctx = c, ctx
-        check_memory(rt.device, weights.nbytes + 2 * c.n_layers * c.kv_dim * ctx * 4,
+        stacks = [s for l in weights.layers for s in (l.wqkv, [l.wo], l.w_gate_up, [l.w_down])]
+        held = sum(device_bytes(s) for s in stacks) + device_bytes([weights.output]) + 4 * weights.tok_embd.shape[1] * (
+            2 * c.n_layers + 1)                            # the weight stacks in their device forms, the norms
+        check_memory(rt.device, held + 2 * c.n_layers * c.kv_dim * ctx * 4,
                      f"{c.name or 'the model'} at context {ctx}")
         self.max_tokens = min(MAX_TOKENS, ctx)
         self.capabilities = replace(self.capabilities, max_tokens=self.max_tokens)

@@ -331,7 +331,8 @@ def driver_notices(info: DeviceInfo, found: list[tuple[DeviceInfo, cl.Device]], 
     notes = [f"running on {info.label}"]
     if info.type == "cpu":
         installed = {drivers.driver_of(other.platform_name) for other, _ in found}
-        hint = drivers.faster_driver_hint(info.platform_name, installed, vendor)
+        hint = (drivers.faster_driver_hint(info.platform_name, installed, vendor)
+                or drivers.distro_pocl_hint(info.platform_name, info.platform_version))
         notes += [hint] if hint else []
     return notes
 

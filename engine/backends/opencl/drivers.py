@@ -89,6 +89,22 @@ def faster_driver_hint(platform_name: str, installed: set[str], vendor: str | No
             f"{gain.machine}: {INTEL_EXTRA}")
 
 
+DISTRO_POCL = "sudo apt-get install pocl-opencl-icd"   # Debian and Ubuntu's PoCL, the faster build
+
+
+def distro_pocl_hint(platform_name: str, platform_version: str,
+                     debian: bool | None = None) -> str | None:
+    """The line that says the distribution's PoCL would be faster than the PoCL pip installs with pyopencl
+    (PoCL 3.0: about 4x slower prefill, docs/performance.md), or None. The distribution's build names
+    itself in its version ("PoCL 3.1+debian"); only Debian and Ubuntu have the one command."""
+    if debian is None:
+        debian = Path("/etc/debian_version").exists()
+    if driver_of(platform_name) != "pocl" or not debian or "+debian" in platform_version or "ubuntu" in \
+            platform_version.lower():
+        return None
+    return f"this is the PoCL pip installs; the system's PoCL runs perfx about 4x faster at prefill: {DISTRO_POCL}"
+
+
 # ---- the ICD loader's set-up ------------------------------------------------------------------------
 
 

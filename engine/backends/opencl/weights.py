@@ -57,6 +57,15 @@ def form_of(tensors: list[QTensor]) -> Form:
     return Form("f32", 0)
 
 
+def device_bytes(tensors: list[QTensor]) -> int:
+    """Bytes the stack takes on the device in its form (the memory check counts these, not the file's)."""
+    form = form_of(tensors)
+    n = sum(int(np.prod(t.shape)) for t in tensors)
+    per_group = (4 if form.scale_f32 else 2) * (2 if form.fmt == "int4" or form.zeros else 1)
+    bits = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "bf16": 16, "f32": 32}[form.fmt]
+    return n * bits // 8 + (n // form.group * per_group if form.group else 0)
+
+
 def _parts(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """(q [rows, cols], scale float32 [rows, cols/group], zero like scale or None, group), exact."""
     if t.qtype == "INT4":
