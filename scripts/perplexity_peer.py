@@ -43,7 +43,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
-    llm = load_model(a.model, device=a.device, ctx=a.ctx, threads=a.threads)
+    if a.device != "numpy":
+        from engine.backends.opencl.devices import set_cpu_threads
+
+        set_cpu_threads(a.threads)
+    llm = load_model(a.model, device=a.device, ctx=a.ctx)
     peer = LlamaCppModel(str(llm.path), llm.tokenizer, a.ctx, a.threads)
     for name, model in (("perfx", llm), ("llama.cpp", peer)):
         t = time.perf_counter()
