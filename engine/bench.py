@@ -610,7 +610,7 @@ def worker_main(argv: list[str]) -> int:
 
 
 class Worker:
-    """An engine in its own process (python -m engine.bench SPEC), driven over its stdin and stdout.
+    """An engine in its own process (python -m perfx.engine.bench SPEC), driven over its stdin and stdout.
     The process starts at once; wait_ready() waits for its model to load."""
 
     info: EngineInfo
@@ -628,7 +628,7 @@ class Worker:
                                      text=True, encoding="utf-8")
 
     def command(self, spec: dict) -> list[str]:
-        return [sys.executable, "-m", "engine.bench", json.dumps(spec)]
+        return [sys.executable, "-m", "perfx.engine.bench", json.dumps(spec)]
 
     def wait_ready(self) -> EngineInfo:
         self.info = EngineInfo(**self._receive()["ready"])

@@ -40,7 +40,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 
 try:
     import regex as _regex

@@ -24,10 +24,10 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 
 if TYPE_CHECKING:
-    from engine.tokenizer import Tokenizer
+    from perfx.engine.tokenizer import Tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -39,8 +39,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from engine.errors import PerfxError
-from engine.registry import ModelEntry, local_path
+from perfx.engine.errors import PerfxError
+from perfx.engine.registry import ModelEntry, local_path
 
 INDEX_ENV = "PERFX_INDEX_URL"
 PYPI_SIMPLE = "https://pypi.org/simple"

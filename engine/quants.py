@@ -54,7 +54,7 @@ import math
 
 import numpy as np
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 
 BLOCK_SIZES: dict[str, tuple[int, int]] = {
     "F32": (1, 4),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import platformdirs
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -257,7 +257,7 @@ def resolve(
     if path.is_file():
         return path, None
     if name_or_path in registry.models or name_or_path.startswith(HF_PREFIX):
-        from engine import download
+        from perfx.engine import download
 
         entry = registry.get(name_or_path)
         return download.ensure(entry, progress=progress), entry

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 
 NOTICES: list[str] = []  # what is lost where a compiled dependency is missing (shown by the CLI)
 
@@ -32,9 +32,9 @@ try:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 except ImportError:  # no wheel for this platform (Termux): the pure-Python BPE, same ids
-    from engine import bpe
-    from engine.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
-    from engine.bpe import Tokenizer as HFTokenizer
+    from perfx.engine import bpe
+    from perfx.engine.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
+    from perfx.engine.bpe import Tokenizer as HFTokenizer
 
     NOTICES.append(bpe.notice())
 

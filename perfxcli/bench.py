@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from engine.errors import PerfxError
-from perfxcli.main import check_threads, command, err
+from perfx.engine.errors import PerfxError
+from perfx.cli.main import check_threads, command, err
 
 VS_CHOICES = ("llama.cpp",)
 
@@ -43,7 +43,7 @@ def bench(
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from engine import bench as b
+    from perfx.engine import bench as b
 
     output = output.strip().lower()
     if output not in b.FORMATS:
@@ -64,7 +64,7 @@ def bench(
         llama_fa=llama_fa,
     )
     if llama_bench is not None:
-        from engine.bench_peer import check_binary
+        from perfx.engine.bench_peer import check_binary
 
         if vs is None:
             raise PerfxError("--llama-bench is the peer of --vs llama.cpp: add --vs llama.cpp")
@@ -74,7 +74,7 @@ def bench(
     if synthetic is not None:
         names = b.parse_list(synthetic, "--synthetic")
         if vs is not None:           # llama.cpp loads files: the shape as a GGUF of random Q4_0 weights
-            from engine.bench_peer import synthetic_gguf
+            from perfx.engine.bench_peer import synthetic_gguf
 
             config.models += [b.describe_file(synthetic_gguf(name, config.seed)) for name in names]
         else:
@@ -112,8 +112,8 @@ def bench(
 def check_memory(config) -> None:
     """Refuse a synthetic shape that cannot fit in the memory available now, before building it (a model
     file is checked as it loads): on NumPy its weights are float32, elsewhere int4 as generated."""
-    from engine.memory import check_available, estimate
-    from engine.synthetic import get_shape
+    from perfx.engine.memory import check_available, estimate
+    from perfx.engine.synthetic import get_shape
 
     for model in config.models:
         if model.shape is None:

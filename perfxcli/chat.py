@@ -26,11 +26,11 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.segment import Segment
 
-from engine.errors import PerfxError
-from engine.registry import HOME_ENV
-from engine.sampler import OPTIONS, Option, Sampling
-from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
-from perfxcli.sampling import sampling_options
+from perfx.engine.errors import PerfxError
+from perfx.engine.registry import HOME_ENV
+from perfx.engine.sampler import OPTIONS, Option, Sampling
+from perfx.cli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
+from perfx.cli.sampling import sampling_options
 
 if TYPE_CHECKING:
     from prompt_toolkit.completion import Completer
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyBindings
     from rich.markdown import Markdown
 
-    from engine.conversation import ChatSession, Reply
-    from engine.llm import LLM
+    from perfx.engine.conversation import ChatSession, Reply
+    from perfx.engine.llm import LLM
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "/help": ("", "this help"),
@@ -358,7 +358,7 @@ class ChatUI:
     def _stream_rich(self, reply: Reply) -> None:
         from rich.live import Live
 
-        from engine.llm import common_prefix
+        from perfx.engine.llm import common_prefix
 
         console = self.console
         pieces: list[str] = []
@@ -452,7 +452,7 @@ class ChatUI:
         self.console.print(table, highlight=False)
 
     def show(self, _: str = "") -> None:
-        from perfxcli.models_cmd import describe, show_lines
+        from perfx.cli.models_cmd import describe, show_lines
 
         for line in show_lines(describe(None, self.llm.path)):
             self.console.print(escape(line), highlight=False)
@@ -462,7 +462,7 @@ class ChatUI:
         self.note(f"saved {len(self.session.conversation.turns)} turns to {path}")
 
     def load(self, arg: str) -> None:
-        from engine.conversation import Conversation
+        from perfx.engine.conversation import Conversation
 
         if not arg:
             raise PerfxError("give the file to load: /load FILE")
@@ -530,7 +530,7 @@ def chat(
     n: Optional[int] = typer.Option(None, "-n", "--n-predict", min=1, help="Most tokens per reply (default: what the context holds)."),
 ):
     """Chat with a model in the terminal. With standard input not a terminal: one message per line, plain replies."""
-    from engine.conversation import ChatSession, Conversation
+    from perfx.engine.conversation import ChatSession, Conversation
 
     if n is not None:
         sampling = sampling.with_(max_tokens=n)

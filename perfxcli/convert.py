@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from perfxcli.main import ModelOpt, command, err
+from perfx.cli.main import ModelOpt, command, err
 
 
 def _source(name: str) -> Path:
@@ -17,7 +17,7 @@ def _source(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    from engine.registry import resolve
+    from perfx.engine.registry import resolve
 
     return resolve(name, progress=True)[0]
 
@@ -40,7 +40,7 @@ def convert(
         TimeElapsedColumn,
     )
 
-    from engine.convert import convert as run_convert
+    from perfx.engine.convert import convert as run_convert
 
     src = _source(source)
     columns = [TextColumn(f"{quant}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeElapsedColumn()]
@@ -81,8 +81,8 @@ def export(
 ):
     """Write a model (GGUF, perfx, HF or AutoAWQ) as a Hugging Face checkpoint: LlamaForCausalLM, safetensors,
     tokenizer, chat template."""
-    from engine.export import export_hf
-    from engine.registry import resolve
+    from perfx.engine.export import export_hf
+    from perfx.engine.registry import resolve
 
     path = _source(model) if model is not None else resolve(None, progress=True)[0]
     out = export_hf(path, hf, dtype=dtype, force=force)

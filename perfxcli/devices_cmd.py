@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.backends.opencl import devices as dev
-from engine.backends.opencl.tuning import is_tuned
-from engine.errors import PerfxError
+from perfx.engine.backends.opencl import devices as dev
+from perfx.engine.backends.opencl.tuning import is_tuned
+from perfx.engine.errors import PerfxError
 
 GiB = 1 << 30
 

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from engine.errors import PerfxError
-from perfxcli.sampling import sampling_options
+from perfx.engine.errors import PerfxError
+from perfx.cli.sampling import sampling_options
 
 DEBUG_VARIABLE = "PERFX_DEBUG"
 BUG_HINT = "please report this bug in perfx (run with --debug for the full trace)"
@@ -96,7 +96,7 @@ def valid_text(text: str) -> str:
 
 def check_threads(threads: int) -> None:
     """A thread count beyond the CPUs this process may run on is refused (PoCL aborts on a large one)."""
-    from engine.bench import default_threads
+    from perfx.engine.bench import default_threads
 
     if threads > default_threads():
         raise PerfxError(f"-t {threads} is more threads than the {default_threads()} CPUs this process may use; "
@@ -175,11 +175,11 @@ def command(fn):
 
 
 def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optional[int] = None):
-    from engine.llm import load_model
+    from perfx.engine.llm import load_model
 
     if threads is not None:
         check_threads(threads)
-        from engine.backends.opencl.devices import set_cpu_threads
+        from perfx.engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(threads)
     with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext() as status:
@@ -219,7 +219,7 @@ def run(
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
-    from engine.tokenizer import StreamDecoder
+    from perfx.engine.tokenizer import StreamDecoder
 
     prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
     system = None if system is None else valid_text(system)
@@ -271,7 +271,7 @@ def perplexity(
     """Perplexity of a model on a text file, as llama-perplexity measures it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from engine.perplexity import perplexity as measure
+    from perfx.engine.perplexity import perplexity as measure
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -301,8 +301,8 @@ def download(
     verify: bool = typer.Option(False, "--verify", help="Re-hash a file already downloaded."),
 ):
     """Fetch a model into the model cache, resuming an unfinished download (a no-op when it is there)."""
-    from engine import download as dl
-    from engine.registry import load_registry
+    from perfx.engine import download as dl
+    from perfx.engine.registry import load_registry
 
     registry = load_registry()
     entry = registry.get(name or registry.default)
@@ -318,13 +318,13 @@ def devices(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ):
     """List OpenCL platforms and devices, with their measured copy bandwidth."""
-    from perfxcli.devices_cmd import devices_command
+    from perfx.cli.devices_cmd import devices_command
 
     devices_command(measure=measure, as_json=as_json)
 
 
 # Commands in their own modules register themselves on `app`.
-from perfxcli import bench, chat, convert, models_cmd, serve, tune_cmd  # noqa: E402,F401
+from perfx.cli import bench, chat, convert, models_cmd, serve, tune_cmd  # noqa: E402,F401
 
 
 def main() -> None:

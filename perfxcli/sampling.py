@@ -15,8 +15,8 @@ from typing import Optional
 
 import typer
 
-from engine.errors import PerfxError
-from engine.sampler import OPTIONS, Sampling, SamplingError
+from perfx.engine.errors import PerfxError
+from perfx.engine.sampler import OPTIONS, Sampling, SamplingError
 
 FLAGS = [o for o in OPTIONS if o.flag]
 

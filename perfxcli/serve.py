@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from engine.errors import PerfxError
-from perfxcli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load
+from perfx.engine.errors import PerfxError
+from perfx.cli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load
 
-INSTALL_HINT = "perfx serve needs starlette and uvicorn: pip install 'perfx[serve]'"
+INSTALL_HINT = "perfx serve needs starlette and uvicorn: pip install 'perfx-llm[serve]'"
 
 
 def model_id(name_or_path: Optional[str]) -> str:
     """The name clients send as "model": the registry name, or the model file's name without suffix."""
-    from engine.registry import load_registry
+    from perfx.engine.registry import load_registry
 
     registry = load_registry()
     if name_or_path is None:
@@ -54,10 +54,10 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise PerfxError(INSTALL_HINT) from None
-    from engine.serving.api import ServerConfig, create_app
-    from engine.serving.scheduler import Scheduler, SchedulerConfig
-    from engine.serving.server import Limits, listen
-    from engine.serving.server import serve as run_server
+    from perfx.engine.serving.api import ServerConfig, create_app
+    from perfx.engine.serving.scheduler import Scheduler, SchedulerConfig
+    from perfx.engine.serving.server import Limits, listen
+    from perfx.engine.serving.server import serve as run_server
 
     if api_key is None and os.environ.get("PERFX_API_KEY") == "":
         api_key = ""                        # set but empty: refused below, as --api-key '' is

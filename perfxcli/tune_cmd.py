@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from perfxcli.main import ThreadsOpt, check_threads, command
+from perfx.cli.main import ThreadsOpt, check_threads, command
 
 err = Console(stderr=True, highlight=False)
 
@@ -30,18 +30,18 @@ def tune(
     """Tune the matrix-product kernels for a device: every candidate checked against NumPy, the fastest kept."""
     if threads is not None:
         check_threads(threads)
-        from engine.backends.opencl.devices import set_cpu_threads
+        from perfx.engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(threads)
-    from engine.backends.opencl.devices import select
-    from engine.backends.opencl.tuner import SMOLLM2_SHAPES, Tuner, check_groups, model_shapes
+    from perfx.engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.tuner import SMOLLM2_SHAPES, Tuner, check_groups, model_shapes
 
     groups = [k.strip() for k in kernels.split(",") if k.strip()]
     check_groups(groups)
     shapes, label = SMOLLM2_SHAPES, "SmolLM2-135M"
     if model is not None:
-        from engine.loader import open_model
-        from engine.registry import resolve
+        from perfx.engine.loader import open_model
+        from perfx.engine.registry import resolve
 
         path, _ = resolve(model, progress=True)
         shapes, label = model_shapes(open_model(path).config), path.name

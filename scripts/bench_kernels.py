@@ -65,7 +65,7 @@ def device_for(label: str):
 
 
 def make_matrix(rt, fmt: str, N: int, K: int, group: int, rng):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     if fmt == "int4":
         scale = rng.uniform(0.002, 0.02, (N, K // group)).astype(np.float32)
@@ -90,8 +90,8 @@ def time_batch(rt, mm, mats: list, x, y, T: int, op: str) -> float:
 
 def worker(label: str, reps: int, cold_mb: float, params: dict) -> list[dict]:
     """Time every shape on one platform (thread count fixed by the environment)."""
-    from engine.backends.opencl.matmul import Matmul
-    from engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.runtime import Runtime
 
     rt = Runtime(device_for(label))
     mm = Matmul(rt, params)
@@ -158,8 +158,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         if args.params == "nvidia":
-            from engine.backends.opencl.matmul import DEFAULT_PARAMS
-            from engine.backends.opencl.tuning import vendor_params
+            from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS
+            from perfx.engine.backends.opencl.tuning import vendor_params
 
             params = vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS)
         else:

@@ -53,10 +53,10 @@ class _Launch:
 def measure(args) -> None:
     import pyopencl as cl
 
-    from engine.backends.opencl.devices import describe
-    from engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
-    from engine.backends.opencl.runtime import Runtime
-    from engine.backends.opencl.tuning import params_for
+    from perfx.engine.backends.opencl.devices import describe
+    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.tuning import params_for
 
     device = next(d for p in cl.get_platforms() if args.platform in p.name.lower() for d in p.get_devices())
     rt = Runtime(device)

@@ -23,10 +23,10 @@ import statistics
 import numpy as np
 import pyopencl as cl
 
-from engine.backends.opencl import matmul
-from engine.backends.opencl.devices import bandwidth, select
-from engine.backends.opencl.runtime import Runtime
-from engine.backends.opencl.tuning import params_for
+from perfx.engine.backends.opencl import matmul
+from perfx.engine.backends.opencl.devices import bandwidth, select
+from perfx.engine.backends.opencl.runtime import Runtime
+from perfx.engine.backends.opencl.tuning import params_for
 
 CALLS = 20
 

@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     a = ap.parse_args()
 
-    from engine.backends.opencl import runtime
-    from engine.llm import load_model
+    from perfx.engine.backends.opencl import runtime
+    from perfx.engine.llm import load_model
 
     init = runtime.Runtime.__init__
     runtime.Runtime.__init__ = lambda self, device, profiling=True: init(self, device, True)

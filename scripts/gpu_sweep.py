@@ -40,12 +40,12 @@ def main() -> None:
 
     import pyopencl as cl
 
-    from engine.backends.opencl import fused as fz
-    from engine.backends.opencl.devices import describe
-    from engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
-    from engine.backends.opencl.runtime import Runtime
-    from engine.backends.opencl.tuning import params_for, write_override
-    from engine.synthetic import get_shape
+    from perfx.engine.backends.opencl import fused as fz
+    from perfx.engine.backends.opencl.devices import describe
+    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.tuning import params_for, write_override
+    from perfx.engine.synthetic import get_shape
 
     device = next(d for p in cl.get_platforms() if a.platform in p.name.lower() for d in p.get_devices())
     info = describe(device)

@@ -13,7 +13,7 @@ PERFX_TEST_CL_PLATFORM=nvidia timeout 300 python3 -m pytest -q -x -p no:cachepro
 [ -f smol8.gguf ] && PERFX_TEST_GGUF=$PWD/smol8.gguf timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_cl_model.py -k "smollm2 and not perplexity" 2>&1 | tail -5
 [ "${SKIP_GEMM:-0}" = 1 ] || timeout 300 python3 scripts/gemm_chart.py measure --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.md"
 [ "${SWEEP:-1}" = 1 ] && timeout 300 python3 scripts/gpu_sweep.py --write 2>&1 | tee "$OUT/sweep.md"
-time python3 -c "from engine.synthetic import write_gguf, get_shape; write_gguf(get_shape('llama-7b'), '/tmp/l7b.gguf', 'tok.gguf')"
+time python3 -c "from perfx.engine.synthetic import write_gguf, get_shape; write_gguf(get_shape('llama-7b'), '/tmp/l7b.gguf', 'tok.gguf')"
 timeout 200 perfx bench -m /tmp/l7b.gguf --device gpu -p 512 -n 128 -r 3 2>&1 | tee "$OUT/bench.md"
 timeout 200 python3 scripts/gpu_profile.py /tmp/l7b.gguf --prompt 512 --steps 16 2>&1 | tee "$OUT/profile.md"
 cd "$root"

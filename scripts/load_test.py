@@ -32,7 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.serving.metrics import parse  # noqa: E402
+from perfx.engine.serving.metrics import parse  # noqa: E402
 
 QUESTIONS = [
     "Write a short story about a dragon.", "Explain how rain forms.", "Describe the city of Paris.",
@@ -208,7 +208,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "perfxcli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "perfx.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--device", args.device, "--ctx", str(args.ctx), "--max-batch", str(args.max_batch),
                "--max-queue", str(max(64, args.requests))]
     for flag, value in (("-m", args.model), ("-t", args.threads), ("--api-key", args.api_key)):

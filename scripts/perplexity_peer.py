@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from engine import load_model
-from engine.perplexity import perplexity
+from perfx.engine import load_model
+from perfx.engine.perplexity import perplexity
 
 
 class LlamaCppModel:
@@ -44,7 +44,7 @@ def main() -> None:
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
     if a.device != "numpy":
-        from engine.backends.opencl.devices import set_cpu_threads
+        from perfx.engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(a.threads)
     llm = load_model(a.model, device=a.device, ctx=a.ctx)

@@ -41,7 +41,7 @@ def worker(groups: int, launches: int) -> dict[int, float]:
     import numpy as np
     import pyopencl as cl
 
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     rt = select("cpu").runtime()
     kernel = cl.Program(rt.ctx, SOURCE).build().spin

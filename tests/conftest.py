@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.bpe import byte_to_char
-from engine.synthetic import add_block_params
+from perfx.engine.bpe import byte_to_char
+from perfx.engine.synthetic import add_block_params
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -20,7 +20,7 @@ CHATML = (
 def pytest_configure(config):
     """The OpenCL drivers perfx lists (Intel's CPU runtime from pip among them), for the tests that list
     the platforms through pyopencl themselves (PERFX_TEST_CL_PLATFORM picks one)."""
-    from engine.backends.opencl.devices import setup_icd
+    from perfx.engine.backends.opencl.devices import setup_icd
 
     setup_icd()
 
@@ -31,7 +31,7 @@ def smollm2_gguf() -> Path:
     path = os.environ.get("PERFX_TEST_GGUF")
     if path:
         return Path(path)
-    from engine.registry import resolve
+    from perfx.engine.registry import resolve
 
     try:
         found, _ = resolve(None, progress=False)
@@ -48,7 +48,7 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm(default_model_path):
     """The default model on the NumPy backend, shared by the tests that only read from it."""
-    from engine import load_model
+    from perfx.engine import load_model
 
     return load_model(default_model_path, device="numpy", ctx=1024)
 
@@ -77,7 +77,7 @@ F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": 
 def random_blocks(qtype: str, shape: tuple[int, int], rng: np.random.Generator, std: float) -> np.ndarray:
     """Random blocks of a GGUF block type, uint8 [rows, bytes per row], whose values have about `std`:
     random bytes, the fp16 factors (d, dmin) set to one common factor per tensor."""
-    from engine.quants import BLOCK_SIZES, dequantize
+    from perfx.engine.quants import BLOCK_SIZES, dequantize
 
     elems, nbytes = BLOCK_SIZES[qtype]
     blocks = rng.integers(0, 256, (shape[0] * shape[1] // elems, nbytes), dtype=np.uint8)
@@ -183,7 +183,7 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, TinySpec, dict[str, np.ndarray]]:
 def exact_kv(monkeypatch):
     """OpenCL models loaded in this test keep their KV cache in f32 (CPU devices default to fp16, whose
     rounding is larger than the tolerances of tests that compare whole random models with NumPy)."""
-    from engine.backends.opencl import tuning
+    from perfx.engine.backends.opencl import tuning
 
     params_for = tuning.params_for
 
@@ -199,7 +199,7 @@ def held_by_xq(h: np.ndarray, stored_q: np.ndarray, scale: np.ndarray) -> np.nda
     [T, K/32]) against engine's quantize_xq: the scales to 1e-6, each value within 1 of it (a device's
     relaxed division may round a value at a half the other way). Returns the values the GEMV takes from
     it (f64 [T, K]): q * scale over the whole 128-element chunks, h itself in the tail."""
-    from engine.backends.opencl.matmul import quantize_xq, xq_positions
+    from perfx.engine.backends.opencl.matmul import quantize_xq, xq_positions
 
     T, K = h.shape
     q = stored_q.reshape(T, K)[:, xq_positions(K)].astype(np.int64)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.synthetic import add_block_params
+from perfx.engine.synthetic import add_block_params
 from tests.conftest import add_random_tensor
 
 WORDS = ("the", "capital", "of", "france", "is", "paris", "a", "and", "to", "in", "it", "that", "was", "he",

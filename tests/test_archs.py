@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from gguf import RopeScalingType
 
-from engine import load_model
-from engine.errors import PerfxError
-from engine.gguf_file import read_gguf
+from perfx.engine import load_model
+from perfx.engine.errors import PerfxError
+from perfx.engine.gguf_file import read_gguf
 from tests.ggufgen import GGUFSpec, write_gguf
 
 SPECS = {
@@ -60,7 +60,7 @@ def test_reads_as_its_architecture(arch_file):
 
 def test_numpy_matches_opencl(arch_file):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         device = select("opencl").info.id
@@ -122,7 +122,7 @@ def test_unknown_architecture_is_named(tmp_path):
 
 def test_convert_refuses_what_it_would_drop(tmp_path):
     """perfx's own format holds the plain LLaMA block: a gemma3 file is refused, not half-converted."""
-    from engine.convert import convert
+    from perfx.engine.convert import convert
 
     path = tmp_path / "g.gguf"
     write_gguf(path, SPECS["gemma3"])

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import load_model
-from engine.awq import (
+from perfx.engine import load_model
+from perfx.engine.awq import (
     CALIB_SAMPLES,
     CALIB_SEQ_LEN,
     DEFAULT_CALIBRATION,
@@ -23,12 +23,12 @@ from engine.awq import (
     search_scale,
     tie_heads,
 )
-from engine.backends.numpy_backend import rope_tables
-from engine.convert import convert
-from engine.errors import PerfxError
-from engine.loader import open_model
-from engine.perfx_format import read_safetensors
-from engine.quantize import fake_int4, search_clip
+from perfx.engine.backends.numpy_backend import rope_tables
+from perfx.engine.convert import convert
+from perfx.engine.errors import PerfxError
+from perfx.engine.loader import open_model
+from perfx.engine.perfx_format import read_safetensors
+from perfx.engine.quantize import fake_int4, search_clip
 from tests.conftest import TinySpec, write_tiny_gguf
 
 TEXT = " ".join(f"then {i} thin hens in the inn, the tin hut, the hen then" for i in range(80))

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.backends import Backend, Capabilities, Ready, open_backend
-from engine.backends.numpy_backend import NumpyBackend
+from perfx.engine.backends import Backend, Capabilities, Ready, open_backend
+from perfx.engine.backends.numpy_backend import NumpyBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import bench as b
-from engine.errors import PerfxError
-from engine.synthetic import SHAPES, get_shape, synthetic_weights
+from perfx.engine import bench as b
+from perfx.engine.errors import PerfxError
+from perfx.engine.synthetic import SHAPES, get_shape, synthetic_weights
 from tests.conftest import TinySpec, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def perfx(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "perfxcli", *args], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "perfx.cli", *args], check=False, capture_output=True,
                           text=True, env=env, timeout=300)
 
 
@@ -240,8 +240,8 @@ def test_synthetic_weights_are_deterministic_and_well_scaled():
 
 
 def test_synthetic_model_runs_on_numpy():
-    from engine.backends.numpy_backend import NumpyBackend
-    from engine.model import Transformer
+    from perfx.engine.backends.numpy_backend import NumpyBackend
+    from perfx.engine.model import Transformer
 
     shape = SHAPES["tiny"]
     t = Transformer(shape.config(), synthetic_weights(shape), NumpyBackend(), 64)
@@ -328,7 +328,7 @@ def test_cli_errors_are_one_line(args, message):
 
 def test_short_run_on_opencl(tiny_q4):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         device = select("opencl").info.id

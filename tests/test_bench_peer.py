@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from engine import bench as b
-from engine.errors import PerfxError
+from perfx.engine import bench as b
+from perfx.engine.errors import PerfxError
 from tests.conftest import TinySpec, write_tiny_gguf
 
 FAKE = """#!{python}
@@ -34,7 +34,7 @@ def fake_llama_bench(tmp_path):
 
 
 def test_llama_bench_peer_alternates_on_the_same_file(tmp_path, fake_llama_bench):
-    from engine.bench_peer import check_binary
+    from perfx.engine.bench_peer import check_binary
 
     binary, log = fake_llama_bench
     model = tmp_path / "tiny.gguf"
@@ -53,7 +53,7 @@ def test_llama_bench_peer_alternates_on_the_same_file(tmp_path, fake_llama_bench
 
 
 def test_llama_bench_must_be_an_executable(tmp_path):
-    from engine.bench_peer import check_binary
+    from perfx.engine.bench_peer import check_binary
 
     with pytest.raises(PerfxError, match="not an executable file"):
         check_binary(str(tmp_path / "missing"))

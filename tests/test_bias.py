@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine import load_model
-from engine.awq import LINEARS, fold_scales, layer_forward, tie_heads
-from engine.backends.numpy_backend import NumpyBackend, rope_tables
-from engine.convert import convert
-from engine.errors import PerfxError
-from engine.export import export_hf
-from engine.hf import hf_name, unpermute_qk
-from engine.loader import open_model
-from engine.model import Transformer, weights_from_tensors
-from engine.tensors import QTensor
+from perfx.engine import load_model
+from perfx.engine.awq import LINEARS, fold_scales, layer_forward, tie_heads
+from perfx.engine.backends.numpy_backend import NumpyBackend, rope_tables
+from perfx.engine.convert import convert
+from perfx.engine.errors import PerfxError
+from perfx.engine.export import export_hf
+from perfx.engine.hf import hf_name, unpermute_qk
+from perfx.engine.loader import open_model
+from perfx.engine.model import Transformer, weights_from_tensors
+from perfx.engine.tensors import QTensor
 from tests.conftest import CHATML, TinySpec, write_tiny_gguf
 from tests.test_convert import perfx
 
@@ -301,7 +301,7 @@ def test_qwen2_gguf_loads_with_its_rope_order(qwen2, tmp_path, qtype):
 @pytest.fixture(scope="module")
 def cl_selection():
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         return select("opencl")
@@ -334,7 +334,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     """y = x @ W^T + b into a NaN-poisoned output with a guard region after it."""
     import pyopencl as cl
 
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, quantize_int4
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul, quantize_int4
 
     rt = cl_selection.runtime()
     N, K, sentinel, guard = 259, 256, 1.0e30, 64
@@ -357,7 +357,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     got = rt.read(yb, y.shape)
     assert np.all(got[T * N:] == sentinel), "write past the end of the output"
     if fmt == "int4" and scheme == "gemv" and mm.int_dot:      # the product takes x in int16 blocks
-        from engine.backends.opencl.matmul import xq_view
+        from perfx.engine.backends.opencl.matmul import xq_view
 
         x = xq_view(x)
     want = x.astype(np.float64) @ w.T.astype(np.float64) + b
@@ -365,7 +365,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
 
 
 def test_bias_of_the_wrong_length_and_swiglu_with_a_bias_are_refused(cl_selection):
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     rt = cl_selection.runtime()
     dm = DeviceMatrix.from_f16(rt, np.ones((8, 32), np.float32))

@@ -16,11 +16,11 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-import engine.tokenizer as tokenizer_module
-from engine import bpe
-from engine.chat import ChatTemplate
-from engine.errors import PerfxError
-from engine.tokenizer import PRE_TOKENIZERS, Tokenizer
+import perfx.engine.tokenizer as tokenizer_module
+from perfx.engine import bpe
+from perfx.engine.chat import ChatTemplate
+from perfx.engine.errors import PerfxError
+from perfx.engine.tokenizer import PRE_TOKENIZERS, Tokenizer
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def engine(request, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_fields(default_model_path) -> dict:
-    from engine.gguf_file import read_gguf
+    from perfx.engine.gguf_file import read_gguf
 
     return read_gguf(default_model_path).metadata
 
@@ -248,8 +248,8 @@ def run_blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
 @pytest.mark.model
 def test_without_tokenizers_the_model_still_loads(default_model_path) -> None:
     code = f"""
-from engine.tokenizer import NOTICES, HFTokenizer
-from engine import load_model
+from perfx.engine.tokenizer import NOTICES, HFTokenizer
+from perfx.engine import load_model
 llm = load_model({str(default_model_path)!r}, device="numpy", ctx=64)
 prompt = llm.chat_template.render([{{"role": "user", "content": "What is the capital of France?"}}])
 print(HFTokenizer.__module__)
@@ -259,15 +259,15 @@ print(llm.tokenizer.encode(prompt))
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
     module, notices, ids = result.stdout.strip().splitlines()
-    assert module == "engine.bpe"
+    assert module == "perfx.engine.bpe"
     assert "tokenizers not installed" in notices and "same token ids" in notices
     assert json.loads(ids)[:3] == [1, 9690, 198] and len(json.loads(ids)) == 37
 
 
 def test_without_sentencepiece_only_its_models_fail() -> None:
     code = """
-from engine.errors import PerfxError
-from engine.tokenizer import NOTICES, Tokenizer
+from perfx.engine.errors import PerfxError
+from perfx.engine.tokenizer import NOTICES, Tokenizer
 print(NOTICES)
 try:
     Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]})
@@ -288,11 +288,11 @@ def test_without_tokenizers_a_saved_tokenizer_json_still_loads(fast, tmp_path: P
     fast.save(tmp_path)
     text = SAMPLES[6] + SAMPLES[1]
     code = f"""
-from engine.tokenizer import Tokenizer
+from perfx.engine.tokenizer import Tokenizer
 tok = Tokenizer.from_files({str(tmp_path)!r})
 print(type(tok._backend.tok).__module__, tok.encode({text!r}), tok.bos_id, tok.add_bos, sorted(tok.eot_ids))
 """
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split(" ", 1)[0] == "engine.bpe"
+    assert result.stdout.split(" ", 1)[0] == "perfx.engine.bpe"
     assert result.stdout.split(" ", 1)[1].strip() == f"{fast.encode(text)} {fast.bos_id} {fast.add_bos} {sorted(fast.eot_ids)}"

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.chat import CHATML_TEMPLATE, ChatTemplate
-from engine.errors import PerfxError
+from perfx.engine.chat import CHATML_TEMPLATE, ChatTemplate
+from perfx.engine.errors import PerfxError
 from tests.conftest import smollm2_gguf
 
 

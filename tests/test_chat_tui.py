@@ -23,11 +23,11 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from engine import load_model
-from engine.conversation import ChatSession, Conversation
-from engine.errors import PerfxError
-from engine.sampler import Sampling
-from perfxcli.chat import ChatUI, apply_settings, history_path, model_label, slash_completer, unknown_command
+from perfx.engine import load_model
+from perfx.engine.conversation import ChatSession, Conversation
+from perfx.engine.errors import PerfxError
+from perfx.engine.sampler import Sampling
+from perfx.cli.chat import ChatUI, apply_settings, history_path, model_label, slash_completer, unknown_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTER, ALT_ENTER, CTRL_C, CTRL_D = "\r", "\x1b\r", "\x03", "\x04"
@@ -220,7 +220,7 @@ def test_piped_stdin_gets_plain_replies(tiny_gguf, tmp_path):
     path, *_ = tiny_gguf
     script = "the thin\n/hepl\n/set top_p=0\n\nhen\n/exit\nnot read\n"
     result = subprocess.run(
-        [sys.executable, "-m", "perfxcli", "chat", "-m", str(path), "--device", "numpy", "--temp", "0", "-n", "6"],
+        [sys.executable, "-m", "perfx.cli", "chat", "-m", str(path), "--device", "numpy", "--temp", "0", "-n", "6"],
         input=script.encode(), capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT),
                                                          "PYTHONIOENCODING": "utf-8"}, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -283,7 +283,7 @@ def test_end_to_end_in_tmux(default_model_path, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     home = tmp_path / "home"
-    command = (f"{shlex.quote(sys.executable)} -m perfxcli chat -m {shlex.quote(str(default_model_path))} "
+    command = (f"{shlex.quote(sys.executable)} -m perfx.cli chat -m {shlex.quote(str(default_model_path))} "
                "--device numpy --temp 0; echo EXIT=$?; sleep 120")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PERFX_HOME": str(home), "TERM": "xterm-256color"}
     tmux = Tmux(tmp_path / "tmux.sock", f"cd {shlex.quote(str(ROOT))} && {command}", env)
@@ -323,7 +323,7 @@ def test_a_paste_taller_than_the_screen_stays_visible(tiny_gguf, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     path, *_ = tiny_gguf
-    command = (f"{shlex.quote(sys.executable)} -m perfxcli chat -m {shlex.quote(str(path))} --device numpy "
+    command = (f"{shlex.quote(sys.executable)} -m perfx.cli chat -m {shlex.quote(str(path))} --device numpy "
                "--temp 0 -n 2; echo EXIT=$?; sleep 120")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PERFX_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
     tmux = Tmux(tmp_path / "tmux.sock", f"cd {shlex.quote(str(ROOT))} && {command}", env)

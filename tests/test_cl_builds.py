@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.backends.opencl import builds
+from perfx.engine.backends.opencl import builds
 from tests.conftest import TinySpec, write_tiny_gguf
 
 
@@ -30,7 +30,7 @@ def test_warm_up_tokens_cover_each_program_and_work_group_shape():
 @pytest.fixture
 def opencl_model(tmp_path, monkeypatch):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import list_devices
+    from perfx.engine.backends.opencl.devices import list_devices
 
     if not any(i.type == "cpu" for i in list_devices()):
         pytest.skip("no OpenCL CPU device")
@@ -43,7 +43,7 @@ def opencl_model(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_loaded_model_builds_nothing_more_in_its_first_reply(opencl_model):
-    from engine.llm import load_model
+    from perfx.engine.llm import load_model
 
     seen = []
     llm = load_model(opencl_model, device="cpu", ctx=128, kernels=lambda *a: seen.append(a))
@@ -54,7 +54,7 @@ def test_a_loaded_model_builds_nothing_more_in_its_first_reply(opencl_model):
         tr.next_token(np.arange(3, 3 + n, dtype=np.int32) % 200, start)
     assert set(rt.requested) == built
 
-    from engine.backends.opencl import devices
+    from perfx.engine.backends.opencl import devices
 
     devices.clear_caches()                     # a new process: the manifest, built before any pass
     seen.clear()

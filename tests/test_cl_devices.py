@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.backends.opencl import devices as dev
-from engine.backends.opencl import drivers
-from engine.backends.opencl import tuning
-from engine.errors import PerfxError
+from perfx.engine.backends.opencl import devices as dev
+from perfx.engine.backends.opencl import drivers
+from perfx.engine.backends.opencl import tuning
+from perfx.engine.errors import PerfxError
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -110,8 +110,8 @@ def test_broken_pocl_is_refused_with_its_build_error():
     ICD loader lists every driver (OCL_ICD_VENDORS set to the vendors directory, which perfx leaves as the
     user set it), in a fresh process since a process lists its platforms once."""
     code = (
-        "from engine.backends.opencl import devices as dev\n"
-        "from engine.errors import PerfxError\n"
+        "from perfx.engine.backends.opencl import devices as dev\n"
+        "from perfx.engine.errors import PerfxError\n"
         "broken = [i for i in dev.list_devices() if '3.0-rc' in i.platform_version]\n"
         "if not broken:\n"
         "    print('none')\n"
@@ -183,7 +183,7 @@ def test_no_opencl_falls_back_to_numpy(monkeypatch, how):
     sel = dev.select("auto")
     assert sel.backend == "numpy"
     if how == "no pyopencl":                  # the extra that brings it, not a system package
-        assert sel.notices == ["pyopencl is not installed (pip install 'perfx[opencl]' gets OpenCL and a CPU "
+        assert sel.notices == ["pyopencl is not installed (pip install 'perfx-llm[opencl]' gets OpenCL and a CPU "
                                "driver): using NumPy, many times slower"]
     else:
         assert sel.notices == ["no OpenCL platform found (install pocl-opencl-icd or your GPU's driver): using NumPy"]
@@ -281,7 +281,7 @@ def test_set_cpu_threads_before_and_after_initialisation(monkeypatch):
 
 
 def test_set_cpu_threads_reaches_pocl():
-    code = ("from engine.backends.opencl import devices as d; d.set_cpu_threads(1); "
+    code = ("from perfx.engine.backends.opencl import devices as d; d.set_cpu_threads(1); "
             "print([i.compute_units for i in d.list_devices() if 'Portable' in i.platform_name])")
     env = {k: v for k, v in os.environ.items() if k not in dev.THREAD_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -355,7 +355,7 @@ def test_measure_bandwidth_on_a_real_device(monkeypatch, tmp_path):
 
 def test_root_dir_is_the_kernel_cache_parent(monkeypatch, tmp_path):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.runtime import cache_dir
+    from perfx.engine.backends.opencl.runtime import cache_dir
 
     assert dev.root_dir() == cache_dir().parent
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
@@ -483,7 +483,7 @@ def test_bad_database_is_reported(tmp_path):
 
 
 def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
-    from perfxcli.devices_cmd import devices_command
+    from perfx.cli.devices_cmd import devices_command
 
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
@@ -558,7 +558,7 @@ def test_auto_prefers_the_faster_cpu_driver_and_names_the_command_for_it(monkeyp
 
     monkeypatch.setattr(dev, "enumerate_devices", lambda: [pocl])     # only PoCL: the command that gets Intel's
     sel = dev.select("auto")
-    assert sel.device == "pocl" and sel.notices[-1].endswith("pip install 'perfx[intel]'")
+    assert sel.device == "pocl" and sel.notices[-1].endswith("pip install 'perfx-llm[intel]'")
     assert "2.0x faster at prefill" in sel.notices[-1]
 
     monkeypatch.setattr(drivers, "cpu_vendor", lambda: "")            # ARM and others: PoCL, no hint
@@ -570,7 +570,7 @@ def test_auto_prefers_the_faster_cpu_driver_and_names_the_command_for_it(monkeyp
 
 def test_pip_pocl_names_the_faster_system_pocl():
     """On Debian/Ubuntu, running on the PoCL that pip installs names the one command for the system's."""
-    from engine.backends.opencl import drivers
+    from perfx.engine.backends.opencl import drivers
 
     pocl = "Portable Computing Language"
     hint = drivers.distro_pocl_hint(pocl, "OpenCL 3.0 PoCL 3.0-rc2  Linux, Release", debian=True)

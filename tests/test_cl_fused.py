@@ -14,11 +14,11 @@ import pytest
 
 cl = pytest.importorskip("pyopencl")
 
-from engine.backends.numpy_backend import NumpyBackend, rope_tables
-from engine.backends.opencl.fused import DEFAULT_PARAMS, EmbeddingTable, FusedOps
-from engine.backends.opencl.matmul import XPrep
-from engine.backends.opencl.runtime import Runtime
-from engine.config import ModelConfig
+from perfx.engine.backends.numpy_backend import NumpyBackend, rope_tables
+from perfx.engine.backends.opencl.fused import DEFAULT_PARAMS, EmbeddingTable, FusedOps
+from perfx.engine.backends.opencl.matmul import XPrep
+from perfx.engine.backends.opencl.runtime import Runtime
+from perfx.engine.config import ModelConfig
 from tests.conftest import held_by_xq
 
 CPU_PARAMS = {"att_vec": 16, "att_wg": 64}                 # kernels/tuning.toml's CPU entry
@@ -211,7 +211,7 @@ def test_embed_q8(cl_rt, T):
 def test_embed_from_row_tiles(cl_rt, vocab, dim, T):
     """A tied embedding read from the output matrix's int8 row tiles (chunks of 128, 64 and 32, a
     vocabulary that is not a multiple of the tile height)."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     ops = fused_ops(cl_rt, make_config(dim=dim, vocab=vocab), ctx=8)
     rng = np.random.default_rng(vocab)
@@ -365,7 +365,7 @@ def test_attention_other_shapes(cl_rt):
 
 
 def test_attention_rejects_positions_past_the_context(cl_rt):
-    from engine.errors import PerfxError
+    from perfx.engine.errors import PerfxError
 
     ops = fused_ops(cl_rt, make_config(), ctx=16)
     out = cl_rt.empty(4 * 576)

@@ -31,7 +31,7 @@ WIDER = {**SMALL, "mma_bt": 32, "mma_wm": 32, "mma_wn": 16}
 
 @pytest.fixture(scope="module", params=[SMALL, WIDER], ids=["1x1-fragments", "2x2-fragments"])
 def mm_emulated(rt, request):
-    from engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.matmul import Matmul
 
     mm = Matmul(rt, request.param)
     assert mm.mma is not None, "the emulated kernel failed its own probe"
@@ -40,8 +40,8 @@ def mm_emulated(rt, request):
 
 @pytest.fixture(scope="module")
 def mm_ptx(rt):
-    from engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
-    from engine.backends.opencl.tuning import vendor_params
+    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
+    from perfx.engine.backends.opencl.tuning import vendor_params
 
     if "nvidia" not in rt.device.platform.name.lower():
         pytest.skip("the PTX path needs an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia)")
@@ -61,7 +61,7 @@ CASES = [
 
 
 def _case(rt, N, K, G, T, seed):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(seed)
     parts, w = rand_int4(rng, N, K, G)
@@ -86,7 +86,7 @@ def test_emulated_accumulate(rt, mm_emulated):
 
 def test_other_formats_keep_the_portable_gemm(rt, mm_emulated):
     """int8 weights (and K % 64 != 0) are not the tensor-core kernel's: the tiled GEMM runs them."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
     from tests.test_cl_matmul import oracle, rand_int8
 
     rng = np.random.default_rng(5)
@@ -97,7 +97,7 @@ def test_other_formats_keep_the_portable_gemm(rt, mm_emulated):
 
 
 def test_ptx_falls_back_where_the_device_lacks_it(rt, capsys):
-    from engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.matmul import Matmul
 
     if "nvidia" in rt.device.platform.name.lower():
         pytest.skip("the device has the instruction")

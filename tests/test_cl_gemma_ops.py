@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("pyopencl")
 
-from engine.backends.numpy_backend import gelu_tanh  # noqa: E402
+from perfx.engine.backends.numpy_backend import gelu_tanh  # noqa: E402
 from tests.test_cl_fused import (CPU_PARAMS, GPU_LIKE, _check_attention, cl_rt, fused_ops, make_config,  # noqa: E402,F401
                                  poisoned, reference, rw_buffer)
 from tests.test_cl_matmul import assert_close, mm, rand_int8, rt, x_for  # noqa: E402,F401
@@ -56,7 +56,7 @@ def test_post_add_rmsnorm(cl_rt, dim, T):
 def test_geglu(rt, mm, scheme, T):
     import pyopencl as cl
 
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     F, K = 328, 640
     rng = np.random.default_rng(T)

@@ -16,8 +16,8 @@ import pytest
 
 cl = pytest.importorskip("pyopencl")
 
-from engine.errors import PerfxError
-from engine.tensors import QTensor
+from perfx.engine.errors import PerfxError
+from perfx.engine.tensors import QTensor
 from tests.conftest import held_by_xq
 
 RTOL = 1e-4
@@ -74,29 +74,29 @@ def rt():
     device = _pick_device()
     if device is None:
         pytest.skip("no OpenCL device")
-    from engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.runtime import Runtime
 
     return Runtime(device)
 
 
 @pytest.fixture(scope="session")
 def mm(rt):
-    from engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.matmul import Matmul
 
     return Matmul(rt)
 
 
 @pytest.fixture(scope="session")
 def mm_gpu_like(rt):
-    from engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.matmul import Matmul
 
     return Matmul(rt, GPU_LIKE)
 
 
 @pytest.fixture(scope="session")
 def mm_nvidia(rt):
-    from engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
-    from engine.backends.opencl.tuning import vendor_params
+    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
+    from perfx.engine.backends.opencl.tuning import vendor_params
 
     return Matmul(rt, vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS))
 
@@ -151,7 +151,7 @@ def int_dot(mm, w, T: int, scheme: str | None = None) -> bool:
 
 def x_for(mm, w, x: np.ndarray, scheme: str | None = None) -> np.ndarray:
     """x as the product of mm on matrix w sees it."""
-    from engine.backends.opencl.matmul import xq_view
+    from perfx.engine.backends.opencl.matmul import xq_view
 
     return xq_view(x) if int_dot(mm, w, x.shape[0], scheme) else x
 
@@ -191,7 +191,7 @@ INT4_CASES = [
 
 @pytest.mark.parametrize("N,K,G,T,scheme", INT4_CASES)
 def test_int4_linear(rt, mm, N, K, G, T, scheme):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(N * 7 + K + G + T)
     parts, w = rand_int4(rng, N, K, G)
@@ -202,7 +202,7 @@ def test_int4_linear(rt, mm, N, K, G, T, scheme):
 
 @pytest.mark.parametrize("T,scheme", [(1, None), (5, None), (40, None), (3, "tiled")])
 def test_int4_accumulate(rt, mm, T, scheme):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K, G = 577, 1536, 32
     rng = np.random.default_rng(T)
@@ -214,7 +214,7 @@ def test_int4_accumulate(rt, mm, T, scheme):
 
 @pytest.mark.parametrize("T,scheme", [(1, None), (3, None), (17, "few"), (17, "tiled"), (300, None)])
 def test_int4_swiglu(rt, mm, T, scheme):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     F, K, G = 1536, 576, 32
     rng = np.random.default_rng(100 + T)
@@ -229,7 +229,7 @@ def test_int4_swiglu(rt, mm, T, scheme):
 
 def test_int8_output_matrix(rt, mm):
     """The tied embedding / output shape, 49152 x 576, decode and a few tokens."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 49152, 576
     rng = np.random.default_rng(8)
@@ -242,7 +242,7 @@ def test_int8_output_matrix(rt, mm):
 
 @pytest.mark.parametrize("T,scheme,accumulate", [(1, None, False), (17, "few", True), (300, None, False)])
 def test_int8_odd_rows(rt, mm, T, scheme, accumulate):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 577, 1536
     rng = np.random.default_rng(9 + T)
@@ -256,7 +256,7 @@ def test_int8_odd_rows(rt, mm, T, scheme, accumulate):
 
 @pytest.mark.parametrize("T", [1, 3, 40])
 def test_f16(rt, mm, T):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 577, 608
     rng = np.random.default_rng(16 + T)
@@ -275,7 +275,7 @@ def test_f16(rt, mm, T):
     ("f16", 1, None, "linear"), ("int4", 5, "tiled", "linear"),
 ])
 def test_gpu_like_params(rt, mm_gpu_like, fmt, T, scheme, op):
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 1024, 608
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {T} {op}".encode()))
@@ -299,7 +299,7 @@ def test_gpu_like_params(rt, mm_gpu_like, fmt, T, scheme, op):
 @pytest.mark.parametrize("T,scheme", [(1, None), (5, "few"), (300, "tiled"), (40, "tiled")])
 def test_nvidia_params(rt, mm_nvidia, T, scheme):
     """The NVIDIA parameters: X read from global memory by chunk groups that start at the K tails."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     N, K = 577, 608
     rng = np.random.default_rng(T)
@@ -319,7 +319,7 @@ def test_nvidia_params(rt, mm_nvidia, T, scheme):
 def test_gemv_tiles_per_item_and_inline_zeros(rt, G, N, K, op, params):
     """Several row tiles per work-item (tiles past the end clamped, outputs skipped), the K split reduced
     as a tree, and the int4 zero terms summed from each work-item's own x instead of xsum."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     rng = np.random.default_rng(zlib.crc32(f"{G} {N} {K} {op}".encode()))
     parts, w = rand_int4(rng, N, K, G)
@@ -347,7 +347,7 @@ def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params, int16_h):
     """y += x W^T, then h = rmsnorm(y) * w and h's group sums (and h in int16 blocks, with the sums
     of what those blocks hold), written by the GEMV's last work-item; the launch after it finds its
     counter back at zero."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm, XPrep
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul, Norm, XPrep
 
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T}".encode()))
     if fmt == "int4":
@@ -394,7 +394,7 @@ def test_residual_norm(rt, fmt, N, K, G, T, hs_group, params, int16_h):
 def test_int_dot_where_the_cpu_has_avx512bw(rt):
     """PoCL on an x86 CPU with AVX-512BW builds the int-dot GEMV and uses it by default; asked not to,
     or with GPU-style parameters, the float GEMV runs."""
-    from engine.backends.opencl.matmul import Matmul
+    from perfx.engine.backends.opencl.matmul import Matmul
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "Portable" not in rt.device.platform.name or " avx512bw" not in flags:
@@ -410,7 +410,7 @@ def test_int_dot_where_the_cpu_has_avx512bw(rt):
 ])
 def test_int_dot_with_256_bit_instructions(rt, fmt, N, K, G, T, op):
     """gemv_int_dot_256: the integer products as two 256-bit vpmaddwd (the AVX2 form), same results."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     mm = Matmul(rt, {"gemv_int_dot_256": True})
     if not mm.int_dot:
@@ -432,7 +432,7 @@ def test_int_dot_with_256_bit_instructions(rt, fmt, N, K, G, T, op):
 
 
 def test_gemv_ksplit_must_be_power_of_two(rt):
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     rng = np.random.default_rng(1)
     parts, _ = rand_int4(rng, 64, 128, 32)
@@ -456,7 +456,7 @@ def _qtensor(name: str, qtype: str, w: np.ndarray) -> QTensor:
                                     ("F16", "F16"), ("F32",)])
 def test_from_qtensors_exact(rt, mm, qtypes):
     """GGUF blocks -> split_q4 / split_q8_0 -> device layout: equal to dequantize() @ x."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(len(qtypes))
     K = 576
@@ -473,7 +473,7 @@ def test_from_qtensors_exact(rt, mm, qtypes):
 
 def test_from_qtensors_int4_groups(rt, mm):
     """perfx's INT4 (AWQ-like, group 128) stacked with Q4_0 rows: groups of 32, scales repeated, exact."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(128)
     K = 512
@@ -492,7 +492,7 @@ def test_from_qtensors_int4_groups(rt, mm):
 @pytest.mark.parametrize("qtypes,form", [(("BF16",), ("bf16", 0)), (("Q4_0", "Q8_0"), ("int8x", 32))])
 def test_from_qtensors_other_types_exact(rt, mm, qtypes, form):
     """BF16, or a mix of kinds, is held exactly too (engine/backends/opencl/weights.py), not requantized."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     rng = np.random.default_rng(6)
     tensors = [_qtensor(f"t{i}", qt, rng.standard_normal((128, 512))) for i, qt in enumerate(qtypes)]
@@ -507,7 +507,7 @@ def test_from_qtensors_other_types_exact(rt, mm, qtypes, form):
 
 
 def test_errors(rt, mm):
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     rng = np.random.default_rng(0)
     parts, _ = rand_int4(rng, 12, 64, 32)
@@ -530,7 +530,7 @@ def test_errors(rt, mm):
 @pytest.mark.parametrize("qtypes", [("Q4_1", "Q4_0"), ("Q8_0",), ("F16", "F32")])
 def test_large_matrix_packed_in_pieces(rt, monkeypatch, qtypes):
     """A matrix loaded LOAD_ROWS rows at a time is byte for byte the matrix packed at once."""
-    from engine.backends.opencl import matmul
+    from perfx.engine.backends.opencl import matmul
 
     rng = np.random.default_rng(len(qtypes))
     rows = [200, 77][: len(qtypes)] if len(qtypes) > 1 else [333]
@@ -552,7 +552,7 @@ def test_large_matrix_packed_in_pieces(rt, monkeypatch, qtypes):
 def test_gemv_rows_do_not_depend_on_token_count(rt, fmt, op, params):
     """The GEMV over T tokens gives each token's row bit for bit as the same token alone, and matches
     the oracle (serving's batch invariance)."""
-    from engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
 
     N, K, T = 584, 608, 7
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {op} {len(params)}".encode()))

@@ -9,15 +9,15 @@ import pytest
 
 pytest.importorskip("pyopencl")
 
-from engine import Sampling, load_model  # noqa: E402
-from engine.errors import PerfxError  # noqa: E402
-from engine.perplexity import perplexity  # noqa: E402
+from perfx.engine import Sampling, load_model  # noqa: E402
+from perfx.engine.errors import PerfxError  # noqa: E402
+from perfx.engine.perplexity import perplexity  # noqa: E402
 from tests.conftest import TinySpec, write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cl_device() -> str:
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         selection = select("opencl")
@@ -43,7 +43,7 @@ def test_tiny_model_matches_numpy(tmp_path, cl_device, qtype):
 
 
 def test_tiny_model_long_prompt_runs_in_passes(tmp_path, cl_device):
-    from engine.backends.opencl import backend
+    from perfx.engine.backends.opencl import backend
 
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinySpec(qtype="Q4_0", ctx_len=1024, seed=5))
@@ -81,7 +81,7 @@ def test_greedy_runs_a_step_ahead_and_stops_at_the_context(tmp_path, cl_device):
 
 
 def test_device_without_memory_is_refused(tmp_path, cl_device, monkeypatch):
-    from engine.backends.opencl import devices
+    from perfx.engine.backends.opencl import devices
 
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinySpec())
@@ -90,7 +90,7 @@ def test_device_without_memory_is_refused(tmp_path, cl_device, monkeypatch):
     def tiny_device(device, needed, what, largest_bytes=None):
         return real(device, needed * 10**9, what, largest_bytes)   # as if the model were a billion times larger
 
-    monkeypatch.setattr("engine.backends.opencl.backend.check_memory", tiny_device)
+    monkeypatch.setattr("perfx.engine.backends.opencl.backend.check_memory", tiny_device)
     with pytest.raises(PerfxError, match="MiB"):
         load_model(path, device=cl_device)
 

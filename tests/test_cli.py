@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def perfx(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "perfxcli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "perfx.cli", *args], capture_output=True, text=True,
                           input=input, env=full_env, timeout=300)
 
 

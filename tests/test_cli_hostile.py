@@ -1,7 +1,7 @@
 """The command line against hostile and careless input: every answer is output or one line, never a traceback.
 
 Each test runs the real `perfx` in a process. Where the engine has to misbehave to show how an unexpected error
-is reported, the process patches it before calling `perfxcli.main.main` (see `perfx_patched`).
+is reported, the process patches it before calling `perfx.cli.main.main` (see `perfx_patched`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.test_cli import ROOT, assert_one_line_error, perfx
 def perfx_patched(patch: str, *args: str | bytes, input: bytes | None = None,
                   env: dict | None = None) -> subprocess.CompletedProcess:
     """`perfx ARGS` in a process that first runs the Python statements `patch`."""
-    code = f"import sys\n{patch}\nfrom perfxcli.main import main\nsys.argv[0] = 'perfx'\nmain()\n"
+    code = f"import sys\n{patch}\nfrom perfx.cli.main import main\nsys.argv[0] = 'perfx'\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, input=input,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=120)
 
@@ -44,10 +44,10 @@ def with_template(path: Path, template: str, monkeypatch) -> Path:
     return path
 
 
-BOOM = ("import engine.llm\n"
+BOOM = ("import perfx.engine.llm\n"
         "def boom(*args, **kwargs):\n"
         "    raise ZeroDivisionError('float division by zero')\n"
-        "engine.llm.load_model = boom\n")
+        "perfx.engine.llm.load_model = boom\n")
 
 
 # ---- unexpected errors, usage errors ----------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_chat_survives_an_unexpected_error():
 
     from rich.console import Console
 
-    from perfxcli.chat import ChatUI
+    from perfx.cli.chat import ChatUI
 
     def send(text):
         raise ValueError("probabilities contain NaN")
@@ -240,7 +240,7 @@ def test_template_that_grows_without_bound(tmp_path, monkeypatch):
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tiny_gguf):
     """Megabytes on standard input are refused by their length alone, in one line and quickly."""
     path, *_ = tiny_gguf
-    result = subprocess.run([sys.executable, "-m", "perfxcli", "run", "-", "-m", str(path), "--device", "numpy",
+    result = subprocess.run([sys.executable, "-m", "perfx.cli", "run", "-", "-m", str(path), "--device", "numpy",
                              "--ctx", "32", "--raw"], input=("word " * 2_000_000).encode(), capture_output=True,
                             timeout=120)
     stderr = result.stderr.decode()
@@ -249,7 +249,7 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tiny_gguf):
 
 
 def test_lone_surrogates_reach_the_tokenizer_as_replacement_characters(tiny_gguf):
-    from engine import load_model
+    from perfx.engine import load_model
 
     path, *_ = tiny_gguf
     llm = load_model(path, device="numpy", ctx=64)

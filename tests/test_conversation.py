@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from engine import load_model
-from engine.chat import ChatTemplate
-from engine.conversation import ChatSession, Conversation, Turn
-from engine.errors import PerfxError
-from engine.sampler import Sampling
+from perfx.engine import load_model
+from perfx.engine.chat import ChatTemplate
+from perfx.engine.conversation import ChatSession, Conversation, Turn
+from perfx.engine.errors import PerfxError
+from perfx.engine.sampler import Sampling
 from tests.conftest import TinySpec, write_tiny_gguf
 
 GREEDY = Sampling(temperature=0, max_tokens=6)
@@ -62,7 +62,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("engine.conversation.os.replace", fail)
+    monkeypatch.setattr("perfx.engine.conversation.os.replace", fail)
     with pytest.raises(PerfxError, match="No space left"):
         Conversation(turns=[Turn("new", "text")]).save(path)
     assert path.read_text() == before

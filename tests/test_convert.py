@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine import Sampling, load_model
-from engine.convert import convert
-from engine.errors import PerfxError
-from engine.export import export_hf
-from engine.loader import open_model
-from engine.perfx_format import FORMAT_VERSION, read_perfx, safetensors_header
+from perfx.engine import Sampling, load_model
+from perfx.engine.convert import convert
+from perfx.engine.errors import PerfxError
+from perfx.engine.export import export_hf
+from perfx.engine.loader import open_model
+from perfx.engine.perfx_format import FORMAT_VERSION, read_perfx, safetensors_header
 from tests.conftest import TinySpec, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ CALIB_TEXT = " ".join(f"the thin hen {i} in the inn, then the tin hut" for i in 
 
 def perfx(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "perfxcli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "perfx.cli", *args], capture_output=True, text=True, env=env,
                           timeout=300, cwd=cwd, check=False)
 
 
@@ -283,13 +283,13 @@ def test_cli_ctrl_c_leaves_no_file(f32_hf, calib, tmp_path):
     _, hf = f32_hf
     out = tmp_path / "m.safetensors"
     code = (
-        "import engine.awq as awq\n"
+        "import perfx.engine.awq as awq\n"
         "real = awq.quantize_layer\n"
         "def interrupt(i, *a, **k):\n"
         "    if i == 1: raise KeyboardInterrupt\n"
         "    return real(i, *a, **k)\n"
         "awq.quantize_layer = interrupt\n"
-        "from perfxcli.main import app\n"
+        "from perfx.cli.main import app\n"
         f"app(['convert', {str(hf)!r}, '-o', {str(out)!r}, '--calib', {str(calib)!r}, '--group-size', '32'])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -303,7 +303,7 @@ def test_cli_ctrl_c_leaves_no_file(f32_hf, calib, tmp_path):
 def test_converted_file_on_opencl(q41, tmp_path, scheme):
     """The NumPy reference and an OpenCL device agree on a converted file (Q4_1 linears kept as INT4 g32)."""
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         device = select("opencl").info.id
@@ -320,7 +320,7 @@ def test_converted_file_on_opencl(q41, tmp_path, scheme):
 def test_awq_g128_file_on_opencl(f32_hf, calib, tmp_path):
     """INT4 with groups of 128 (and the INT8 embedding) on an OpenCL device, against the NumPy reference."""
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         device = select("opencl").info.id

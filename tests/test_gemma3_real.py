@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import load_model
-from engine.gguf_file import parse_header
-from engine.quants import BLOCK_SIZES
+from perfx.engine import load_model
+from perfx.engine.gguf_file import parse_header
+from perfx.engine.quants import BLOCK_SIZES
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ N = 32
 def gemma3_file() -> Path:
     path = os.environ.get("PERFX_GEMMA3_GGUF")
     if not path:
-        from engine.registry import resolve
+        from perfx.engine.registry import resolve
 
         try:
             path, _ = resolve("gemma3-270m-it", progress=False)

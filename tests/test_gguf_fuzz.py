@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import PerfxError
-from engine.llm import load_model
+from perfx.engine.errors import PerfxError
+from perfx.engine.llm import load_model
 from tests.conftest import TinySpec, write_tiny_gguf
 from tests.gguf_craft import ARRAY, BOOL, F32, F64, I8, I64, STRING, U8, U32, U64, Crafted, Raw, value_bytes
 

@@ -9,8 +9,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from engine.quants import BLOCK_SIZES, SPLIT_TYPES, split
-from engine.tensors import QTensor
+from perfx.engine.quants import BLOCK_SIZES, SPLIT_TYPES, split
+from perfx.engine.tensors import QTensor
 from tests.conftest import TinySpec, random_blocks, write_tiny_gguf
 from tests.test_cl_matmul import (assert_close, mm, mm_gpu_like, mm_nvidia, oracle, rt, run,  # noqa: F401 (fixtures)
                                   silu_mul, x_for)
@@ -63,7 +63,7 @@ def test_split_equals_gguf_dequantize(qtype):
 def unpack(words: np.ndarray, dm) -> np.ndarray:
     """The weights [rows, cols] float32 that the row tiles of DeviceMatrix dm hold (matmul.py layout),
     each computed as q * scale (+ zero) in float32."""
-    from engine.backends.opencl.matmul import RT, chunk_widths
+    from perfx.engine.backends.opencl.matmul import RT, chunk_widths
 
     sdt = np.float32 if dm.scale_f32 else np.float16
     ntiles = -(-dm.rows // RT)
@@ -102,7 +102,7 @@ def unpack(words: np.ndarray, dm) -> np.ndarray:
 
 def check_matrix(rt, mm, tensors: list[QTensor], form: tuple) -> None:
     """Tiles equal to the dequantized weights; linear (gemv, few, tiled) and swiglu against float64."""
-    from engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
 
     dm = DeviceMatrix.from_qtensors(rt, tensors)
     assert (dm.fmt, dm.group, dm.scale_f32, dm.zeros) == form
@@ -149,8 +149,8 @@ def test_mixed_stack_exact(rt, mm, qtypes, form):
 
 @pytest.fixture(scope="module")
 def cl_device() -> str:
-    from engine.backends.opencl.devices import select
-    from engine.errors import PerfxError
+    from perfx.engine.backends.opencl.devices import select
+    from perfx.engine.errors import PerfxError
 
     try:
         return select("opencl").info.id
@@ -163,7 +163,7 @@ def cl_device() -> str:
     ("Q5_1", ()), ("IQ4_NL", ()), ("IQ4_XS", ()), ("BF16", ()),
 ])
 def test_model_per_type_matches_numpy(tmp_path, cl_device, qtype, types):
-    from engine import load_model
+    from perfx.engine import load_model
 
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinySpec(dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, qtype=qtype, types=types,
@@ -184,7 +184,7 @@ def test_model_per_type_matches_numpy(tmp_path, cl_device, qtype, types):
 def test_device_bytes_count_the_device_form(qtype):
     """The memory check counts a stack as the device holds it (Q5 and Q6 widened to 8 bits, Q4_K's f32
     factors), which is never less than the file's bytes."""
-    from engine.backends.opencl.weights import device_bytes, form_of, pack
+    from perfx.engine.backends.opencl.weights import device_bytes, form_of, pack
 
     t = tensor(qtype, 64, 512, 3)
     assert device_bytes([t]) == pack([t], form_of([t])).nbytes >= t.nbytes

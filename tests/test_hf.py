@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.backends.numpy_backend import NumpyBackend, apply_rope, rope_tables
-from engine.errors import PerfxError
-from engine.export import export_hf
-from engine.hf import AWQ_ORDER, permute_qk, unpack_awq, unpermute_qk
-from engine.loader import open_model
-from engine.model import Transformer, weights_from_tensors
+from perfx.engine.backends.numpy_backend import NumpyBackend, apply_rope, rope_tables
+from perfx.engine.errors import PerfxError
+from perfx.engine.export import export_hf
+from perfx.engine.hf import AWQ_ORDER, permute_qk, unpack_awq, unpermute_qk
+from perfx.engine.loader import open_model
+from perfx.engine.model import Transformer, weights_from_tensors
 from tests.conftest import TinySpec, write_tiny_gguf
 
 IDS = [5, 9, 200, 17, 3, 101, 44, 250, 7, 8, 12]

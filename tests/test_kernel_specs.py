@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.backends.opencl import specs
-from engine.errors import PerfxError
+from perfx.engine.backends.opencl import specs
+from perfx.engine.errors import PerfxError
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 SMOLLM = dict(HEAD_DIM=64, N_KV_HEADS=3, GROUP=3, ATT_WG=128, VW=4, KV_HALF=False)
@@ -37,7 +37,7 @@ def test_no_kernel_source_repeats_a_declared_default(source):
 
 
 def test_operator_defaults_come_from_the_specs():
-    from engine.backends.opencl import fused, matmul
+    from perfx.engine.backends.opencl import fused, matmul
 
     assert fused.DEFAULT_PARAMS == specs.defaults("fused")
     assert matmul.DEFAULT_PARAMS == specs.defaults("matmul")
@@ -76,8 +76,8 @@ class SmallDevice:
 
 def test_fused_ops_refuse_a_device_without_the_local_memory_before_any_launch():
     cl = pytest.importorskip("pyopencl")
-    from engine.backends.opencl.fused import FusedOps
-    from engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.fused import FusedOps
+    from perfx.engine.backends.opencl.runtime import Runtime
     from tests.test_cl_fused import _pick_device, make_config
 
     device = _pick_device()

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import memory
-from engine.config import ModelConfig
-from engine.errors import PerfxError
+from perfx.engine import memory
+from perfx.engine.config import ModelConfig
+from perfx.engine.errors import PerfxError
 
 MiB = 1 << 20
 
@@ -143,9 +143,9 @@ def test_estimate_options() -> None:
 
 def test_weight_bytes_and_the_numpy_backend(tiny_gguf) -> None:
     """The estimate covers what the NumPy backend really holds: float32 weights and the KV cache."""
-    from engine.backends.numpy_backend import NumpyBackend
-    from engine.loader import open_model
-    from engine.model import Transformer, weights_from_tensors
+    from perfx.engine.backends.numpy_backend import NumpyBackend
+    from perfx.engine.loader import open_model
+    from perfx.engine.model import Transformer, weights_from_tensors
 
     path, _, _ = tiny_gguf
     model = open_model(path)

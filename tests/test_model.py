@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import Sampling, load_model
-from engine.errors import PerfxError
+from perfx.engine import Sampling, load_model
+from perfx.engine.errors import PerfxError
 from tests.conftest import TinySpec, write_tiny_gguf
 
 

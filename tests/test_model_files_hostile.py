@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import PerfxError
-from engine.llm import load_model
+from perfx.engine.errors import PerfxError
+from perfx.engine.llm import load_model
 from tests.conftest import TinySpec, write_tiny_gguf
 from tests.gguf_craft import ARRAY, F32, I32, STRING, U32, U64, Crafted, Raw
 
@@ -226,7 +226,7 @@ def test_unknown_tensors_are_refused(tiny, tmp_path):
 
 def test_supported_features_are_data(tiny, tmp_path, monkeypatch):
     """An architecture that declares a feature runs files that ask for it."""
-    from engine import features
+    from perfx.engine import features
 
     monkeypatch.setitem(features.SUPPORTED, "llama", features.LLAMA | {"tensor rope_freqs.weight"})
     f = with_tensor(tiny, "rope_freqs.weight", np.ones(8))
@@ -275,7 +275,7 @@ def test_default_model_with_a_sentencepiece_tokenizer(default_model_path, tmp_pa
 @pytest.fixture(scope="module")
 def cl_llm(tiny, tmp_path_factory):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         select("opencl")
@@ -292,7 +292,7 @@ def np_llm(tiny, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["np_llm", "cl_llm"])
 @pytest.mark.parametrize("bad", [263, 149152, -5, 1 << 70])
 def test_token_ids_outside_the_vocabulary(request, backend, bad):
-    from engine.sampler import Sampling
+    from perfx.engine.sampler import Sampling
 
     llm = request.getfixturevalue(backend)
     for run in (lambda: llm.forward([1, bad, 2]),
@@ -312,7 +312,7 @@ def test_token_ids_outside_the_vocabulary(request, backend, bad):
 
 @pytest.fixture(scope="module")
 def perfx_file(tmp_path_factory) -> Path:
-    from engine.convert import convert
+    from perfx.engine.convert import convert
 
     d = tmp_path_factory.mktemp("perfx")
     write_tiny_gguf(d / "m.gguf", TinySpec(seed=5))
@@ -372,7 +372,7 @@ def test_safetensors_layout(perfx_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    from engine.export import export_hf
+    from perfx.engine.export import export_hf
 
     d = tmp_path_factory.mktemp("hf")
     write_tiny_gguf(d / "m.gguf", TinySpec(seed=5))

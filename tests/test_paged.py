@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import load_model
-from engine.errors import PerfxError
-from engine.paged import PagedBatch
+from perfx.engine import load_model
+from perfx.engine.errors import PerfxError
+from perfx.engine.paged import PagedBatch
 from tests.conftest import TinySpec, write_tiny_gguf
 
 BLOCK = 16
@@ -124,7 +124,7 @@ def test_numpy_pool_layout_and_bytes(tiny_path):
 @pytest.fixture(scope="module")
 def cl_rt():
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.runtime import Runtime
     from tests.test_cl_fused import _pick_device
 
     device = _pick_device()
@@ -149,7 +149,7 @@ OP_STEPS = [((0, 1), [(0, 0, 17)]),
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("params", [CPU_PARAMS, GPU_LIKE], ids=["cpu", "gpu-like"])
 def test_cl_paged_ops_match_numpy(cl_rt, params, block_size, kv_half):
-    from engine.backends.opencl.paged import PagedAttention
+    from perfx.engine.backends.opencl.paged import PagedAttention
     from tests.test_cl_fused import fused_ops, make_config, poison, poisoned, reference
 
     config, ctx, n_blocks = make_config(), 512, 40
@@ -197,7 +197,7 @@ def test_cl_paged_ops_match_numpy(cl_rt, params, block_size, kv_half):
 
 def test_tiles_cut_runs_of_one_sequence():
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.paged import PagedAttention
+    from perfx.engine.backends.opencl.paged import PagedAttention
 
     paged = PagedAttention.__new__(PagedAttention)
     paged.qt_max = 4
@@ -214,7 +214,7 @@ def test_tiles_cut_runs_of_one_sequence():
 @pytest.fixture(scope="module")
 def cl_device() -> str:
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.devices import select
+    from perfx.engine.backends.opencl.devices import select
 
     try:
         selection = select("opencl")
@@ -305,7 +305,7 @@ def test_rows_do_not_depend_on_the_batch(tiny_path, device):
     sequences share its steps and however its prompt is cut into chunks (serving's exactness)."""
     if device == "opencl":
         pytest.importorskip("pyopencl")
-        from engine.backends.opencl.devices import select
+        from perfx.engine.backends.opencl.devices import select
 
         try:
             device = select("opencl").info.id

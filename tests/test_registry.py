@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import registry
-from engine.errors import PerfxError
-from engine.registry import ModelEntry, Source, load_registry, local_path, models_dir, resolve
+from perfx.engine import registry
+from perfx.engine.errors import PerfxError
+from perfx.engine.registry import ModelEntry, Source, load_registry, local_path, models_dir, resolve
 
 ENTRY = """
 default = "tiny"

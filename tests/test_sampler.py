@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import PerfxError
-from engine.sampler import OPTIONS, Sampler, Sampling, SamplingError
+from perfx.engine.errors import PerfxError
+from perfx.engine.sampler import OPTIONS, Sampler, Sampling, SamplingError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -144,7 +144,7 @@ def test_options_table_declares_every_setting_once():
 # ---------------------------------------------------------------------- the command line
 
 def perfx(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "perfxcli", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "perfx.cli", *args], input=stdin, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from engine.serving.metrics import parse
+from perfx.engine.serving.metrics import parse
 from tests.test_cli import ROOT
 
 httpx = pytest.importorskip("httpx")
@@ -52,7 +52,7 @@ def test_requests_spread_and_a_stopped_replica_is_routed_around(tiny_gguf) -> No
     ports = {"a": free_port(), "b": free_port()}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     replicas = {name: subprocess.Popen(
-        [sys.executable, "-m", "perfxcli", "serve", "-m", str(path), "--device", "numpy", "-c", "64",
+        [sys.executable, "-m", "perfx.cli", "serve", "-m", str(path), "--device", "numpy", "-c", "64",
          "--port", str(port), "--alias", "*"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         for name, port in ports.items()}
     proxy_port = free_port()

@@ -21,13 +21,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from engine import Sampling, load_model  # noqa: E402
-from engine.serving.api import ServerConfig, create_app  # noqa: E402
-from engine.serving.blocks import BlockAllocator  # noqa: E402
-from engine.serving.metrics import parse  # noqa: E402
-from engine.serving.scheduler import Delta, Request, Scheduler, SchedulerConfig  # noqa: E402
-from engine.serving.server import BackgroundServer  # noqa: E402
-from engine.serving.stops import StopMatcher  # noqa: E402
+from perfx.engine import Sampling, load_model  # noqa: E402
+from perfx.engine.serving.api import ServerConfig, create_app  # noqa: E402
+from perfx.engine.serving.blocks import BlockAllocator  # noqa: E402
+from perfx.engine.serving.metrics import parse  # noqa: E402
+from perfx.engine.serving.scheduler import Delta, Request, Scheduler, SchedulerConfig  # noqa: E402
+from perfx.engine.serving.server import BackgroundServer  # noqa: E402
+from perfx.engine.serving.stops import StopMatcher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -64,12 +64,12 @@ def test_block_allocator_grows_frees_and_counts():
 
 def test_serve_without_starlette_says_how_to_install():
     code = ("import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None\n"
-            "from perfxcli.main import app; app(['serve'])")
+            "from perfx.cli.main import app; app(['serve'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "pip install 'perfx[serve]'" in lines[0]
+    assert "pip install 'perfx-llm[serve]'" in lines[0]
 
 
 # ---------------------------------------------------------------------- servers on the default model
@@ -169,7 +169,7 @@ def test_completion_equals_generate(server, reference, stream):
 @pytest.mark.model
 def test_chat_equals_perfx_run(server):
     question, n = QUESTIONS[1], 12
-    result = subprocess.run([sys.executable, "-m", "perfxcli", "run", question, "--temp", "0", "-n", str(n),
+    result = subprocess.run([sys.executable, "-m", "perfx.cli", "run", question, "--temp", "0", "-n", str(n),
                              "--device", "numpy", "--ctx", str(CTX), "--json"], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
@@ -334,7 +334,7 @@ def test_perfx_serve_command(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "perfxcli", "serve", "--device", "numpy", "--ctx", "256",
+    process = subprocess.Popen([sys.executable, "-m", "perfx.cli", "serve", "--device", "numpy", "--ctx", "256",
                                 "--port", str(port), "--max-batch", "2"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -359,9 +359,9 @@ def test_perfx_serve_command(tmp_path):
 @pytest.fixture(scope="module")
 def cl_pair(default_model_path):
     pytest.importorskip("pyopencl")
-    from engine.backends.opencl.backend import OpenCLBackend
-    from engine.backends.opencl.devices import select
-    from engine.errors import PerfxError
+    from perfx.engine.backends.opencl.backend import OpenCLBackend
+    from perfx.engine.backends.opencl.devices import select
+    from perfx.engine.errors import PerfxError
 
     if not hasattr(OpenCLBackend, "paged_attention"):
         pytest.skip("the OpenCL backend has no paged attention yet")

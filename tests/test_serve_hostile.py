@@ -44,7 +44,7 @@ def few_files() -> None:
 
 
 def perfx(*args: str, env: dict | None = None, stderr=subprocess.PIPE, preexec_fn=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "perfxcli", *args], stdout=subprocess.DEVNULL, stderr=stderr,
+    return subprocess.Popen([sys.executable, "-m", "perfx.cli", *args], stdout=subprocess.DEVNULL, stderr=stderr,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             preexec_fn=preexec_fn)
 
@@ -150,8 +150,8 @@ def test_out_of_range_sampling_values_get_400(served, field, value):
 def test_a_failing_sequence_ends_alone(default_model_path, monkeypatch):
     """A fault injected into one sequence's sampling, then into the model step that holds it: that request
     fails, its batch-mates finish exactly as alone."""
-    from engine import load_model
-    from engine.sampler import Sampler
+    from perfx.engine import load_model
+    from perfx.engine.sampler import Sampler
 
     llm = load_model(default_model_path, device="numpy", ctx=CTX)
     reference = greedy(llm, chat_ids(llm, QUESTIONS[2]), 8)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import Sampling
-from engine.perplexity import perplexity
+from perfx.engine import Sampling
+from perfx.engine.perplexity import perplexity
 
 pytestmark = pytest.mark.model
 

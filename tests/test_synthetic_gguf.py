@@ -1,19 +1,19 @@
-"""engine.synthetic.write_gguf: a shape as a GGUF file of random Q4_0 layer matrices with another file's
+"""perfx.engine.synthetic.write_gguf: a shape as a GGUF file of random Q4_0 layer matrices with another file's
 tokenizer, which perfx (and llama.cpp) load like any model file."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.errors import PerfxError
-from engine.synthetic import get_shape, write_gguf
+from perfx.engine.errors import PerfxError
+from perfx.engine.synthetic import get_shape, write_gguf
 from tests.conftest import TinySpec, write_tiny_gguf
 
 
 def test_written_file_loads_with_the_shape_and_the_tokenizer(tmp_path):
     import gguf
 
-    from engine import load_model
+    from perfx.engine import load_model
 
     source = tmp_path / "tok.gguf"
     write_tiny_gguf(source, TinySpec())

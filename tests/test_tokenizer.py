@@ -10,9 +10,9 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from engine.errors import PerfxError
+from perfx.engine.errors import PerfxError
 from tests.conftest import smollm2_gguf
-from engine.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
+from perfx.engine.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
 
 
 
@@ -129,7 +129,7 @@ def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
 # --------------------------------------------------------------------------- real model
 
 def test_smollm2_chat_prompt_ids(smollm2: Tokenizer) -> None:
-    from engine.chat import ChatTemplate
+    from perfx.engine.chat import ChatTemplate
 
     prompt = ChatTemplate.from_tokenizer(smollm2).render(
         [{"role": "user", "content": "What is the capital of France?"}])

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def opencl_selection():
-    from engine.backends.opencl import devices
-    from engine.errors import PerfxError
+    from perfx.engine.backends.opencl import devices
+    from perfx.engine.errors import PerfxError
 
     try:
         return devices.select("opencl")
@@ -24,7 +24,7 @@ def opencl_selection():
 
 
 def test_tuner_writes_an_override_that_params_for_reads(tmp_path, monkeypatch):
-    from engine.backends.opencl import matmul, tuner, tuning
+    from perfx.engine.backends.opencl import matmul, tuner, tuning
 
     sel = opencl_selection()
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
@@ -46,7 +46,7 @@ def test_tuner_writes_an_override_that_params_for_reads(tmp_path, monkeypatch):
 
 
 def test_a_wrong_candidate_is_never_chosen(tmp_path, monkeypatch):
-    from engine.backends.opencl import tuner
+    from perfx.engine.backends.opencl import tuner
 
     sel = opencl_selection()
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
@@ -68,16 +68,16 @@ def test_perfx_tune_for_a_new_user_is_read_by_the_next_run(tmp_path):
     then shows the device tuned, and the backend of the next run is built with the tuned values."""
     opencl_selection()
     env = {**os.environ, "PERFX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "perfxcli", "tune", "--device", "cpu", "--budget", "60",
+    run = subprocess.run([sys.executable, "-m", "perfx.cli", "tune", "--device", "cpu", "--budget", "60",
                           "--kernels", "gemv"], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr
     assert "written to" in run.stdout and "gemv" in run.stdout
-    check = ("from engine.backends import open_backend; from engine.backends.opencl import tuning; "
-             "b, _ = open_backend('cpu'); from engine.backends.opencl.devices import select; "
+    check = ("from perfx.engine.backends import open_backend; from perfx.engine.backends.opencl import tuning; "
+             "b, _ = open_backend('cpu'); from perfx.engine.backends.opencl.devices import select; "
              "o = tuning.load_override(select('cpu').info)['matmul']; "
              "print(all(b.params['matmul'][k] == v for k, v in o.items()), sorted(o))")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.startswith("True ['gemv_ksplit', 'gemv_vec', 'gemv_wg_rows']"), out.stderr
-    devices = subprocess.run([sys.executable, "-m", "perfxcli", "devices", "--json", "--no-measure"],
+    devices = subprocess.run([sys.executable, "-m", "perfx.cli", "devices", "--json", "--no-measure"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert '"tuned": true' in devices.stdout

@@ -114,7 +114,7 @@ PIP=(/opt/venv/bin/python -m pip install -q --disable-pip-version-check --prefer
 in_root "${PIP[@]}" --upgrade --force-reinstall --no-deps /opt/perfx-src
 in_root "${PIP[@]}" /opt/perfx-src
 PACKAGING=ok
-if ! in_root /opt/venv/bin/python -c 'import engine.backends.numpy_backend, engine.backends.opencl.devices' 2>/dev/null; then
+if ! in_root /opt/venv/bin/python -c 'import perfx.engine.backends.numpy_backend, perfx.engine.backends.opencl.devices' 2>/dev/null; then
     PACKAGING="a plain pip install lacks engine.backends (pyproject.toml's package list); installed editable instead"
     echo "check-aarch64: $PACKAGING" >&2
     in_root "${PIP[@]}" --no-deps -e /opt/perfx-src

@@ -104,7 +104,7 @@ def buffer_bytes(root: object) -> int:
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
-        elif type(obj).__module__.startswith("engine.") and hasattr(obj, "__dict__"):
+        elif type(obj).__module__.startswith("perfx.engine.") and hasattr(obj, "__dict__"):
             stack.extend(vars(obj).values())
     return total
 

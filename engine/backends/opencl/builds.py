@@ -65,7 +65,7 @@ def manifest_path(backend: Any) -> Path:
     which holds the kernels compiled per work-group size: a manifest there means they are compiled
     (and goes when that cache is cleared); elsewhere in perfx's kernel cache."""
     device = backend.rt.device
-    kernels = resources.files("kernels")
+    kernels = resources.files("perfx.kernels")
     sources = sorted((f.name, f.read_text(encoding="utf-8")) for f in kernels.iterdir()
                      if f.name.endswith((".cl", ".h")))
     key = json.dumps([device.platform.name, device.name, device.driver_version, asdict(backend.config),

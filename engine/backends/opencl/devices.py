@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 NO_PLATFORM = "no OpenCL platform found (install pocl-opencl-icd or your GPU's driver)"
-NO_PYOPENCL = "pyopencl is not installed (pip install 'perfx[opencl]' gets OpenCL and a CPU driver)"
+NO_PYOPENCL = "pyopencl is not installed (pip install 'perfx-llm[opencl]' gets OpenCL and a CPU driver)"
 AUTO_ORDER = ("gpu", "cpu")                                     # device types that auto tries, in order
 THREAD_VARIABLES = ("POCL_MAX_PTHREAD_COUNT", "POCL_CPU_MAX_CU_COUNT",  # PoCL 3, PoCL 4 and later
                     "CL_CONFIG_CPU_TBB_NUM_WORKERS")                      # Intel's CPU runtime

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INTEL_PLATFORM = "Intel(R) OpenCL"
-INTEL_EXTRA = "pip install 'perfx[intel]'"       # the one command that installs Intel's CPU runtime
+INTEL_EXTRA = "pip install 'perfx-llm[intel]'"       # the one command that installs Intel's CPU runtime
 SYSTEM_VENDORS = Path("/etc/OpenCL/vendors")
 
 

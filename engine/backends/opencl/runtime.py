@@ -28,7 +28,7 @@ def kernel_source(name: str) -> str:
     """The text of kernels/<name>.cl, with each `#include "<file>"` line replaced by that file of the
     kernels package (shared device functions, kernels/*.h), so that a program's text is all of its
     source and the build cache keys on it."""
-    kernels = resources.files("kernels")
+    kernels = resources.files("perfx.kernels")
     lines = kernels.joinpath(f"{name}.cl").read_text(encoding="utf-8").splitlines(keepends=True)
     return "".join(kernels.joinpath(line.split('"')[1]).read_text(encoding="utf-8")
                    if line.startswith('#include "') else line for line in lines)

@@ -70,7 +70,7 @@ def load_database(path: Path | None = None) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _packaged_database() -> dict:
-    text = resources.files("kernels").joinpath("tuning.toml").read_text(encoding="utf-8")
+    text = resources.files("perfx.kernels").joinpath("tuning.toml").read_text(encoding="utf-8")
     return _checked_database(text, "kernels/tuning.toml")
 
 
