@@ -2,7 +2,9 @@
 from .errors import PerfxError
 from .sampler import Sampling
 
-__all__ = ["PerfxError", "Sampling", "load_model"]
+__all__ = ["DISTRIBUTION", "PerfxError", "Sampling", "load_model"]
+
+DISTRIBUTION = "perfx-llm"     # the name perfx installs under (its version: importlib.metadata.version)
 
 
 def load_model(name_or_path=None, device: str = "numpy", ctx: int | None = None, progress: bool = False):

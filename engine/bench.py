@@ -41,6 +41,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .backends.numpy_backend import cpu_name
+from . import DISTRIBUTION
 from .errors import PerfxError
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -417,7 +418,7 @@ def build_info() -> Build:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        v = version("perfx")
+        v = version(DISTRIBUTION)
     except PackageNotFoundError:
         v = "unknown"
     root = Path(__file__).resolve().parents[1]
@@ -482,7 +483,7 @@ class PerfxEngine:
         from importlib.metadata import version
 
         self.info = EngineInfo(
-            engine="perfx", version=f"perfx {version('perfx')}", backend=label, device=device, device_name=name,
+            engine="perfx", version=f"perfx {version(DISTRIBUTION)}", backend=label, device=device, device_name=name,
             device_type=kind, n_ctx=t.ctx, n_batch=batch, n_ubatch=batch,
             n_gpu_layers=t.config.n_layers if kind == "gpu" else 0, kv_type="f16" if kv_bytes == 2 else "f32",
             kv_element_bytes=kv_bytes, weight_bytes=int(t.w.nbytes), notices=list(notices))

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+from perfx.engine import DISTRIBUTION
 from perfx.engine.errors import PerfxError
 from perfx.cli.sampling import sampling_options
 
@@ -129,7 +130,7 @@ def _version(value: bool) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            print(f"perfx {version('perfx')}")
+            print(f"perfx {version(DISTRIBUTION)}")
         except PackageNotFoundError:
             print("perfx (not installed: run from a source tree)")
         raise typer.Exit()

@@ -60,8 +60,8 @@ def pocl_cache_dir() -> Path:
 
 
 def manifest_path(backend: Any) -> Path:
-    """programs-<digest>.json, the digest over the device, the model's shape, the tuned values and the
-    kernel sources: a change to any of them makes a new manifest. On PoCL it lies in PoCL's own cache,
+    """programs-<digest>.json, the digest over the device, the model's shape, the tuned values, the build
+    options and the kernel sources: a change to any of them makes a new manifest. On PoCL it lies in PoCL's own cache,
     which holds the kernels compiled per work-group size: a manifest there means they are compiled
     (and goes when that cache is cleared); elsewhere in perfx's kernel cache."""
     device = backend.rt.device
@@ -69,7 +69,8 @@ def manifest_path(backend: Any) -> Path:
     sources = sorted((f.name, f.read_text(encoding="utf-8")) for f in kernels.iterdir()
                      if f.name.endswith((".cl", ".h")))
     key = json.dumps([device.platform.name, device.name, device.driver_version, asdict(backend.config),
-                      backend.ctx, backend.max_tokens, backend.params, sources], sort_keys=True, default=str)
+                      backend.ctx, backend.max_tokens, backend.params, backend.rt.math_options, sources],
+                     sort_keys=True, default=str)
     name = f"programs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     pocl = "Portable Computing Language" in device.platform.name
     return pocl_cache_dir() / f"perfx-{name}" if pocl else cache_dir() / name

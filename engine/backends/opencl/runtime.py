@@ -51,7 +51,7 @@ class Runtime:
         # Relaxed math, except on Intel's CPU runtime, whose relaxed rsqrt, exp and division are off by
         # up to 1e-4 relative (PoCL's and GPU drivers' stay within the tests' 1e-5).
         intel = driver_of(device.platform.name) == "intel"
-        self.math_options = ("-cl-mad-enable",) if intel else ("-cl-mad-enable", "-cl-fast-relaxed-math")
+        self.math_options = ("-w", "-cl-mad-enable") + (() if intel else ("-cl-fast-relaxed-math",))   # -w: no remarks
         self._building: dict[tuple, threading.Lock] = {}   # one lock per program: built once across threads
         self._lock = threading.Lock()
         self.requested: dict[tuple, tuple[str, dict]] = {}  # key -> (name, defines) of each program asked for
