@@ -40,3 +40,10 @@ def test_installed_under_our_names():
     assert Path(perfx.engine.__file__).parent == ROOT / "engine"
     assert perfx.cli.main.app is not None
     assert resources.files("perfx.kernels").joinpath("gemv.cl").is_file()
+
+
+def test_extras_name_our_distribution():
+    """An extra that names `perfx[...]` would install the unrelated PyPI project of that name."""
+    for extra, requirements in pyproject()["project"]["optional-dependencies"].items():
+        for r in requirements:
+            assert not r.replace(" ", "").startswith("perfx["), (extra, r)

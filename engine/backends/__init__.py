@@ -166,7 +166,7 @@ def open_backend(spec: str) -> tuple[Backend, list[str]]:
     except ImportError as e:  # pyopencl not installed (e.g. Termux without a compiler)
         if spec == "auto":
             return NumpyBackend(), [f"OpenCL unavailable ({e}): using NumPy"]
-        raise PerfxError(f"OpenCL is unavailable ({e}); install perfx[opencl] or use --device numpy") from None
+        raise PerfxError(f"OpenCL is unavailable ({e}); install 'perfx-llm[opencl]' or use --device numpy") from None
     selection = select(spec)
     if selection.backend == "numpy":
         return NumpyBackend(), selection.notices
