@@ -40,11 +40,15 @@ def wait_for(check, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def completions(url: str) -> int:
-    """Completion requests a replica answered with 200, from its /metrics."""
+def answered(url: str, route: str) -> int:
+    """Requests to `route` a replica answered with 200, from its /metrics."""
     samples = parse(httpx.get(url + "/metrics").text)
     return int(sum(v for (name, labels), v in samples.items()
-                   if name == "perfx_requests_total" and dict(labels) == {"route": "/v1/completions", "code": "200"}))
+                   if name == "perfx_requests_total" and dict(labels) == {"route": route, "code": "200"}))
+
+
+def completions(url: str) -> int:
+    return answered(url, "/v1/completions")
 
 
 def test_requests_spread_and_a_stopped_replica_is_routed_around(tiny_gguf) -> None:
@@ -67,6 +71,10 @@ def test_requests_spread_and_a_stopped_replica_is_routed_around(tiny_gguf) -> No
         for name, url in urls.items():
             wait_for(lambda url=url: httpx.get(url + "/health").status_code == 200, 90, f"replica {name}")
         wait_for(lambda: httpx.get(proxy_url + "/health").status_code == 200, 10, "the proxy")
+        # Both replicas in rotation: a health check of the proxy's answered by each after it was up (rise 1)
+        seen = {name: answered(url, "/health") for name, url in urls.items()}
+        wait_for(lambda: all(answered(url, "/health") > seen[name] + 1 for name, url in urls.items()), 15,
+                 "the proxy's health checks of both replicas")
 
         served = [httpx.post(proxy_url + "/v1/completions", json=body, timeout=30) for _ in range(6)]
         assert all(r.status_code == 200 for r in served), [r.text for r in served]
