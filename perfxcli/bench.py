@@ -43,19 +43,21 @@ def bench(
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from perfx.engine import bench as b
+    from perfx.engine.bench import formats, runner, spec
+    from perfx.engine.bench.probes import default_threads
 
     output = output.strip().lower()
-    if output not in b.FORMATS:
-        raise PerfxError(f"unknown output format '{output}' (choose from: {', '.join(b.FORMATS)})")
+    if output not in formats.FORMATS:
+        raise PerfxError(f"unknown output format '{output}' (choose from: {', '.join(formats.FORMATS)})")
     if vs is not None and vs.strip().lower() not in VS_CHOICES:
         raise PerfxError(f"--vs takes {', '.join(VS_CHOICES)}, got '{vs}'")
-    tests = b.expand_tests(b.parse_ints(n_prompt, "-p"), b.parse_ints(n_gen, "-n"), [b.parse_pg(x) for x in pg or []])
-    config = b.BenchConfig(
+    tests = spec.expand_tests(spec.parse_ints(n_prompt, "-p"), spec.parse_ints(n_gen, "-n"),
+                              [spec.parse_pg(x) for x in pg or []])
+    config = spec.BenchConfig(
         models=[],
         tests=tests,
-        devices=b.parse_list(device, "--device"),
-        threads=b.parse_ints(threads, "-t", minimum=1) if threads is not None else [b.default_threads()],
+        devices=spec.parse_list(device, "--device"),
+        threads=spec.parse_ints(threads, "-t", minimum=1) if threads is not None else [default_threads()],
         reps=reps,
         ctx=ctx,
         vs_llama_cpp=vs is not None,
@@ -64,24 +66,24 @@ def bench(
         llama_fa=llama_fa,
     )
     if llama_bench is not None:
-        from perfx.engine.bench_peer import check_binary
+        from perfx.engine.bench.peer import check_binary
 
         if vs is None:
             raise PerfxError("--llama-bench is the peer of --vs llama.cpp: add --vs llama.cpp")
         config.llama_bench = check_binary(llama_bench)
-    elif vs is not None and not b.llama_cpp_available():
-        raise PerfxError(b.INSTALL_HINT)
+    elif vs is not None and not spec.llama_cpp_available():
+        raise PerfxError(spec.INSTALL_HINT)
     if synthetic is not None:
-        names = b.parse_list(synthetic, "--synthetic")
+        names = spec.parse_list(synthetic, "--synthetic")
         if vs is not None:           # llama.cpp loads files: the shape as a GGUF of random Q4_0 weights
-            from perfx.engine.bench_peer import synthetic_gguf
+            from perfx.engine.bench.peer import synthetic_gguf
 
-            config.models += [b.describe_file(synthetic_gguf(name, config.seed)) for name in names]
+            config.models += [spec.describe_file(synthetic_gguf(name, config.seed)) for name in names]
         else:
-            config.models += [b.describe_synthetic(name) for name in names]
+            config.models += [spec.describe_synthetic(name) for name in names]
     if model is not None or synthetic is None:
-        names = b.parse_list(model, "-m") if model is not None else [None]
-        config.models += [b.describe_model(name, progress=True) for name in names]
+        names = spec.parse_list(model, "-m") if model is not None else [None]
+        config.models += [spec.describe_model(name, progress=True) for name in names]
     config.validate()
     for t in config.threads:
         check_threads(t)
@@ -96,12 +98,12 @@ def bench(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        run = b.run_bench(config, progress=progress)
+        run = runner.run_bench(config, progress=progress)
     if not quiet:
         for notice in dict.fromkeys(n for r in run.results for n in r.info.notices):
             err.print(f"[dim]{notice}[/]", soft_wrap=True)
     if run.results or not run.interrupted:
-        b.write(run, output, sys.stdout)
+        formats.write(run, output, sys.stdout)
     if run.error:
         raise PerfxError(f"{run.error} ({len(run.results)} of {run.n_tests} tests finished)")
     if run.interrupted:

@@ -97,7 +97,7 @@ def valid_text(text: str) -> str:
 
 def check_threads(threads: int) -> None:
     """A thread count beyond the CPUs this process may run on is refused (PoCL aborts on a large one)."""
-    from perfx.engine.bench import default_threads
+    from perfx.engine.bench.probes import default_threads
 
     if threads > default_threads():
         raise PerfxError(f"-t {threads} is more threads than the {default_threads()} CPUs this process may use; "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfx.engine import bench as b
+from perfx.engine.bench import formats, markdown, probes, results, runner, spec, worker
 from perfx.engine.errors import PerfxError
 from perfx.engine.synthetic import SHAPES, get_shape, synthetic_weights
 from tests.conftest import TinySpec, write_tiny_gguf
@@ -36,32 +36,36 @@ def tiny_q4(tmp_path_factory) -> Path:
     return path
 
 
-def model_spec(name: str = "m", n_layers: int = 2, kv_dim: int = 8, ctx_len: int = 4096) -> b.ModelSpec:
-    return b.ModelSpec(name=name, description=f"llama 1M Q4_0 {name}", size=3 * b.MiB, n_params=1_000_000,
-                       n_layers=n_layers, kv_dim=kv_dim, ctx_len=ctx_len, file_bytes_per_token=900, path=f"/x/{name}")
+def model_spec(name: str = "m", n_layers: int = 2, kv_dim: int = 8, ctx_len: int = 4096) -> spec.ModelSpec:
+    return spec.ModelSpec(name=name, description=f"llama 1M Q4_0 {name}", size=3 * markdown.MiB, n_params=1_000_000,
+                          n_layers=n_layers, kv_dim=kv_dim, ctx_len=ctx_len, file_bytes_per_token=900,
+                          path=f"/x/{name}")
 
 
-def engine_info(engine: str = "perfx", **changes) -> b.EngineInfo:
+def engine_info(engine: str = "perfx", **changes) -> results.EngineInfo:
     values = dict(engine=engine, version=f"{engine} 1", backend="OpenCL" if engine == "perfx" else "CPU",
                   device="opencl:0:0" if engine == "perfx" else "cpu", device_name="PoCL CPU", device_type="cpu",
                   n_ctx=2048, n_batch=512, n_ubatch=512, n_gpu_layers=0, kv_type="f32", kv_element_bytes=4,
-                  weight_bytes=1000, peak_rss=200 * b.MiB, device_bytes=120 * b.MiB, copy_bandwidth=52800.0)
+                  weight_bytes=1000, peak_rss=200 * markdown.MiB, device_bytes=120 * markdown.MiB,
+                  copy_bandwidth=52800.0)
     values.update(changes)
-    return b.EngineInfo(**values)
+    return results.EngineInfo(**values)
 
 
-def fake_run() -> b.BenchRun:
+def fake_run() -> results.BenchRun:
     """A --vs run with known numbers: on tg4 perfx runs at 32 and 16 t/s, llama.cpp at 16 t/s."""
     model = model_spec()
-    config = b.BenchConfig(models=[model], tests=[b.TestSpec(0, 4), b.TestSpec(8, 0)], threads=[2], reps=2,
-                           vs_llama_cpp=True)
-    run = b.BenchRun(config, b.Build("0.1.0", "abc1234", "Test CPU"))
+    config = spec.BenchConfig(models=[model], tests=[spec.TestSpec(0, 4), spec.TestSpec(8, 0)], threads=[2], reps=2,
+                              vs_llama_cpp=True)
+    run = results.BenchRun(config, probes.Build("0.1.0", "abc1234", "Test CPU"))
     tg, pp = config.tests
-    perfx_tg = b.Result(model, tg, 2, engine_info(), b.Samples(4, [125_000_000, 250_000_000]),
-                        "2026-01-01T00:00:00Z", ratio=1.5)
-    llama_tg = b.Result(model, tg, 2, engine_info("llama.cpp", kv_type="f16", kv_element_bytes=2, device_bytes=None),
-                        b.Samples(4, [250_000_000, 250_000_000]), "2026-01-01T00:00:00Z")
-    perfx_pp = b.Result(model, pp, 2, engine_info(), b.Samples(8, [10_000_000, 20_000_000]), "2026-01-01T00:00:01Z")
+    perfx_tg = results.Result(model, tg, 2, engine_info(), results.Samples(4, [125_000_000, 250_000_000]),
+                              "2026-01-01T00:00:00Z", ratio=1.5)
+    llama_info = engine_info("llama.cpp", kv_type="f16", kv_element_bytes=2, device_bytes=None)
+    llama_tg = results.Result(model, tg, 2, llama_info,
+                              results.Samples(4, [250_000_000, 250_000_000]), "2026-01-01T00:00:00Z")
+    perfx_pp = results.Result(model, pp, 2, engine_info(), results.Samples(8, [10_000_000, 20_000_000]),
+                              "2026-01-01T00:00:01Z")
     run.results = [perfx_tg, llama_tg, perfx_pp]
     return run
 
@@ -70,39 +74,40 @@ def fake_run() -> b.BenchRun:
 
 
 def test_tests_are_named_and_ordered_as_llama_bench_does():
-    tests = b.expand_tests([512, 0, 64], [128, 0], [(512, 128), (0, 0)])
+    tests = spec.expand_tests([512, 0, 64], [128, 0], [(512, 128), (0, 0)])
     assert [t.name for t in tests] == ["pp512", "pp64", "tg128", "pp512+tg128"]
     assert [t.n_tokens for t in tests] == [512, 64, 128, 640]
 
 
 def test_comma_separated_values_expand_into_every_combination():
     m1, m2 = model_spec("a"), model_spec("b")
-    config = b.BenchConfig(models=[m1, m2], tests=b.expand_tests([16], [4]), devices=["numpy", "cpu"],
-                           threads=[1, 2, 4], reps=3)
+    config = spec.BenchConfig(models=[m1, m2], tests=spec.expand_tests([16], [4]), devices=["numpy", "cpu"],
+                              threads=[1, 2, 4], reps=3)
     combos = config.combos()
     assert len(combos) == 2 * 2 * 3
-    assert combos[0] == b.Combo(m1, "numpy", 1) and combos[1] == b.Combo(m1, "numpy", 2)
-    assert combos[-1] == b.Combo(m2, "cpu", 4)
+    assert combos[0] == spec.Combo(m1, "numpy", 1) and combos[1] == spec.Combo(m1, "numpy", 2)
+    assert combos[-1] == spec.Combo(m2, "cpu", 4)
     assert config.n_steps == 12 * 2 * (3 + 1)
     config.vs_llama_cpp = True
     assert config.n_steps == 12 * 2 * (3 + 1) * 2
 
 
 def test_context_covers_the_longest_test_within_the_model():
-    config = b.BenchConfig(models=[], tests=b.expand_tests([512], [128], [(3000, 100)]), ctx=2048)
+    config = spec.BenchConfig(models=[], tests=spec.expand_tests([512], [128], [(3000, 100)]), ctx=2048)
     assert config.n_ctx(model_spec(ctx_len=8192)) == 3100
     assert config.n_ctx(model_spec(ctx_len=8192)) >= max(t.n_tokens for t in config.tests)
-    assert b.BenchConfig(models=[], tests=b.expand_tests([8], [0]), ctx=2048).n_ctx(model_spec(ctx_len=256)) == 256
+    short = spec.BenchConfig(models=[], tests=spec.expand_tests([8], [0]), ctx=2048)
+    assert short.n_ctx(model_spec(ctx_len=256)) == 256
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: b.parse_ints("1,x", "-t"), "comma-separated integers"),
-    (lambda: b.parse_ints("-1", "-p"), "at least 0"),
-    (lambda: b.parse_ints("0", "-t", minimum=1), "at least 1"),
-    (lambda: b.parse_pg("512"), "'P,N'"),
-    (lambda: b.expand_tests([0], [0]), "nothing to run"),
-    (lambda: b.parse_list(" , ", "--device"), "at least one"),
-    (lambda: b.format_run(fake_run(), "xml"), "md, json, jsonl, csv"),
+    (lambda: spec.parse_ints("1,x", "-t"), "comma-separated integers"),
+    (lambda: spec.parse_ints("-1", "-p"), "at least 0"),
+    (lambda: spec.parse_ints("0", "-t", minimum=1), "at least 1"),
+    (lambda: spec.parse_pg("512"), "'P,N'"),
+    (lambda: spec.expand_tests([0], [0]), "nothing to run"),
+    (lambda: spec.parse_list(" , ", "--device"), "at least one"),
+    (lambda: formats.format_run(fake_run(), "xml"), "md, json, jsonl, csv"),
 ])
 def test_bad_arguments_say_what_is_wrong(call, message):
     with pytest.raises(PerfxError, match=message):
@@ -110,31 +115,31 @@ def test_bad_arguments_say_what_is_wrong(call, message):
 
 
 def test_validation(monkeypatch):
-    tests = b.expand_tests([16], [4])
+    tests = spec.expand_tests([16], [4])
     with pytest.raises(PerfxError, match="-r must be at least 1"):
-        b.BenchConfig(models=[model_spec()], tests=tests, reps=0).validate()
+        spec.BenchConfig(models=[model_spec()], tests=tests, reps=0).validate()
     with pytest.raises(PerfxError, match="longer than the model's context of 256"):
-        b.BenchConfig(models=[model_spec(ctx_len=256)], tests=b.expand_tests([512], [0])).validate()
-    synthetic = b.describe_synthetic("tiny")
+        spec.BenchConfig(models=[model_spec(ctx_len=256)], tests=spec.expand_tests([512], [0])).validate()
+    synthetic = spec.describe_synthetic("tiny")
     with pytest.raises(PerfxError, match="needs GGUF models"):
-        b.BenchConfig(models=[synthetic], tests=tests, vs_llama_cpp=True).validate()
-    monkeypatch.setattr(b, "llama_cpp_available", lambda: False)
+        spec.BenchConfig(models=[synthetic], tests=tests, vs_llama_cpp=True).validate()
+    monkeypatch.setattr(spec, "llama_cpp_available", lambda: False)
     with pytest.raises(PerfxError, match="scripts/install-llama-cpp.sh"):
-        b.BenchConfig(models=[model_spec()], tests=tests, vs_llama_cpp=True).validate()
+        spec.BenchConfig(models=[model_spec()], tests=tests, vs_llama_cpp=True).validate()
 
 
 # ---- statistics and bandwidth ---------------------------------------------------------------------
 
 
 def test_statistics_on_known_samples():
-    s = b.Samples(128, [1_000_000_000, 2_000_000_000, 4_000_000_000])
+    s = results.Samples(128, [1_000_000_000, 2_000_000_000, 4_000_000_000])
     assert s.ts == [128.0, 64.0, 32.0]
     assert s.avg_ts == pytest.approx(224 / 3)
     assert s.stddev_ts == pytest.approx(statistics.stdev([128, 64, 32]))       # sample stddev, as llama-bench
     assert s.median_ts == 64.0
     assert s.avg_ns == 2_333_333_333
     assert s.stddev_ns == round(statistics.stdev([1e9, 2e9, 4e9]))
-    one = b.Samples(10, [5_000_000])
+    one = results.Samples(10, [5_000_000])
     assert one.avg_ts == pytest.approx(2000.0) and one.stddev_ts == 0.0
 
 
@@ -154,34 +159,34 @@ def test_bandwidth_counts_weights_and_the_kv_cache_read_per_token():
 
 def test_json_carries_every_field_and_every_sample():
     run = fake_run()
-    records = json.loads(b.format_json(run))
+    records = json.loads(formats.format_json(run))
     assert len(records) == 3
     for record, result in zip(records, run.results):
-        assert list(record) == list(b.RECORD_FIELDS)
+        assert list(record) == list(formats.RECORD_FIELDS)
         assert record["samples_ns"] == result.samples.ns
         assert record["samples_ts"] == pytest.approx(result.samples.ts)
         assert record["avg_ts"] == pytest.approx(result.samples.avg_ts)
         assert record["build_commit"] == "abc1234" and record["test"] == result.test.name
     assert records[0]["vs_llama_cpp"] == 1.5 and records[1]["vs_llama_cpp"] is None
-    assert records[0]["peak_rss_bytes"] == 200 * b.MiB and records[1]["device_bytes"] is None
+    assert records[0]["peak_rss_bytes"] == 200 * markdown.MiB and records[1]["device_bytes"] is None
     assert records[0]["bandwidth_share"] == pytest.approx(1320 * 24 / 52800)
 
 
 def test_jsonl_is_one_record_per_line():
-    lines = b.format_jsonl(fake_run()).splitlines()
+    lines = formats.format_jsonl(fake_run()).splitlines()
     assert [json.loads(line)["engine"] for line in lines] == ["perfx", "llama.cpp", "perfx"]
 
 
 def test_csv_parses_back():
-    rows = list(csv.DictReader(io.StringIO(b.format_csv(fake_run()))))
-    assert len(rows) == 3 and list(rows[0]) == list(b.RECORD_FIELDS)
+    rows = list(csv.DictReader(io.StringIO(formats.format_csv(fake_run()))))
+    assert len(rows) == 3 and list(rows[0]) == list(formats.RECORD_FIELDS)
     assert [int(x) for x in rows[0]["samples_ns"].split(";")] == fake_run().results[0].samples.ns
     assert float(rows[0]["avg_ts"]) == pytest.approx(24.0)
     assert rows[1]["device_bytes"] == "" and rows[2]["test"] == "pp8"
 
 
 def test_markdown_reads_like_llama_bench_with_perfx_columns():
-    text = b.format_markdown(fake_run())
+    text = markdown.format_markdown(fake_run())
     table = [line for line in text.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header[:7] == ["model", "size", "params", "backend", "threads", "test", "t/s"]
@@ -201,9 +206,9 @@ def test_markdown_reads_like_llama_bench_with_perfx_columns():
 
 def test_an_interrupted_or_crowded_run_says_so():
     run = fake_run()
-    assert "interrupted" not in b.format_markdown(run) and "warning" not in b.format_markdown(run)
+    assert "interrupted" not in markdown.format_markdown(run) and "warning" not in markdown.format_markdown(run)
     run.interrupted, run.load = True, 1000.0
-    text = b.format_markdown(run)
+    text = markdown.format_markdown(run)
     assert "interrupted: 3 of 4 tests finished" in text
     assert "warning: load average 1000.0" in text and "numbers are noisy" in text
 
@@ -222,7 +227,7 @@ def test_synthetic_shapes_have_their_models_sizes():
     assert SHAPES["smollm2-135m"].n_params == 134_515_008        # as llama.cpp counts the GGUF file
     assert SHAPES["llama-7b"].group == 128 and SHAPES["smollm2-135m"].group == 64
     assert SHAPES["llama-7b"].kv_bytes(2048) == 1 << 30
-    text = b.synthetic_footprint("llama-7b", 2048)
+    text = markdown.synthetic_footprint("llama-7b", 2048)
     assert "int4 g128 weights 3.46 GiB + KV cache at 2048 tokens 1.00 GiB (f16) = 4.46 GiB" in text
 
 
@@ -253,41 +258,41 @@ def test_synthetic_model_runs_on_numpy():
 
 
 def test_short_run_on_a_tiny_model(tiny_q4):
-    config = b.BenchConfig(models=[b.describe_file(tiny_q4)], tests=b.expand_tests([8], [4]), devices=["numpy"],
-                           threads=[1], reps=2, ctx=64)
+    config = spec.BenchConfig(models=[spec.describe_file(tiny_q4)], tests=spec.expand_tests([8], [4]),
+                              devices=["numpy"], threads=[1], reps=2, ctx=64)
     seen = []
-    run = b.run_bench(config, progress=lambda what, done, total: seen.append((done, total)))
+    run = runner.run_bench(config, progress=lambda what, done, total: seen.append((done, total)))
     assert not run.interrupted and [r.test.name for r in run.results] == ["pp8", "tg4"]
     assert seen[-1] == (config.n_steps, config.n_steps)
     for r in run.results:
         assert len(r.samples.ns) == 2 and r.samples.avg_ts > 0
         assert r.info.backend == "NumPy" and r.info.n_ctx == 64
-        assert r.info.peak_rss > 10 * b.MiB and r.info.device_bytes > 0 and r.info.copy_bandwidth > 0
+        assert r.info.peak_rss > 10 * markdown.MiB and r.info.device_bytes > 0 and r.info.copy_bandwidth > 0
     tg = run.results[1]
     assert tg.bandwidth > 0 and 0 < tg.bandwidth_share
     assert run.results[0].model.description == "llama 79K Q4_0"
-    assert "| llama 79K Q4_0 " in b.format_markdown(run)
+    assert "| llama 79K Q4_0 " in markdown.format_markdown(run)
 
 
 def test_interrupted_run_keeps_the_finished_tests(tiny_q4):
-    config = b.BenchConfig(models=[b.describe_file(tiny_q4)], tests=b.expand_tests([8], [4]), devices=["numpy"],
-                           threads=[1], reps=2, ctx=64)
+    config = spec.BenchConfig(models=[spec.describe_file(tiny_q4)], tests=spec.expand_tests([8], [4]),
+                              devices=["numpy"], threads=[1], reps=2, ctx=64)
 
     def stop_in_the_second_test(what: str, done: int, total: int) -> None:
         if done == 4:
             raise KeyboardInterrupt
 
-    run = b.run_bench(config, progress=stop_in_the_second_test)
+    run = runner.run_bench(config, progress=stop_in_the_second_test)
     assert run.interrupted and [r.test.name for r in run.results] == ["pp8"]
     assert run.results[0].info.peak_rss > 0
 
 
 def test_a_failing_device_keeps_the_finished_tests(tiny_q4):
-    config = b.BenchConfig(models=[b.describe_file(tiny_q4)], tests=b.expand_tests([8], [0]),
-                           devices=["numpy", "opencl:99:0"], threads=[1], reps=1, ctx=64)
-    run = b.run_bench(config)
+    config = spec.BenchConfig(models=[spec.describe_file(tiny_q4)], tests=spec.expand_tests([8], [0]),
+                              devices=["numpy", "opencl:99:0"], threads=[1], reps=1, ctx=64)
+    run = runner.run_bench(config)
     assert [r.info.device for r in run.results] == ["numpy"]
-    assert run.error and "stopped by an error: 1 of 2 tests finished" in b.format_markdown(run)
+    assert run.error and "stopped by an error: 1 of 2 tests finished" in markdown.format_markdown(run)
 
 
 def test_cli_json_on_a_tiny_model(tiny_q4):
@@ -334,9 +339,9 @@ def test_short_run_on_opencl(tiny_q4):
         device = select("opencl").info.id
     except PerfxError as e:
         pytest.skip(f"no usable OpenCL device: {e}")
-    config = b.BenchConfig(models=[b.describe_file(tiny_q4)], tests=b.expand_tests([8], [4]), devices=[device],
-                           threads=[1], reps=1, ctx=64)
-    run = b.run_bench(config)
+    config = spec.BenchConfig(models=[spec.describe_file(tiny_q4)], tests=spec.expand_tests([8], [4]), devices=[device],
+                              threads=[1], reps=1, ctx=64)
+    run = runner.run_bench(config)
     assert [r.info.backend for r in run.results] == ["OpenCL", "OpenCL"]
     tg = run.results[1]
     assert tg.info.device == device and tg.info.copy_bandwidth > 0 and tg.bandwidth_share > 0
@@ -346,9 +351,9 @@ def test_short_run_on_opencl(tiny_q4):
 
 def test_vs_llama_cpp_alternates_and_gives_ratios(tiny_q4):
     pytest.importorskip("llama_cpp")
-    config = b.BenchConfig(models=[b.describe_file(tiny_q4)], tests=b.expand_tests([8], [4]), devices=["numpy"],
-                           threads=[1], reps=2, ctx=64, vs_llama_cpp=True)
-    run = b.run_bench(config)
+    config = spec.BenchConfig(models=[spec.describe_file(tiny_q4)], tests=spec.expand_tests([8], [4]),
+                              devices=["numpy"], threads=[1], reps=2, ctx=64, vs_llama_cpp=True)
+    run = runner.run_bench(config)
     assert [(r.engine, r.test.name) for r in run.results] == [
         ("perfx", "pp8"), ("llama.cpp", "pp8"), ("perfx", "tg4"), ("llama.cpp", "tg4")]
     perfx_tg, llama_tg = run.results[2:]
@@ -356,10 +361,10 @@ def test_vs_llama_cpp_alternates_and_gives_ratios(tiny_q4):
     assert llama_tg.ratio is None and len(llama_tg.samples.ns) == 2
     assert llama_tg.info.weight_bytes == config.models[0].file_bytes_per_token
     assert llama_tg.info.copy_bandwidth == perfx_tg.info.copy_bandwidth         # the same CPU
-    assert "vs llama.cpp" in b.format_markdown(run)
+    assert "vs llama.cpp" in markdown.format_markdown(run)
 
 
-class SelfKillingWorker(b.Worker):
+class SelfKillingWorker(worker.Worker):
     """A worker that prints a line to its log, reads one request, then kills itself with SIGSEGV."""
 
     def command(self, spec: dict) -> list[str]:
@@ -381,9 +386,9 @@ def test_a_peer_killed_by_a_signal_says_what_it_means_and_what_to_do():
 
 
 def test_exit_messages():
-    assert b.exit_message("perfx", 1, "boom") == "the perfx worker exited with status 1: boom"
-    assert "killed by SIGKILL (out of memory" in b.exit_message("llama.cpp", -9, "x")
-    perfx_crash = b.exit_message("perfx", -11, "x")
+    assert worker.exit_message("perfx", 1, "boom") == "the perfx worker exited with status 1: boom"
+    assert "killed by SIGKILL (out of memory" in worker.exit_message("llama.cpp", -9, "x")
+    perfx_crash = worker.exit_message("perfx", -11, "x")
     assert perfx_crash.startswith("the perfx worker crashed with SIGSEGV") and "--rebuild" not in perfx_crash
 
 
@@ -407,17 +412,17 @@ def test_llama_cpp_build_turns_amx_off_and_keeps_avx512(tmp_path, flags, native)
 
 def test_a_share_over_100_percent_is_marked_and_explained():
     run = fake_run()
-    assert "over 100%" not in b.format_markdown(run)
+    assert "over 100%" not in markdown.format_markdown(run)
     for r in run.results:
         r.info.copy_bandwidth = 20000.0                        # perfx's tg4 reads 31680 B/s: 158%
-    text = b.format_markdown(run)
+    text = markdown.format_markdown(run)
     assert "| 158%* |" in text.replace("  ", " ") or "158%*" in text
     assert "* over 100% of the copy bandwidth: part of what a token reads came from the CPU's caches" in text
 
 
 def test_the_datasheet_peak_is_shown_where_known():
     run = fake_run()
-    assert "datasheet peak" not in b.format_markdown(run)
+    assert "datasheet peak" not in markdown.format_markdown(run)
     run.results[0].info.device_name = "NVIDIA H100 80GB HBM3"
-    assert "datasheet peak 3350 GB/s" in b.format_markdown(run)
-    assert b.datasheet_peak("NVIDIA H100 PCIe") == 2.0e12 and b.datasheet_peak("pthread-AMD EPYC") is None
+    assert "datasheet peak 3350 GB/s" in markdown.format_markdown(run)
+    assert markdown.datasheet_peak("NVIDIA H100 PCIe") == 2.0e12 and markdown.datasheet_peak("pthread-AMD EPYC") is None

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from perfx.engine import bench as b
+from perfx.engine.bench import runner, spec
 from perfx.engine.errors import PerfxError
 from tests.conftest import TinySpec, write_tiny_gguf
 
@@ -20,7 +20,7 @@ p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
 if "-pg" in a:
     p, n = map(int, a[a.index("-pg") + 1].split(","))
 print(json.dumps([{{"build_commit": "abc1234", "backends": "CUDA", "gpu_info": "Fake GPU", "n_batch": 2048,
-                   "n_ubatch": 512, "n_gpu_layers": 99, "type_k": "f16", "avg_ns": 1000000 * (p + n)}}]))
+                    "n_ubatch": 512, "n_gpu_layers": 99, "type_k": "f16", "avg_ns": 1000000 * (p + n)}}]))
 """
 
 
@@ -34,14 +34,14 @@ def fake_llama_bench(tmp_path):
 
 
 def test_llama_bench_peer_alternates_on_the_same_file(tmp_path, fake_llama_bench):
-    from perfx.engine.bench_peer import check_binary
+    from perfx.engine.bench.peer import check_binary
 
     binary, log = fake_llama_bench
     model = tmp_path / "tiny.gguf"
     write_tiny_gguf(model, TinySpec())
-    config = b.BenchConfig(models=[b.describe_file(model)], tests=b.expand_tests([8], [4]), devices=["numpy"],
-                           threads=[1], reps=2, vs_llama_cpp=True, llama_bench=check_binary(str(binary)))
-    run = b.run_bench(config)
+    config = spec.BenchConfig(models=[spec.describe_file(model)], tests=spec.expand_tests([8], [4]), devices=["numpy"],
+                              threads=[1], reps=2, vs_llama_cpp=True, llama_bench=check_binary(str(binary)))
+    run = runner.run_bench(config)
     engines = [r.engine for r in run.results]
     assert engines == ["perfx", "llama.cpp", "perfx", "llama.cpp"]
     peer = [r for r in run.results if r.engine == "llama.cpp"]
@@ -53,7 +53,7 @@ def test_llama_bench_peer_alternates_on_the_same_file(tmp_path, fake_llama_bench
 
 
 def test_llama_bench_must_be_an_executable(tmp_path):
-    from perfx.engine.bench_peer import check_binary
+    from perfx.engine.bench.peer import check_binary
 
     with pytest.raises(PerfxError, match="not an executable file"):
         check_binary(str(tmp_path / "missing"))

@@ -15,7 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .errors import PerfxError
+from ..errors import PerfxError
 
 
 def check_binary(path: str) -> str:
@@ -30,14 +30,14 @@ def synthetic_gguf(shape_name: str, seed: int, tokenizer_from: str | None = None
     """The GGUF file of a synthetic shape (engine.synthetic.write_gguf), written once into the cache:
     <perfx root>/synthetic/<shape>-seed<seed>.gguf, with the tokenizer of `tokenizer_from` (default:
     the default model's file)."""
-    from .backends.opencl.devices import root_dir
-    from .synthetic import get_shape, write_gguf
+    from ..backends.opencl.devices import root_dir
+    from ..synthetic import get_shape, write_gguf
 
     shape = get_shape(shape_name)
     path = root_dir() / "synthetic" / f"{shape.name}-seed{seed}.gguf"
     if not path.exists():
         if tokenizer_from is None:
-            from .registry import resolve
+            from ..registry import resolve
 
             tokenizer_from = str(resolve(None))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ class LlamaBenchEngine:
     """One llama-bench binary on one GGUF file; `run(test)` returns the test's time in nanoseconds."""
 
     def __init__(self, spec: dict):
-        from .bench import EngineInfo
+        from .results import EngineInfo
 
         self.binary, self.path = spec["llama_bench"], spec["path"]
         gpu = bool(spec.get("offload"))
