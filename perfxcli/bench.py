@@ -39,6 +39,9 @@ def bench(
     ctx: int = typer.Option(2048, "--ctx", help="Context each model is loaded with (raised to the longest test)."),
     cooldown: float = typer.Option(0.0, "--cooldown", min=0.0, max=3600.0,
                                    help="Seconds to rest before each timed run (phones: thermal throttling)."),
+    profile: bool = typer.Option(
+        False, "--profile", help="Then perfx's launch budget per token, per kernel, from OpenCL profiling events: "
+                                 "a prefill of the first -p and decode of the first -n after it."),
 ):
     """Measure prompt and generation speed as llama-bench does, with memory and bandwidth."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -64,6 +67,7 @@ def bench(
         cooldown=cooldown,
         llama_bench=llama_bench,
         llama_fa=llama_fa,
+        profile=profile,
     )
     if llama_bench is not None:
         from perfx.engine.bench.peer import check_binary

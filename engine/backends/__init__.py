@@ -5,6 +5,7 @@ The contract between the transformer (engine/model.py) and a backend, written on
     backend, notices = open_backend("auto")     # numpy | auto | opencl | cpu | gpu | opencl:P:D
     backend.capabilities                        # what it can do, declared, never probed
     w = backend.load(config, weights, ctx)      # the weights on the device, the KV cache allocated
+    with backend.profile() as launches: ...     # with capabilities.profiling: each kernel launch, timed
 
 Operators take and return activations, backend handles (a NumPy array [T, width], or a device
 buffer that knows its own token count). Optional abilities are declared in `Capabilities`; the
@@ -13,6 +14,8 @@ defaults below give every backend the same methods, so callers branch on a flag,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -37,6 +40,7 @@ class Capabilities:
     device_argmax: bool      # argmax_async keeps the chosen token on the device and embed(None) reads it there
     paged_kv: bool           # kv_pool, begin_paged and paged_attention: batched steps (serving)
     kv_bytes: int            # bytes of one K or V element in the cache: 2 (fp16) or 4 (f32)
+    profiling: bool = False  # profile() times each kernel launch on the device
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,17 @@ class DeviceReport:
     device: str              # the spec that selects it again: "opencl:0:0", "numpy"
     name: str                # the device's own name
     kind: str                # "cpu", "gpu" or "accelerator"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the device timed it (Backend.profile)."""
+
+    kernel: str              # the kernel's name: "gemv", "attend"
+    start_ns: int            # when it started and ended, on the device's clock
+    end_ns: int
+    bytes: int | None = None     # bytes it moves and FLOPs it does, at least, where the kernel declares them
+    flops: int | None = None
 
 
 class Chosen(Protocol):
@@ -91,6 +106,14 @@ class Backend(ABC):
     @abstractmethod
     def copy_bandwidth(self) -> float:
         """The device's copy bandwidth, bytes/s (read + written), measured now."""
+
+    @contextmanager
+    def profile(self) -> Iterator[list[Launch]]:
+        """Times every kernel launch enqueued inside the block (with capabilities.profiling): the list
+        yielded is filled, in launch order, when the block ends."""
+        raise PerfxError(f"{self.description} launches no kernels to profile; use an OpenCL device "
+                         "(--device cpu or gpu)")
+        yield []
 
     # --- the operators of a layer ----------------------------------------------------------
     @abstractmethod

@@ -10,6 +10,7 @@ import numpy as np
 from .. import DISTRIBUTION
 from ..backends.numpy_backend import cpu_name
 from ..errors import PerfxError
+from .profile import PhaseProfile, profile_phase
 from .results import EngineInfo
 from .spec import INSTALL_HINT, TestSpec
 
@@ -65,6 +66,23 @@ class PerfxEngine:
             for _ in t.greedy(first, test.n_prompt, test.n_gen):
                 pass
         return time.perf_counter_ns() - start
+
+    def profile(self, n_prompt: int, n_gen: int) -> list[PhaseProfile]:
+        """The launch budget (profile.py) of a prefill of n_prompt tokens, then of n_gen decode steps
+        after it, fed their argmax as in a tg test."""
+        t, tokens = self.transformer, self.tokens
+        prompt, first = tokens[:n_prompt], tokens[n_prompt:n_prompt + 1]
+        phases = []
+        if n_prompt:
+            phases.append(profile_phase(self.backend, f"pp{n_prompt}", n_prompt, lambda: t.next_token(prompt, 0)))
+        if n_gen:
+            def decode() -> None:
+                for _ in t.greedy(first, n_prompt, n_gen):
+                    pass
+
+            name = f"tg{n_gen}" + (f" after pp{n_prompt}" if n_prompt else "")
+            phases.append(profile_phase(self.backend, name, n_gen, decode))
+        return phases
 
     def device_bytes(self) -> int | None:
         return self.backend.device_bytes

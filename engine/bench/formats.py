@@ -27,9 +27,10 @@ RECORD_FIELDS = (
 
 
 def record(r: Result, build: Build) -> dict:
-    """One result as llama-bench's JSON record (its fields where they apply), plus perfx's fields."""
+    """One result as llama-bench's JSON record (its fields where they apply), plus perfx's fields; with
+    --profile, perfx's records also carry the launch budget of their model, device and threads."""
     s, i = r.samples, r.info
-    return {
+    rec = {
         "build_commit": build.commit,
         "perfx_version": build.version,
         "engine": r.engine,
@@ -71,6 +72,9 @@ def record(r: Result, build: Build) -> dict:
         "samples_ns": list(s.ns),
         "samples_ts": s.ts,
     }
+    if i.profile is not None:
+        rec["profile"] = [phase.record(i.copy_bandwidth) for phase in i.profile]
+    return rec
 
 
 def format_json(run: BenchRun) -> str:
@@ -84,7 +88,8 @@ def format_jsonl(run: BenchRun) -> str:
 def format_csv(run: BenchRun) -> str:
     """llama-bench's CSV: a header, then one row per result; the samples joined by ';'."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
+    # The launch budget (--profile) has no column: json and jsonl carry it.
+    writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for rec in (record(r, run.build) for r in run.results):
         rec = {k: ";".join(str(x) for x in v) if isinstance(v, list) else ("" if v is None else v)

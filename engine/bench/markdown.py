@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from .profile import phase_table
 from .results import BenchRun, Result
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -76,7 +77,7 @@ def datasheet_peak(device_name: str) -> float | None:
 
 def format_markdown(run: BenchRun) -> str:
     """llama-bench's table (model, size, params, backend, threads, test, t/s), perfx's columns after it,
-    and a footer: build, devices, what the columns mean."""
+    a footer: build, devices, what the columns mean; then the launch budgets of --profile."""
     cols = _columns(run)
     cells = [[cell(r) for _, _, cell in cols] for r in run.results]
     widths = [max([abs(w), len(h)] + [len(row[i]) for row in cells]) for i, (h, w, _) in enumerate(cols)]
@@ -88,7 +89,7 @@ def format_markdown(run: BenchRun) -> str:
     rule = "|" + "|".join(" " + ("-" * width if w < 0 else "-" * (width - 1) + ":") + " "
                           for width, (_, w, _) in zip(widths, cols)) + "|"
     lines = [line([h for h, _, _ in cols]), rule] + [line(row) for row in cells]
-    return "\n".join(lines + [""] + footer(run)) + "\n"
+    return "\n".join(lines + [""] + footer(run) + launch_budgets(run)) + "\n"
 
 
 def footer(run: BenchRun) -> list[str]:
@@ -129,6 +130,17 @@ def footer(run: BenchRun) -> list[str]:
     if run.interrupted or run.error:
         lines.append(f"{'interrupted' if run.interrupted else 'stopped by an error'}: "
                      f"{len(run.results)} of {run.n_tests} tests finished")
+    return lines
+
+
+def launch_budgets(run: BenchRun) -> list[str]:
+    """The launch budget tables (profile.py) of each perfx worker that was profiled."""
+    lines: list[str] = []
+    profiled = {id(r.info): r for r in run.results if r.info.profile is not None}
+    for r in profiled.values():
+        where = f"{r.model.description} · {r.info.device} · {r.threads} thread{'s' * (r.threads != 1)}"
+        for phase in r.info.profile:
+            lines += [""] + phase_table(phase, r.info.copy_bandwidth, f"{where} · {phase.name}")
     return lines
 
 

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from .probes import Build
+from .profile import PhaseProfile
 from .spec import BenchConfig, ModelSpec, TestSpec
 
 
@@ -75,6 +76,7 @@ class EngineInfo:
     peak_rss: int | None = None
     device_bytes: int | None = None
     copy_bandwidth: float | None = None
+    profile: list[PhaseProfile] | None = None    # perfx's launch budget, with --profile (profile.py)
 
     @property
     def label(self) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import PerfxError
 from .probes import Build, build_info, load_average
+from .profile import PhaseProfile
 from .results import BenchRun, Result, Samples
 from .spec import BenchConfig, Combo
 from .worker import Worker
@@ -38,7 +39,7 @@ def _run_combo(config: BenchConfig, combo: Combo, run: BenchRun, progress: Progr
     model = combo.model
     where = f"{Path(model.name).name} · {combo.device} · {combo.threads} thread{'s' * (combo.threads != 1)}"
     spec = {"path": model.path, "shape": model.shape, "device": combo.device, "threads": combo.threads,
-            "ctx": config.n_ctx(model), "seed": config.seed, "max_tokens": max(t.n_tokens for t in config.tests),
+            "ctx": config.n_ctx(model), "seed": config.seed, "max_tokens": config.longest,
             "tests": [[t.n_prompt, t.n_gen] for t in config.tests],
             "llama_bench": config.llama_bench, "llama_fa": config.llama_fa}
     workers: list[Worker] = []
@@ -71,6 +72,11 @@ def _run_combo(config: BenchConfig, combo: Combo, run: BenchRun, progress: Progr
             for w in workers:
                 _update_memory(w)
             run.results += rows
+        if config.profile:
+            progress(f"{where} · perfx launch profile", state["done"], state["total"])
+            n_prompt, n_gen = config.profile_lengths
+            phases = workers[0].request("profile", n_prompt=n_prompt, n_gen=n_gen)["profile"]
+            workers[0].info.profile = [PhaseProfile.from_dict(p) for p in phases]
         progress(f"{where} · memory and bandwidth", state["done"], state["total"])
         for w in workers:
             _update_memory(w)

@@ -179,6 +179,7 @@ class BenchConfig:
     cooldown: float = 0.0         # seconds of rest before each timed run (thermal throttling on phones)
     llama_bench: str | None = None  # a llama-bench binary as the llama.cpp peer (bench/peer.py)
     llama_fa: int = 1             # its flash attention (-fa)
+    profile: bool = False         # perfx's launch budget per token after the tests (profile.py)
 
     def validate(self) -> None:
         if self.reps < 1:
@@ -192,7 +193,10 @@ class BenchConfig:
         for t in self.threads:
             if t < 1:
                 raise PerfxError(f"-t values must be at least 1 (got {t})")
-        longest = max(t.n_tokens for t in self.tests)
+        if self.profile and any(d.strip().lower() == "numpy" for d in self.devices):
+            raise PerfxError("--profile times OpenCL kernel launches, which --device numpy has none of: "
+                             "use --device cpu or gpu")
+        longest = self.longest
         for m in self.models:
             if longest > m.ctx_len:
                 raise PerfxError(f"{m.name}: a test of {longest} tokens is longer than the model's context of "
@@ -208,8 +212,22 @@ class BenchConfig:
     def combos(self) -> list[Combo]:
         return [Combo(m, d, t) for m in self.models for d in self.devices for t in self.threads]
 
+    @property
+    def profile_lengths(self) -> tuple[int, int]:
+        """The profile's prefill and decode steps after it: the first prompt and generation lengths."""
+        return (next((t.n_prompt for t in self.tests if t.n_prompt), 0),
+                next((t.n_gen for t in self.tests if t.n_gen), 0))
+
+    @property
+    def longest(self) -> int:
+        """The most tokens one run puts in the context: the longest test, or the profile's prefill and decode."""
+        lengths = [t.n_tokens for t in self.tests]
+        if self.profile:
+            lengths.append(sum(self.profile_lengths))
+        return max(lengths)
+
     def n_ctx(self, model: ModelSpec) -> int:
-        return min(max(self.ctx, max(t.n_tokens for t in self.tests)), model.ctx_len)
+        return min(max(self.ctx, self.longest), model.ctx_len)
 
     @property
     def engines(self) -> tuple[str, ...]:

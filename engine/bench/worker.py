@@ -24,7 +24,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 def worker_main(argv: list[str]) -> int:
     """A worker process: loads one engine from the JSON spec in argv[0], then answers one JSON request per
-    line of stdin with one JSON line ({"op": "run", "test": i} | "memory" | "bandwidth" | "quit")."""
+    line of stdin with one JSON line ({"op": "run", "test": i} | "memory" | "bandwidth" | "profile" | "quit")."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C and ends its workers
     out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)                                     # what native libraries print goes to stderr
@@ -53,6 +53,8 @@ def worker_main(argv: list[str]) -> int:
                 send({"peak_rss": peak_rss(), "device_bytes": engine.device_bytes()})
             elif op == "bandwidth":
                 send({"copy_bandwidth": engine.copy_bandwidth()})
+            elif op == "profile":
+                send({"profile": [asdict(p) for p in engine.profile(request["n_prompt"], request["n_gen"])]})
             else:
                 break
     except PerfxError as e:

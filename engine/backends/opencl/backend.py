@@ -7,6 +7,8 @@ product's output buffer is named with its matrix at load (`Proj`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,7 +16,7 @@ import pyopencl as cl
 
 from ...config import ModelConfig
 from ...model import Weights
-from .. import Backend, Capabilities, DeviceReport
+from .. import Backend, Capabilities, DeviceReport, Launch
 from ..numpy_backend import OPTIONAL_NORMS, check_pageable
 from .devices import Selection, bandwidth, check_memory, describe
 from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
@@ -119,7 +121,7 @@ class OpenCLBackend(Backend):
         self.description = label
         kv_half = {**FUSED_DEFAULTS, **self.params.get("fused", {})}["kv_half"]
         self.capabilities = Capabilities(max_tokens=MAX_TOKENS, device_argmax=True, paged_kv=True,
-                                         kv_bytes=2 if kv_half else 4)
+                                         kv_bytes=2 if kv_half else 4, profiling=True)
 
     @classmethod
     def from_selection(cls, selection: Selection) -> OpenCLBackend:
@@ -144,6 +146,15 @@ class OpenCLBackend(Backend):
 
     def copy_bandwidth(self) -> float:
         return bandwidth(self.rt.device, fresh=True)
+
+    @contextmanager
+    def profile(self) -> Iterator[list[Launch]]:
+        """Each launch inside the block, timed by OpenCL profiling events (Runtime.recording)."""
+        launches: list[Launch] = []
+        with self.rt.recording() as recorded:
+            yield launches
+        launches += [Launch(name, event.profile.start, event.profile.end, *(cost or (None, None)))
+                     for name, event, cost in recorded]
 
     # --- loading --------------------------------------------------------------------------
 

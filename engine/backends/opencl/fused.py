@@ -19,7 +19,7 @@ from ...errors import PerfxError
 from ..numpy_backend import rope_tables
 from .matmul import XPrep
 from .runtime import Runtime
-from .specs import check_fits, defaults
+from .specs import ATTENTION, check_fits, defaults
 
 DEFAULT_PARAMS: dict[str, Any] = defaults("fused")   # declared, with their meaning, in specs.py
 
@@ -211,9 +211,9 @@ class FusedOps:
             raise PerfxError("the norms write group sums (and int16 h): give them the buffers")
         outs = [h if b is None else b for b in (xs.sums, xs.q, xs.scale)] if xs else [h] * 3   # unused: h
         if delta is None:
-            self._rmsnorm(self.rt.queue, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, *outs)
+            self.rt.launch(self._rmsnorm, (wg * T,), (wg,), x, w, h, c.dim, c.norm_eps, *outs)
         else:
-            self._add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, *outs)
+            self.rt.launch(self._add_rmsnorm, (wg * T,), (wg,), x, delta, w, h, c.dim, c.norm_eps, *outs)
 
     def post_add_rmsnorm(self, x: cl.Buffer, delta: cl.Buffer, post: cl.Buffer, w: cl.Buffer, T: int,
                          h: cl.Buffer, xs: XPrep | None = None) -> None:
@@ -221,19 +221,19 @@ class FusedOps:
         add_rmsnorm: Gemma's post-norm in the residual epilogue, one launch."""
         wg, c = self.params["rms_wg"], self.config
         outs = [h if b is None else b for b in (xs.sums, xs.q, xs.scale)] if xs else [h] * 3
-        self._post_add_rmsnorm(self.rt.queue, (wg * T,), (wg,), x, delta, post, w, h, c.dim, c.norm_eps, *outs)
+        self.rt.launch(self._post_add_rmsnorm, (wg * T,), (wg,), x, delta, post, w, h, c.dim, c.norm_eps, *outs)
 
     def head_rmsnorm(self, qkv: cl.Buffer, q_norm: cl.Buffer, k_norm: cl.Buffer, T: int) -> None:
         """Each Q and K head of qkv [T, q_dim + 2 kv_dim] = rmsnorm(head) * q_norm or k_norm [head_dim],
         in place (Gemma 3's QK-norm, before the attention's RoPE)."""
         wg, c = self.params["rms_wg"], self.config
         heads = c.n_heads + c.n_kv_heads
-        self._head_rmsnorm(self.rt.queue, (wg * T * heads,), (wg,), qkv, q_norm, k_norm, c.n_heads,
-                           c.n_kv_heads, c.head_dim, c.q_dim + 2 * c.kv_dim, c.norm_eps)
+        self.rt.launch(self._head_rmsnorm, (wg * T * heads,), (wg,), qkv, q_norm, k_norm, c.n_heads,
+                       c.n_kv_heads, c.head_dim, c.q_dim + 2 * c.kv_dim, c.norm_eps)
 
     def scale(self, x: cl.Buffer, n: int, s: float) -> None:
         """x [n] *= s."""
-        self._scale(self.rt.queue, (n,), None, x, s)
+        self.rt.launch(self._scale, (n,), None, x, s)
 
     def rmsnorm(self, x: cl.Buffer, w: cl.Buffer, T: int, h: cl.Buffer, xs: XPrep | None = None) -> None:
         """h [T, dim] = rmsnorm(x [T, dim]) * w [dim] (and xs, as add_rmsnorm)."""
@@ -269,12 +269,15 @@ class FusedOps:
         elif n_splits > 1 and (T > p["split_max_t"] or n_splits > p["max_splits"]):
             raise PerfxError(f"attention: split-KV needs T <= {p['split_max_t']} and "
                              f"n_splits <= {p['max_splits']}")
-        q = self.rt.queue
+        launch = self.rt.launch
         window = c.window(layer)
         rope = self.rope_local if window else self.rope
+        cost = None if self.rt.recorded is None else ATTENTION.cost(
+            T=T, S=min(end, window) if window else end, head_dim=c.head_dim, n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads, kv_bytes=self.kv_bytes)
         if T == 1 and n_splits <= 1 and p["att_serial"]:
-            self._attend_one(q, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
-                             start_pos, self.ctx, layer, window)
+            launch(self._attend_one, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
+                   start_pos, self.ctx, layer, window, cost=cost)
             return
         wg = p["att_wg"]
         chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
@@ -282,29 +285,28 @@ class FusedOps:
         partial = int(n_splits > 1)
         qt = self._tile(T)
         knl = self._attend_kernel(qt)
-        knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
-            qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
-            T, start_pos, self.ctx, layer, chunk, partial, window)
+        launch(knl, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
+               qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
+               T, start_pos, self.ctx, layer, chunk, partial, window, cost=cost)
         if partial:
-            self._combine(q, (c.head_dim // 4, c.n_heads, T), None,
-                          self.part_o, self.part_ml, out, T, n_splits)
+            launch(self._combine, (c.head_dim // 4, c.n_heads, T), None,
+                   self.part_o, self.part_ml, out, T, n_splits)
 
     def embed(self, table: EmbeddingTable, ids: cl.Buffer, T: int, x: cl.Buffer) -> None:
         """x [T, dim] = table[ids [T] int32] as f32."""
-        q, gsize = self.rt.queue, (_ceil_div(table.dim, 4), T)
+        launch, gsize = self.rt.launch, (_ceil_div(table.dim, 4), T)
         if table.tiles is not None:
-            self._embed_tiles(q, gsize, None, ids, table.tiles, x, table.dim, table.vocab)
+            launch(self._embed_tiles, gsize, None, ids, table.tiles, x, table.dim, table.vocab)
         elif table.q is not None:
-            self._embed_q8(q, gsize, None, ids, table.q, table.scale, x, table.dim, table.vocab)
+            launch(self._embed_q8, gsize, None, ids, table.q, table.scale, x, table.dim, table.vocab)
         else:
-            self._embed_f32(q, gsize, None, ids, table.w, x, table.dim, table.vocab)
+            launch(self._embed_f32, gsize, None, ids, table.w, x, table.dim, table.vocab)
 
     def argmax(self, logits: cl.Buffer, n: int, out: cl.Buffer) -> None:
         """out [1] int32 = the index of the largest of logits [n] (the first of equals)."""
-        p, q = self.params, self.rt.queue
-        wg, groups = p["argmax_wg"], p["argmax_groups"]
-        self._argmax_partial(q, (wg * groups,), (wg,), logits, n, self.argmax_val, self.argmax_idx)
-        self._argmax_final(q, (wg,), (wg,), self.argmax_val, self.argmax_idx, out)
+        wg, groups = self.params["argmax_wg"], self.params["argmax_groups"]
+        self.rt.launch(self._argmax_partial, (wg * groups,), (wg,), logits, n, self.argmax_val, self.argmax_idx)
+        self.rt.launch(self._argmax_final, (wg,), (wg,), self.argmax_val, self.argmax_idx, out)
 
     # --- inspection -----------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class MmaGemm:
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
             steps, keep = self.steps(dm, xb, yb, T, K, N, False, False)
             for kernel, gsize, lsize in steps:
-                cl.enqueue_nd_range_kernel(self.rt.queue, kernel, gsize, lsize)
+                self.rt.launch(kernel, gsize, lsize)
             got = self.rt.read(yb, (T, N))
             del keep
         except (PerfxError, cl.Error) as e:

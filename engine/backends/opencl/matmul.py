@@ -45,7 +45,7 @@ from ...errors import PerfxError
 from ...tensors import QTensor
 from . import gemm_mma, weights
 from .runtime import Runtime
-from .specs import defaults
+from .specs import SPECS, defaults
 
 RT = 4                                # rows per tile
 FORMAT_CODE = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "bf16": 17, "f32": 32}
@@ -313,6 +313,7 @@ class _Plan:
 
     steps: list[tuple[cl.Kernel, tuple[int, ...], tuple[int, ...]]]   # (kernel, global size, local size)
     keep: tuple
+    costs: list[tuple[int, int] | None]   # (bytes, FLOPs) of each step, where its kernel declares them
 
 
 def _round_up(n: int, m: int) -> int:
@@ -389,8 +390,9 @@ class Matmul:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs, norm)
-        return [cl.enqueue_nd_range_kernel(self.rt.queue, kernel, global_size, local_size)
-                for kernel, global_size, local_size in plan.steps]
+        launch = self.rt.launch
+        return [launch(kernel, global_size, local_size, cost=cost)
+                for (kernel, global_size, local_size), cost in zip(plan.steps, plan.costs)]
 
     # -- building the launches of one call --
 
@@ -417,14 +419,18 @@ class Matmul:
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
+        product = steps[-1][0]          # after the step preparing x, if any (xsum, quantize, x to fp16)
+        costs = [None] * (len(steps) - 1) + [
+            SPECS[product.function_name].cost(T=T, N=w.rows, K=K, n_out=N, weight_bytes=w.nbytes)]
         if w.bias is not None:                   # y [T, N] += bias [N], after the product
             if op != "linear":
                 raise PerfxError(f"{op} takes no bias; only linear adds one")
             add_bias = cl.Kernel(self.rt.program("bias"), "add_bias")
             add_bias.set_args(y, w.bias, np.int32(N))
             steps.append((add_bias, (N, T), None))
+            costs.append(None)
             keep += (w.bias,)
-        return _Plan(steps, (x, y, w.buf) + keep)
+        return _Plan(steps, (x, y, w.buf) + keep, costs)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
               accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None) -> tuple[list, tuple]:

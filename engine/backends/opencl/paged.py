@@ -124,15 +124,15 @@ class PagedAttention:
         if T != self.T:
             raise PerfxError(f"paged attention: {T} tokens in the pass, but the step begun with "
                              f"begin_paged has {self.T}")
-        c, q = self.config, self.rt.queue
+        c, launch = self.config, self.rt.launch
         args = (T, layer, self.n_blocks)
-        self._write(q, (c.head_dim // self.vec, c.n_kv_heads, T), None,
-                    qkv, self.fused.rope, self.k_pool, self.v_pool, self.meta,
-                    *args, self.table_off, self.table_stride)
+        launch(self._write, (c.head_dim // self.vec, c.n_kv_heads, T), None,
+               qkv, self.fused.rope, self.k_pool, self.v_pool, self.meta,
+               *args, self.table_off, self.table_stride)
         for qt, tile_off, n_tiles in self.launches:
-            self._attend_kernel(qt)(q, (self.wg * n_tiles, c.n_kv_heads), (self.wg, 1),
-                                    qkv, self.fused.rope, self.k_pool, self.v_pool, self.meta, out,
-                                    *args, tile_off, self.table_off, self.table_stride)
+            launch(self._attend_kernel(qt), (self.wg * n_tiles, c.n_kv_heads), (self.wg, 1),
+                   qkv, self.fused.rope, self.k_pool, self.v_pool, self.meta, out,
+                   *args, tile_off, self.table_off, self.table_stride)
 
     def read_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """K and V pools as stored (f32 or fp16) [n_layers, n_blocks, n_kv_heads, block_size, head_dim]."""

@@ -3,12 +3,17 @@
 Kernels are `.cl` files in the `kernels` package, one per operator; tunables are `-D NAME=VALUE`
 defines with defaults in the source. Built programs are cached on disk by pyopencl, keyed by
 source, options and device, so a second start builds nothing.
+
+Every kernel launch goes through `launch`; inside `recording()` the launches go to a second queue
+with profiling enabled, and each one's event is kept with its cost (bytes, FLOPs) for the profile.
 """
 from __future__ import annotations
 
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -55,6 +60,8 @@ class Runtime:
         self._building: dict[tuple, threading.Lock] = {}   # one lock per program: built once across threads
         self._lock = threading.Lock()
         self.requested: dict[tuple, tuple[str, dict]] = {}  # key -> (name, defines) of each program asked for
+        self.recorded: list[tuple[str, cl.Event, tuple[int, int] | None]] | None = None   # inside recording()
+        self._profiling_queue: cl.CommandQueue | None = None
 
     def program(self, name: str, **defines) -> cl.Program:
         """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME); a
@@ -86,6 +93,37 @@ class Runtime:
 
     def kernel(self, name: str, entry: str, **defines) -> cl.Kernel:
         return getattr(self.program(name, **defines), entry)
+
+    # --- launches -------------------------------------------------------------------------
+
+    def launch(self, kernel: cl.Kernel, global_size: tuple, local_size: tuple | None, *args,
+               cost: tuple[int, int] | None = None) -> cl.Event:
+        """Enqueues a kernel, with args (or with the arguments set on it before); inside recording(),
+        its name, event and cost (bytes, FLOPs of the launch, where known) are kept."""
+        if args:
+            event = kernel(self.queue, global_size, local_size, *args)
+        else:
+            event = cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
+        if self.recorded is not None:
+            self.recorded.append((kernel.function_name, event, cost))
+        return event
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[str, cl.Event, tuple[int, int] | None]]]:
+        """Every launch inside the block runs on a queue with profiling enabled, in order after the work
+        enqueued before; the list yielded holds (kernel name, event, cost) of each, all finished when
+        the block ends."""
+        plain, profiling = self.queue, cl.command_queue_properties.PROFILING_ENABLE
+        if self._profiling_queue is None:
+            own = plain.properties & profiling        # a runtime made with profiling (the tuner's) keeps its queue
+            self._profiling_queue = plain if own else cl.CommandQueue(self.ctx, properties=profiling)
+        plain.finish()
+        self.queue, self.recorded = self._profiling_queue, []
+        try:
+            yield self.recorded
+        finally:
+            self.queue.finish()
+            self.queue, self.recorded = plain, None
 
     # --- buffers --------------------------------------------------------------------------
 

@@ -59,9 +59,11 @@ WEIGHT_BYTES = {4: lambda n, k, g: n * k // 2 + n * (k // g) * 4,    # int4 + fp
 
 
 def _matmul_traffic(s: dict) -> tuple[int, int]:
-    """y [T, N] = x [T, K] @ W [N, K]^T: the weights read once, x read and y written in f32."""
+    """y [T, N] = x [T, K] @ W [N, K]^T: the weights read once (weight_bytes as stored, or as bits and
+    group make them), x read and y written in f32 (n_out columns of y: N / 2 for a gated product)."""
     T, N, K = s["T"], s["N"], s["K"]
-    return WEIGHT_BYTES[s.get("bits", 4)](N, K, s.get("group", 32)) + 4 * T * (K + N), 2 * T * N * K
+    weights = s.get("weight_bytes") or WEIGHT_BYTES[s.get("bits", 4)](N, K, s.get("group", 32))
+    return weights + 4 * T * (K + s.get("n_out", N)), 2 * T * N * K
 
 
 def _attention_traffic(s: dict) -> tuple[int, int]:

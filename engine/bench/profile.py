@@ -1,0 +1,138 @@
+"""The launch budget of a token (`perfx bench --profile`): every kernel launch of a prefill and of decode
+steps, timed by the device (Backend.profile: OpenCL profiling events), summed per kernel.
+
+Per kernel: launches per token, kernel µs per launch and per token, the gap before each launch (the
+device idle between the end of the launch before and the start of this one), its share of the kernel
+time, and, where the kernel declares its cost (engine/backends/opencl/specs.py), the bytes it moves and
+the FLOPs it does per token and the GB/s it reaches, against the device's measured copy bandwidth. Per
+phase: wall µs per token (the host's clock), of which kernels and host (the wall time the device spent
+running no kernel: Python enqueuing a token's launches, launch overheads and the gaps).
+
+Each phase runs once to warm up (kernels built, launches planned), then once profiled. Profiling adds
+a little host work per launch; tokens/s come from the timed tests, not from here.
+
+    phase = profile_phase(backend, "tg16", 16, lambda: decode(16))
+    print("\\n".join(phase_table(phase, copy_bandwidth=backend.copy_bandwidth(), title="tg16")))
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..backends import Backend, Launch
+
+
+@dataclass
+class KernelRow:
+    """The launches of one kernel in a phase, summed."""
+
+    kernel: str
+    launches: int = 0
+    kernel_ns: int = 0
+    gap_ns: int = 0              # device idle before each of its launches, since the launch before ended
+    bytes: int | None = None     # moved by its launches, where the kernel declares its cost
+    flops: int | None = None
+
+
+@dataclass
+class PhaseProfile:
+    """One profiled phase: a prefill of `tokens` tokens, or `tokens` decode steps."""
+
+    name: str                    # "pp512", "tg16"
+    tokens: int
+    wall_ns: int                 # the host's clock over the profiled run
+    kernels: list[KernelRow] = field(default_factory=list)   # by kernel time, largest first
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PhaseProfile:
+        return cls(d["name"], d["tokens"], d["wall_ns"], [KernelRow(**k) for k in d["kernels"]])
+
+    @property
+    def launches(self) -> int:
+        return sum(k.launches for k in self.kernels)
+
+    @property
+    def kernel_ns(self) -> int:
+        return sum(k.kernel_ns for k in self.kernels)
+
+    @property
+    def gap_ns(self) -> int:
+        return sum(k.gap_ns for k in self.kernels)
+
+    @property
+    def host_ns(self) -> int:
+        """Wall time in which the device ran no kernel: the host's work per token, as the device sees it."""
+        return max(self.wall_ns - self.kernel_ns, 0)
+
+    def record(self, copy_bandwidth: float | None) -> dict:
+        """The phase for JSON: per token figures in µs, bytes and FLOPs, and each kernel's."""
+        n = self.tokens
+        return {
+            "phase": self.name, "tokens": n, "launches_per_token": self.launches / n,
+            "wall_us_per_token": self.wall_ns / n / 1e3, "kernel_us_per_token": self.kernel_ns / n / 1e3,
+            "host_us_per_token": self.host_ns / n / 1e3, "gap_us_per_token": self.gap_ns / n / 1e3,
+            "copy_bandwidth_bytes_per_s": copy_bandwidth,
+            "kernels": [kernel_record(k, n, self.kernel_ns, copy_bandwidth) for k in self.kernels],
+        }
+
+
+def kernel_record(k: KernelRow, tokens: int, total_ns: int, copy_bandwidth: float | None) -> dict:
+    rate = k.bytes / k.kernel_ns if k.bytes is not None and k.kernel_ns else None     # bytes per ns = GB/s
+    return {
+        "kernel": k.kernel, "launches_per_token": k.launches / tokens, "us_per_launch": k.kernel_ns / k.launches / 1e3,
+        "us_per_token": k.kernel_ns / tokens / 1e3, "gap_us_per_launch": k.gap_ns / k.launches / 1e3,
+        "share": k.kernel_ns / total_ns if total_ns else 0.0,
+        "bytes_per_token": None if k.bytes is None else k.bytes / tokens,
+        "flops_per_token": None if k.flops is None else k.flops / tokens,
+        "gb_per_s": rate, "copy_bandwidth_share": rate * 1e9 / copy_bandwidth if rate and copy_bandwidth else None,
+    }
+
+
+def summarize(launches: list[Launch]) -> list[KernelRow]:
+    """The launches of a phase summed per kernel, by kernel time, largest first."""
+    rows: dict[str, KernelRow] = {}
+    prev_end = None
+    for launch in launches:
+        row = rows.setdefault(launch.kernel, KernelRow(launch.kernel))
+        row.launches += 1
+        row.kernel_ns += launch.end_ns - launch.start_ns
+        if prev_end is not None:
+            row.gap_ns += max(0, launch.start_ns - prev_end)
+        prev_end = launch.end_ns
+        if launch.bytes is not None:
+            row.bytes = (row.bytes or 0) + launch.bytes
+            row.flops = (row.flops or 0) + (launch.flops or 0)
+    return sorted(rows.values(), key=lambda r: -r.kernel_ns)
+
+
+def profile_phase(backend: Backend, name: str, tokens: int, run: Callable[[], object]) -> PhaseProfile:
+    """Runs `run` (which processes `tokens` tokens) once to warm up, then once profiled."""
+    run()
+    with backend.profile() as launches:
+        start = time.perf_counter_ns()
+        run()
+        wall = time.perf_counter_ns() - start
+    return PhaseProfile(name, tokens, wall, summarize(launches))
+
+
+def phase_table(phase: PhaseProfile, copy_bandwidth: float | None, title: str) -> list[str]:
+    """The phase as a markdown table, a line above it with the per-token totals."""
+    rec = phase.record(copy_bandwidth)
+    lines = [f"launch budget, {title}: {rec['launches_per_token']:.1f} launches per token; per token "
+             f"{rec['wall_us_per_token']:.1f} µs wall = {rec['kernel_us_per_token']:.1f} µs kernels "
+             f"+ {rec['host_us_per_token']:.1f} µs host (gaps between launches {rec['gap_us_per_token']:.1f} µs)",
+             "",
+             "| kernel | launches/token | µs/launch | µs/token | gap µs/launch | of kernel time | MB/token "
+             "| GFLOP/token | GB/s | of copy BW |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for k in rec["kernels"]:
+        lines.append(f"| {k['kernel']} | {k['launches_per_token']:.2f} | {k['us_per_launch']:.1f} "
+                     f"| {k['us_per_token']:.1f} | {k['gap_us_per_launch']:.1f} | {k['share']:.1%} "
+                     f"| {_cell(k['bytes_per_token'], 1e-6, '.3f')} | {_cell(k['flops_per_token'], 1e-9, '.4f')} "
+                     f"| {_cell(k['gb_per_s'], 1, '.1f')} | {_cell(k['copy_bandwidth_share'], 1, '.0%')} |")
+    return lines
+
+
+def _cell(value: float | None, scale: float, fmt: str) -> str:
+    return "—" if value is None else format(value * scale, fmt)
