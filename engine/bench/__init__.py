@@ -22,6 +22,7 @@ One module per job, in the order a run uses them:
     runner.py    run_bench: every combination's tests, the engines taking turns
     results.py   samples, engine info, one Result per row
     formats.py   json, jsonl, csv (llama-bench's records); markdown.py: the table and its footer
+    profile.py   --profile: the launch budget per token, per kernel, from the backend's profiling
 
     from perfx.engine.bench import formats, runner, spec
 

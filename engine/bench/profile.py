@@ -11,8 +11,8 @@ running no kernel: Python enqueuing a token's launches, launch overheads and the
 Each phase runs once to warm up (kernels built, launches planned), then once profiled. Profiling adds
 a little host work per launch; tokens/s come from the timed tests, not from here.
 
-    phase = profile_phase(backend, "tg16", 16, lambda: decode(16))
-    print("\\n".join(phase_table(phase, copy_bandwidth=backend.copy_bandwidth(), title="tg16")))
+    phase = profile_phase(transformer.backend, "pp512", 512, lambda: transformer.next_token(prompt, 0))
+    print("\\n".join(phase_table(phase, transformer.backend.copy_bandwidth(), "pp512")))
 """
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ class PhaseProfile:
 
 
 def kernel_record(k: KernelRow, tokens: int, total_ns: int, copy_bandwidth: float | None) -> dict:
+    """One kernel's figures for JSON: per launch and per token, its share of the phase's kernel time, and
+    the GB/s its declared bytes make against the copy bandwidth."""
     rate = k.bytes / k.kernel_ns if k.bytes is not None and k.kernel_ns else None     # bytes per ns = GB/s
     return {
         "kernel": k.kernel, "launches_per_token": k.launches / tokens, "us_per_launch": k.kernel_ns / k.launches / 1e3,
