@@ -16,7 +16,7 @@ import pytest
 
 from perfx.engine.backends import Launch, open_backend
 from perfx.engine.bench import formats, markdown, runner, spec
-from perfx.engine.bench.profile import KernelRow, PhaseProfile, phase_table, summarize
+from perfx.engine.bench.profile import KernelRow, PhaseProfile, enqueue_time, phase_table, summarize
 from perfx.engine.errors import PerfxError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +38,10 @@ def test_launches_are_summed_per_kernel_with_the_gap_before_each():
 
 
 def test_per_token_figures_and_bandwidth():
-    phase = PhaseProfile("tg2", 2, wall_ns=10_000, kernels=[KernelRow("gemv", 4, 6000, 400, 12_000, 8000),
-                                                           KernelRow("rmsnorm", 2, 2000, 600)])
+    phase = PhaseProfile("tg2", 2, wall_ns=10_000, enqueue_ns=3000,
+                         kernels=[KernelRow("gemv", 4, 6000, 400, 12_000, 8000), KernelRow("rmsnorm", 2, 2000, 600)])
     rec = phase.record(copy_bandwidth=4e9)
-    assert rec["launches_per_token"] == 3 and rec["wall_us_per_token"] == 5.0
+    assert rec["launches_per_token"] == 3 and rec["wall_us_per_token"] == 5.0 and rec["enqueue_us_per_token"] == 1.5
     assert rec["kernel_us_per_token"] == 4.0 and rec["host_us_per_token"] == 1.0 and rec["gap_us_per_token"] == 0.5
     gemv, norm = rec["kernels"]
     assert gemv["launches_per_token"] == 2 and gemv["us_per_launch"] == 1.5 and gemv["us_per_token"] == 3.0
@@ -50,10 +50,18 @@ def test_per_token_figures_and_bandwidth():
     assert gemv["gb_per_s"] == 2.0 and gemv["copy_bandwidth_share"] == 0.5          # 12 kB in 6 µs of 4 GB/s
     assert norm["bytes_per_token"] is None and norm["gb_per_s"] is None and norm["copy_bandwidth_share"] is None
     table = "\n".join(phase_table(phase, 4e9, "m · tg2"))
-    assert "launch budget, m · tg2: 3.0 launches per token" in table
+    assert "launch budget, m · tg2: 3.0 launches per token" in table and "; 1.5 µs of Python enqueuing" in table
     assert "| gemv | 2.00 | 1.5 | 3.0 | 0.1 | 75.0% | 0.006 | 0.0000 | 2.0 | 50% |" in table
     assert "| rmsnorm | 1.00 | 1.0 | 1.0 | 0.3 | 25.0% | — | — | — | — |" in table
     assert PhaseProfile.from_dict(json.loads(json.dumps(asdict(phase)))) == phase
+
+
+def test_enqueue_time_runs_from_each_step_start_to_its_last_launch():
+    # step 1 from 100 to 500 enqueues at 120, 180; step 2 from 500 to 900 at 510, 560, 600 (then waits);
+    # step 3 from 900 to 1000 enqueues nothing (the last token read back)
+    launches = [Launch("k", 0, 1, host_ns=h) for h in (120, 180, 510, 560, 600)]
+    assert enqueue_time(launches, [100, 500, 900, 1000]) == (180 - 100) + (600 - 500)
+    assert enqueue_time([], [100, 500]) == 0
 
 
 def test_the_numpy_backend_has_no_profile():
@@ -124,6 +132,7 @@ def test_the_profile_times_and_costs_are_positive_and_plausible(engine):
     t = engine.transformer
     (decode,) = engine.profile(0, 3)
     assert decode.wall_ns >= decode.kernel_ns > 0 and decode.host_ns >= 0
+    assert 0 < decode.enqueue_ns < decode.wall_ns
     for k in decode.kernels:
         assert k.launches > 0 and k.kernel_ns > 0 and k.gap_ns >= 0
     gemv = next(k for k in decode.kernels if k.kernel == "gemv")
@@ -149,6 +158,7 @@ def test_bench_profile_in_every_format(engine):
         assert (prefill["phase"], decode["phase"]) == ("pp8", "tg4 after pp8")
         assert decode["launches_per_token"] == sum(k["launches_per_token"] for k in decode["kernels"]) > 0
         assert decode["kernel_us_per_token"] > 0 and decode["copy_bandwidth_bytes_per_s"] > 0
+        assert 0 < decode["enqueue_us_per_token"] < decode["wall_us_per_token"]
         gemv = next(k for k in decode["kernels"] if k["kernel"] == "gemv")
         assert gemv["gb_per_s"] > 0 and gemv["copy_bandwidth_share"] > 0 and gemv["bytes_per_token"] > 0
     assert [json.loads(line)["profile"] for line in formats.format_jsonl(run).splitlines()] == \

@@ -62,6 +62,7 @@ class Launch:
     end_ns: int
     bytes: int | None = None     # bytes it moves and FLOPs it does, at least, where the kernel declares them
     flops: int | None = None
+    host_ns: int | None = None   # when the host had enqueued it, on time.perf_counter_ns's clock
 
 
 class Chosen(Protocol):

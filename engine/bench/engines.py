@@ -74,14 +74,10 @@ class PerfxEngine:
         prompt, first = tokens[:n_prompt], tokens[n_prompt:n_prompt + 1]
         phases = []
         if n_prompt:
-            phases.append(profile_phase(self.backend, f"pp{n_prompt}", n_prompt, lambda: t.next_token(prompt, 0)))
-        if n_gen:
-            def decode() -> None:
-                for _ in t.greedy(first, n_prompt, n_gen):
-                    pass
-
+            phases.append(profile_phase(self.backend, f"pp{n_prompt}", n_prompt, lambda: [t.next_token(prompt, 0)]))
+        if n_gen:                        # one step per token, ending when the token is read back
             name = f"tg{n_gen}" + (f" after pp{n_prompt}" if n_prompt else "")
-            phases.append(profile_phase(self.backend, name, n_gen, decode))
+            phases.append(profile_phase(self.backend, name, n_gen, lambda: t.greedy(first, n_prompt, n_gen)))
         return phases
 
     def device_bytes(self) -> int | None:

@@ -6,18 +6,21 @@ device idle between the end of the launch before and the start of this one), its
 time, and, where the kernel declares its cost (engine/backends/opencl/specs.py), the bytes it moves and
 the FLOPs it does per token and the GB/s it reaches, against the device's measured copy bandwidth. Per
 phase: wall µs per token (the host's clock), of which kernels and host (the wall time the device spent
-running no kernel: Python enqueuing a token's launches, launch overheads and the gaps).
+running no kernel: launch overheads and the gaps, or the host's own work where the device waits for it);
+and enqueue µs per token, the host's time from the start of each step to its last launch enqueued (the
+Python work of a token's launches, waits for the device excluded).
 
 Each phase runs once to warm up (kernels built, launches planned), then once profiled. Profiling adds
 a little host work per launch; tokens/s come from the timed tests, not from here.
 
-    phase = profile_phase(transformer.backend, "pp512", 512, lambda: transformer.next_token(prompt, 0))
+    phase = profile_phase(transformer.backend, "pp512", 512, lambda: [transformer.next_token(prompt, 0)])
     print("\\n".join(phase_table(phase, transformer.backend.copy_bandwidth(), "pp512")))
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..backends import Backend, Launch
@@ -42,11 +45,12 @@ class PhaseProfile:
     name: str                    # "pp512", "tg16"
     tokens: int
     wall_ns: int                 # the host's clock over the profiled run
+    enqueue_ns: int              # the host's time from the start of each step to its last launch enqueued
     kernels: list[KernelRow] = field(default_factory=list)   # by kernel time, largest first
 
     @classmethod
     def from_dict(cls, d: dict) -> PhaseProfile:
-        return cls(d["name"], d["tokens"], d["wall_ns"], [KernelRow(**k) for k in d["kernels"]])
+        return cls(d["name"], d["tokens"], d["wall_ns"], d["enqueue_ns"], [KernelRow(**k) for k in d["kernels"]])
 
     @property
     def launches(self) -> int:
@@ -72,6 +76,7 @@ class PhaseProfile:
             "phase": self.name, "tokens": n, "launches_per_token": self.launches / n,
             "wall_us_per_token": self.wall_ns / n / 1e3, "kernel_us_per_token": self.kernel_ns / n / 1e3,
             "host_us_per_token": self.host_ns / n / 1e3, "gap_us_per_token": self.gap_ns / n / 1e3,
+            "enqueue_us_per_token": self.enqueue_ns / n / 1e3,
             "copy_bandwidth_bytes_per_s": copy_bandwidth,
             "kernels": [kernel_record(k, n, self.kernel_ns, copy_bandwidth) for k in self.kernels],
         }
@@ -108,14 +113,29 @@ def summarize(launches: list[Launch]) -> list[KernelRow]:
     return sorted(rows.values(), key=lambda r: -r.kernel_ns)
 
 
-def profile_phase(backend: Backend, name: str, tokens: int, run: Callable[[], object]) -> PhaseProfile:
-    """Runs `run` (which processes `tokens` tokens) once to warm up, then once profiled."""
-    run()
+def profile_phase(backend: Backend, name: str, tokens: int, steps: Callable[[], Iterable]) -> PhaseProfile:
+    """Runs the steps (an iterable whose items end each step, processing `tokens` tokens in all) once to
+    warm up, then once profiled."""
+    for _ in steps():
+        pass
     with backend.profile() as launches:
-        start = time.perf_counter_ns()
-        run()
-        wall = time.perf_counter_ns() - start
-    return PhaseProfile(name, tokens, wall, summarize(launches))
+        marks = [time.perf_counter_ns()]
+        for _ in steps():
+            marks.append(time.perf_counter_ns())
+    return PhaseProfile(name, tokens, marks[-1] - marks[0], enqueue_time(launches, marks), summarize(launches))
+
+
+def enqueue_time(launches: list[Launch], marks: list[int]) -> int:
+    """The host's time, summed over steps, from each step's start (a mark) to the last launch it enqueued
+    (the launches' host_ns, on the marks' clock): its Python work, without the waits for the device that
+    end a step."""
+    hosts = [launch.host_ns for launch in launches]
+    total = 0
+    for start, end in zip(marks, marks[1:]):
+        last = bisect_left(hosts, end) - 1           # the last launch before the step ended
+        if last >= 0 and hosts[last] >= start:
+            total += hosts[last] - start
+    return total
 
 
 def phase_table(phase: PhaseProfile, copy_bandwidth: float | None, title: str) -> list[str]:
@@ -123,7 +143,8 @@ def phase_table(phase: PhaseProfile, copy_bandwidth: float | None, title: str) -
     rec = phase.record(copy_bandwidth)
     lines = [f"launch budget, {title}: {rec['launches_per_token']:.1f} launches per token; per token "
              f"{rec['wall_us_per_token']:.1f} µs wall = {rec['kernel_us_per_token']:.1f} µs kernels "
-             f"+ {rec['host_us_per_token']:.1f} µs host (gaps between launches {rec['gap_us_per_token']:.1f} µs)",
+             f"+ {rec['host_us_per_token']:.1f} µs host (gaps between launches {rec['gap_us_per_token']:.1f} µs); "
+             f"{rec['enqueue_us_per_token']:.1f} µs of Python enqueuing",
              "",
              "| kernel | launches/token | µs/launch | µs/token | gap µs/launch | of kernel time | MB/token "
              "| GFLOP/token | GB/s | of copy BW |",

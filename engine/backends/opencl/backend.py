@@ -153,8 +153,8 @@ class OpenCLBackend(Backend):
         launches: list[Launch] = []
         with self.rt.recording() as recorded:
             yield launches
-        launches += [Launch(name, event.profile.start, event.profile.end, *(cost or (None, None)))
-                     for name, event, cost in recorded]
+        launches += [Launch(name, event.profile.start, event.profile.end, *(cost or (None, None)), host)
+                     for name, event, cost, host in recorded]
 
     # --- loading --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,7 +61,7 @@ class Runtime:
         self._building: dict[tuple, threading.Lock] = {}   # one lock per program: built once across threads
         self._lock = threading.Lock()
         self.requested: dict[tuple, tuple[str, dict]] = {}  # key -> (name, defines) of each program asked for
-        self.recorded: list[tuple[str, cl.Event, tuple[int, int] | None]] | None = None   # inside recording()
+        self.recorded: list[tuple] | None = None     # inside recording(): (name, event, cost, host ns) per launch
         self._profiling_queue: cl.CommandQueue | None = None
 
     def program(self, name: str, **defines) -> cl.Program:
@@ -99,20 +100,21 @@ class Runtime:
     def launch(self, kernel: cl.Kernel, global_size: tuple, local_size: tuple | None, *args,
                cost: tuple[int, int] | None = None) -> cl.Event:
         """Enqueues a kernel, with args (or with the arguments set on it before); inside recording(),
-        its name, event and cost (bytes, FLOPs of the launch, where known) are kept."""
+        its name, event, cost (bytes, FLOPs of the launch, where known) and the host's clock once it is
+        enqueued are kept."""
         if args:
             event = kernel(self.queue, global_size, local_size, *args)
         else:
             event = cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
         if self.recorded is not None:
-            self.recorded.append((kernel.function_name, event, cost))
+            self.recorded.append((kernel.function_name, event, cost, time.perf_counter_ns()))
         return event
 
     @contextmanager
-    def recording(self) -> Iterator[list[tuple[str, cl.Event, tuple[int, int] | None]]]:
+    def recording(self) -> Iterator[list[tuple]]:
         """Every launch inside the block runs on a queue with profiling enabled, in order after the work
-        enqueued before; the list yielded holds (kernel name, event, cost) of each, all finished when
-        the block ends."""
+        enqueued before; the list yielded holds (kernel name, event, cost, host ns) of each, all finished
+        when the block ends."""
         plain, profiling = self.queue, cl.command_queue_properties.PROFILING_ENABLE
         if self._profiling_queue is None:
             own = plain.properties & profiling        # a runtime made with profiling (the tuner's) keeps its queue
