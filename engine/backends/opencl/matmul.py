@@ -419,9 +419,9 @@ class Matmul:
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
-        product = steps[-1][0]          # after the step preparing x, if any (xsum, quantize, x to fp16)
-        costs = [None] * (len(steps) - 1) + [
-            SPECS[product.function_name].cost(T=T, N=w.rows, K=K, n_out=N, weight_bytes=w.nbytes)]
+        spec = SPECS.get(steps[-1][0].function_name)     # the product, after any step preparing x (xsum, quantize)
+        cost = spec.cost(T=T, N=w.rows, K=K, n_out=N, weight_bytes=w.nbytes) if spec and spec.traffic else None
+        costs = [None] * (len(steps) - 1) + [cost]
         if w.bias is not None:                   # y [T, N] += bias [N], after the product
             if op != "linear":
                 raise PerfxError(f"{op} takes no bias; only linear adds one")
