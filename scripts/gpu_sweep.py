@@ -175,8 +175,21 @@ def main() -> None:
         s0 = timed(lambda: nop(rt.queue, (64,), (64,), h), sync, 200)
         s1 = timed(lambda: cp(rt.queue, (1024,), (256,), qkv, h), sync, 200)
         s2 = timed(lambda: cp(rt.queue, (1 << 19,), (256,), qkv, h), sync, 50)
+        sync()
+        t = time.perf_counter()
+        for _ in range(1000):
+            nop(rt.queue, (64,), (64,), h)
+        host = (time.perf_counter() - t) / 1000          # Python and the driver's enqueue, per launch
+        sync()
+        nop.set_args(h)
+        t = time.perf_counter()
+        for _ in range(1000):
+            cl.enqueue_nd_range_kernel(rt.queue, nop, (64,), (64,))
+        host_bound = (time.perf_counter() - t) / 1000    # the same with the arguments bound once
+        sync()
         print(f"\n## launch floor\nempty kernel {s0 * 1e6:.2f} µs, 16 KB copy {s1 * 1e6:.2f} µs, "
-              f"8 MB copy {s2 * 1e6:.2f} µs ({2 * 8 * 2**20 / s2 / 1e9:.0f} GB/s)")
+              f"8 MB copy {s2 * 1e6:.2f} µs ({2 * 8 * 2**20 / s2 / 1e9:.0f} GB/s); host enqueue per launch "
+              f"{host * 1e6:.2f} µs, {host_bound * 1e6:.2f} µs with arguments bound once")
     print("\nbest matmul:", best_m, "\nbest fused:", best_f)
     if a.write:
         for kernel, best in (("matmul", best_m), ("fused", best_f)):
