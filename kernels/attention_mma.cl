@@ -98,6 +98,7 @@ inline uint pack_half2(const float x, const float y)
 }
 
 #if MMA
+#define UNROLL _Pragma("unroll")          /* fragment loops into registers (not with the emulation's barriers) */
 #define MMA_16816(d, a, b0, b1)                                                                \
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "                          \
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                        \
@@ -113,6 +114,7 @@ inline float shfl_xor(const float v, const int mask)
     return as_float(r);
 }
 #else
+#define UNROLL
 #define MMA_16816(d, a, b0, b1) mma_emulated((d), (a), (b0), (b1), xa, xb, lid)
 #define SHFL_XOR(v, mask) shfl_emulated((v), (mask), xs, lid)
 
@@ -206,7 +208,7 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     uint qa[KD][4];
-    for (int kd = 0; kd < KD; kd++) {
+    UNROLL for (int kd = 0; kd < KD; kd++) {
         const int a = (warp * 16 + g) * (LDK / 2) + kd * 8 + q;
         qa[kd][0] = Kw[a];
         qa[kd][1] = Kw[a + 8 * (LDK / 2)];
@@ -216,14 +218,14 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
 
     /* This lane's two rows (g and g + 8 of the warp): their positions, -1 for an empty row. */
     int qpos[2];
-    for (int h = 0; h < 2; h++) {
+    UNROLL for (int h = 0; h < 2; h++) {
         const int r = warp * 16 + g + 8 * h, tq = r / GROUP;
         qpos[h] = tq < nq && r < QT * GROUP ? p0 + tq : -1;
     }
     float m[2] = {NEG, NEG}, l[2] = {0.0f, 0.0f};   /* running max (log2 units), this lane's part of the sum */
     float o[NO][4];
-    for (int n = 0; n < NO; n++)
-        for (int e = 0; e < 4; e++)
+    UNROLL for (int n = 0; n < NO; n++)
+        UNROLL for (int e = 0; e < 4; e++)
             o[n][e] = 0.0f;
 
     const int kstart = window ? max(0, p0 - window + 1) : 0;   /* the first key a row of the tile sees */
@@ -254,10 +256,10 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
 
         /* 1. S = Q K^T */
         float s[NS][4];
-        for (int j = 0; j < NS; j++) {
-            for (int e = 0; e < 4; e++)
+        UNROLL for (int j = 0; j < NS; j++) {
+            UNROLL for (int e = 0; e < 4; e++)
                 s[j][e] = 0.0f;
-            for (int kd = 0; kd < KD; kd++) {
+            UNROLL for (int kd = 0; kd < KD; kd++) {
                 const int k = (j * 8 + g) * (LDK / 2) + kd * 8 + q;
                 MMA_16816(s[j], qa[kd], Kw[k], Kw[k + 4]);
             }
@@ -265,15 +267,15 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
 
         /* 2. mask, row max over the quad, P = 2^(S - m) */
         float mx[2] = {NEG, NEG};
-        for (int j = 0; j < NS; j++)
-            for (int e = 0; e < 4; e++) {
+        UNROLL for (int j = 0; j < NS; j++)
+            UNROLL for (int e = 0; e < 4; e++) {
                 const int key = b + j * 8 + 2 * q + (e & 1), qp = qpos[e >> 1];
                 const bool visible = key <= qp && (!window || key > qp - window);
                 s[j][e] = visible ? s[j][e] : NEG;
                 mx[e >> 1] = fmax(mx[e >> 1], s[j][e]);
             }
         float alpha[2];
-        for (int h = 0; h < 2; h++) {
+        UNROLL for (int h = 0; h < 2; h++) {
             mx[h] = fmax(mx[h], SHFL_XOR(mx[h], 1));
             mx[h] = fmax(mx[h], SHFL_XOR(mx[h], 2));
             const float m_new = fmax(m[h], mx[h]);
@@ -281,22 +283,22 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
             m[h] = m_new;
             l[h] *= alpha[h];
         }
-        for (int j = 0; j < NS; j++)
-            for (int e = 0; e < 4; e++) {
+        UNROLL for (int j = 0; j < NS; j++)
+            UNROLL for (int e = 0; e < 4; e++) {
                 const float p = s[j][e] > VISIBLE ? exp2(s[j][e] - m[e >> 1]) : 0.0f;
                 l[e >> 1] += p;
                 s[j][e] = p;
             }
 
         /* 3. O = O * alpha + P V, P's A fragments from the S fragments */
-        for (int n = 0; n < NO; n++)
-            for (int e = 0; e < 4; e++)
+        UNROLL for (int n = 0; n < NO; n++)
+            UNROLL for (int e = 0; e < 4; e++)
                 o[n][e] *= alpha[e >> 1];
-        for (int kk = 0; kk < BK / 16; kk++) {
+        UNROLL for (int kk = 0; kk < BK / 16; kk++) {
             const uint pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
                                 pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                 pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            for (int n = 0; n < NO; n++) {
+            UNROLL for (int n = 0; n < NO; n++) {
                 const int v = (n * 8 + g) * (LDV / 2) + kk * 8 + q;
                 MMA_16816(o[n], pa, Vw[v], Vw[v + 4]);
             }
@@ -304,17 +306,17 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
     }
 
     /* The rows' sums over the quad; O / l of each real row. */
-    for (int h = 0; h < 2; h++) {
+    UNROLL for (int h = 0; h < 2; h++) {
         l[h] += SHFL_XOR(l[h], 1);
         l[h] += SHFL_XOR(l[h], 2);
     }
-    for (int h = 0; h < 2; h++) {
+    UNROLL for (int h = 0; h < 2; h++) {
         const int r = warp * 16 + g + 8 * h;
         if (qpos[h] < 0)
             continue;
         __global float *dst = out + (size_t)(t0 + r / GROUP) * Q_DIM + (kvh * GROUP + r % GROUP) * HEAD_DIM + 2 * q;
         const float inv = 1.0f / l[h];
-        for (int n = 0; n < NO; n++)
+        UNROLL for (int n = 0; n < NO; n++)
             vstore2((float2)(o[n][2 * h], o[n][2 * h + 1]) * inv, 0, dst + n * 8);
     }
 }
