@@ -31,7 +31,7 @@
 
    Buffers: as attend (qkv [T, QKV_STRIDE], rope [ctx, 2, HEAD_DIM], k_cache / v_cache [n_layers,
    N_KV_HEADS, ctx, HEAD_DIM] f32 or fp16 with KV_HALF, out [T, N_HEADS * HEAD_DIM]).
-   Launch: global (32 * WARPS * ceil(T / QT), N_KV_HEADS), local (32 * WARPS, 1).
+   Launch: global (32 * WARPS * N_KV_HEADS, ceil(T / QT)), local (32 * WARPS, 1).
    Model defines: HEAD_DIM (a multiple of 16), N_KV_HEADS, GROUP (<= ROWS), ATT_SCALE, KV_HALF.
    Tunables: WARPS (16 query rows each), BK (keys per block, a multiple of 16).
    Local memory: 2 * (max(ROWS, BK) * LDK + HEAD_DIM * LDV) bytes (HEAD_DIM 128, WARPS 4, BK 64:
@@ -176,8 +176,8 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
 
     const int lid = get_local_id(0), lane = lid & 31, warp = lid >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int t0 = get_group_id(0) * QT;
-    const int kvh = get_group_id(1);
+    const int kvh = get_group_id(0);
+    const int t0 = (get_num_groups(1) - 1 - get_group_id(1)) * QT;   /* the longest tiles (last tokens) first */
     const int nq = min(QT, T - t0);          /* real tokens in this tile */
     const int p0 = start_pos + t0;           /* position of the tile's first token */
     const int kend = p0 + nq;                /* keys [0, kend) are visible to some row */
@@ -242,7 +242,10 @@ void attend_mma(__global const float *qkv,   /* [T, QKV_STRIDE] */
             vstore_half2_rte(k, 0, Kh + j * LDK + d);
         }
         for (int i = lid; i < BK / 2 * HEAD_DIM / 2; i += NWI) {
-            const int j = i / (HEAD_DIM / 2) * 2, d = i % (HEAD_DIM / 2) * 2;
+            /* 32 consecutive items: 4 dimension pairs x 8 key pairs (32-byte pieces of global rows, a
+               word per bank in local memory) */
+            const int d = 2 * ((i >> 5) % (HEAD_DIM / 8) * 4 + (i & 3));
+            const int j = 2 * ((i >> 5) / (HEAD_DIM / 8) * 8 + (i >> 2 & 7));
             float2 v[2];
             for (int u = 0; u < 2; u++) {
                 const int pos = b + j + u;

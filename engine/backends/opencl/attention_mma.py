@@ -86,7 +86,7 @@ class MmaAttention:
     def enqueue(self, qkv: cl.Buffer, rope: cl.Buffer, k_cache: cl.Buffer, v_cache: cl.Buffer, out: cl.Buffer,
                 T: int, start_pos: int, ctx: int, layer: int, window: int) -> None:
         """out [T, q_dim] = attention of the T tokens of qkv at start_pos.. (fused.FusedOps.attention)."""
-        self.kernel()(self.rt.queue, (self.nwi * _ceil_div(T, self.qt), self.config.n_kv_heads), (self.nwi, 1),
+        self.kernel()(self.rt.queue, (self.nwi * self.config.n_kv_heads, _ceil_div(T, self.qt)), (self.nwi, 1),
                       qkv, rope, k_cache, v_cache, out, T, start_pos, ctx, layer, window)
 
     def probe(self) -> str | None:
