@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--cases", default=None, help="T:start,... (default: " +
                     ",".join(f"{t}:{s}" for t, s in CASES) + ")")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true", help="also every att_mma_warps x att_mma_bk of the spec's "
+                    "candidates (those that fit the device)")
     a = ap.parse_args()
 
     import pyopencl as cl
@@ -48,6 +50,7 @@ def main() -> None:
     from perfx.engine.backends.opencl.devices import describe
     from perfx.engine.backends.opencl.fused import DEFAULT_PARAMS, FusedOps
     from perfx.engine.backends.opencl.runtime import Runtime
+    from perfx.engine.backends.opencl.specs import search_space
     from perfx.engine.backends.opencl.tuning import params_for
     from perfx.engine.config import ModelConfig
 
@@ -64,6 +67,16 @@ def main() -> None:
                          norm_eps=1e-5, rope_base=10000.0, rope_dim=head_dim, tied_embedding=False)
     plain = FusedOps(rt, config, ctx, 1, {**params, "attention_mma": "off"})
     mma = FusedOps(rt, config, ctx, 1, {**params, "att_mma_min_tokens": 1})
+    variants = [("attend", plain)] + ([("attend_mma", mma)] if mma.mma else [])
+    if a.sweep and mma.mma:
+        space = search_space("attention_mma")
+        for warps in space["att_mma_warps"]:
+            for bk in space["att_mma_bk"]:
+                if (warps, bk) != (params["att_mma_warps"], params["att_mma_bk"]):
+                    ops = FusedOps(rt, config, ctx, 1, {**params, "att_mma_min_tokens": 1, "att_mma_warps": warps,
+                                                        "att_mma_bk": bk})
+                    if ops.mma:
+                        variants.append((f"w{warps} bk{bk}", ops))
     print(f"device: {device.name.strip()}; shape {a.shape} ({heads} heads, {kv_heads} KV heads, head_dim "
           f"{head_dim}); attention_mma {params['attention_mma']}: {'on' if mma.mma else 'off'}; "
           f"warps {params['att_mma_warps']}, bk {params['att_mma_bk']}, kv_half {params['kv_half']}", flush=True)
@@ -76,9 +89,7 @@ def main() -> None:
         qkv = rt.to_device(rng.standard_normal((T, width)).astype(np.float32))
         out = rt.empty(4 * T * config.q_dim)
         outs = {}
-        for name, ops in (("attend", plain), ("attend_mma", mma)):
-            if name == "attend_mma" and ops.mma is None:
-                continue
+        for name, ops in variants:
             if start:           # the cache the pass reads: the same prefix for both
                 prefix = np.random.default_rng(1).standard_normal((start, width)).astype(np.float32)
                 ops.attention(rt.to_device(prefix), start, 0, 0, rt.empty(4 * start * config.q_dim))
@@ -103,7 +114,8 @@ def main() -> None:
             print(f"{T:>6} {start:>6} {name:>11} {sec * 1e3:>9.3f} {flops / sec / 1e12:>8.2f} "
                   f"{flops / sec / FP16_TC_PEAK:>11.1%} {diff:>9.2e}", flush=True)
         if "attend_mma" in outs:
-            print(f"{'':>13} attend_mma / attend: {rows[-2]['sec'] / rows[-1]['sec']:.1f}x faster", flush=True)
+            sec = {r["kernel"]: r["sec"] for r in rows if (r["T"], r["start"]) == (T, start)}
+            print(f"{'':>13} attend_mma: {sec['attend'] / sec['attend_mma']:.1f}x faster than attend", flush=True)
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(dict(device=device.name.strip(), params={k: params[k] for k in sorted(params)}, rows=rows),
                   f, indent=1)

@@ -160,8 +160,8 @@ def _attention_mma_local(d: dict) -> int:
 ATTENTION_MMA = KernelSpec("attention_mma", "attention_mma.cl", "fused", (
     Param("attention_mma", None, "off", (), 'prefill attention on matrix units: "off", "ptx", "emulated"'),
     Param("att_mma_min_tokens", None, 64, (), "prefill passes of T from this use it"),
-    Param("att_mma_warps", "WARPS", 4, (), "warps per work-group, 16 query rows (tokens x GQA heads) each"),
-    Param("att_mma_bk", "BK", 64, (), "keys per block staged in local memory"),
+    Param("att_mma_warps", "WARPS", 4, (2, 4, 8), "warps per work-group, 16 query rows (tokens x GQA heads) each"),
+    Param("att_mma_bk", "BK", 64, (32, 64), "keys per block staged in local memory"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP"),
     local_bytes=_attention_mma_local, work_group=lambda d: 32 * d["WARPS"], traffic=_attention_traffic,
     hint="lower att_mma_bk (or att_mma_warps)",
