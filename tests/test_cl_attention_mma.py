@@ -164,3 +164,33 @@ def test_a_tile_over_the_local_memory_is_refused_by_the_probe(cl_rt, capsys):
     ops = fused_ops(rt, config, 64, {"attention_mma": "emulated", "att_mma_bk": 128})
     assert ops.mma is None
     assert "local memory" in capsys.readouterr().err
+
+
+def test_a_model_prefills_through_it(tmp_path, monkeypatch):
+    """A tiny model (head_dim 16, 2 query heads per KV head) whose device entry turns the tensor-core
+    attention on (emulated) from 16 tokens: the prefill, a second pass over its cache and decode steps
+    agree with the NumPy backend."""
+    from perfx.engine import load_model
+    from perfx.engine.backends.opencl import tuning
+    from perfx.engine.backends.opencl.devices import select
+    from perfx.engine.errors import PerfxError
+    from tests.conftest import TinySpec, write_tiny_gguf
+
+    try:
+        device = select("opencl").info.id
+    except PerfxError as e:
+        pytest.skip(f"no usable OpenCL device: {e}")
+    monkeypatch.setattr(tuning, "load_override",
+                        lambda info: {"fused": {"attention_mma": "emulated", "att_mma_min_tokens": 16}})
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinySpec(qtype="Q8_0", ctx_len=256, seed=3))
+    ref = load_model(path, device="numpy", ctx=256)
+    dev = load_model(path, device=device, ctx=256)
+    assert dev.transformer.backend.fused.mma is not None
+    rng = np.random.default_rng(0)
+    pos = 0
+    for n in (37, 20, 1, 1):
+        ids = rng.integers(0, ref.config.vocab_size, size=n).tolist()
+        expected, got = ref.forward(ids, pos), dev.forward(ids, pos)
+        np.testing.assert_allclose(got, expected, atol=5e-3 * np.abs(expected).max(), rtol=0, err_msg=f"{n} at {pos}")
+        pos += n
