@@ -120,7 +120,7 @@ def main() -> None:
                                        (256, 8, 64, True, 128)] if "attention" in parts else []:
         v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half, split_min_chunk=chunk)
         try:
-            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v})
+            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v, "attention_mma": "off"})   # attend itself
             sp = timed(lambda: f.attention(qkv, 512, 0, 0, out), sync, 5)
             sd = timed(lambda: f.attention(qkv, 1, 0, 511, out), sync, 50)
         except Exception as e:          # noqa: BLE001
