@@ -22,7 +22,7 @@ SHAPES = {   # n_heads, n_kv_heads, head_dim
     "llama3-8b": (32, 8, 128),
     "smollm2": (9, 3, 64),
 }
-CASES = [(512, 0), (64, 0), (128, 0), (256, 0), (1024, 0), (2048, 0), (512, 1536)]   # (T, start)
+CASES = [(512, 0), (16, 0), (32, 0), (64, 0), (128, 0), (256, 0), (1024, 0), (2048, 0), (512, 1536)]   # (T, start)
 FP16_TC_PEAK = 989.0e12    # H200 SXM, dense fp16 tensor cores (data sheet)
 
 
