@@ -131,6 +131,16 @@ def test_shipped_tiles(cl_rt, mode):
     _check(cl_rt, config, 160, steps, params, seed=4)
 
 
+@pytest.mark.parametrize("n_kv_heads", [32, 8], ids=["llama7b", "gqa4"])
+def test_ptx_model_shapes(cl_rt, n_kv_heads):
+    """On NVIDIA: 32 heads of 128 (LLaMA-7B's, and with 8 KV heads) through the PTX path at the shipped
+    tiles: a 512-token prefill, then 77 tokens over its cache."""
+    if not _nvidia(cl_rt):
+        pytest.skip("the PTX path needs an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia)")
+    config = make_config(dim=4096, n_heads=32, n_kv_heads=n_kv_heads, head_dim=128)
+    _check(cl_rt, config, 640, [(1, 0, 512), (1, 512, 77)], _params("ptx", 4, 64, False, 64), seed=5)
+
+
 def test_ptx_falls_back_where_the_device_lacks_it(cl_rt, capsys):
     if _nvidia(cl_rt):
         pytest.skip("the device has the instructions")
