@@ -74,9 +74,10 @@ def _attention_traffic(s: dict) -> tuple[int, int]:
 
 def _attention_local(d: dict) -> int:
     """attention.cl's __local arrays: q_loc [ROWS, HEAD_DIM], p_loc [ROWS, ATT_WG], m, l, a [ROWS],
-    red [ATT_WG] of VW floats; ROWS = QT * GROUP."""
+    red [ATT_WG] of VW floats, with KL > 1 s_part [ROWS, ATT_WG]; ROWS = QT * GROUP."""
     rows = d["QT"] * d["GROUP"]
-    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"])
+    s_part = rows * d["ATT_WG"] if d.get("KL", 1) > 1 else 0
+    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"] + s_part)
 
 
 GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
@@ -131,6 +132,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per block "
           "(a multiple of att_vec and of head_dim / att_vec)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item: 4, 8 or 16"),
+    Param("att_key_lanes", "KL", 1, (1, 4, 8), "work-items per key in the score step of decode launches "
+          "(QT = 1): 1, one key each; more, a key's row read side by side by that many"),
     Param("att_rows", None, 32, (8, 16, 32, 64), "most query rows (tile tokens x query heads of a KV head) "
           "per work-group: sets QT"),
     Param("split_max_t", None, 8, (), "split-KV (flash-decoding) only for T up to this ..."),
@@ -146,7 +149,9 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM",
                   lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
-                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
+                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0),
+                 ("KL is a power of two dividing ATT_WG",
+                  lambda d: d.get("KL", 1) & (d.get("KL", 1) - 1) == 0 and d["ATT_WG"] % d.get("KL", 1) == 0)))
 
 def _attention_mma_local(d: dict) -> int:
     """attention_mma.cl's __local arrays: fp16 Q / K [max(ROWS, BK)][HEAD_DIM + 8] and V^T [HEAD_DIM][BK + 8]
