@@ -119,7 +119,7 @@ def main() -> None:
                                 (128, 8, 32, False)] if "attention" in parts else []:
         v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half)
         try:
-            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v})
+            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v, "attention_mma": "off"})   # attend itself
             sp = timed(lambda: f.attention(qkv, 512, 0, 0, out), sync, 5)
         except Exception as e:          # noqa: BLE001
             print(f"attention {v}: {str(e)[:150]}")

@@ -17,6 +17,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...errors import PerfxError
 from ..numpy_backend import rope_tables
+from . import attention_mma
 from .matmul import XPrep
 from .runtime import Runtime
 from .specs import check_fits, defaults
@@ -132,6 +133,8 @@ class FusedOps:
         self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
+        # Prefill attention on matrix units where the tuning database asks for it (attention_mma.py).
+        self.mma = attention_mma.make(rt, c, p)
         # The windowed layers' own RoPE (Gemma 3's local base), where the model has one.
         self.rope_local = rt.to_device(rope_table(c, ctx, local=True)) if c.rope_base_swa else self.rope
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
@@ -277,6 +280,9 @@ class FusedOps:
         if T == 1 and n_splits <= 1 and p["att_serial"]:
             self._attend_one(q, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
                              start_pos, self.ctx, layer, window)
+            return
+        if self.mma is not None and n_splits <= 1 and T >= self.mma.min_tokens:
+            self.mma.enqueue(qkv, rope, self.k_cache, self.v_cache, out, T, start_pos, self.ctx, layer, window)
             return
         qt = self._tile(T)
         step = p["att_wg"] // self._attention_defines(qt)["KL"]     # keys per pass of the score step

@@ -153,6 +153,26 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
                  ("KL is a power of two dividing ATT_WG",
                   lambda d: d.get("KL", 1) & (d.get("KL", 1) - 1) == 0 and d["ATT_WG"] % d.get("KL", 1) == 0)))
 
+def _attention_mma_local(d: dict) -> int:
+    """attention_mma.cl's __local arrays: fp16 Q / K [max(ROWS, BK)][HEAD_DIM + 8] and V^T [HEAD_DIM][BK + 8]
+    (ROWS = 16 WARPS); without the instructions (MMA = 0) also the exchange of the warps' registers,
+    7 words per work-item."""
+    rows = max(16 * d["WARPS"], d["BK"])
+    exchange = 0 if d.get("MMA", 1) else 7 * 4 * 32 * d["WARPS"]
+    return 2 * (rows * (d["HEAD_DIM"] + 8) + d["HEAD_DIM"] * (d["BK"] + 8)) + exchange
+
+
+ATTENTION_MMA = KernelSpec("attention_mma", "attention_mma.cl", "fused", (
+    Param("attention_mma", None, "off", (), 'prefill attention on matrix units: "off", "ptx", "emulated"'),
+    Param("att_mma_min_tokens", None, 64, (), "prefill passes of T from this use it"),
+    Param("att_mma_warps", "WARPS", 4, (2, 4, 8), "warps per work-group, 16 query rows (tokens x GQA heads) each"),
+    Param("att_mma_bk", "BK", 64, (32, 64), "keys per block staged in local memory"),
+), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP"),
+    local_bytes=_attention_mma_local, work_group=lambda d: 32 * d["WARPS"], traffic=_attention_traffic,
+    hint="lower att_mma_bk (or att_mma_warps)",
+    constraints=(("HEAD_DIM and BK are multiples of 16, GROUP at most 16 * WARPS",
+                  lambda d: d["HEAD_DIM"] % 16 == 0 and d["BK"] % 16 == 0 and d["GROUP"] <= 16 * d["WARPS"]),))
+
 PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
     Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
@@ -167,7 +187,8 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, ATTENTION_MMA,
+                        PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:
