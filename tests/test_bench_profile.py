@@ -128,6 +128,24 @@ def test_the_profile_counts_every_launch_the_backend_enqueues(engine, monkeypatc
     assert {k.kernel: k.launches for k in prefill.kernels} == enqueued
 
 
+def test_the_tensor_core_attention_is_profiled_with_its_cost(engine, tmp_path, monkeypatch):
+    """A device entry that turns the tensor-core prefill attention on (emulated here, PTX on NVIDIA)."""
+    from perfx.engine.backends.opencl import tuning
+    from perfx.engine.bench.engines import PerfxEngine
+    from tests.conftest import TinySpec, write_tiny_gguf
+
+    monkeypatch.setattr(tuning, "load_override",
+                        lambda info: {"fused": {"attention_mma": "emulated", "att_mma_min_tokens": 16}})
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinySpec(qtype="Q8_0", ctx_len=256, seed=3))
+    mma = PerfxEngine({"path": str(path), "device": DEVICE, "seed": 0, "ctx": 64, "max_tokens": 21})
+    (prefill,) = mma.profile(20, 0)
+    enqueued = count_enqueued(monkeypatch, lambda: mma.transformer.next_token(mma.tokens[:20], 0))
+    assert {k.kernel: k.launches for k in prefill.kernels} == enqueued and "attend_mma" in enqueued
+    attend = next(k for k in prefill.kernels if k.kernel == "attend_mma")
+    assert attend.bytes > 0 and attend.flops > 0
+
+
 def test_the_profile_times_and_costs_are_positive_and_plausible(engine):
     t = engine.transformer
     (decode,) = engine.profile(0, 3)

@@ -45,7 +45,7 @@ def _check(rt, config, ctx, steps, params, seed=0):
     assert ops.mma is not None, "the tensor-core attention failed its own probe"
     calls = []
     enqueue = ops.mma.enqueue
-    ops.mma.enqueue = lambda *a: (calls.append(a[5]), enqueue(*a))
+    ops.mma.enqueue = lambda *a, **kw: (calls.append(a[5]), enqueue(*a, **kw))
     ref = reference(config, ctx)
     rng = np.random.default_rng(seed)
     width, c = config.q_dim + 2 * config.kv_dim, config

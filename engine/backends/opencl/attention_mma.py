@@ -84,10 +84,11 @@ class MmaAttention:
         return self._kernel
 
     def enqueue(self, qkv: cl.Buffer, rope: cl.Buffer, k_cache: cl.Buffer, v_cache: cl.Buffer, out: cl.Buffer,
-                T: int, start_pos: int, ctx: int, layer: int, window: int) -> None:
-        """out [T, q_dim] = attention of the T tokens of qkv at start_pos.. (fused.FusedOps.attention)."""
-        self.kernel()(self.rt.queue, (self.nwi * self.config.n_kv_heads, _ceil_div(T, self.qt)), (self.nwi, 1),
-                      qkv, rope, k_cache, v_cache, out, T, start_pos, ctx, layer, window)
+                T: int, start_pos: int, ctx: int, layer: int, window: int, cost: tuple[int, int] | None = None) -> None:
+        """out [T, q_dim] = attention of the T tokens of qkv at start_pos.. (fused.FusedOps.attention); cost:
+        the launch's (bytes, FLOPs) for a profile."""
+        self.rt.launch(self.kernel(), (self.nwi * self.config.n_kv_heads, _ceil_div(T, self.qt)), (self.nwi, 1),
+                       qkv, rope, k_cache, v_cache, out, T, start_pos, ctx, layer, window, cost=cost)
 
     def probe(self) -> str | None:
         """None when the kernel builds, fits the device and matches NumPy on a small prefill (two query

@@ -285,7 +285,8 @@ class FusedOps:
                    start_pos, self.ctx, layer, window, cost=cost)
             return
         if self.mma is not None and n_splits <= 1 and T >= self.mma.min_tokens:
-            self.mma.enqueue(qkv, rope, self.k_cache, self.v_cache, out, T, start_pos, self.ctx, layer, window)
+            self.mma.enqueue(qkv, rope, self.k_cache, self.v_cache, out, T, start_pos, self.ctx, layer, window,
+                             cost=cost)
             return
         qt = self._tile(T)
         step = p["att_wg"] // self._attention_defines(qt)["KL"]     # keys per pass of the score step
