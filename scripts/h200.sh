@@ -26,6 +26,7 @@ check)
     tests/test_cl_attention_mma.py tests/test_cl_norm_in.py 2>&1 | tail -3
   PERFX_TEST_CL_PLATFORM=nvidia timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cl_fused.py \
     -k "key_lanes or key-lanes" 2>&1 | tail -1
+  PERFX_TEST_BENCH_DEVICE=gpu timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_bench_profile.py 2>&1 | tail -1
   [ -n "$smol" ] && PERFX_TEST_GGUF=$smol timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cl_model.py \
     -k "smollm2 and not perplexity" 2>&1 | tail -1
   python3 -c "from perfx.engine.synthetic import write_gguf as w, get_shape as s
