@@ -1,0 +1,118 @@
+"""The GEMV with its input's RMSNorm in the prologue (kernels/norm_in.h, gemv_norm_in) against a float64
+NumPy oracle, and a decode with it on against one without.
+
+As in test_cl_matmul.py, every output is poisoned before the run and followed by a guard region that
+must come back untouched; sizes are odd (rows not a multiple of the work-group's, K with every tail
+chunk), x has a mean away from zero so that wrong int4 zero terms show.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+cl = pytest.importorskip("pyopencl")
+
+from tests.test_cl_matmul import (GPU_LIKE, GUARD, SENTINEL, assert_close, f16, rand_int4, rand_int8,  # noqa: E402
+                                  rt, silu_mul)
+
+EPS = 1e-5
+NVIDIA_LIKE = {"gemv_vec": 4, "gemv_ksplit": 64, "gemv_wg_rows": 2, "gemv_zero_inline": True, "use_image": True}
+
+
+def matrix(rt, fmt: str, N: int, K: int, G: int, rng):
+    """(DeviceMatrix, its float64 weights [N, K])."""
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
+
+    if fmt == "int4":
+        parts, w = rand_int4(rng, N, K, G)
+        return DeviceMatrix.from_int4(rt, *parts, G), w
+    if fmt == "int8":
+        parts, w = rand_int8(rng, N, K)
+        return DeviceMatrix.from_q8(rt, *parts), w.reshape(N, K)
+    w = f16(rng.standard_normal((N, K)))
+    return DeviceMatrix.from_f16(rt, w), w.astype(np.float64)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w
+
+
+def run_norm_in(rt, mm, dm, x: np.ndarray, norm_w: np.ndarray, cols: int, op: str,
+                y0: np.ndarray | None = None) -> np.ndarray:
+    """The product of rmsnorm(x) * norm_w, normalised by the GEMV itself, into a poisoned output with a
+    guard region; x must come back as it went in."""
+    from perfx.engine.backends.opencl.matmul import NormIn
+
+    T = x.shape[0]
+    y = np.full(T * cols + GUARD, SENTINEL, np.float32)
+    y[:T * cols] = np.nan if y0 is None else y0.reshape(-1)
+    xb = rt.to_device(x.astype(np.float32))
+    yb = cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=y)
+    norm = NormIn(rt.to_device(norm_w.astype(np.float32)), EPS)
+    if op == "swiglu":
+        mm.swiglu(xb, dm, T, yb, scheme="gemv", norm_in=norm)
+    else:
+        mm.linear(xb, dm, T, yb, accumulate=y0 is not None, scheme="gemv", norm_in=norm)
+    got = rt.read(yb, y.shape)
+    assert np.all(got[T * cols:] == SENTINEL), "write past the end of the output"
+    np.testing.assert_array_equal(rt.read(xb, x.shape), x.astype(np.float32))
+    return got[:T * cols].reshape(T, cols)
+
+
+CASES = [
+    # fmt, N, K, G, T, op, params
+    ("int4", 577, 608, 32, 1, "linear", {}),                     # CPU layout (the int-dot GEMV set aside)
+    ("int4", 577, 608, 32, 3, "linear", NVIDIA_LIKE),            # K split 64, image asked for: plain x
+    ("int4", 1032, 1536, 64, 1, "swiglu", NVIDIA_LIKE),
+    ("int4", 1001, 1536, 128, 2, "linear", {**GPU_LIKE, "gemv_tpw": 3}),
+    ("int4", 584, 576, 32, 1, "swiglu", {**GPU_LIKE, "gemv_zero_inline": False}),   # inline zeros forced
+    ("int4", 577, 608, 32, 1, "linear", {"gemv_vec": 4, "gemv_ksplit": 16, "gemv_wg_rows": 3}),  # 48 items
+    ("int4", 577, 608, 32, 2, "linear", {**NVIDIA_LIKE, "gemv_norm_stage": False}),  # x * w per load
+    ("int4", 584, 576, 64, 1, "swiglu", {"gemv_norm_stage": False}),
+    ("int8", 577, 608, 32, 1, "linear", {}),
+    ("int8", 577, 608, 32, 2, "linear", NVIDIA_LIKE),
+    ("f16", 577, 608, 0, 1, "linear", {"gemv_norm_stage": False}),
+    ("f16", 584, 608, 0, 3, "swiglu", GPU_LIKE),
+]
+
+
+@pytest.mark.parametrize("fmt,N,K,G,T,op,params", CASES)
+def test_gemv_normalises_its_input(rt, fmt, N, K, G, T, op, params):
+    from perfx.engine.backends.opencl.matmul import Matmul
+
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {N} {K} {G} {T} {op} {sorted(params.items())}".encode()))
+    dm, w = matrix(rt, fmt, N, K, G, rng)
+    x = rng.standard_normal((T, K)) * rng.uniform(0.5, 8, (T, 1)) + 0.5   # rows of different scales
+    norm_w = rng.uniform(0.5, 1.5, K)
+    mm = Matmul(rt, {**params, "gemv_norm_in": True})
+    want = rmsnorm(x, norm_w) @ w.T
+    if op == "swiglu":
+        assert_close(run_norm_in(rt, mm, dm, x, norm_w, N // 2, op), silu_mul(want))
+    else:
+        assert_close(run_norm_in(rt, mm, dm, x, norm_w, N, op), want)
+
+
+def test_normalised_product_accumulates(rt):
+    from perfx.engine.backends.opencl.matmul import Matmul
+
+    rng = np.random.default_rng(7)
+    dm, w = matrix(rt, "int4", 577, 608, 32, rng)
+    x, norm_w = rng.standard_normal((2, 608)) + 0.5, rng.uniform(0.5, 1.5, 608)
+    y0 = rng.standard_normal((2, 577)).astype(np.float32)
+    got = run_norm_in(rt, Matmul(rt, NVIDIA_LIKE), dm, x, norm_w, 577, "linear", y0)
+    assert_close(got, y0 + rmsnorm(x, norm_w) @ w.T)
+
+
+def test_prologue_only_in_the_gemv(rt):
+    from perfx.engine.backends.opencl.matmul import Matmul, NormIn
+    from perfx.engine.errors import PerfxError
+
+    rng = np.random.default_rng(1)
+    dm, _ = matrix(rt, "int4", 64, 128, 32, rng)
+    mm = Matmul(rt)
+    x, y = rt.empty(4 * 4 * 128), rt.empty(4 * 4 * 64)
+    with pytest.raises(PerfxError, match="prologue only"):
+        mm.linear(x, dm, 4, y, scheme="few", norm_in=NormIn(rt.to_device(np.ones(128, np.float32)), EPS))
