@@ -116,3 +116,92 @@ def test_prologue_only_in_the_gemv(rt):
     x, y = rt.empty(4 * 4 * 128), rt.empty(4 * 4 * 64)
     with pytest.raises(PerfxError, match="prologue only"):
         mm.linear(x, dm, 4, y, scheme="few", norm_in=NormIn(rt.to_device(np.ones(128, np.float32)), EPS))
+
+
+# ---- a decode step with the norms in the GEMVs, against one without --------------------------------
+
+# The GPU layout of the GEMV (narrow pieces, K split, inline int4 zero terms, no norm epilogue), forced
+# on the CPU device, with and without the norms in the prologue.
+GPU_DECODE = {"gemv_vec": 4, "gemv_ksplit": 16, "gemv_wg_rows": 2, "gemv_zero_inline": True,
+              "gemv_norm": False, "gemv_int_dot": False}
+
+
+@pytest.fixture
+def gemv_params(monkeypatch):
+    """set(params): OpenCL models loaded after it take these matmul parameters over the device's."""
+    from perfx.engine.backends.opencl import tuning
+
+    params_for, forced = tuning.params_for, {}
+
+    def with_forced(info, kernel, *args, **kwargs):
+        params = params_for(info, kernel, *args, **kwargs)
+        return {**params, **forced} if kernel == "matmul" else params
+
+    monkeypatch.setattr(tuning, "params_for", with_forced)
+    return lambda params: (forced.clear(), forced.update(params))
+
+
+def count_launches(monkeypatch) -> list[str]:
+    """The names of the kernels launched from now on (through either way pyopencl enqueues)."""
+    names: list[str] = []
+    enqueue, call = cl.enqueue_nd_range_kernel, cl.Kernel.__call__
+
+    def recording(queue, kernel, *rest, **kw):
+        names.append(kernel.function_name)
+        return enqueue(queue, kernel, *rest, **kw)
+
+    def calling(kernel, queue, *rest, **kw):
+        names.append(kernel.function_name)
+        return call(kernel, queue, *rest, **kw)
+
+    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", recording)
+    monkeypatch.setattr(cl.Kernel, "__call__", calling)
+    return names
+
+
+@pytest.mark.parametrize("spec", [dict(qtype="Q4_0", tied=True), dict(qtype="Q4_1", tied=False, n_layers=3)])
+def test_decode_with_norms_in_the_gemvs(tmp_path, gemv_params, spec):
+    """Same logits (to float rounding) and the same greedy tokens with gemv_norm_in as without, each
+    decode step 2 launches per layer and the first norm's fewer."""
+    from perfx.engine import load_model
+    from tests.conftest import TinySpec, write_tiny_gguf
+
+    tiny = TinySpec(ctx_len=128, seed=17, **spec)
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, tiny)
+    ids = np.random.default_rng(2).integers(0, 200, 23)
+    runs = {}
+    for norm_in in (False, True):
+        gemv_params({**GPU_DECODE, "gemv_norm_in": norm_in})
+        t = load_model(path, device="opencl", ctx=128).transformer
+        assert t.backend.matmul.params["gemv_norm_in"] is norm_in
+        prompt = t.forward(ids, 0, all_logits=False)
+        steps = [t.forward(np.array([tok]), len(ids) + i) for i, tok in enumerate([5, 77, 140])]
+        with pytest.MonkeyPatch.context() as mp:
+            launches = count_launches(mp)
+            greedy = list(t.greedy(np.array([9]), len(ids) + 3, 12))
+        runs[norm_in] = prompt, steps, greedy, len(launches)
+    (p0, s0, g0, n0), (p1, s1, g1, n1) = runs[False], runs[True]
+    scale = np.abs(p0).max()
+    np.testing.assert_allclose(p1, p0, atol=1e-4 * scale, rtol=0)        # the prompt: the same path
+    for a, b in zip(s0, s1):
+        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max(), rtol=0)
+    assert g1 == g0
+    assert n0 - n1 == 12 * (2 * tiny.n_layers + 1)
+
+
+def test_serving_steps_with_norms_in_the_gemvs(tmp_path, gemv_params, exact_kv):
+    """Serving's steps (the GEMV over several tokens, paged attention) with gemv_norm_in agree with
+    NumPy; the logits rows read the normalised stream through the norm kernel."""
+    from perfx.engine import load_model
+    from tests.conftest import write_tiny_gguf
+    from tests.test_paged import SPEC, run_paged, token_ids
+
+    path = tmp_path / "gqa.gguf"
+    write_tiny_gguf(path, SPEC)
+    gemv_params({**GPU_DECODE, "gemv_norm_in": True})
+    ref, dev = load_model(path, device="numpy", ctx=256), load_model(path, device="opencl", ctx=256)
+    ids = token_ids(ref.config.vocab_size)
+    for (_, want), (_, got) in zip(run_paged(ref, ids), run_paged(dev, ids)):
+        np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=0)
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
