@@ -141,6 +141,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("split_wgs", None, 0, (), "... aiming at this many work-groups per launch (0: the compute units)"),
     Param("max_splits", None, 64, (), "... and at most this many slices per KV head"),
     Param("kv_half", "KV_HALF", False, (), "KV cache stored as fp16 (vstore_half / vload_half)"),
+    Param("split_combine", "SPLIT_COMBINE", False, (), "split-KV: the last work-group of a KV head to finish "
+          "merges the slices (no combine launch)"),
     Param("att_serial", None, False, (False, True), "decode (T = 1, no split) by attend_one: one work-item "
           "per KV head (CPUs)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
