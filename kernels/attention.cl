@@ -150,9 +150,14 @@ inline floatV roped(__global const float *src, const int c, __global const float
 }
 
 /* Values 4c .. 4c+3 of row (t, head) merged from the n_splits partial results: each slice's sum of p * v
-   weighted by 2^(m_slice - m), divided by the weighted sum of the slices' l. Read through volatile
-   pointers: in attend (SPLIT_COMBINE) other work-groups wrote them during the same launch. */
-inline float4 merge_splits(volatile __global const float *part_o, volatile __global const float *part_ml,
+   weighted by 2^(m_slice - m), divided by the weighted sum of the slices' l. With SPLIT_COMBINE read
+   through volatile pointers: in attend other work-groups wrote them during the same launch. */
+#ifdef SPLIT_COMBINE
+#define PART_Q volatile
+#else
+#define PART_Q
+#endif
+inline float4 merge_splits(PART_Q __global const float *part_o, PART_Q __global const float *part_ml,
                            const int T, const int n_splits, const int t, const int head, const int c)
 {
     float m = NEG;
@@ -164,7 +169,7 @@ inline float4 merge_splits(volatile __global const float *part_o, volatile __glo
         const size_t slot = ((size_t)s * T + t) * N_HEADS + head;
         const float ms = part_ml[2 * slot], ls = part_ml[2 * slot + 1];
         const float w = ls > 0.0f ? exp2(ms - m) : 0.0f;
-        volatile __global const float *po = part_o + slot * HEAD_DIM + 4 * c;
+        PART_Q __global const float *po = part_o + slot * HEAD_DIM + 4 * c;
         l = mad(w, ls, l);
         o = mad((float4)(w), (float4)(po[0], po[1], po[2], po[3]), o);
     }
