@@ -588,7 +588,6 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
             for (int i = 0; i < NT; i++)
                 for (int r = 0; r < RT; r++) out[i][r] = part[lr][i * RT + r][0];
 #endif
-        NORM_IN_SCALE(out)
         __global float* restrict yt = y + (size_t)tok * N;
         if (ks == 0) {
             for (int i = 0; i < TPW && tile * TPW + i < ntiles; i++) {

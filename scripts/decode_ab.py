@@ -27,10 +27,12 @@ import numpy as np
 import pyopencl as cl
 
 DEFAULT_VARIANTS = ["base:", "norm_in:gemv_norm_in=true", "norm_in_direct:gemv_norm_in=true,gemv_norm_stage=false",
-                    "split_combine:split_combine=true", "both:gemv_norm_in=true,split_combine=true"]
+                    "split_combine:split_combine=true", "both:gemv_norm_in=true,split_combine=true",
+                    "both_rows4:gemv_norm_in=true,split_combine=true,gemv_wg_rows=4"]
 # Read at each call (backend._norm_in, Matmul plans, FusedOps.attention and its kernels): set on a loaded
 # model, its kernel plans dropped so that they are made again.
-SWITCHED = {"gemv_norm_in", "gemv_norm_stage", "split_combine", "max_splits", "split_wgs", "split_min_chunk"}
+SWITCHED = {"gemv_norm_in", "gemv_norm_stage", "gemv_wg_rows", "gemv_tpw", "split_combine",
+            "max_splits", "split_wgs", "split_min_chunk"}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -65,6 +65,8 @@ def run_norm_in(rt, mm, dm, x: np.ndarray, norm_w: np.ndarray, cols: int, op: st
 CASES = [
     # fmt, N, K, G, T, op, params
     ("int4", 577, 608, 32, 1, "linear", {}),                     # CPU layout (the int-dot GEMV set aside)
+    ("int4", 512, 256, 32, 1, "linear", {}),                     # two chunks, 8 rows of work-items
+    ("int4", 1024, 256, 32, 2, "swiglu", {"gemv_wg_rows": 4}),
     ("int4", 577, 608, 32, 3, "linear", NVIDIA_LIKE),            # K split 64, image asked for: plain x
     ("int4", 1032, 1536, 64, 1, "swiglu", NVIDIA_LIKE),
     ("int4", 1001, 1536, 128, 2, "linear", {**GPU_LIKE, "gemv_tpw": 3}),
@@ -73,6 +75,7 @@ CASES = [
     ("int4", 577, 608, 32, 2, "linear", {**NVIDIA_LIKE, "gemv_norm_stage": False}),  # x * w per load
     ("int4", 584, 576, 64, 1, "swiglu", {"gemv_norm_stage": False}),
     ("int8", 577, 608, 32, 1, "linear", {}),
+    ("int8", 263, 256, 32, 1, "linear", {"gemv_norm_stage": False}),
     ("int8", 577, 608, 32, 2, "linear", NVIDIA_LIKE),
     ("f16", 577, 608, 0, 1, "linear", {"gemv_norm_stage": False}),
     ("f16", 584, 608, 0, 3, "swiglu", GPU_LIKE),
@@ -95,14 +98,16 @@ def test_gemv_normalises_its_input(rt, fmt, N, K, G, T, op, params):
         assert_close(run_norm_in(rt, mm, dm, x, norm_w, N, op), want)
 
 
-def test_normalised_product_accumulates(rt):
+@pytest.mark.parametrize("K,params", [(608, NVIDIA_LIKE), (256, NVIDIA_LIKE), (256, {**GPU_LIKE, "gemv_tpw": 2}),
+                                      (608, {}), (256, {})])
+def test_normalised_product_accumulates(rt, K, params):
     from perfx.engine.backends.opencl.matmul import Matmul
 
-    rng = np.random.default_rng(7)
-    dm, w = matrix(rt, "int4", 577, 608, 32, rng)
-    x, norm_w = rng.standard_normal((2, 608)) + 0.5, rng.uniform(0.5, 1.5, 608)
+    rng = np.random.default_rng(K)
+    dm, w = matrix(rt, "int4", 577, K, 32, rng)
+    x, norm_w = rng.standard_normal((2, K)) + 0.5, rng.uniform(0.5, 1.5, K)
     y0 = rng.standard_normal((2, 577)).astype(np.float32)
-    got = run_norm_in(rt, Matmul(rt, NVIDIA_LIKE), dm, x, norm_w, 577, "linear", y0)
+    got = run_norm_in(rt, Matmul(rt, params), dm, x, norm_w, 577, "linear", y0)
     assert_close(got, y0 + rmsnorm(x, norm_w) @ w.T)
 
 
