@@ -164,10 +164,14 @@ def count_launches(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("spec", [dict(qtype="Q4_0", tied=True), dict(qtype="Q4_1", tied=False, n_layers=3)])
-def test_decode_with_norms_in_the_gemvs(tmp_path, gemv_params, spec):
-    """Same logits (to float rounding) and the same greedy tokens with gemv_norm_in as without, each
-    decode step 2 launches per layer and the first norm's fewer."""
+@pytest.mark.parametrize("spec,params", [(dict(qtype="Q4_0", tied=True), GPU_DECODE),
+                                         (dict(qtype="Q4_1", tied=False, n_layers=3), GPU_DECODE),
+                                         (dict(qtype="Q4_0", tied=True, dim=256, ffn_dim=512), {})])
+def test_decode_with_norms_in_the_gemvs(tmp_path, gemv_params, spec, params):
+    """Same logits (to float rounding) and the same greedy tokens with gemv_norm_in as without; in the
+    GPU layout each decode step makes 2 launches per layer and the first norm's fewer. ({}: the CPU's
+    own layout, whose norms are already in the GEMVs' epilogues and whose GEMVs take x in int16 blocks
+    without gemv_norm_in: the tolerance of the model tests against NumPy.)"""
     from perfx.engine import load_model
     from tests.conftest import TinySpec, write_tiny_gguf
 
@@ -177,7 +181,7 @@ def test_decode_with_norms_in_the_gemvs(tmp_path, gemv_params, spec):
     ids = np.random.default_rng(2).integers(0, 200, 23)
     runs = {}
     for norm_in in (False, True):
-        gemv_params({**GPU_DECODE, "gemv_norm_in": norm_in})
+        gemv_params({**params, "gemv_norm_in": norm_in})
         t = load_model(path, device="opencl", ctx=128).transformer
         assert t.backend.matmul.params["gemv_norm_in"] is norm_in
         prompt = t.forward(ids, 0, all_logits=False)
@@ -190,9 +194,10 @@ def test_decode_with_norms_in_the_gemvs(tmp_path, gemv_params, spec):
     scale = np.abs(p0).max()
     np.testing.assert_allclose(p1, p0, atol=1e-4 * scale, rtol=0)        # the prompt: the same path
     for a, b in zip(s0, s1):
-        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max(), rtol=0)
+        np.testing.assert_allclose(b, a, atol=(1e-4 if params else 2e-3) * np.abs(a).max(), rtol=0)
     assert g1 == g0
-    assert n0 - n1 == 12 * (2 * tiny.n_layers + 1)
+    if params:
+        assert n0 - n1 == 12 * (2 * tiny.n_layers + 1)
 
 
 def test_serving_steps_with_norms_in_the_gemvs(tmp_path, gemv_params, exact_kv):
