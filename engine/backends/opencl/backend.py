@@ -283,8 +283,9 @@ class OpenCLBackend(Backend):
                          post: cl.Buffer | None = None) -> tuple[Act, Act]:
         """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
         one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
-        product, then add_rmsnorm. With a post-norm (Gemma): the product, then one launch that adds
-        its rmsnorm * post to x and normalises the sum."""
+        product, then add_rmsnorm. With gemv_norm_in (GPUs) the GEMV adds into x and h is x itself,
+        marked with its norm, which the GEMVs reading it apply in their prologue. With a post-norm
+        (Gemma): the product, then one launch that adds its rmsnorm * post to x and normalises the sum."""
         if post is not None:
             delta = self.linear(a, w)
             self.fused.post_add_rmsnorm(x.buf, delta.buf, post, norm, x.T, self.h.buf, self.h_xs)
