@@ -177,7 +177,8 @@ def main() -> None:
     first = next(iter(results.values()))
     ref = first["step_logits"]
     print(f"{first['device']}, {a.model}, tg{a.tokens} from position {a.start}, {a.rounds} rounds alternating")
-    print("| variant | params | tg t/s (median) | min-max | launches per token | step logits vs first | greedy = first |")
+    print("| variant | params | tg t/s (median) | min-max | launches per token | step logits vs first "
+          "| greedy = first |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for name, r in results.items():
         diff = float(np.abs(r.pop("step_logits") - ref).max() / np.abs(ref).max())
@@ -186,8 +187,8 @@ def main() -> None:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "device's"
         print(f"| {name} | {params} | {r['median_ts']:.1f} | {min(r['tg']):.1f}-{max(r['tg']):.1f} | "
               f"{r['launches_per_token']:.1f} | {diff:.1e} | {r['greedy_matches_first']} |")
-    report = {"model": a.model, "device": first["device"], "tokens": a.tokens, "start": a.start, "rounds": a.rounds,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": results}
+    report = {"model": a.model, "device": first["device"], "tokens": a.tokens, "start": a.start,
+              "rounds": a.rounds, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": results}
     tmp = f"{a.out}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1, default=str)

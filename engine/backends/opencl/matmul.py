@@ -462,8 +462,9 @@ class Matmul:
             and norm_in is None
         int_dot = w.fmt in ("int4", "int8") and self.int_dot and norm_in is None
         inline = w.fmt == "int4" and not int_dot and (bool(p["gemv_zero_inline"]) or norm_in is not None)
-        scratch = 4 * (ks * wgr + K)                     # norm_in.h: reduction, then x * w [K] (NORM_STAGE)
-        stage = norm_in is not None and bool(p["gemv_norm_stage"]) and ks > 1 and self._local_fits(scratch, ks, wgr, tpw)
+        scratch = 4 * (ks * wgr + K)              # norm_in.h: the partial sums, then x * w * r [K] (NORM_STAGE)
+        stage = norm_in is not None and bool(p["gemv_norm_stage"]) and ks > 1 \
+            and self._local_fits(scratch, ks, wgr, tpw)
         hx = norm.hx if norm is not None else None
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
@@ -506,7 +507,8 @@ class Matmul:
             args += [norm.w, norm.h, *outs, self.done, np.float32(norm.eps)]
             keep += (norm.w, norm.h, hx, self.done)
         if norm_in is not None:
-            args += [norm_in.w, np.float32(norm_in.eps), cl.LocalMemory(scratch if stage else 4 * ks * wgr)]   # unused: KSPLIT 1
+            local = scratch if stage else 4 * ks * wgr          # (unused without a K split)
+            args += [norm_in.w, np.float32(norm_in.eps), cl.LocalMemory(local)]
             keep += (norm_in.w,)
         gemv.set_args(*args)
         tiles = -(-N // RT)
