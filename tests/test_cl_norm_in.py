@@ -133,14 +133,16 @@ GPU_DECODE = {"gemv_vec": 4, "gemv_ksplit": 16, "gemv_wg_rows": 2, "gemv_zero_in
 
 @pytest.fixture
 def gemv_params(monkeypatch):
-    """set(params): OpenCL models loaded after it take these matmul parameters over the device's."""
-    from perfx.engine.backends.opencl import tuning
+    """set(params): OpenCL models loaded after it take these matmul and fused parameters over the
+    device's."""
+    from perfx.engine.backends.opencl import matmul, tuning
 
     params_for, forced = tuning.params_for, {}
 
     def with_forced(info, kernel, *args, **kwargs):
         params = params_for(info, kernel, *args, **kwargs)
-        return {**params, **forced} if kernel == "matmul" else params
+        mine = {k: v for k, v in forced.items() if (k in matmul.DEFAULT_PARAMS) == (kernel == "matmul")}
+        return {**params, **mine}
 
     monkeypatch.setattr(tuning, "params_for", with_forced)
     return lambda params: (forced.clear(), forced.update(params))
@@ -215,3 +217,31 @@ def test_serving_steps_with_norms_in_the_gemvs(tmp_path, gemv_params, exact_kv):
     for (_, want), (_, got) in zip(run_paged(ref, ids), run_paged(dev, ids)):
         np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=0)
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_decode_with_split_attention_merged_in_attend(tmp_path, gemv_params):
+    """Past the split-KV threshold, split_combine gives the logits of the combine launch it replaces
+    (the same arithmetic) and one launch fewer per layer and step."""
+    from perfx.engine import load_model
+    from tests.conftest import TinySpec, write_tiny_gguf
+
+    tiny = TinySpec(qtype="Q4_0", ctx_len=512, seed=19, n_layers=3)
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, tiny)
+    ids = np.random.default_rng(3).integers(0, 200, 300)
+    runs = {}
+    for merged in (False, True):
+        gemv_params({**GPU_DECODE, "gemv_norm_in": True, "att_serial": False, "split_wgs": 16, "kv_half": False,
+                     "split_combine": merged})
+        t = load_model(path, device="opencl", ctx=512).transformer
+        t.forward(ids, 0, all_logits=False)
+        assert t.backend.fused.splits_for(1, 301) > 1
+        with pytest.MonkeyPatch.context() as mp:
+            launches = count_launches(mp)
+            steps = [t.forward(np.array([tok]), 300 + i) for i, tok in enumerate([5, 77, 140])]
+        runs[merged] = steps, launches
+    (s0, l0), (s1, l1) = runs[False], runs[True]
+    for a, b in zip(s0, s1):
+        np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max(), rtol=0)
+    assert l0.count("combine") == 3 * tiny.n_layers and "combine" not in l1
+    assert len(l0) - len(l1) == 3 * tiny.n_layers
