@@ -45,6 +45,10 @@
 
    Launch attend:  global (ATT_WG * ceil(T / QT), N_KV_HEADS, n_splits), local (ATT_WG, 1, 1).
    Launch combine: global (HEAD_DIM / 4, N_HEADS, T), any local size.
+   With SPLIT_COMBINE there is no combine launch: the last work-group of a (query tile, KV head) to
+   write its partial result, counted in done [ceil(T / QT), N_KV_HEADS] (int, left at 0 for the next
+   launch), merges the slices of the tile's rows itself (as gemv.cl's NORM epilogue: each work-group's
+   writes fenced before its count, the partials read back through volatile pointers).
 
    Model defines: HEAD_DIM (a multiple of VW), N_KV_HEADS, GROUP (query heads per KV head), ATT_SCALE
    (the softmax scale of Q.K^T; default 1 / sqrt(HEAD_DIM)).
@@ -153,6 +157,33 @@ inline floatV roped(__global const float *src, const int c, __global const float
     return mad(x, vloadV(c, row), SWAP_PAIRS(x) * vloadV(c, row + HEAD_DIM));
 }
 
+/* Values 4c .. 4c+3 of row (t, head) merged from the n_splits partial results: each slice's sum of p * v
+   weighted by 2^(m_slice - m), divided by the weighted sum of the slices' l. With SPLIT_COMBINE read
+   through volatile pointers: in attend other work-groups wrote them during the same launch. */
+#ifdef SPLIT_COMBINE
+#define PART_Q volatile
+#else
+#define PART_Q
+#endif
+inline float4 merge_splits(PART_Q __global const float *part_o, PART_Q __global const float *part_ml,
+                           const int T, const int n_splits, const int t, const int head, const int c)
+{
+    float m = NEG;
+    for (int s = 0; s < n_splits; s++)
+        m = fmax(m, part_ml[2 * (((size_t)s * T + t) * N_HEADS + head)]);
+    float l = 0.0f;
+    float4 o = (float4)(0.0f);
+    for (int s = 0; s < n_splits; s++) {
+        const size_t slot = ((size_t)s * T + t) * N_HEADS + head;
+        const float ms = part_ml[2 * slot], ls = part_ml[2 * slot + 1];
+        const float w = ls > 0.0f ? exp2(ms - m) : 0.0f;
+        PART_Q __global const float *po = part_o + slot * HEAD_DIM + 4 * c;
+        l = mad(w, ls, l);
+        o = mad((float4)(w), (float4)(po[0], po[1], po[2], po[3]), o);
+    }
+    return o / l;
+}
+
 __kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1)))
 void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             __global const float *rope,  /* [ctx, 2, HEAD_DIM] */
@@ -164,7 +195,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             const int T, const int start_pos, const int ctx, const int layer,
             const int chunk,             /* keys per split; >= start_pos + T when not split */
             const int partial,           /* 1: write part_o / part_ml, 0: write out */
-            const int window)            /* sliding window, 0: none */
+            const int window,            /* sliding window, 0: none */
+            __global int *done)          /* [ceil(T / QT), N_KV_HEADS] with SPLIT_COMBINE: 0 before */
 {
     __local floatV q_loc[ROWS * DV];     /* [ROWS, HEAD_DIM] roped, pre-scaled queries */
     __local float p_loc[ROWS * ATT_WG];  /* [ROWS, ATT_WG] scores of a key block, then probabilities */
@@ -174,6 +206,9 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     __local floatV red[ATT_WG];          /* [KEY_GROUPS, HEAD_DIM] final reduction of one row */
 #if KL > 1
     __local float s_part[ROWS * ATT_WG];  /* [ROWS, KPP, KL] partial dot products of one pass */
+#endif
+#ifdef SPLIT_COMBINE
+    __local int last;                    /* whether this work-group is its tile's last to finish */
 #endif
 
     const int lid = get_local_id(0);
@@ -359,6 +394,27 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
+#ifdef SPLIT_COMBINE
+    if (!partial)
+        return;
+    mem_fence(CLK_GLOBAL_MEM_FENCE);           /* this work-item's partials are written */
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    __global int *count = done + get_group_id(0) * N_KV_HEADS + kvh;
+    if (lid == 0)
+        last = atomic_inc(count) == (int)get_num_groups(2) - 1;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (!last)
+        return;
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+    for (int idx = lid; idx < nq * GROUP * (HEAD_DIM / 4); idx += ATT_WG) {
+        const int r = idx / (HEAD_DIM / 4), c4 = idx % (HEAD_DIM / 4);
+        const int t = t0 + r / GROUP, head = kvh * GROUP + r % GROUP;
+        vstore4(merge_splits(part_o, part_ml, T, get_num_groups(2), t, head, c4), c4,
+                out + (size_t)t * Q_DIM + head * HEAD_DIM);
+    }
+    if (lid == 0)
+        *count = 0;
+#endif
 }
 
 /* out[t, head] = the softmax-weighted merge of the n_splits partial results of that row.
@@ -369,19 +425,7 @@ __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, 
                       const int T, const int n_splits)
 {
     const int c = get_global_id(0), head = get_global_id(1), t = get_global_id(2);
-    float m = NEG;
-    for (int s = 0; s < n_splits; s++)
-        m = fmax(m, part_ml[2 * (((size_t)s * T + t) * N_HEADS + head)]);
-    float l = 0.0f;
-    float4 o = (float4)(0.0f);
-    for (int s = 0; s < n_splits; s++) {
-        const size_t slot = ((size_t)s * T + t) * N_HEADS + head;
-        const float2 ml = vload2(slot, part_ml);
-        const float w = ml.y > 0.0f ? exp2(ml.x - m) : 0.0f;
-        l = mad(w, ml.y, l);
-        o = mad((float4)(w), vload4(c, part_o + slot * HEAD_DIM), o);
-    }
-    vstore4(o / l, c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
+    vstore4(merge_splits(part_o, part_ml, T, n_splits, t, head, c), c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
 }
 
 /* Decode on CPUs (att_serial): one new token at position pos, one work-item per KV head, no local

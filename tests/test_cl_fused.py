@@ -390,3 +390,16 @@ def test_attention_rejects_positions_past_the_context(cl_rt):
         ops.attention(qkv, 1, 0, 16, out)
     with pytest.raises(PerfxError):
         ops.attention(qkv, 1, 2, 0, out)
+
+
+@pytest.mark.parametrize("kv_half", [False, True])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_attention_split_kv_merged_by_the_last_slice(cl_rt, params, kv_half):
+    """split_combine: the split-KV steps of test_attention_split_kv with no combine launch, the last
+    work-group of each (query tile, KV head) merging the slices; its counters end at zero each time."""
+    params = {**(params or {}), "kv_half": kv_half, "split_wgs": 24, "split_combine": True}
+    steps = [(0, 0, 126, None), (0, 126, 5, 2), (0, 131, 300, None), (0, 431, 300, None),
+             (0, 731, 300, None), (0, 1031, 1, None), (0, 1032, 1, 1), (0, 1033, 1, 7), (0, 1034, 3, 5),
+             (0, 1037, 8, 16), (0, 1045, 1, 32), (1, 0, 700, None), (1, 700, 2, 3)]
+    ops = _check_attention(cl_rt, make_config(), 1100, steps, params, seed=2)
+    assert not cl_rt.read(ops.split_done, ops.params["split_max_t"] * ops.config.n_kv_heads, np.int32).any()

@@ -140,6 +140,8 @@ class FusedOps:
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
         self.part_o = rt.empty(4 * slots * c.head_dim)  # [max_splits, split_max_t, n_heads, head_dim]
         self.part_ml = rt.empty(4 * slots * 2)          # [max_splits, split_max_t, n_heads, 2]
+        # int32 [split_max_t, n_kv_heads]: finished slices per (query tile, KV head), 0 between launches
+        self.split_done = rt.to_device(np.zeros(p["split_max_t"] * c.n_kv_heads, np.int32))
         self._attend: dict[int, cl.Kernel] = {}
         self._combine = cl.Kernel(self._attention_program(1), "combine")
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
@@ -191,6 +193,7 @@ class FusedOps:
         return dict(HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
                     ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]),
                     KL=p["att_key_lanes"] if qt == 1 else 1,
+                    SPLIT_COMBINE=bool(p["split_combine"]),
                     ATT_SCALE=f"{c.attn_scale!r}f" if c.attn_scale else False)
 
     def _attention_program(self, qt: int) -> cl.Program:
@@ -200,7 +203,7 @@ class FusedOps:
         knl = self._attend.get(qt)
         if knl is None:
             knl = cl.Kernel(self._attention_program(qt), "attend")
-            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 7)
+            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 7 + [None])
             self._attend[qt] = knl
         return knl
 
@@ -297,8 +300,8 @@ class FusedOps:
         knl = self._attend_kernel(qt)
         launch(knl, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
                qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
-               T, start_pos, self.ctx, layer, chunk, partial, window, cost=cost)
-        if partial:
+               T, start_pos, self.ctx, layer, chunk, partial, window, self.split_done, cost=cost)
+        if partial and not p["split_combine"]:      # with split_combine the attend launch merged them
             launch(self._combine, (c.head_dim // 4, c.n_heads, T), None,
                    self.part_o, self.part_ml, out, T, n_splits)
 

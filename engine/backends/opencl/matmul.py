@@ -307,6 +307,19 @@ class Norm:
         return (self.w.int_ptr, self.h.int_ptr, self.hx.key if self.hx is not None else 0, self.group, self.eps)
 
 
+@dataclass(frozen=True)
+class NormIn:
+    """The RMSNorm of a GEMV's input, done in its prologue (kernels/norm_in.h): the product reads
+    x [T, K] as rmsnorm(x) * w."""
+
+    w: cl.Buffer               # f32 [K]: norm weight
+    eps: float
+
+    @property
+    def key(self) -> tuple:
+        return (self.w.int_ptr, self.eps)
+
+
 @dataclass
 class _Plan:
     """The kernel launches of one call, arguments set; `keep` holds what the arguments refer to."""
@@ -359,18 +372,21 @@ class Matmul:
         return "few" if T <= self.params["few_max_tokens"] else "tiled"
 
     def linear(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool = False,
-               scheme: str | None = None, xs: XPrep | None = None) -> list[cl.Event]:
+               scheme: str | None = None, xs: XPrep | None = None,
+               norm_in: NormIn | None = None) -> list[cl.Event]:
         """y [T, N] = x [T, K] @ W^T, or y += x @ W^T with accumulate (float32 buffers). xs: x's group
         sums [T, K/group] (and, for the int-dot GEMV, x in int16) when already computed (the norms write
-        them), used by the int4 GEMV in place of its own xsum or quantize launch. Returns the events of
+        them), used by the int4 GEMV in place of its own xsum or quantize launch. norm_in: the GEMV
+        takes rmsnorm(x) * norm_in.w in place of x (its prologue normalises). Returns the events of
         its launches."""
-        return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
+        return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs, norm_in=norm_in)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: XPrep | None = None, act: str = "silu") -> None:
+               xs: XPrep | None = None, act: str = "silu", norm_in: NormIn | None = None) -> None:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows;
-        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU."""
-        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs)
+        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU. norm_in as in linear."""
+        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs,
+                      norm_in=norm_in)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
                       xs: XPrep | None = None) -> None:
@@ -382,14 +398,17 @@ class Matmul:
         self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
 
     def _enqueue(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-                 scheme: str | None, xs: XPrep | None = None, norm: Norm | None = None) -> list[cl.Event]:
+                 scheme: str | None, xs: XPrep | None = None, norm: Norm | None = None,
+                 norm_in: NormIn | None = None) -> list[cl.Event]:
         """Enqueues the call's launches (built once per distinct call); their events."""
-        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, xs and xs.key, norm and norm.key)
+        key = (op, id(w), x.int_ptr, y.int_ptr, T, accumulate, scheme, xs and xs.key, norm and norm.key,
+               norm_in and norm_in.key)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs, norm)
+            plan = self._plans[key] = self._plan(op, x, w, T, y, accumulate, scheme or self.scheme(T), xs, norm,
+                                                 norm_in)
         launch = self.rt.launch
         return [launch(kernel, global_size, local_size, cost=cost)
                 for (kernel, global_size, local_size), cost in zip(plan.steps, plan.costs)]
@@ -397,9 +416,13 @@ class Matmul:
     # -- building the launches of one call --
 
     def _plan(self, op: str, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, accumulate: bool,
-              scheme: str, xs: XPrep | None = None, norm: Norm | None = None) -> _Plan:
+              scheme: str, xs: XPrep | None = None, norm: Norm | None = None,
+              norm_in: NormIn | None = None) -> _Plan:
         if scheme not in SCHEMES:
             raise PerfxError(f"unknown matmul scheme {scheme!r} (one of {SCHEMES})")
+        if norm_in is not None and (scheme != "gemv" or norm is not None):
+            raise PerfxError(f"the input's norm runs in the GEMV's prologue only, not in the {scheme} scheme "
+                             "or with the norm epilogue")
         if T < 1:
             raise PerfxError(f"the {scheme} scheme cannot take T={T} tokens")
         K, N = w.cols, w.rows
@@ -413,7 +436,7 @@ class Matmul:
         if scheme == "mma" and (self.mma is None or not self.mma.takes(w.fmt, K) or w.scale_f32):
             scheme = "tiled"                     # int8, f16, float32 scales or K % 64 != 0: the portable GEMM
         if scheme == "gemv":
-            steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
+            steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm, norm_in)
         elif scheme == "mma":
             steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op == "swiglu")
         else:
@@ -433,21 +456,28 @@ class Matmul:
         return _Plan(steps, (x, y, w.buf) + keep, costs)
 
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
-              accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
+              accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None,
+              norm_in: NormIn | None = None) -> tuple[list, tuple]:
         p = self.params
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
-        use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
-        int_dot = w.fmt in ("int4", "int8") and self.int_dot
-        inline = w.fmt == "int4" and not int_dot and bool(p["gemv_zero_inline"])
+        # With the input's norm in the prologue (norm_in.h), x is a plain float buffer, read with the norm
+        # weight, and the int4 zero terms are summed inline from it.
+        use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels() \
+            and norm_in is None
+        int_dot = w.fmt in ("int4", "int8") and self.int_dot and norm_in is None
+        inline = w.fmt == "int4" and not int_dot and (bool(p["gemv_zero_inline"]) or norm_in is not None)
+        scratch = 4 * (ks * wgr + K)              # norm_in.h: the partial sums, then x * w * r [K] (NORM_STAGE)
+        stage = norm_in is not None and bool(p["gemv_norm_stage"]) and ks > 1 \
+            and self._local_fits(scratch, ks, wgr, tpw)
         hx = norm.hx if norm is not None else None
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
         defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
                        INT_DOT=int_dot, INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
-                       HQ=hx is not None and hx.q is not None)
+                       HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage)
         program = self.rt.program("gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
@@ -482,6 +512,10 @@ class Matmul:
             outs = [norm.h if b is None else b for b in (hx.sums, hx.q, hx.scale)] if hx else [norm.h] * 3
             args += [norm.w, norm.h, *outs, self.done, np.float32(norm.eps)]
             keep += (norm.w, norm.h, hx, self.done)
+        if norm_in is not None:
+            local = scratch if stage else 4 * ks * wgr          # (unused without a K split)
+            args += [norm_in.w, np.float32(norm_in.eps), cl.LocalMemory(local)]
+            keep += (norm_in.w,)
         gemv.set_args(*args)
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows
@@ -524,6 +558,12 @@ class Matmul:
         kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), accumulate, w_local, x_tile,
                         np.int32(kc))
         return [(kernel, (local[0] * -(-T // bt), local[1] * -(-N // bn)), local)], ()
+
+    def _local_fits(self, scratch: int, ks: int, wgr: int, tpw: int) -> bool:
+        """Whether `scratch` bytes of local memory fit beside the GEMV's own reduction array (and the
+        1 KiB per work-group some drivers keep)."""
+        own = 4 * wgr * 2 * tpw * RT * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
+        return scratch + own + 1024 <= self.rt.device.local_mem_size
 
     def _max_work_group(self, kernel: cl.Kernel) -> int:
         """The largest work-group this compiled kernel can run with on the device."""

@@ -91,6 +91,9 @@ GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
     Param("gemv_int_dot", None, True, (), "x in int16 and integer products where the device builds it"),
     Param("gemv_int_dot_256", None, False, (), "... with 256-bit instructions even where 512-bit exist"),
     Param("gemv_norm", None, True, (), "the residual projections' GEMV ends with the next RMSNorm"),
+    Param("gemv_norm_in", None, False, (), "the GEMVs that read the normalised residual stream normalise it in "
+          "their prologue, the o and down GEMVs add into it: no norm launches in decode (norm_in.h)"),
+    Param("gemv_norm_stage", None, True, (), "... with x * norm weight staged in local memory (else scaled per load)"),
     Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
@@ -143,6 +146,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("split_wgs", None, 0, (), "... aiming at this many work-groups per launch (0: the compute units)"),
     Param("max_splits", None, 64, (), "... and at most this many slices per KV head"),
     Param("kv_half", "KV_HALF", False, (), "KV cache stored as fp16 (vstore_half / vload_half)"),
+    Param("split_combine", "SPLIT_COMBINE", False, (), "split-KV: the last work-group of a KV head to finish "
+          "merges the slices (no combine launch)"),
     Param("att_serial", None, False, (False, True), "decode (T = 1, no split) by attend_one: one work-item "
           "per KV head (CPUs)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
