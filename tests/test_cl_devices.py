@@ -16,7 +16,6 @@ import pytest
 
 from perfx.engine.backends.opencl import devices as dev
 from perfx.engine.backends.opencl import drivers
-from perfx.engine.backends.opencl import tuning
 from perfx.engine.errors import PerfxError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,123 +359,6 @@ def test_root_dir_is_the_kernel_cache_parent(monkeypatch, tmp_path):
     assert dev.root_dir() == cache_dir().parent
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     assert dev.root_dir() == cache_dir().parent == tmp_path
-
-
-# ---- tuned parameters ----------------------------------------------------------------------------
-
-DATABASE = """
-[cpu.default.attention]
-att_vec = 16
-att_wg = 64
-
-[cpu.default.gemv]
-vec = 8
-
-[gpu.default.attention]
-att_wg = 256
-
-[cpu.vendor.amd.attention]
-att_rows = 8
-att_wg = 32
-
-[cpu.vendor."portable computing".attention]
-att_rows = 16
-
-[cpu.device.skylake.attention]
-att_vec = 8
-
-[cpu.device."skylake-avx512".attention]
-att_vec = 4
-kv_half = true
-"""
-
-
-@pytest.fixture
-def database(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("PERFX_HOME", str(tmp_path / "home"))
-    path = tmp_path / "tuning.toml"
-    path.write_text(DATABASE)
-    return path
-
-
-def test_params_for_precedence(database):
-    defaults = {"att_vec": 4, "att_wg": 128, "att_rows": 32, "kv_half": False, "split_wgs": 0}
-    cpu = fake_info(name="pthread-skylake-avx512-AMD EPYC", vendor="AuthenticAMD")
-    assert tuning.params_for(cpu, "attention", defaults, database) == {
-        "att_vec": 4,          # device "skylake-avx512" over device "skylake"
-        "att_wg": 32,          # vendor over type default
-        "att_rows": 16,        # the longer vendor match ("portable computing", the platform) over "amd"
-        "kv_half": True,
-        "split_wgs": 0,        # built-in default
-    }
-    gpu = fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA")
-    assert tuning.params_for(gpu, "attention", defaults, database) == {**defaults, "att_wg": 256}
-    assert tuning.params_for(gpu, "rmsnorm", {"rms_wg": 64}, database) == {"rms_wg": 64}
-    assert tuning.params_for(cpu, "gemv", None, database) == {"vec": 8}
-
-    tuning.write_override(cpu, "attention", {"att_wg": 16})
-    assert tuning.params_for(cpu, "attention", defaults, database)["att_wg"] == 16
-    assert tuning.params_for(fake_info(name="pthread-skylake-avx512-AMD EPYC", driver_version="4.0"),
-                             "attention", defaults, database)["att_wg"] == 32
-
-
-def test_the_shipped_database():
-    cpu, gpu = fake_info(), fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation")
-    assert tuning.params_for(cpu, "fused", {"att_vec": 4, "att_wg": 128})["att_vec"] == 16
-    assert tuning.params_for(gpu, "fused", {"att_vec": 4, "att_wg": 128}) == {"att_vec": 4, "att_wg": 128}
-
-
-def test_write_override_is_atomic_and_merges(database, monkeypatch):
-    info = fake_info(name="pthread-skylake-avx512-AMD EPYC")
-    path = tuning.write_override(info, "attention", {"att_vec": 16, "att_wg": 64})
-    assert path == tuning.override_path(info) and path.parent.name == "tuning"
-    assert path.name == "portable-computing-language_pthread-skylake-avx512-amd-epyc_3.1+debian.toml"
-    tuning.write_override(info, "gemv", {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'})
-    tuning.write_override(info, "attention", {"att_vec": 8})     # replaces this kernel's entry only
-    assert tuning.load_override(info) == {
-        "attention": {"att_vec": 8},
-        "gemv": {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'},
-    }
-    before = path.read_text()
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        tuning.write_override(info, "rmsnorm", {"rms_wg": 128})
-    assert path.read_text() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]       # no temporary file left
-
-
-def test_bad_override_file_names_the_file(database):
-    info = fake_info()
-    path = tuning.override_path(info)
-    path.parent.mkdir(parents=True)
-    path.write_text("[attention\natt_vec = 16\n")
-    with pytest.raises(PerfxError, match=re.escape(f"{path} is not valid TOML")):
-        tuning.params_for(info, "attention", {}, database)
-    path.write_text("att_vec = 16\n")
-    with pytest.raises(PerfxError, match=re.escape(str(path))):
-        tuning.params_for(info, "attention", {}, database)
-    path.write_text("[attention]\natt_vec = [16, 8]\n")
-    with pytest.raises(PerfxError, match=re.escape(str(path))):
-        tuning.params_for(info, "attention", {}, database)
-    with pytest.raises(PerfxError, match="must be numbers, booleans or strings"):
-        tuning.write_override(info, "attention", {"att_vec": [1, 2]})
-
-
-def test_bad_database_is_reported(tmp_path):
-    path = tmp_path / "tuning.toml"
-    path.write_text("[phone.default.gemv]\nvec = 4\n")
-    with pytest.raises(PerfxError, match="not a device type"):
-        tuning.params_for(fake_info(), "gemv", {}, path)
-    path.write_text("[cpu.default]\nvec = 4\n")
-    with pytest.raises(PerfxError, match=r"\[cpu.default.vec\] must be a table of parameters"):
-        tuning.params_for(fake_info(), "gemv", {}, path)
-    path.write_text("[cpu.vendor]\namd = 4\n")
-    with pytest.raises(PerfxError, match=r'\[cpu.vendor."amd"\] must hold one table per kernel'):
-        tuning.params_for(fake_info(), "gemv", {}, path)
 
 
 # ---- perfx devices ----------------------------------------------------------------------------------

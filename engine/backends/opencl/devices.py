@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import PerfxError
-from . import drivers
+from . import device_keys, drivers
 
 if TYPE_CHECKING:
     import pyopencl as cl
@@ -69,6 +69,7 @@ class DeviceInfo:
     image1d_buffer_max: int       # texels of an image1d_buffer_t at most (0 without images)
     has_fp16: bool                # cl_khr_fp16
     driver_version: str
+    architecture: str = ""        # the tuning database's key: "sm_90", "gfx1030", "avx2" (device_keys.py)
 
     @property
     def id(self) -> str:
@@ -87,6 +88,11 @@ class DeviceInfo:
     def label(self) -> str:
         """`opencl:P:D (device, platform)`, as notices and errors name a device."""
         return f"{self.id} ({self.name}, {self.platform_label})"
+
+    @property
+    def vendor_key(self) -> str:
+        """The tuning database's vendor key: "nvidia", "amd", "intel", ... (device_keys.py)."""
+        return device_keys.vendor_key(self.vendor, self.platform_name)
 
     @property
     def key(self) -> str:
@@ -164,15 +170,17 @@ def _describe(cl: Any, p_index: int, platform: cl.Platform, d_index: int, device
             return default
 
     kind = query("type", 0)
+    kind = "gpu" if kind & cl.device_type.GPU else "cpu" if kind & cl.device_type.CPU else "accelerator"
     images = bool(query("image_support", False))
+    name, vendor = query("name", "?").strip(), query("vendor", "").strip()
     return DeviceInfo(
         platform_index=p_index,
         platform_name=platform.name.strip(),
         platform_version=platform.version.strip(),
         device_index=d_index,
-        name=query("name", "?").strip(),
-        vendor=query("vendor", "").strip(),
-        type="gpu" if kind & cl.device_type.GPU else "cpu" if kind & cl.device_type.CPU else "accelerator",
+        name=name,
+        vendor=vendor,
+        type=kind,
         global_mem=int(query("global_mem_size", 0)),
         max_alloc=int(query("max_mem_alloc_size", 0)),
         compute_units=int(query("max_compute_units", 0)),
@@ -182,6 +190,7 @@ def _describe(cl: Any, p_index: int, platform: cl.Platform, d_index: int, device
         image1d_buffer_max=int(query("image_max_buffer_size", 0)) if images else 0,
         has_fp16="cl_khr_fp16" in query("extensions", "").split(),
         driver_version=query("driver_version", "").strip(),
+        architecture=device_keys.architecture(kind, device_keys.vendor_key(vendor, platform.name), name, device),
     )
 
 
