@@ -45,7 +45,7 @@ def machine(monkeypatch):
     """A stand-in machine: a GPU that cannot build, two CPUs of which the first cannot build."""
     found = [
         (fake_info(0, 0, "gpu", "Fake GPU", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA",
-                   platform_version="OpenCL 3.0 CUDA 12.8.90"), "gpu0"),
+                   platform_version="OpenCL 3.0 CUDA 12.8.90", architecture="sm_90"), "gpu0"),
         (fake_info(1, 0, "cpu", "pthread-AMD EPYC", platform_version="OpenCL 3.0 PoCL 3.0-rc2  Linux"), "cpu-broken"),
         (fake_info(2, 0, "cpu", "pthread-skylake-avx512-AMD EPYC"), "cpu-good"),
     ]
@@ -376,6 +376,30 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     assert "opencl:1:0: cannot build kernels: error: unknown target CPU 'generic'" in out
     devices_command(measure=False)
     assert "44.9" in capsys.readouterr().out
+
+
+def test_devices_show_their_keys_and_how_they_are_tuned(machine, monkeypatch, tmp_path, capsys):
+    import datetime
+
+    from perfx.cli.devices_cmd import devices_command, devices_json
+    from perfx.engine.backends.opencl import tuning
+    from rich.console import Console
+
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
+    devices_command(measure=False)
+    out = capsys.readouterr().out
+    assert "nvidia / sm_90" in out and "gpu.nvidia.default" in out and "amd / —" in out
+    assert "perfx tune 20" not in out and out.count("no perfx tune file") == 3
+    cpu = dev.enumerate_devices()[2][0]
+    tuning.write_override(cpu, "matmul", {"gemv_wg_rows": 4})
+    devices_command(measure=False)
+    assert f"perfx tune {datetime.date.today().isoformat()}" in capsys.readouterr().out
+    rows = json.loads(devices_json(dev.enumerate_devices(), False, Console(stderr=True)))
+    assert rows[0]["architecture"] == "sm_90" and rows[0]["tuned"] is False
+    assert rows[0]["tuning"]["levels"] == ["gpu.default", "gpu.nvidia.default"]
+    assert rows[2]["tuned"] is True and rows[2]["tuning"]["override_date"] == datetime.date.today().isoformat()
+    assert rows[2]["tuning"]["override"] == str(tuning.override_path(cpu)) and rows[2]["tuning"]["vendor"] == "amd"
 
 
 def test_setup_icd_keeps_the_loader_to_the_one_system_pocl(tmp_path, monkeypatch):
