@@ -45,7 +45,7 @@ from ...errors import PerfxError
 from ...tensors import QTensor
 from . import gemm_mma, weights
 from .runtime import Runtime
-from .specs import defaults
+from .specs import GEMM_TILED, check_fits, check_rules, defaults, over_limits
 
 RT = 4                                # rows per tile
 FORMAT_CODE = {"int4": 4, "int8": 8, "int8x": 8, "f16": 16, "bf16": 17, "f32": 32}
@@ -430,15 +430,16 @@ class Matmul:
               accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
         p = self.params
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
-        if ks < 1 or ks & (ks - 1) or tpw < 1:
-            raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
+        shape = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw}
+        dev = self.rt.device
+        check_fits("gemv", shape, dev.local_mem_size, dev.max_work_group_size)     # before the build
         use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
         int_dot = w.fmt in ("int4", "int8") and self.int_dot
         inline = w.fmt == "int4" and not int_dot and bool(p["gemv_zero_inline"])
         hx = norm.hx if norm is not None else None
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
-        defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
+        defines.update(**shape, USE_IMAGE=use_image, ZERO_INLINE=inline,
                        INT_DOT=int_dot, INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None)
@@ -463,10 +464,8 @@ class Matmul:
             make_image = getattr(cl, "create_image", cl.Image)
             xarg = make_image(self.rt.ctx, cl.mem_flags.READ_ONLY, fmt, shape=(T * K // 4,), buffer=x)
             keep += (xarg,)
-        gemv = cl.Kernel(program, "gemv")
-        if ks * wgr > self._max_work_group(gemv):
-            raise PerfxError(f"{self.rt.device.name}: gemv work-group of {ks} x {wgr} work-items is too large "
-                             f"(kernel limit {self._max_work_group(gemv)}); lower gemv_ksplit or gemv_wg_rows")
+        gemv = cl.Kernel(program, "gemv")     # the built kernel's own limit (its registers) may be lower
+        check_fits("gemv", shape, dev.local_mem_size, self._max_work_group(gemv))
         args = [w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T)]
         if int_dot:
             args += [given.q, given.scale]
@@ -497,20 +496,20 @@ class Matmul:
     def _gemm_tiled(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
                     accumulate: np.int32) -> tuple[list, tuple]:
         p = self.params
-        bn, bt, rr, tr = (int(p[k]) for k in ("tiled_bn", "tiled_bt", "tiled_rr", "tiled_tr"))
-        x_local = int(p["tiled_x_local"])
+        tile = {k.upper(): int(p[f"tiled_{k}"]) for k in ("bn", "bt", "rr", "tr", "x_local")}
+        bn, bt, x_local = tile["BN"], tile["BT"], tile["X_LOCAL"]
+        check_rules("gemm_tiled", tile)
         few_defines = dict(defines)
-        defines.update(VEC=p["tiled_vec"], BN=bn, BT=bt, RR=rr, TR=tr, X_LOCAL=x_local)
+        defines.update(VEC=p["tiled_vec"], **tile)
         kernel = cl.Kernel(self.rt.program("gemm", **defines), "gemm_tiled")
-        local = (bt // tr, bn // rr)
+        local = (bt // tile["TR"], bn // tile["RR"])
         # Local memory left for the tiles: drivers keep some for themselves (1 KiB per block on NVIDIA).
         static = kernel.get_work_group_info(cl.kernel_work_group_info.LOCAL_MEM_SIZE, self.rt.device)
         budget = self.rt.device.local_mem_size - static - 1024
         nchunks = len(chunk_widths(K))
-        kc = min(int(p["tiled_kc"]) or nchunks, nchunks)       # chunks staged per barrier
-        while kc > 1 and 4 * 128 * kc * (bn + x_local * bt) > budget:
-            kc -= 1
-        if 4 * 128 * kc * (bn + x_local * bt) > budget or local[0] * local[1] > self._max_work_group(kernel):
+        per_chunk = GEMM_TILED.local_bytes(tile)               # one chunk of K staged
+        kc = max(1, min(int(p["tiled_kc"]) or nchunks, nchunks, budget // per_chunk))   # chunks per barrier
+        if over_limits("gemm_tiled", tile, budget // kc, self._max_work_group(kernel)):
             # The tiles do not fit this device (local memory, or registers for the work-group size).
             return self._gemm_few(few_defines, x, w, T, K, N, y, accumulate)
         w_local = cl.LocalMemory(4 * bn * 128 * kc)                        # [BN][kc*128]
