@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from perfx.engine.backends.opencl import bandwidth as bw
 from perfx.engine.backends.opencl import devices as dev
 from perfx.engine.backends.opencl import tuning
 from perfx.engine.errors import PerfxError
@@ -30,11 +31,11 @@ def _bandwidth_cell(info: dev.DeviceInfo, handle: Any, measure: bool, err: Conso
     if reason is not None:
         return "—", f"cannot build kernels: {reason}"
     try:
-        value = dev.bandwidth(info, measure=False)
+        value = bw.bandwidth(info, measure=False)
         if value is None and measure:
             spinner = err.status(f"measuring the copy bandwidth of {info.id}…", spinner="dots")
             with spinner if err.is_terminal else nullcontext():
-                value = dev.bandwidth(handle)
+                value = bw.bandwidth(handle)
     except PerfxError as e:
         return "—", str(e)
     return (f"{value / 1e9:,.1f}", None) if value is not None else ("[dim]not measured[/]", None)
@@ -75,9 +76,9 @@ def devices_json(found: list, measure: bool, err: Console) -> str:
         bandwidth, note = None, None if reason is None else f"cannot build kernels: {reason}"
         if reason is None:
             try:
-                bandwidth = dev.bandwidth(info, measure=False)
+                bandwidth = bw.bandwidth(info, measure=False)
                 if bandwidth is None and measure:
-                    bandwidth = dev.bandwidth(handle)
+                    bandwidth = bw.bandwidth(handle)
             except PerfxError as e:
                 note = str(e)
         rows.append({"id": info.id, "platform": info.platform_name, "platform_label": info.platform_label,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from perfx.engine.backends.opencl import bandwidth as bw
 from perfx.engine.backends.opencl import devices as dev
 from perfx.engine.backends.opencl import drivers
 from perfx.engine.errors import PerfxError
@@ -298,46 +299,46 @@ def test_set_cpu_threads_reaches_pocl():
 def test_bandwidth_is_measured_once_then_read_from_devices_json(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
     info = fake_info()
-    assert dev.bandwidth(info, measure=False) is None
-    assert dev.bandwidth(info) == 12.5e9 and dev.bandwidth(info) == 12.5e9
+    assert bw.bandwidth(info, measure=False) is None
+    assert bw.bandwidth(info) == 12.5e9 and bw.bandwidth(info) == 12.5e9
     assert calls == [info]
     data = json.loads((tmp_path / "devices.json").read_text())
     (entry,) = data.values()
     assert entry["copy_bandwidth"] == 12.5e9 and "measured_at" in entry
-    assert dev.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
-    assert dev.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
-    assert dev.bandwidth(info, measure=False) == 12.5e9
+    assert bw.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
+    assert bw.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
+    assert bw.bandwidth(info, measure=False) == 12.5e9
 
 
 def test_bandwidth_measured_before_the_boot_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     values = iter([30e9, 20e9])
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: next(values))
     info = fake_info()
-    assert dev.bandwidth(info) == 30e9
-    monkeypatch.setattr(dev, "boot_time", lambda: 4e9)         # the machine booted after that figure
-    assert dev.bandwidth(info, measure=False) is None
-    assert dev.bandwidth(info) == 20e9                          # a lower figure after a reboot stands
+    assert bw.bandwidth(info) == 30e9
+    monkeypatch.setattr(bw, "boot_time", lambda: 4e9)         # the machine booted after that figure
+    assert bw.bandwidth(info, measure=False) is None
+    assert bw.bandwidth(info) == 20e9                          # a lower figure after a reboot stands
 
 
 def test_a_fresh_bandwidth_keeps_the_best_figure_since_boot(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     values = iter([20e9, 30e9, 25e9])
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: next(values))
     info = fake_info()
-    assert dev.bandwidth(info) == 20e9
-    assert dev.bandwidth(info, fresh=True) == 30e9             # measured under less load: it beats the cache
-    assert dev.bandwidth(info, fresh=True) == 30e9             # 25 measured under load: the best one stays
-    assert dev.bandwidth(info, measure=False) == 30e9
+    assert bw.bandwidth(info) == 20e9
+    assert bw.bandwidth(info, fresh=True) == 30e9             # measured under less load: it beats the cache
+    assert bw.bandwidth(info, fresh=True) == 30e9             # 25 measured under load: the best one stays
+    assert bw.bandwidth(info, measure=False) == 30e9
 
 
 def test_bandwidth_survives_a_corrupt_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     (tmp_path / "devices.json").write_text("{not json")
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 1e9)
-    assert dev.bandwidth(fake_info()) == 1e9
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 1e9)
+    assert bw.bandwidth(fake_info()) == 1e9
     assert len(json.loads((tmp_path / "devices.json").read_text())) == 1
 
 
@@ -348,7 +349,7 @@ def test_measure_bandwidth_on_a_real_device(monkeypatch, tmp_path):
         sel = dev.select("opencl")
     except PerfxError as e:
         pytest.skip(str(e))
-    value = dev.measure_bandwidth(sel.device, nbytes=4 << 20, runs=3)
+    value = bw.measure_bandwidth(sel.device, nbytes=4 << 20, runs=3)
     assert 1e8 < value < 1e14
 
 
@@ -368,7 +369,7 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     from perfx.cli.devices_cmd import devices_command
 
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 44.9e9)
     devices_command()
     out = capsys.readouterr().out
     assert "opencl:0:0" in out and "opencl:2:0" in out and "numpy" in out
@@ -386,7 +387,7 @@ def test_devices_show_their_keys_and_how_they_are_tuned(machine, monkeypatch, tm
     from rich.console import Console
 
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 44.9e9)
     devices_command(measure=False)
     out = capsys.readouterr().out
     assert "nvidia / sm_90" in out and "gpu.nvidia.default" in out and "amd / —" in out

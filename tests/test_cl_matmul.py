@@ -151,7 +151,7 @@ def int_dot(mm, w, T: int, scheme: str | None = None) -> bool:
 
 def x_for(mm, w, x: np.ndarray, scheme: str | None = None) -> np.ndarray:
     """x as the product of mm on matrix w sees it."""
-    from perfx.engine.backends.opencl.matmul import xq_view
+    from perfx.engine.backends.opencl.packing import xq_view
 
     return xq_view(x) if int_dot(mm, w, x.shape[0], scheme) else x
 

@@ -125,7 +125,8 @@ def test_gemv_over_the_local_memory_limit_is_refused_before_it_is_built(monkeypa
     """K split across 16 work-items in work-groups of 8 rows: 2 KiB of partial sums, over a 1 KiB device."""
     import numpy as np
 
-    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul, quantize_int4
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.packing import quantize_int4
 
     rt, device = _cpu_runtime()
     w = DeviceMatrix.from_int4(rt, *quantize_int4(np.ones((64, 128), np.float32)), 32)

@@ -16,7 +16,8 @@ from ...config import ModelConfig
 from ...model import Weights
 from .. import Backend, Capabilities, DeviceReport
 from ..numpy_backend import OPTIONAL_NORMS, check_pageable
-from .devices import Selection, bandwidth, check_memory, describe
+from .bandwidth import bandwidth
+from .devices import Selection, check_memory, describe
 from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul, Norm, XPrep
