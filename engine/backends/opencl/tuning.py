@@ -217,6 +217,17 @@ def write_override(info: DeviceInfo, kernel: str, params: Params, note: str = ""
     return path
 
 
+def override_notice(info: DeviceInfo, resolved: dict[str, Params]) -> str | None:
+    """What a run says when the tuner's file sets some of its parameters: their values as `resolved`
+    ({section: params}, what the run uses) holds them, the file's date and path; None without a file."""
+    override = load_override(info)
+    values = [f"{k}={_toml_value(resolved[section][k])}" for section in sorted(override) if section in resolved
+              for k in sorted(override[section]) if k in resolved[section]]
+    if not values:
+        return None
+    return f"tuned by perfx tune on {override_date(info)}: {', '.join(values)} ({override_path(info)})"
+
+
 def _notes(path: Path) -> dict[str, str]:
     """The comment line above each kernel's table in an override file."""
     try:
