@@ -62,6 +62,30 @@ def test_a_wrong_candidate_is_never_chosen(tmp_path, monkeypatch):
     assert result.groups[0].chosen["gemv_wg_rows"] != 4 and result.path is None
 
 
+def test_each_group_gets_a_share_of_the_budget(monkeypatch):
+    """A budget that the first group's candidates could spend alone still reaches every group: each has
+    an equal share of the time left when it starts."""
+    from types import SimpleNamespace
+
+    from perfx.engine.backends.opencl import tuner
+
+    sel = opencl_selection()
+    spaces = {"gemv": {"gemv_wg_rows": (1, 2, 4, 8)}, "gemm_few": {"few_tt": (2, 4, 8)},
+              "gemm_tiled": {"tiled_bn": (16, 32, 64)}}
+    monkeypatch.setattr(tuner, "search_space", lambda kernel: spaces[kernel])
+    t = tuner.Tuner(sel, shapes=((64, 96),))
+    now = [0.0]
+
+    def timed(params, scheme, T):                 # every timing takes 10 s of a fake clock
+        now[0] += 10
+        return 1.0
+
+    monkeypatch.setattr(t, "time", timed)
+    monkeypatch.setattr(tuner, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    result = t.run(["gemv", "few", "tiled"], budget_s=60, write=False)
+    assert [g.tried for g in result.groups] == [2, 1, 1]
+
+
 def test_perfx_tune_is_read_by_the_next_run(tmp_path, monkeypatch, tiny_gguf):
     """`perfx tune --device cpu --budget 30 -m tiny.gguf` on an empty PERFX_HOME (a search of two GEMV
     work-group shapes against a current setting that cannot run, so that one of them must win) writes the
