@@ -287,3 +287,19 @@ def test_bad_override_file_names_the_file():
         tuning.write_override(info, "attention", {"att_vec": [1, 2]})
 
 
+
+
+def test_the_devices_of_this_machine_have_their_keys():
+    """On real devices: a CPU's ISA level, an NVIDIA GPU's compute capability (the H200: sm_90)."""
+    pytest.importorskip("pyopencl")
+    from perfx.engine.backends.opencl.devices import list_devices
+
+    found = list_devices()
+    if not found:
+        pytest.skip("no OpenCL device here")
+    for info in found:
+        if info.type == "cpu":
+            assert info.architecture in {level for level, _ in device_keys.ISA_LEVELS} | {"generic"}, info
+        if info.vendor_key == "nvidia":
+            assert re.fullmatch(r"sm_\d+", info.architecture), info
+            assert tuning.params_for(info, "matmul", {}) == NVIDIA_MATMUL
