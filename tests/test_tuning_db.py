@@ -182,6 +182,8 @@ def test_each_level_over_the_one_before(database):
      "each record needs"),
     ("[cpu.amd.default.gemv]\nvec = 4\nwg = 2\nmeasured = {device = 'x', date = 2026-11-24, commit = 'a', "
      "params = ['vec']}\n", "does not say where wg was measured"),
+    ("[cpu.amd.default.gemv]\nvec = 4\nmeasured = {device = 'x', date = 2026-11-24, commit = 'a', "
+     "params = ['vec', 'wg']}\n", "measured names wg, which the entry does not set"),
     ("[cpu.amd.avx2.x.gemv]\nvec = [4]\nmeasured = {device = 'x', date = 2026-11-24, commit = 'a'}\n",
      r"\[cpu.amd.avx2.x.gemv\] must be a table of parameters"),
 ])

@@ -138,6 +138,9 @@ def _check_entry(entry: Any, name: str, source: Path | str, typed_default: bool)
                 or not isinstance(record.get("params", []), list):
             raise PerfxError(f"{source}: [{name}] measured: each record needs device (a string), date "
                              "(a TOML date), commit (a string) and optionally params (a list of keys)")
+        stray = sorted(set(record.get("params", [])) - set(params))
+        if stray:
+            raise PerfxError(f"{source}: [{name}] measured names {', '.join(stray)}, which the entry does not set")
         covered |= set(record.get("params", params))
     uncovered = sorted(set(params) - covered) if "reason" not in entry else []
     if uncovered:
