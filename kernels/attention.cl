@@ -55,7 +55,11 @@
    come from qkv or from the cache).
    Tunables: QT (query tokens per work-group), VW (vector width per work-item: 4, 8 or 16; 16 suits
    CPUs, whose compilers do not vectorise across work-items here), ATT_WG (work-group size = keys
-   per block; a multiple of VW and of HEAD_DIM / VW). */
+   per block; a multiple of VW and of HEAD_DIM / VW), KL (work-items per key in the score step, a
+   power of two dividing ATT_WG: 1, each work-item one key of the block; KL > 1, KL work-items read
+   one key's row side by side and the block is scored in passes of KPP = ATT_WG / KL keys, which
+   GPUs read in whole cache lines; decode launches use it, with short key slices, so that a token's
+   attention has many work-groups). */
 
 #ifndef ATT_SCALE
 #define ATT_SCALE rsqrt((float)HEAD_DIM)
@@ -78,6 +82,9 @@
 #ifndef VW
 #error "VW: its default is declared in engine/backends/opencl/specs.py"
 #endif
+#ifndef KL
+#error "KL: its default is declared in engine/backends/opencl/specs.py"
+#endif
 
 #define N_HEADS (GROUP * N_KV_HEADS)
 #define Q_DIM (N_HEADS * HEAD_DIM)
@@ -86,6 +93,7 @@
 #define ROWS (QT * GROUP)
 #define DV (HEAD_DIM / VW)
 #define KEY_GROUPS (ATT_WG / DV)
+#define KPP (ATT_WG / KL)                /* keys per pass of the score step with KL > 1 */
 #define NEG (-1.0e30f)
 #define VISIBLE (-1.0e29f)
 
@@ -164,6 +172,9 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     __local float l_loc[ROWS];           /* running sum of probabilities of each row */
     __local float a_loc[ROWS];           /* rescale factor of the current block */
     __local floatV red[ATT_WG];          /* [KEY_GROUPS, HEAD_DIM] final reduction of one row */
+#if KL > 1
+    __local float s_part[ROWS * ATT_WG];  /* [ROWS, KPP, KL] partial dot products of one pass */
+#endif
 
     const int lid = get_local_id(0);
     const int t0 = get_group_id(0) * QT;
@@ -213,6 +224,52 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     for (int b = kstart; b < s1; b += ATT_WG) {
         const int nk = min(ATT_WG, s1 - b);
 
+#if KL > 1
+        /* 1. scores, KL work-items per key: work-item (kk, lane) = (lid / KL, lid % KL) takes key
+           b + j0 + kk of each pass of KPP keys and the vectors lane, lane + KL, ... of its row, so that
+           KL neighbouring work-items read one key's row in consecutive vectors; the KL partial dot
+           products meet in s_part. */
+        for (int j0 = 0; j0 < nk; j0 += KPP) {
+            const int lane = lid % KL, kk = lid / KL, pos = b + j0 + kk;
+            floatV sv[ROWS];
+            for (int r = 0; r < ROWS; r++)
+                sv[r] = (floatV)(0.0f);
+            if (j0 + kk < nk) {
+                if (pos < start_pos) {
+                    __global const kv_t *kr = kc + (size_t)pos * HEAD_DIM;
+                    for (int cc = lane; cc < DV; cc += KL) {
+                        const floatV k = KV_LOAD(cc, kr);
+                        for (int r = 0; r < ROWS; r++)
+                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
+                    }
+                } else {
+                    __global const float *kr = k_new + (size_t)(pos - start_pos) * QKV_STRIDE;
+                    for (int cc = lane; cc < DV; cc += KL) {
+                        const floatV k = kv_round(roped(kr, cc, rope, pos));
+                        for (int r = 0; r < ROWS; r++)
+                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < ROWS; r++)
+                s_part[(r * KPP + kk) * KL + lane] = hsumV(sv[r]);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            for (int idx = lid; idx < ROWS * KPP; idx += ATT_WG) {
+                const int r = idx / KPP, j = j0 + idx % KPP, kpos = b + j;
+                float d = s_part[idx * KL];
+                for (int l = 1; l < KL; l++)
+                    d += s_part[idx * KL + l];
+                const bool visible = j < nk && kpos <= p0 + r / GROUP
+                                     && (!window || kpos > p0 + r / GROUP - window);
+                if (j < ATT_WG)
+                    p_loc[r * ATT_WG + j] = visible ? d : NEG;
+            }
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        for (int idx = lid; idx < ROWS * ATT_WG; idx += ATT_WG)   /* past the last pass */
+            if (idx % ATT_WG >= (nk + KPP - 1) / KPP * KPP)
+                p_loc[idx] = NEG;
+#else
         /* 1. scores of key b + lid against every row */
         {
             const int pos = b + lid;
@@ -242,6 +299,7 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
                 p_loc[r * ATT_WG + lid] = visible ? hsumV(sv[r]) : NEG;
             }
         }
+#endif
         barrier(CLK_LOCAL_MEM_FENCE);
 
         /* 2. online softmax, one row per work-item */

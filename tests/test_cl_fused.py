@@ -304,11 +304,13 @@ def _check_attention(rt: Runtime, config: ModelConfig, ctx: int, steps: list[Ste
     return ops
 
 
-PARAMS = [None, GPU_LIKE]
+KEY_LANES = {"att_key_lanes": 8, "split_min_chunk": 16}    # decode scored by 8 work-items per key
+PARAMS = [None, GPU_LIKE, KEY_LANES]
+PARAM_IDS = ["default", "gpu-like", "key-lanes"]
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
-@pytest.mark.parametrize("params", PARAMS, ids=["default", "gpu-like"])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_attention_prefill_then_decode(cl_rt, params, kv_half):
     """T = 17, 3, 1, 300 and 1 continuing one cache; the other layer interleaved and left alone."""
     steps = [(1, 0, 17, None), (0, 0, 5, None), (1, 17, 3, None), (1, 20, 1, None),
@@ -317,7 +319,7 @@ def test_attention_prefill_then_decode(cl_rt, params, kv_half):
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
-@pytest.mark.parametrize("params", PARAMS, ids=["default", "gpu-like"])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_attention_split_kv(cl_rt, params, kv_half):
     """Long contexts through the split-KV path: forced, chosen automatically, with the new tokens
     straddling a slice boundary, and with slices that hold no visible key for some rows."""
@@ -329,7 +331,7 @@ def test_attention_split_kv(cl_rt, params, kv_half):
     ops = _check_attention(cl_rt, make_config(), 1100, steps, params, seed=1)
     assert ops.splits_for(1, 1032) > 1
     assert ops.splits_for(300, 1032) == 1
-    assert ops.splits_for(1, 100) == 1
+    assert ops.splits_for(1, ops.params["split_min_chunk"] - 1) == 1
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
@@ -362,6 +364,20 @@ def test_attention_other_shapes(cl_rt):
     config = make_config(dim=256, n_heads=4, n_kv_heads=2, head_dim=64)
     steps = [(1, 0, 7, None), (1, 7, 2, None), (1, 9, 1, 2)]
     _check_attention(cl_rt, config, 32, steps, {"att_vec": 4, "att_wg": 16, "kv_half": True})
+
+
+@pytest.mark.parametrize("lanes, wg, vec", [(2, 32, 4), (4, 64, 8), (16, 128, 4)])
+def test_attention_key_lanes_shapes(cl_rt, lanes, wg, vec):
+    """Decode scored by several work-items per key: head_dim 128 (more vectors than lanes) and 64,
+    grouped queries, slices shorter than a block and passes that end inside the block."""
+    config = make_config(dim=512, n_heads=4, n_kv_heads=4, head_dim=128, rope_dim=32)
+    steps = [(0, 0, 45, None), (0, 45, 1, None), (0, 46, 1, 3), (0, 47, 1, 5), (0, 48, 1, None)]
+    _check_attention(cl_rt, config, 64, steps, {"att_vec": vec, "att_wg": wg, "att_key_lanes": lanes,
+                                                "split_min_chunk": 8, "split_wgs": 64})
+    config = make_config(dim=256, n_heads=6, n_kv_heads=2, head_dim=64)
+    steps = [(1, 0, 7, None), (1, 7, 1, None), (1, 8, 1, 2), (1, 9, 1, 4), (1, 10, 1, None)]
+    _check_attention(cl_rt, config, 32, steps, {"att_vec": vec, "att_wg": wg, "att_key_lanes": lanes,
+                                                "kv_half": True})
 
 
 def test_attention_rejects_positions_past_the_context(cl_rt):

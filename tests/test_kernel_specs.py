@@ -41,7 +41,7 @@ def test_operator_defaults_come_from_the_specs():
 
     assert fused.DEFAULT_PARAMS == specs.defaults("fused")
     assert matmul.DEFAULT_PARAMS == specs.defaults("matmul")
-    assert set(specs.search_space("attention")) == {"att_wg", "att_vec", "att_rows", "att_serial"}
+    assert set(specs.search_space("attention")) == {"att_wg", "att_vec", "att_key_lanes", "att_rows", "att_serial"}
 
 
 def test_attention_local_memory_of_a_large_query_tile():

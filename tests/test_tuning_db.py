@@ -40,8 +40,8 @@ RADEON = fake_info("gpu", "gfx1030", vendor="Advanced Micro Devices, Inc.",
                    platform_name="AMD Accelerated Parallel Processing", architecture="gfx1030")
 
 # What kernels/tuning.toml gave each device before it was keyed by vendor and architecture (its layout
-# of 2026-12-03, commit e2e0453: [<type>.default], [<type>.vendor."<substring>"], [<type>.device."<substring>"]),
-# computed once from that file: tuning.params_for(info, section, {}).
+# of 2026-12-03, commits e2e0453 and 3e1eb05: [<type>.default], [<type>.vendor."<substring>"],
+# [<type>.device."<substring>"]), computed once from that file: tuning.params_for(info, section, {}).
 CPU_FUSED = {"att_vec": 16, "att_wg": 64, "kv_half": True, "att_serial": True}
 GPU_MATMUL = {"gemv_norm": False, "gemv_int_dot": False}
 NVIDIA_MATMUL = {
@@ -49,12 +49,13 @@ NVIDIA_MATMUL = {
     "few_vec": 4, "few_tt": 4, "few_wg_rows": 16, "tiled_vec": 4, "tiled_bn": 64, "tiled_bt": 32, "tiled_rr": 4,
     "tiled_tr": 4, "tiled_kc": 1, "tiled_x_local": 0, "gemm_mma": "ptx", "mma_min_tokens": 2, "mma_bn": 128,
     "mma_bt": 128, "mma_wm": 32, "mma_wn": 64}
+NVIDIA_FUSED = {"attention_mma": "ptx", "att_mma_min_tokens": 64, "att_mma_warps": 4, "att_mma_bk": 64}
 BEFORE = {
     "PoCL CPU (AVX-512)": (POCL_CPU, {}, CPU_FUSED),
     "PoCL CPU (AVX2)": (POCL_CPU_AVX2, {}, CPU_FUSED),
     "Intel CPU runtime": (INTEL_CPU, {}, CPU_FUSED),
-    "NVIDIA H200": (H200, NVIDIA_MATMUL, {}),
-    "NVIDIA H100": (H100, NVIDIA_MATMUL, {}),
+    "NVIDIA H200": (H200, NVIDIA_MATMUL, NVIDIA_FUSED),
+    "NVIDIA H100": (H100, NVIDIA_MATMUL, NVIDIA_FUSED),
     "unknown GPU": (UNKNOWN_GPU, GPU_MATMUL, {}),
     "Mali": (MALI, GPU_MATMUL, {}),
     "Radeon": (RADEON, GPU_MATMUL, {}),
@@ -305,3 +306,4 @@ def test_the_devices_of_this_machine_have_their_keys():
         if info.vendor_key == "nvidia":
             assert re.fullmatch(r"sm_\d+", info.architecture), info
             assert tuning.params_for(info, "matmul", {}) == NVIDIA_MATMUL
+            assert tuning.params_for(info, "fused", {}) == NVIDIA_FUSED

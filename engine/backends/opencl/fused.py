@@ -17,6 +17,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...errors import PerfxError
 from ..numpy_backend import rope_tables
+from . import attention_mma
 from .matmul import XPrep
 from .runtime import Runtime
 from .specs import check_fits, defaults
@@ -100,7 +101,8 @@ class FusedOps:
         dev = rt.device          # each kernel's declared rules and limits (specs.py), before any build;
                                  # the largest query tile must fit the device
         limits = dev.local_mem_size, dev.max_work_group_size
-        check_fits("attention", self._attention_defines(self.qt_max), *limits)
+        for qt in {self.qt_max, 1}:
+            check_fits("attention", self._attention_defines(qt), *limits)
         check_fits("rmsnorm", {"RMS_WG": p["rms_wg"]}, *limits)
         check_fits("argmax", {"ARGMAX_WG": p["argmax_wg"], "ARGMAX_GROUPS": p["argmax_groups"]}, *limits)
 
@@ -131,6 +133,8 @@ class FusedOps:
         self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
+        # Prefill attention on matrix units where the tuning database asks for it (attention_mma.py).
+        self.mma = attention_mma.make(rt, c, p)
         # The windowed layers' own RoPE (Gemma 3's local base), where the model has one.
         self.rope_local = rt.to_device(rope_table(c, ctx, local=True)) if c.rope_base_swa else self.rope
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
@@ -166,6 +170,7 @@ class FusedOps:
         c, p = self.config, self.params
         return dict(HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
                     ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]),
+                    KL=p["att_key_lanes"] if qt == 1 else 1,
                     ATT_SCALE=f"{c.attn_scale!r}f" if c.attn_scale else False)
 
     def _attention_program(self, qt: int) -> cl.Program:
@@ -256,11 +261,15 @@ class FusedOps:
             self._attend_one(q, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
                              start_pos, self.ctx, layer, window)
             return
-        wg = p["att_wg"]
-        chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
+        if self.mma is not None and n_splits <= 1 and T >= self.mma.min_tokens:
+            self.mma.enqueue(qkv, rope, self.k_cache, self.v_cache, out, T, start_pos, self.ctx, layer, window)
+            return
+        qt = self._tile(T)
+        step = p["att_wg"] // self._attention_defines(qt)["KL"]     # keys per pass of the score step
+        chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), step) * step
         n_splits = _ceil_div(end, chunk)
         partial = int(n_splits > 1)
-        qt = self._tile(T)
+        wg = p["att_wg"]
         knl = self._attend_kernel(qt)
         knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
             qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,

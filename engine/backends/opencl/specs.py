@@ -75,9 +75,10 @@ def _attention_traffic(s: dict) -> tuple[int, int]:
 
 def _attention_local(d: dict) -> int:
     """attention.cl's __local arrays: q_loc [ROWS, HEAD_DIM], p_loc [ROWS, ATT_WG], m, l, a [ROWS],
-    red [ATT_WG] of VW floats; ROWS = QT * GROUP."""
+    red [ATT_WG] of VW floats, with KL > 1 s_part [ROWS, ATT_WG]; ROWS = QT * GROUP."""
     rows = d["QT"] * d["GROUP"]
-    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"])
+    s_part = rows * d["ATT_WG"] if d.get("KL", 1) > 1 else 0
+    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"] + s_part)
 
 
 GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
@@ -139,6 +140,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per block "
           "(a multiple of att_vec and of head_dim / att_vec)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item: 4, 8 or 16"),
+    Param("att_key_lanes", "KL", 1, (1, 4, 8), "work-items per key in the score step of decode launches "
+          "(QT = 1): 1, one key each; more, a key's row read side by side by that many"),
     Param("att_rows", None, 32, (8, 16, 32, 64), "most query rows (tile tokens x query heads of a KV head) "
           "per work-group: sets QT"),
     Param("split_max_t", None, 8, (), "split-KV (flash-decoding) only for T up to this ..."),
@@ -154,7 +157,29 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM",
                   lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
-                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
+                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0),
+                 ("KL is a power of two dividing ATT_WG",
+                  lambda d: d.get("KL", 1) & (d.get("KL", 1) - 1) == 0 and d["ATT_WG"] % d.get("KL", 1) == 0)))
+
+def _attention_mma_local(d: dict) -> int:
+    """attention_mma.cl's __local arrays: fp16 Q / K [max(ROWS, BK)][HEAD_DIM + 8] and V^T [HEAD_DIM][BK + 8]
+    (ROWS = 16 WARPS); without the instructions (MMA = 0) also the exchange of the warps' registers,
+    7 words per work-item."""
+    rows = max(16 * d["WARPS"], d["BK"])
+    exchange = 0 if d.get("MMA", 1) else 7 * 4 * 32 * d["WARPS"]
+    return 2 * (rows * (d["HEAD_DIM"] + 8) + d["HEAD_DIM"] * (d["BK"] + 8)) + exchange
+
+
+ATTENTION_MMA = KernelSpec("attention_mma", "attention_mma.cl", "fused", (
+    Param("attention_mma", None, "off", (), 'prefill attention on matrix units: "off", "ptx", "emulated"'),
+    Param("att_mma_min_tokens", None, 64, (), "prefill passes of T from this use it"),
+    Param("att_mma_warps", "WARPS", 4, (2, 4, 8), "warps per work-group, 16 query rows (tokens x GQA heads) each"),
+    Param("att_mma_bk", "BK", 64, (32, 64), "keys per block staged in local memory"),
+), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP"),
+    local_bytes=_attention_mma_local, work_group=lambda d: 32 * d["WARPS"], traffic=_attention_traffic,
+    hint="lower att_mma_bk (or att_mma_warps)",
+    constraints=(("HEAD_DIM and BK are multiples of 16, GROUP at most 16 * WARPS",
+                  lambda d: d["HEAD_DIM"] % 16 == 0 and d["BK"] % 16 == 0 and d["GROUP"] <= 16 * d["WARPS"]),))
 
 PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
     Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
@@ -170,7 +195,8 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, ATTENTION_MMA,
+                        PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:

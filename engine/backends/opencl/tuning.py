@@ -228,7 +228,8 @@ def override_notice(info: DeviceInfo, resolved: dict[str, Params]) -> str | None
               for k in sorted(override[section]) if k in resolved[section]]
     if not values:
         return None
-    return f"tuned by perfx tune on {override_date(info)}: {', '.join(values)} ({override_path(info)})"
+    when = override_date(info)
+    return f"tuned by perfx tune{f' on {when}' if when else ''}: {', '.join(values)} ({override_path(info)})"
 
 
 def _notes(path: Path) -> dict[str, str]:
