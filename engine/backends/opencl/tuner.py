@@ -5,8 +5,9 @@ A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM): eve
 group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
 shapes (a wrong or failing candidate is dropped) and timed with OpenCL profiling events (median of
 15 after 3 warm-ups); the best of each group is kept before the next is searched. Each group has an
-equal share of the time budget left when it starts, and stops trying candidates once that is spent. The winners go to the device's override file
-(tuning.py), written atomically, which every later run reads on top of kernels/tuning.toml.
+equal share of the time budget left when it starts, and stops trying candidates once that is spent.
+The winners go to the device's override file (tuning.py), written atomically, which every later run
+reads on top of kernels/tuning.toml.
 """
 from __future__ import annotations
 
