@@ -49,7 +49,11 @@ NVIDIA_MATMUL = {
     "few_vec": 4, "few_tt": 4, "few_wg_rows": 16, "tiled_vec": 4, "tiled_bn": 64, "tiled_bt": 32, "tiled_rr": 4,
     "tiled_tr": 4, "tiled_kc": 1, "tiled_x_local": 0, "gemm_mma": "ptx", "mma_min_tokens": 2, "mma_bn": 128,
     "mma_bt": 128, "mma_wm": 32, "mma_wn": 64}
-NVIDIA_FUSED = {"attention_mma": "ptx", "att_mma_min_tokens": 64, "att_mma_warps": 4, "att_mma_bk": 64}
+NVIDIA_FUSED = {"attention_mma": "ptx", "att_mma_min_tokens": 64}
+# Measured on the H200 since (kernels/tuning.toml's records): the decode launches and attention slices.
+NVIDIA_MATMUL = {**NVIDIA_MATMUL, "gemv_norm_in": True}
+NVIDIA_FUSED = {**NVIDIA_FUSED, "att_key_lanes": 8, "split_min_chunk": 32, "split_wgs": 1024, "rms_wg": 1024,
+                "split_combine": True}
 BEFORE = {
     "PoCL CPU (AVX-512)": (POCL_CPU, {}, CPU_FUSED),
     "PoCL CPU (AVX2)": (POCL_CPU_AVX2, {}, CPU_FUSED),
