@@ -6,7 +6,8 @@
 #       starts llama.cpp's CUDA build in the background, installs perfx, runs the GPU tests (the PTX
 #       kernels, the fused decode kernels, the SmolLM2 agreement tests on SMOL.gguf, a real model cut
 #       short by scripts/truncate_gguf.py), writes the LLaMA-7B-shaped and SmolLM2-shaped files with
-#       random Q4_0 weights and TOK.gguf's tokenizer, and the launch budget of each (perfx bench --profile)
+#       random Q4_0 weights and TOK.gguf's tokenizer, the launch budget of each (perfx bench --profile),
+#       and the decode options of the NVIDIA entry against the shipped settings (scripts/decode_ab.py)
 #   bash scripts/h200.sh compare
 #       waits for llama.cpp's build, then perfx bench --vs llama.cpp on both files, alternating
 #
@@ -32,6 +33,10 @@ check)
   python3 -c "from perfx.engine.synthetic import write_gguf as w, get_shape as s
 w(s('llama-7b'), '/tmp/l7b.gguf', '$tok'); w(s('smollm2-135m'), '/tmp/s135.gguf', '$tok')"
   timeout 180 python3 -m perfx.cli bench -m $models --device gpu -p 512 -n 16 -r 1 --profile 2>&1 | tee "$out/profile.md"
+  # the decode options the NVIDIA entry turns on, each against the shipped settings, alternating
+  timeout 200 python3 scripts/decode_ab.py /tmp/l7b.gguf "$out/decode_ab.json" --tokens 64 --rounds 3 --start 512 \
+    --variant shipped: --variant launches:gemv_norm_in=false,split_combine=false \
+    --variant lanes:att_key_lanes=1,split_min_chunk=128,split_wgs=0 2>&1 | tail -6 | tee "$out/decode_ab.md"
   ;;
 compare)
   bash .gpu/llama-cpp-cuda.sh wait || exit 1

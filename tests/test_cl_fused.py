@@ -159,7 +159,7 @@ def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
 @pytest.mark.parametrize("group,T,dim", [(32, 1, 576), (128, 3, 1536), (64, 2, 704), (32, 2, 608)])
 def test_norms_write_int16_h_as_quantize_does(cl_rt, group, T, dim):
     """With group_sums(int16=True) the norms also write h in int16 blocks (kernels/xq.h), as
-    matmul.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
+    packing.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
     them: of the values the blocks hold over whole 128-element chunks, of h in the tail."""
     config = make_config(dim=dim)
     ops = fused_ops(cl_rt, config, ctx=8)

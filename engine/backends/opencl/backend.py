@@ -18,7 +18,8 @@ from ...config import ModelConfig
 from ...model import Weights
 from .. import Backend, Capabilities, DeviceReport, Launch
 from ..numpy_backend import OPTIONAL_NORMS, check_pageable
-from .devices import Selection, bandwidth, check_memory, describe
+from .bandwidth import bandwidth
+from .devices import Selection, check_memory, describe
 from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
 from .fused import EmbeddingTable, FusedOps
 from .matmul import DeviceMatrix, Matmul, Norm, NormIn, XPrep
@@ -129,11 +130,14 @@ class OpenCLBackend(Backend):
     def from_selection(cls, selection: Selection) -> OpenCLBackend:
         """The backend on a selected device, with the device's tuned parameters (tuning.py)."""
         from . import fused, matmul
-        from .tuning import params_for
+        from .tuning import override_notice, params_for
 
         info = selection.info
         params = {"matmul": params_for(info, "matmul", matmul.DEFAULT_PARAMS),
                   "fused": params_for(info, "fused", fused.DEFAULT_PARAMS)}
+        notice = override_notice(info, params)         # the device's perfx tune file: said, not silent
+        if notice:
+            selection.notices.append(notice)
         return cls(selection.runtime(), f"OpenCL {info.id} {info.name}", params)
 
     def report(self) -> DeviceReport:

@@ -96,10 +96,10 @@ class FusedOps:
         if not p["split_wgs"]:
             p["split_wgs"] = rt.device.max_compute_units
         c = config
-        self.group = c.n_heads // c.n_kv_heads
-        self._check(c, p)
+        self.group = c.n_heads // c.n_kv_heads     # ModelConfig: n_kv_heads divides n_heads
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
-        dev = rt.device          # the largest query tile must fit the device: refused before any build
+        dev = rt.device          # each kernel's declared rules and limits (specs.py), before any build;
+                                 # the largest query tile must fit the device
         limits = dev.local_mem_size, dev.max_work_group_size
         for qt in {self.qt_max, 1}:
             check_fits("attention", self._attention_defines(qt), *limits)
@@ -167,26 +167,6 @@ class FusedOps:
             raise PerfxError(f"group sums of {group} do not fit dim {self.config.dim}")
         self.xs_group, self.xs_int16 = group, int16
         self._norm_kernels()
-
-    @staticmethod
-    def _check(c: ModelConfig, p: dict[str, Any]) -> None:
-        vec = p["att_vec"]
-        problems = []
-        if c.n_heads % c.n_kv_heads:
-            problems.append(f"n_heads {c.n_heads} is not a multiple of n_kv_heads {c.n_kv_heads}")
-        if vec not in (4, 8, 16) or c.head_dim % vec:
-            problems.append(f"att_vec {vec} must be 4, 8 or 16 and divide head_dim {c.head_dim}")
-        if c.rope_dim % 2 or not 0 <= c.rope_dim <= c.head_dim:
-            problems.append(f"rope_dim {c.rope_dim} must be even and at most head_dim {c.head_dim}")
-        dv = max(c.head_dim // vec, 1)
-        if p["att_wg"] % dv or p["att_wg"] % vec:
-            problems.append(f"att_wg {p['att_wg']} must be a multiple of att_vec {vec} and of "
-                            f"head_dim / att_vec = {dv}")
-        for name in ("rms_wg", "argmax_wg"):
-            if p[name] & (p[name] - 1):
-                problems.append(f"{name} {p[name]} is not a power of two")
-        if problems:
-            raise PerfxError("fused operators: " + "; ".join(problems))
 
     def _attention_defines(self, qt: int) -> dict[str, Any]:
         c, p = self.config, self.params

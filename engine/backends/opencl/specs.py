@@ -19,6 +19,7 @@ from typing import Any, Callable
 from ...errors import PerfxError
 
 F32 = 4
+MMA_KS, MMA_PAD = 64, 8      # gemm_mma.cl: K elements per stage, halves of padding per local row
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
     Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
-    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic, hint="lower gemv_ksplit or gemv_wg_rows",
+    constraints=(("KSPLIT is a power of two and TPW at least 1",
+                  lambda d: d["KSPLIT"] >= 1 and d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and d["TPW"] >= 1),))
 
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
@@ -126,7 +129,12 @@ GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
     Param("mma_bt", "BT", 64, (), "tokens per work-group"),
     Param("mma_wm", "WM", 64, (), "rows per warp"),
     Param("mma_wn", "WN", 32, (), "tokens per warp"),
-), model_defines=("G",), traffic=_matmul_traffic)
+), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: 2 * (d["BN"] + d["BT"]) * (MMA_KS + MMA_PAD),      # fp16 W[BN][KS + PAD], Xh[BT][KS + PAD]
+    work_group=lambda d: 32 * (d["BN"] // d["WM"]) * (d["BT"] // d["WN"]),  # a warp per WM x WN tile
+    hint="lower mma_bn or mma_bt",
+    constraints=(("BN % WM, BT % WN, WM % 16 and WN % 8 are 0",
+                  lambda d: not (d["BN"] % d["WM"] or d["BT"] % d["WN"] or d["WM"] % 16 or d["WN"] % 8)),))
 
 RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
     Param("rms_wg", "RMS_WG", 64, (32, 64, 128, 256), "add_rmsnorm work-group size (power of two)"),
@@ -224,19 +232,36 @@ def search_space(kernel: str) -> dict[str, tuple]:
     return {p.key: p.candidates for p in SPECS[kernel].params if p.candidates}
 
 
+def _where(spec: KernelSpec, defines: dict[str, Any]) -> str:
+    return f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+
+
+def check_rules(kernel: str, defines: dict[str, Any]) -> None:
+    """Refuses a configuration that breaks one of the kernel's declared constraints."""
+    spec = SPECS[kernel]
+    broken = [rule for rule, ok in spec.constraints if not ok(defines)]
+    if broken:
+        raise PerfxError(f"{_where(spec, defines)}: {'; '.join(broken)} does not hold")
+
+
+def over_limits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_group: int) -> str | None:
+    """Why a configuration's local memory or work-group size is more than the device holds; None when it fits."""
+    spec = SPECS[kernel]
+    where, fix = _where(spec, defines), f"{spec.hint} in kernels/tuning.toml or the device's override file"
+    need = spec.local_bytes(defines)
+    if need > local_mem:
+        return (f"{where}: needs {need} bytes of local memory per work-group, more than the device's "
+                f"{local_mem}; {fix}")
+    wg = spec.work_group(defines)
+    if wg > max_work_group:
+        return f"{where}: needs work-groups of {wg} work-items, more than the device's {max_work_group}; {fix}"
+    return None
+
+
 def check_fits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_group: int) -> None:
     """Refuses a configuration that breaks a constraint of the kernel, or whose local memory or
     work-group size the device cannot hold, before it is built or launched."""
-    spec = SPECS[kernel]
-    where = f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
-    broken = [rule for rule, ok in spec.constraints if not ok(defines)]
-    if broken:
-        raise PerfxError(f"{where}: {'; '.join(broken)} does not hold")
-    need = spec.local_bytes(defines)
-    if need > local_mem:
-        raise PerfxError(f"{where}: needs {need} bytes of local memory per work-group, more than the device's "
-                         f"{local_mem}; {spec.hint} in kernels/tuning.toml or the device's override file")
-    wg = spec.work_group(defines)
-    if wg > max_work_group:
-        raise PerfxError(f"{where}: needs work-groups of {wg} work-items, more than the device's {max_work_group}; "
-                         f"{spec.hint} in kernels/tuning.toml or the device's override file")
+    check_rules(kernel, defines)
+    why = over_limits(kernel, defines, local_mem, max_work_group)
+    if why:
+        raise PerfxError(why)
