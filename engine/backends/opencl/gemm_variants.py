@@ -25,6 +25,7 @@ from .specs import SPECS
 MODES = ("f32", "half", "dot8")
 EXTENSION = {"half": "cl_khr_fp16", "dot8": "cl_khr_integer_dot_product"}
 WHAT = {"half": "fp16", "dot8": "int8-dot"}
+MAX_HALF_FOLD = 4          # fp16 products per accumulator before a fold into f32 that keep within 5e-4
 TILE_DEFINES = {"VEC": "tiled_vec", "BN": "tiled_bn", "BT": "tiled_bt", "RR": "tiled_rr", "TR": "tiled_tr",
                 "X_LOCAL": "tiled_x_local"}
 
@@ -59,6 +60,9 @@ class TiledVariant:
         self.kc = int(params["tiled_kc"])
         if mode == "half":
             self.tile["HALF_FOLD"] = int(params["half_fold"])
+            if not 1 <= self.tile["HALF_FOLD"] <= MAX_HALF_FOLD:
+                raise PerfxError(f"half_fold must be 1 to {MAX_HALF_FOLD} (longer runs of fp16 sums lose more than "
+                                 f"5e-4 of the output), got {params['half_fold']}")
         else:
             del self.tile["VEC"]
 

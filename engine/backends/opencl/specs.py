@@ -117,7 +117,8 @@ GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
 
 # The tiled GEMM's variants (gemm_variants.py) take gemm_tiled's tile parameters.
 GEMM_HALF = KernelSpec("gemm_half", "gemm_half.cl", "matmul", (
-    Param("half_fold", "HALF_FOLD", 1, (), "products summed in fp16 per accumulator before each fold into f32"),
+    Param("half_fold", "HALF_FOLD", 4, (), "products summed in fp16 per accumulator before each fold into f32 "
+          "(1 to 4: 8 loses more than 5e-4 of the output, docs/performance.md)"),
 ), model_defines=("G",), traffic=_matmul_traffic,
     local_bytes=lambda d: 2 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),       # one chunk of K staged
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
