@@ -3,6 +3,7 @@ prefill shapes, and what they cost a real model's logits.
 
     python scripts/gemm_variants.py bench --platform "Intel(R) OpenCL" --threads 1 2 --out bench.json
     python scripts/gemm_variants.py agree --platform "Intel(R) OpenCL" --out agree.json
+    python scripts/gemm_variants.py accuracy --platform "Intel(R) OpenCL" --out accuracy.json
     python scripts/gemm_variants.py bench --platform nvidia --shapes llama7b --out gpu.json   # a GPU
 
 bench: for each thread count (a CPU driver reads it at start-up: the script re-runs itself with
@@ -15,6 +16,10 @@ tiled_arith set per variant.
 agree: the default model (or -m FILE) teacher-forced over --tokens tokens of the GPL-3 text in one
 prefill on the NumPy backend and on the device with each variant: top-1 agreement with NumPy and with
 the device's f32 path, perplexity, largest logit difference.
+
+accuracy: the fp16 variant's largest error, as a share of the largest output, against NumPy's product of
+the operands rounded to fp16, for each half_fold (1 to 16, past the limit the kernel is kept to) and
+piece width, on random int4 matrices of SmolLM2's shapes (x with mean 0 and 0.5), T = 64.
 """
 from __future__ import annotations
 
@@ -169,6 +174,39 @@ def agree(args) -> dict:
     return out
 
 
+def accuracy(args) -> dict:
+    from perfx.engine.backends.opencl import gemm_variants
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.runtime import Runtime
+
+    info, device = device_info(args.platform)
+    rt = Runtime(device)
+    gemm_variants.MAX_HALF_FOLD = 16                  # measure past the limit too
+    rng = np.random.default_rng(0)
+    cases = []
+    for N, K, mean in ((576, 576, 0.0), (576, 1536, 0.0), (1536, 576, 0.5), (576, 1536, 0.5)):
+        q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+        scale = rng.uniform(0.002, 0.02, (N, K // 32)).astype(np.float16).astype(np.float32)
+        zero = (-scale * rng.uniform(4, 12, (N, K // 32))).astype(np.float16).astype(np.float32)
+        w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
+        x = (rng.standard_normal((args.tokens, K)) + mean).astype(np.float32)
+        h = lambda a: a.astype(np.float16).astype(np.float64)         # noqa: E731
+        cases.append((f"{N}x{K} mean {mean}", DeviceMatrix.from_int4(rt, q, scale, zero, 32), x, h(x) @ h(w).T))
+    out = {"device": f"{info.platform_name} {info.name}", "cases": [c[0] for c in cases], "errors": {}}
+    for vec in (16, 4):
+        for fold in (1, 2, 4, 8, 16):
+            mm = Matmul(rt, {"tiled_arith": "half", "half_fold": fold, "tiled_vec": vec})
+            errs = []
+            for _, dm, x, want in cases:
+                y = rt.to_device(np.full(want.shape, np.nan, np.float32))
+                mm.linear(rt.to_device(x), dm, x.shape[0], y, scheme="tiled")
+                errs.append(float(np.abs(rt.read(y, want.shape) - want).max() / np.abs(want).max()))
+            out["errors"][f"vec {vec} fold {fold}"] = errs
+            print(f"vec {vec:2d} half_fold {fold:2d} ({vec * fold:3d} elements): "
+                  + "  ".join(f"{e:.2e}" for e in errs))
+    return out
+
+
 def nll(logits: np.ndarray, ids: list[int]) -> float:
     """Mean negative log-likelihood of ids[1:] under logits[:-1]."""
     lg = logits[:-1].astype(np.float64)
@@ -179,11 +217,13 @@ def nll(logits: np.ndarray, ids: list[int]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("bench", "agree"))
-    ap.add_argument("--platform", default="Intel(R) OpenCL", help="substring of the platform, its version or the device")
+    ap.add_argument("what", choices=("bench", "agree", "accuracy"))
+    ap.add_argument("--platform", default="Intel(R) OpenCL",
+                    help="substring of the platform, its version or the device")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="bench: CPU driver threads")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
-    ap.add_argument("--tokens", type=int, default=None, help="T (bench: 512) or teacher-forced tokens (agree: 300)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="T (bench: 512, accuracy: 64) or teacher-forced tokens (agree: 300)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-m", "--model", help="agree: a GGUF file (default: the registry's default model)")
@@ -199,9 +239,12 @@ def main() -> None:
             print(json.dumps(bench_worker(args)))
             return
         result = {"bench": bench(args), "date": time.strftime("%Y-%m-%d %H:%M")}
-    else:
+    elif args.what == "agree":
         args.tokens = args.tokens or 300
         result = {"agree": agree(args), "date": time.strftime("%Y-%m-%d %H:%M")}
+    else:
+        args.tokens = args.tokens or 64
+        result = {"accuracy": accuracy(args), "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

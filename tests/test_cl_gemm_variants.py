@@ -18,7 +18,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tests.test_cl_matmul import assert_close, oracle, rand_int4, rand_int8, rt, run, silu_mul  # noqa: F401 (rt: fixture)
+from tests.test_cl_matmul import rt  # noqa: F401 (fixture)
+from tests.test_cl_matmul import assert_close, oracle, rand_int4, rand_int8, run, silu_mul
 
 HALF_RTOL = 5e-4
 EXTENSION = {"half": "cl_khr_fp16", "dot8": "cl_khr_integer_dot_product"}

@@ -105,10 +105,10 @@ class TiledVariant:
         xq, xd = self.rt.empty(T * K), self.rt.empty(8 * T * K // 32)   # int8 [T, K], (d, d * sum q) [T, K/32]
         first = cl.Kernel(program, "quantize_x8")
         first.set_args(x, xq, xd)
+        xl = x_local * bt * words                                  # staged int8 of x (X_LOCAL)
         kernel.set_args(w.buf, xq, xd, y, np.int32(T), np.int32(K), np.int32(N), accumulate,
                         cl.LocalMemory(bn * words), cl.LocalMemory(8 * bn * words // 32),
-                        cl.LocalMemory(max(x_local * bt * words, 4)), cl.LocalMemory(max(8 * x_local * bt * words // 32, 8)),
-                        np.int32(kc))
+                        cl.LocalMemory(max(xl, 4)), cl.LocalMemory(max(8 * xl // 32, 8)), np.int32(kc))
         return [(first, (T * K // 32,), None), (kernel, gsize, local)], (xq, xd)
 
     def probe(self) -> str | None:

@@ -176,7 +176,8 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM, ATTENTION,
+                        PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:
