@@ -187,5 +187,9 @@ class Generation:
                 if seq.finish is not None:
                     return
             seq.end("length")                          # the model gave no more tokens: the context is full
-        finally:
+        except (GeneratorExit, KeyboardInterrupt):     # closed early, Ctrl-C
             seq.end("cancelled")
+            raise
+        except BaseException:
+            seq.end("error")
+            raise

@@ -141,3 +141,14 @@ def test_served_replies_equal_stream_with_the_same_finish(tiny):
         assert served_text == text
         assert (done.finish, done.completion_tokens, done.prompt_tokens) == \
             (stats.finish, stats.gen_tokens, len(request.prompt))
+
+
+def test_a_failed_step_ends_with_error(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(tiny.transformer, "next_token", broken)
+    gen = tiny.stream(ids(tiny, "the thin hen"), GREEDY)
+    with pytest.raises(RuntimeError):
+        list(gen)
+    assert gen.stats.finish == "error"
