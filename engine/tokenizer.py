@@ -26,25 +26,31 @@ from typing import Any, Protocol
 
 from perfx.engine.errors import PerfxError
 
-NOTICES: list[str] = []  # what is lost where a compiled dependency is missing (shown by the CLI)
-
 try:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 except ImportError:  # no wheel for this platform (Termux): the pure-Python BPE, same ids
-    from perfx.engine import bpe
     from perfx.engine.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
     from perfx.engine.bpe import Tokenizer as HFTokenizer
-
-    NOTICES.append(bpe.notice())
 
 try:
     import sentencepiece
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 except ImportError:
     sentencepiece = spm_pb2 = None
-    NOTICES.append("sentencepiece not installed: models with a SentencePiece vocabulary cannot be "
+
+
+def notices() -> list[str]:
+    """What is lost where a compiled dependency is missing (the CLI shows it when a model loads)."""
+    out = []
+    if HFTokenizer.__module__ == "perfx.engine.bpe":
+        from perfx.engine import bpe
+
+        out.append(bpe.notice())
+    if sentencepiece is None:
+        out.append("sentencepiece not installed: models with a SentencePiece vocabulary cannot be "
                    "loaded (pip install sentencepiece)")
+    return out
 
 
 def _require_sentencepiece() -> None:

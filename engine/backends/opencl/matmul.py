@@ -7,7 +7,8 @@ that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into r
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
 database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
-(scheme "mma", gemm_mma.py). The GEMV also takes
+(scheme "mma", gemm_mma.py), and where it asks for tiled_arith "half" or "dot8" the tiled GEMM of int4
+matrices runs in fp16 or int8 dot products (gemm_variants.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -26,7 +27,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from . import gemm_mma
+from . import gemm_mma, gemm_variants
 from .packing import RT, DeviceMatrix, chunk_widths
 from .runtime import Runtime
 from .specs import GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
@@ -110,6 +111,7 @@ class Matmul:
         self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
         self.int_dot = self._int_dot_works()
         self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
+        self.variant = gemm_variants.make(rt, self.params)   # gemm_tiled in fp16 or int8 dots, None: f32
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
@@ -297,6 +299,10 @@ class Matmul:
 
     def _gemm_tiled(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
                     accumulate: np.int32) -> tuple[list, tuple]:
+        if self.variant is not None and self.variant.takes(w):
+            planned = self.variant.steps(defines, x, w, T, K, N, y, accumulate)
+            if planned is not None:
+                return planned
         p = self.params
         tile = {k.upper(): int(p[f"tiled_{k}"]) for k in ("bn", "bt", "rr", "tr", "x_local")}
         bn, bt, x_local = tile["BN"], tile["BT"], tile["X_LOCAL"]

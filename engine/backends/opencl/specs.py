@@ -117,10 +117,24 @@ GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
     Param("tiled_tr", "TR", 6, (4, 6), "tokens per work-item"),
     Param("tiled_kc", None, 0, (), "chunks of 128 of K staged per barrier (0: all of K, as local memory allows)"),
     Param("tiled_x_local", "X_LOCAL", 0, (), "stage X in local memory too (0: read it from global memory)"),
+    Param("tiled_arith", None, "f32", (), 'arithmetic of the many-token int4 GEMM: "f32" (gemm.cl), "half" '
+          '(gemm_half.cl, cl_khr_fp16) or "dot8" (gemm_dot8.cl, cl_khr_integer_dot_product); probed at load'),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),     # one chunk of K staged
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]), traffic=_matmul_traffic,
     constraints=(("BN is a multiple of RR and BT of TR", lambda d: d["BN"] % d["RR"] == 0 and d["BT"] % d["TR"] == 0),))
+
+# The tiled GEMM's variants (gemm_variants.py) take gemm_tiled's tile parameters.
+GEMM_HALF = KernelSpec("gemm_half", "gemm_half.cl", "matmul", (
+    Param("half_fold", "HALF_FOLD", 4, (), "products summed in fp16 per accumulator before each fold into f32 "
+          "(1 to 4: 8 loses more than 5e-4 of the output, docs/performance.md)"),
+), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: 2 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),       # one chunk of K staged
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
+
+GEMM_DOT8 = KernelSpec("gemm_dot8", "gemm_dot8.cl", "matmul", (), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: (128 + 4 * 8) * (d["BN"] + d["X_LOCAL"] * d["BT"]),   # int8 and (scale, zero) per 32
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
 
 GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
     Param("gemm_mma", None, "off", (), 'many-token int4 GEMM on matrix units: "off", "ptx", "emulated"'),
@@ -202,7 +216,8 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, ATTENTION_MMA,
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM, ATTENTION,
+                        ATTENTION_MMA,
                         PAGED_ATTENTION, ARGMAX)}
 
 
