@@ -1,7 +1,7 @@
 """Matrix products with quantized weights: y[T, N] (+)= x[T, K] @ W[N, K]^T on OpenCL.
 
 Weights live on the device as one `DeviceMatrix` per linear layer, repacked once at load into the
-"row tile" layout that kernels/gemv.cl and kernels/gemm.cl read:
+"row tile" layout that kernels/gemv_tiles.h (the GEMVs) and kernels/gemm.cl read:
 
 - rows are grouped in tiles of RT = 4 (N padded with zero rows to a multiple of 4); a tile is one
   contiguous run of 32-bit words, so a work-item streams a single address range;
@@ -19,9 +19,9 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
   that line up with a plain vector load of x.
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
-for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quantize`, x in int16 blocks
-of 32 with integer products, `int_dot`, for int8 weights too; the norms write both for the int4 products
-that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
+for the zero terms, unless gemv_zero_inline: kernels/gemv.cl; on x86 CPUs with AVX-512BW by `quantize`, x
+in int16 blocks of 32 with integer products, `int_dot`, for int8 weights too: kernels/gemv_int.cl; the
+norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
 database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
@@ -336,14 +336,14 @@ class Matmul:
         self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
 
     def _int_dot_works(self) -> bool:
-        """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
+        """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
         layout of the GEMV (VEC 16, no K split), and a device whose compiler builds it (x86 with
         AVX-512BW or AVX2; elsewhere the build fails and the float GEMV is used)."""
         p = self.params
         if not (p["gemv_int_dot"] and p["gemv_vec"] == 16 and p["gemv_ksplit"] == 1):
             return False
         try:
-            self.rt.program("gemv", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"], INT_DOT=True,
+            self.rt.program("gemv_int", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"],
                             INT_DOT_256=bool(p["gemv_int_dot_256"]))
         except PerfxError:
             return False
@@ -375,7 +375,7 @@ class Matmul:
                       xs: XPrep | None = None) -> None:
         """y [T, N] += x @ W^T, y being the residual stream; then norm.h [T, N] = rmsnorm(y) * norm.w and,
         with norm.hx, its group sums [T, N/norm.group] (and h in int16 with norm.hx.q): one GEMV launch,
-        whose last work-item to finish normalises (kernels/gemv.cl NORM)."""
+        whose last work-item to finish normalises (kernels/gemv_kernel.h NORM)."""
         if w.bias is not None:
             raise PerfxError("residual_norm takes no bias")
         self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
@@ -439,10 +439,10 @@ class Matmul:
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
         defines.update(VEC=p["gemv_vec"], KSPLIT=ks, WG_ROWS=wgr, TPW=tpw, USE_IMAGE=use_image, ZERO_INLINE=inline,
-                       INT_DOT=int_dot, INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
+                       INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None)
-        program = self.rt.program("gemv", **defines)
+        program = self.rt.program("gemv_int" if int_dot else "gemv", **defines)   # integer or float products
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
         if (w.fmt == "int4" and not inline) or int_dot:

@@ -33,7 +33,7 @@ class Param:
 @dataclass(frozen=True)
 class KernelSpec:
     name: str                    # "attention"
-    source: str                  # the file under kernels/
+    source: str | tuple[str, ...]   # the file under kernels/, or the files holding its variants
     section: str                 # its section of the tuning database: "matmul" or "fused"
     params: tuple[Param, ...]
     model_defines: tuple[str, ...] = ()                 # set from the model's shape, not tuned
@@ -48,6 +48,10 @@ class KernelSpec:
         if self.traffic is None:
             raise PerfxError(f"{self.name} declares no traffic")
         return self.traffic(shape)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
 
     def defaults(self) -> dict[str, Any]:
         return {p.key: p.default for p in self.params}
@@ -79,7 +83,7 @@ def _attention_local(d: dict) -> int:
     return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"])
 
 
-GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
+GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float products, integer products
     Param("gemv_vec", "VEC", 16, (4, 8, 16), "piece width (lanes of the explicit vectors along K)"),
     Param("gemv_ksplit", "KSPLIT", 1, (1, 2, 4, 8, 16), "work-items splitting K within a work-group"),
     Param("gemv_wg_rows", "WG_ROWS", 8, (1, 2, 4, 8), "work-items along the rows per work-group"),
@@ -179,7 +183,7 @@ def source_defaults(source: str) -> dict[str, Any]:
     .cl files do not repeat (Runtime.program fills in any that a build does not set)."""
     out: dict[str, Any] = {}
     for spec in SPECS.values():
-        if spec.source == source:
+        if source in spec.sources:
             for p in spec.params:
                 if p.define:
                     out.setdefault(p.define, p.default)
@@ -195,7 +199,7 @@ def check_fits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_gr
     """Refuses a configuration that breaks a constraint of the kernel, or whose local memory or
     work-group size the device cannot hold, before it is built or launched."""
     spec = SPECS[kernel]
-    where = f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+    where = f"{spec.name} ({', '.join(spec.sources)}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
     broken = [rule for rule, ok in spec.constraints if not ok(defines)]
     if broken:
         raise PerfxError(f"{where}: {'; '.join(broken)} does not hold")
