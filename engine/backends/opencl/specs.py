@@ -153,11 +153,11 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
                   lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
 
 PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
-    Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
+    Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "BLOCK_SIZE", "QT"),
-    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["WG"] + 3) + d["WG"] * (1 + d["VW"])),
-    work_group=lambda d: d["WG"], hint="lower att_wg", traffic=_attention_traffic)
+    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["ATT_WG"] + 3) + d["ATT_WG"] * (1 + d["VW"])),
+    work_group=lambda d: d["ATT_WG"], hint="lower att_wg", traffic=_attention_traffic)
 
 ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     Param("argmax_wg", "ARGMAX_WG", 64, (), "work-group size (power of two)"),
