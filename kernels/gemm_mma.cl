@@ -1,5 +1,5 @@
 // GEMM for prefill on matrix units: Y[t][n] (+)= sum_k W[n][k] * X[t][k], int4 weights in the row-tile
-// layout of gemv.cl (tiles of RT = 4 rows; chunks of 128, then one of 64, along K; a chunk of C elements
+// layout of gemv_tiles.h (tiles of RT = 4 rows; chunks of 128, then one of 64, along K; a chunk of C elements
 // is 8 planes of L = C/8 consecutive elements, nibble p of word l = element p*L + l; the tile's
 // scale[RT][C/G] and zero[RT][C/G] halves after the nibbles; w = q * scale + zero).
 //
@@ -30,26 +30,18 @@
 // Reached on the H200 (BN = BT = 128, WM = 32, WN = 64): 124 TFLOP/s on 12288 x 4096 x 512
 // (docs/performance.md, H200 section).
 
-#ifndef G
-#define G 32
-#endif
-#ifndef BN
-#error "BN: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef BT
-#error "BT: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef WM
-#error "WM: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef WN
-#error "WN: its default is declared in engine/backends/opencl/specs.py"
+#if !defined(BN) || !defined(BT) || !defined(WM) || !defined(WN)
+#error "BN, BT, WM, WN: their defaults are declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef MMA
 #define MMA 1
 #endif
 
 #define RT 4
+#define FORMAT 4                         // int4 weights: wformat.h's blocks and dequantization
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#include "wformat.h"
 #define KS 64                            // K elements per stage
 #define LDS (KS + 8)                     // halves per local row
 #define LDW (LDS / 2)                    // words per local row
@@ -57,7 +49,6 @@
 #define NT (WN / 8)                      // fragments along the tokens
 #define WARPS_M (BN / WM)
 #define NWI (32 * WARPS_M * (BT / WN))
-#define BLOCK_WORDS(C) (RT * ((C) / 8 + (C) / G))  // nibble words, then scale and zero halves
 #ifdef SWIGLU
 #define OUT_N (BN / 2)
 #else
@@ -119,8 +110,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
         _Pragma("unroll") for (int pp = 0; pp < KS / ((C) / 8); pp++) {                        \
             const int second = G == 32 && pp * ((C) / 8) >= 32, sh = 4 * (p0 + pp);            \
             const float sc = second ? wsz[u].z : wsz[u].x, ze = second ? wsz[u].w : wsz[u].y;  \
-            const float2 v = (float2)((float)((wq[u].x >> sh) & 15u), (float)((wq[u].y >> sh) & 15u)); \
-            vstore_half2_rte(fma(v, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * ((C) / 8) + j); \
+            vstore_half2_rte(DEQ4(2, wq[u], sh, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * ((C) / 8) + j); \
         }                                                                                      \
     }
 #define STORE(s)                                                                               \

@@ -52,12 +52,6 @@
 #ifndef GEMV_TILES_H
 #define GEMV_TILES_H
 
-#ifndef FORMAT
-#define FORMAT 4
-#endif
-#ifndef G
-#define G 32
-#endif
 #if !defined(VEC) || !defined(KSPLIT) || !defined(WG_ROWS) || !defined(TPW)
 #error "VEC, KSPLIT, WG_ROWS, TPW: their defaults are declared in engine/backends/opencl/specs.py"
 #endif
