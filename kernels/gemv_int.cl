@@ -1,7 +1,8 @@
 // GEMV for decode with integer products: y[n] (+)= sum_k W[n][k] * x[k], W int4 or int8 (groups of 32,
 // no zeros), x in int16 blocks of 32 (xq.h); for T tokens, each with the arithmetic of one token alone.
-// The twin of gemv.cl (float products) for x86 CPUs with AVX-512BW or AVX2 (PoCL, Intel's CPU runtime:
-// clang's x86 builtins); elsewhere the build fails and the backend uses gemv.cl. Both share the
+// The twin of gemv.cl (float products) for x86 CPUs with AVX-512BW or AVX2 under PoCL (clang's x86
+// builtins); elsewhere (GPUs, Intel's CPU runtime, which lacks the builtins) the build fails and the
+// backend uses gemv.cl. Both share the
 // row-tile layout, the walk along K and the float pieces (gemv_tiles.h: the tail chunks of 64 and 32
 // keep float x) and the kernel with its epilogues (gemv_kernel.h).
 //
