@@ -65,12 +65,7 @@
 inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
 inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
 inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
-#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
-inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
-#else
-#define gate_act silu
-#endif
+#include "epilogue.h"
 
 // Word offset of chunk number c inside a tile, and its first element along K; the tails (64, then 32)
 // follow the 128-wide chunks.
@@ -218,13 +213,7 @@ __kernel void gemm_few(__global const uint* restrict W, __global const float* re
         for (int r = 0; r < RT; r++) {
             const int n = tile * RT + r;
             if (n >= N) break;
-#ifdef SWIGLU
-            const float v = gate_act(out[0][r][t]) * out[1][r][t];
-#else
-            const float v = out[0][r][t];
-#endif
-            __global float* yp = Y + (size_t)tok * N + n;
-            *yp = accumulate ? *yp + v : v;
+            store_out(Y + (size_t)tok * N + n, PRODUCT_OUT(out[0][r][t], out[1][r][t]), accumulate);
         }
     }
 }
@@ -327,13 +316,7 @@ void gemm_tiled(__global const uint* restrict W, __global const float* restrict 
         for (int i = 0; i < RR; i++) {
             const int n = n0 + ri * RR + i;
             if (n >= N) break;
-#ifdef SWIGLU
-            const float v = gate_act(out[0][i][j]) * out[1][i][j];
-#else
-            const float v = out[0][i][j];
-#endif
-            __global float* yp = Y + (size_t)tok * N + n;
-            *yp = accumulate ? *yp + v : v;
+            store_out(Y + (size_t)tok * N + n, PRODUCT_OUT(out[0][i][j], out[1][i][j]), accumulate);
         }
     }
 }

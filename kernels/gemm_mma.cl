@@ -16,7 +16,8 @@
 // k 2q..2q+1; b1 = k + 8. D: d0, d1 = row g, tokens 2q, 2q+1; d2, d3 = row g+8. A row of the local tiles
 // holds LDS = KS + 8 halves (36 words), so the 32 lanes of one fragment load hit 32 banks.
 //
-// SWIGLU (Y[t][f] = silu(gate f) * up f, the up rows following the gate rows in W): each 16-row block
+// SWIGLU (Y[t][f] = act(gate f) * up f, the up rows following the gate rows in W; act silu, or with GELU
+// the tanh-approximated GELU: epilogue.h): each 16-row block
 // of the local W tile holds 8 gate rows then their 8 up rows, so a lane finds gate in d0/d1 and up in
 // d2/d3; a work-group then covers BN / 2 outputs.
 //
@@ -61,7 +62,7 @@
 #error "gemm_mma: BN % WM, BT % WN, WM % 16, WN % 8, BN * 8 % NWI, BT * 8 % NWI and IW % 2 must be 0"
 #endif
 
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
+#include "epilogue.h"
 
 #if MMA
 #define MMA_16816(d, a0, a1, a2, a3, b0, b1)                                                   \
@@ -195,7 +196,7 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
             const int t0 = tb0 + wn + j * 8 + 2 * q;
 #ifdef SWIGLU
             const int n = out0 + (wm + i * 16) / 2 + g;
-            const float v[2][2] = {{silu(acc[i][j][0]) * acc[i][j][2], silu(acc[i][j][1]) * acc[i][j][3]}, {0, 0}};
+            const float v[2][2] = {{PRODUCT_OUT(acc[i][j][0], acc[i][j][2]), PRODUCT_OUT(acc[i][j][1], acc[i][j][3])}, {0, 0}};
             const int rows = 1;
 #else
             const int n = out0 + wm + i * 16 + g;
@@ -206,8 +207,7 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
                 for (int e = 0; e < 2; e++) {
                     const int tok = t0 + e, row = n + h * 8;
                     if (tok < T && row < N) {
-                        __global float* yp = Y + (size_t)tok * N + row;
-                        *yp = accumulate ? *yp + v[h][e] : v[h][e];
+                        store_out(Y + (size_t)tok * N + row, v[h][e], accumulate);
                     }
                 }
         }

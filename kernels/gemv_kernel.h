@@ -13,12 +13,7 @@
 
 #include "xq.h"
 
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
-#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
-inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
-#else
-#define gate_act silu
-#endif
+#include "epilogue.h"
 
 #ifdef NORM
 // The residual projections' epilogue (o, down): y is the residual stream [T, N], updated in place
@@ -143,12 +138,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
                 for (int r = 0; r < RT; r++) {
                     const int n = (tile * TPW + i) * RT + r;
                     if (n >= N) break;
-#ifdef SWIGLU
-                    const float v = gate_act(out[i][r]) * out[TPW + i][r];
-#else
-                    const float v = out[i][r];
-#endif
-                    yt[n] = accumulate ? yt[n] + v : v;
+                    store_out(yt + n, PRODUCT_OUT(out[i][r], out[TPW + i][r]), accumulate);
                 }
             }
         }
