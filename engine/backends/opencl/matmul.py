@@ -413,7 +413,7 @@ class Matmul:
         if scheme == "gemv":
             steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm)
         elif scheme == "mma":
-            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op == "swiglu")
+            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op in ("swiglu", "geglu"), op == "geglu")
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
