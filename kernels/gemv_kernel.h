@@ -11,9 +11,8 @@
 // Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too).
 
-#include "xq.h"
-
 #include "epilogue.h"
+#include "xq.h"
 
 #ifdef NORM
 // The residual projections' epilogue (o, down): y is the residual stream [T, N], updated in place
