@@ -21,11 +21,11 @@ Weights live on the device as one `DeviceMatrix` per linear layer, repacked once
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
 for the zero terms, unless gemv_zero_inline: kernels/gemv.cl; on x86 CPUs with AVX-512BW by `quantize`, x
 in int16 blocks of 32 with integer products, `int_dot`, for int8 weights too: kernels/gemv_int.cl; the
-norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
-`few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
-tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
-database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
-(scheme "mma", gemm_mma.py). The GEMV also takes
+norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT
+tokens into registers) up to `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory
+tiles; RR x TR register tiles) above; a tiled GEMM whose tiles do not fit the device falls back to
+`gemm_few`. Where the tuning database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on
+the tensor cores instead (scheme "mma", gemm_mma.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets

@@ -156,7 +156,8 @@ PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
     Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "BLOCK_SIZE", "QT"),
-    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["ATT_WG"] + 3) + d["ATT_WG"] * (1 + d["VW"])),
+    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["ATT_WG"] + 3)
+                                 + d["ATT_WG"] * (1 + d["VW"])),
     work_group=lambda d: d["ATT_WG"], hint="lower att_wg", traffic=_attention_traffic)
 
 ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
