@@ -13,149 +13,44 @@
    start_pos come from the cache, written by earlier launches.
 
    Work decomposition of `attend`: a work-group takes one KV head, QT consecutive new tokens (its
-   query tile) and one key slice (split). Its ROWS = QT * GROUP query rows (row r: token r / GROUP,
-   query head kv_head * GROUP + r % GROUP) share every K and V load. Keys are visited in blocks of
-   ATT_WG:
-     1. scores: work-item j computes key b + j against all rows (VW-wide dot products);
-     2. softmax: work-item r updates row r's running max m and sum l, turns the block's scores
-        into probabilities p = 2^(s - m) and yields the rescale factor 2^(m_old - m);
-     3. values: work-item (kg, c) = (lid / DV, lid % DV), DV = HEAD_DIM / VW, accumulates p * V
-        over keys kg, kg + KEY_GROUPS, ... for values VW*c .. VW*c + VW-1 of every row.
-   At the end the KEY_GROUPS partial accumulators are summed through local memory.
-   Scores are kept in log2 units: Q is pre-scaled by log2(e) / sqrt(head_dim) and exp2 is used.
-   Masked scores are a finite -1e30 (the build uses -cl-fast-relaxed-math, so no infinities).
+   query tile) and one key slice (split), and runs the steps of attention_common.h (queries, then per
+   block of ATT_WG keys the scores, the online softmax and the values, then the rows written): its
+   ROWS = QT * GROUP query rows share every K and V load. Scores are in log2 units, RoPE reads the
+   host's table (attention_common.h).
 
-   RoPE comes from a table precomputed on the host in float64 (single-precision sin/cos of large
-   angles would lose accuracy at long positions). Per position it holds, for every dimension of a
-   head, cos(a_i) and a signed sin(a_i) (-sin for dim 2i, +sin for dim 2i+1; a_i = pos *
-   base^(-2i / rope_dim); cos 1, sin 0 past rope_dim), so that for any vector width
-   roped(x) = x * cos + swap_pairs(x) * sin, swap_pairs exchanging x[2i] and x[2i+1].
-
-   Buffers:
-     qkv      [T, QKV_STRIDE] f32           per token: Q heads, then K heads, then V heads,
-                                             QKV_STRIDE = (N_HEADS + 2 * N_KV_HEADS) * HEAD_DIM
-     rope     [ctx, 2, HEAD_DIM] f32         [pos, 0, :] cos, [pos, 1, :] signed sin (see above)
+   Buffers (qkv, rope, out, part_o, part_ml: attention_common.h):
      k_cache  [n_layers, N_KV_HEADS, ctx, HEAD_DIM] f32, or fp16 with KV_HALF; K stored roped.
      v_cache  [n_layers, N_KV_HEADS, ctx, HEAD_DIM] same. One (layer, kv head) is a contiguous
                                              [ctx, HEAD_DIM] matrix, so a work-group streams it.
-     out      [T, N_HEADS * HEAD_DIM] f32    attention output (written when partial == 0)
-     part_o   [n_splits, T, N_HEADS, HEAD_DIM] f32   unnormalised sum of p * v of one key slice
-     part_ml  [n_splits, T, N_HEADS, 2] f32          (m, l) of that slice: max score (log2 units)
-                                                     and sum of p; (-1e30, 0) for an empty slice
+     out is written when partial == 0; part_o, part_ml, one key slice each, when partial == 1, with
+     (-1e30, 0) in part_ml for an empty slice.
 
    Launch attend:  global (ATT_WG * ceil(T / QT), N_KV_HEADS, n_splits), local (ATT_WG, 1, 1).
    Launch combine: global (HEAD_DIM / 4, N_HEADS, T), any local size.
+   Launch attend_one: global (N_KV_HEADS), local (1).
    With SPLIT_COMBINE there is no combine launch: the last work-group of a (query tile, KV head) to
    write its partial result, counted in done [ceil(T / QT), N_KV_HEADS] (int, left at 0 for the next
-   launch), merges the slices of the tile's rows itself (as gemv.cl's NORM epilogue: each work-group's
-   writes fenced before its count, the partials read back through volatile pointers).
+   launch), merges the slices of the tile's rows itself (as gemv_kernel.h's NORM epilogue: each
+   work-group's writes fenced before its count, the partials read back through volatile pointers).
 
-   Model defines: HEAD_DIM (a multiple of VW), N_KV_HEADS, GROUP (query heads per KV head), ATT_SCALE
-   (the softmax scale of Q.K^T; default 1 / sqrt(HEAD_DIM)).
+   Model defines and tunables: attention_common.h's (HEAD_DIM, N_KV_HEADS, GROUP, ATT_SCALE; QT, VW,
+   ATT_WG; VW 16 suits CPUs, whose compilers do not vectorise across work-items here), and KL
+   (work-items per key in the score step, a power of two dividing ATT_WG: 1, each work-item one key of
+   the block; KL > 1, KL work-items read one key's row side by side and the block is scored in passes
+   of KPP = ATT_WG / KL keys, which GPUs read in whole cache lines; decode launches use it, with short
+   key slices, so that a token's attention has many work-groups).
    Sliding window (argument `window`, 0 for none): the query at position p sees keys p - window + 1 .. p;
    the key loops start at the tile's first visible key.
    Option: KV_HALF (fp16 cache through vload_half / vstore_half, core OpenCL, no cl_khr_fp16; the
    new tokens' K and V are rounded to fp16 before use, so a token sees the same values whether they
-   come from qkv or from the cache).
-   Tunables: QT (query tokens per work-group), VW (vector width per work-item: 4, 8 or 16; 16 suits
-   CPUs, whose compilers do not vectorise across work-items here), ATT_WG (work-group size = keys
-   per block; a multiple of VW and of HEAD_DIM / VW), KL (work-items per key in the score step, a
-   power of two dividing ATT_WG: 1, each work-item one key of the block; KL > 1, KL work-items read
-   one key's row side by side and the block is scored in passes of KPP = ATT_WG / KL keys, which
-   GPUs read in whole cache lines; decode launches use it, with short key slices, so that a token's
-   attention has many work-groups). */
+   come from qkv or from the cache). */
 
-#ifndef ATT_SCALE
-#define ATT_SCALE rsqrt((float)HEAD_DIM)
-#endif
-#ifndef HEAD_DIM
-#define HEAD_DIM 64
-#endif
-#ifndef N_KV_HEADS
-#define N_KV_HEADS 3
-#endif
-#ifndef GROUP
-#define GROUP 3
-#endif
-#ifndef QT
-#define QT 1
-#endif
-#ifndef ATT_WG
-#error "ATT_WG: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef VW
-#error "VW: its default is declared in engine/backends/opencl/specs.py"
-#endif
+#include "attention_common.h"
+
 #ifndef KL
 #error "KL: its default is declared in engine/backends/opencl/specs.py"
 #endif
-
-#define N_HEADS (GROUP * N_KV_HEADS)
-#define Q_DIM (N_HEADS * HEAD_DIM)
-#define KV_DIM (N_KV_HEADS * HEAD_DIM)
-#define QKV_STRIDE (Q_DIM + 2 * KV_DIM)
-#define ROWS (QT * GROUP)
-#define DV (HEAD_DIM / VW)
-#define KEY_GROUPS (ATT_WG / DV)
 #define KPP (ATT_WG / KL)                /* keys per pass of the score step with KL > 1 */
-#define NEG (-1.0e30f)
-#define VISIBLE (-1.0e29f)
-
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define floatV CAT(float, VW)
-#define uintV CAT(uint, VW)
-#define as_floatV CAT(as_float, VW)
-#define as_uintV CAT(as_uint, VW)
-#define vloadV CAT(vload, VW)
-#define vstoreV CAT(vstore, VW)
-#define hsumV CAT(hsum, VW)
-#define hmaxV CAT(hmax, VW)
-
-#if VW == 4
-#define SWAP_PAIRS(x) ((x).s1032)
-#elif VW == 8
-#define SWAP_PAIRS(x) ((x).s10325476)
-#elif VW == 16
-#define SWAP_PAIRS(x) ((x).s1032547698badcfe)
-#else
-#error "VW must be 4, 8 or 16"
-#endif
-
-inline float hsum4(const float4 v) { return (v.x + v.y) + (v.z + v.w); }
-inline float hsum8(const float8 v) { return hsum4(v.lo + v.hi); }
-inline float hsum16(const float16 v) { return hsum8(v.lo + v.hi); }
-inline float hmax4(const float4 v) { return fmax(fmax(v.x, v.y), fmax(v.z, v.w)); }
-inline float hmax8(const float8 v) { return hmax4(fmax(v.lo, v.hi)); }
-inline float hmax16(const float16 v) { return hmax8(fmax(v.lo, v.hi)); }
-
-#ifdef KV_HALF
-#define kv_t half
-#define KV_LOAD(i, p) CAT(vload_half, VW)((i), (p))
-#define KV_STORE(v, i, p) CAT(vstore_half, VW)((v), (i), (p))
-
-/* v rounded to the nearest fp16 value (ties to even), kept as f32. */
-inline floatV kv_round(floatV v)
-{
-    uintV b = as_uintV(v);
-    b = (b + (uintV)(0x0FFFu) + ((b >> 13) & (uintV)(1u))) & (uintV)(0xFFFFE000u);
-    return as_floatV(b);
-}
-#else
-#define kv_t float
-#define KV_LOAD(i, p) vloadV((i), (p))
-#define KV_STORE(v, i, p) vstoreV((v), (i), (p))
-#define kv_round(v) (v)
-#endif
-
-/* Values VW*c .. VW*c + VW-1 of a head vector at position pos, after RoPE:
-   x * cos + swap_pairs(x) * (-sin, +sin, ...), from the table row of pos. */
-inline floatV roped(__global const float *src, const int c, __global const float *rope, const int pos)
-{
-    __global const float *row = rope + (size_t)pos * 2 * HEAD_DIM;
-    const floatV x = vloadV(c, src);
-    return mad(x, vloadV(c, row), SWAP_PAIRS(x) * vloadV(c, row + HEAD_DIM));
-}
 
 /* Values 4c .. 4c+3 of row (t, head) merged from the n_splits partial results: each slice's sum of p * v
    weighted by 2^(m_slice - m), divided by the weighted sum of the slices' l. With SPLIT_COMBINE read
@@ -182,6 +77,23 @@ inline float4 merge_splits(PART_Q __global const float *part_o, PART_Q __global 
         o = mad((float4)(w), (float4)(po[0], po[1], po[2], po[3]), o);
     }
     return o / l;
+}
+
+/* 1. sv[r] += (row r) . (key at pos) over the key's vectors cc0, cc0 + step, ... < DV: the key from the
+   cache below start_pos, else this launch's new K (roped, and rounded as the cache holds it). */
+inline void score_key(floatV sv[ROWS], __local const floatV *q_loc, __global const kv_t *kc,
+                      __global const float *k_new, __global const float *rope, const int pos, const int start_pos,
+                      const int cc0, const int step)
+{
+    if (pos < start_pos) {
+        __global const kv_t *kr = kc + (size_t)pos * HEAD_DIM;
+        for (int cc = cc0; cc < DV; cc += step)
+            add_scores(sv, q_loc, cc, KV_LOAD(cc, kr));
+    } else {
+        __global const float *kr = k_new + (size_t)(pos - start_pos) * QKV_STRIDE;
+        for (int cc = cc0; cc < DV; cc += step)
+            add_scores(sv, q_loc, cc, kv_round(roped(kr, cc, rope, pos)));
+    }
 }
 
 __kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1)))
@@ -236,24 +148,12 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
         KV_STORE(kv_round(vloadV(c, v_new + row)), c, vc + (size_t)pos * HEAD_DIM);
     }
 
-    const float qscale = M_LOG2E_F * ATT_SCALE;
-    for (int idx = lid; idx < ROWS * DV; idx += ATT_WG) {
-        const int r = idx / DV, c = idx % DV, tq = r / GROUP, g = r % GROUP;
-        floatV q = (floatV)(0.0f);
-        if (tq < nq)
-            q = roped(qkv + (size_t)(t0 + tq) * QKV_STRIDE + (kvh * GROUP + g) * HEAD_DIM, c, rope, p0 + tq);
-        q_loc[idx] = q * qscale;
-    }
-    for (int r = lid; r < ROWS; r += ATT_WG) {
-        m_loc[r] = NEG;
-        l_loc[r] = 0.0f;
-    }
+    load_queries(q_loc, m_loc, l_loc, qkv, rope, t0, nq, p0, kvh);
     barrier(CLK_LOCAL_MEM_FENCE);
 
     const int c = lid % DV, kg = lid / DV;
     floatV acc[ROWS];
-    for (int r = 0; r < ROWS; r++)
-        acc[r] = (floatV)(0.0f);
+    clear_rows(acc);
 
     const int kstart = window ? max(s0, p0 - window + 1) : s0;   /* the first key a row of the tile sees */
     for (int b = kstart; b < s1; b += ATT_WG) {
@@ -267,25 +167,9 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
         for (int j0 = 0; j0 < nk; j0 += KPP) {
             const int lane = lid % KL, kk = lid / KL, pos = b + j0 + kk;
             floatV sv[ROWS];
-            for (int r = 0; r < ROWS; r++)
-                sv[r] = (floatV)(0.0f);
-            if (j0 + kk < nk) {
-                if (pos < start_pos) {
-                    __global const kv_t *kr = kc + (size_t)pos * HEAD_DIM;
-                    for (int cc = lane; cc < DV; cc += KL) {
-                        const floatV k = KV_LOAD(cc, kr);
-                        for (int r = 0; r < ROWS; r++)
-                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
-                    }
-                } else {
-                    __global const float *kr = k_new + (size_t)(pos - start_pos) * QKV_STRIDE;
-                    for (int cc = lane; cc < DV; cc += KL) {
-                        const floatV k = kv_round(roped(kr, cc, rope, pos));
-                        for (int r = 0; r < ROWS; r++)
-                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
-                    }
-                }
-            }
+            clear_rows(sv);
+            if (j0 + kk < nk)
+                score_key(sv, q_loc, kc, k_new, rope, pos, start_pos, lane, KL);
             for (int r = 0; r < ROWS; r++)
                 s_part[(r * KPP + kk) * KL + lane] = hsumV(sv[r]);
             barrier(CLK_LOCAL_MEM_FENCE);
@@ -305,95 +189,33 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             if (idx % ATT_WG >= (nk + KPP - 1) / KPP * KPP)
                 p_loc[idx] = NEG;
 #else
-        /* 1. scores of key b + lid against every row */
+        /* 1. scores of key b + lid against every row: from the cache, or this launch's new K */
         {
             const int pos = b + lid;
             floatV sv[ROWS];
-            for (int r = 0; r < ROWS; r++)
-                sv[r] = (floatV)(0.0f);
-            if (lid < nk) {
-                if (pos < start_pos) {
-                    __global const kv_t *kr = kc + (size_t)pos * HEAD_DIM;
-                    for (int cc = 0; cc < DV; cc++) {
-                        const floatV k = KV_LOAD(cc, kr);
-                        for (int r = 0; r < ROWS; r++)
-                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
-                    }
-                } else {
-                    __global const float *kr = k_new + (size_t)(pos - start_pos) * QKV_STRIDE;
-                    for (int cc = 0; cc < DV; cc++) {
-                        const floatV k = kv_round(roped(kr, cc, rope, pos));
-                        for (int r = 0; r < ROWS; r++)
-                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
-                    }
-                }
-            }
-            for (int r = 0; r < ROWS; r++) {
-                const bool visible = lid < nk && pos <= p0 + r / GROUP
-                                     && (!window || pos > p0 + r / GROUP - window);
-                p_loc[r * ATT_WG + lid] = visible ? hsumV(sv[r]) : NEG;
-            }
+            clear_rows(sv);
+            if (lid < nk)
+                score_key(sv, q_loc, kc, k_new, rope, pos, start_pos, 0, 1);
+            store_scores(p_loc, sv, nk, pos, p0, window);
         }
 #endif
         barrier(CLK_LOCAL_MEM_FENCE);
 
-        /* 2. online softmax, one row per work-item */
-        for (int r = lid; r < ROWS; r += ATT_WG) {
-            __local float *pr = p_loc + r * ATT_WG;
-            floatV mx = (floatV)(NEG);
-            for (int j = 0; j < ATT_WG / VW; j++)
-                mx = fmax(mx, vloadV(j, pr));
-            const float m_old = m_loc[r];
-            const float m_new = fmax(m_old, hmaxV(mx));
-            floatV sum = (floatV)(0.0f);
-            for (int j = 0; j < ATT_WG / VW; j++) {
-                const floatV s = vloadV(j, pr);
-                const floatV p = select((floatV)(0.0f), exp2(s - m_new), s > (floatV)(VISIBLE));
-                vstoreV(p, j, pr);
-                sum += p;
-            }
-            const float a = exp2(m_old - m_new);
-            a_loc[r] = a;
-            m_loc[r] = m_new;
-            l_loc[r] = mad(l_loc[r], a, hsumV(sum));
-        }
+        softmax_block(p_loc, m_loc, l_loc, a_loc);                 /* 2. */
         barrier(CLK_LOCAL_MEM_FENCE);
 
         /* 3. acc = acc * a + P V over this block's keys kg, kg + KEY_GROUPS, ... */
-        for (int r = 0; r < ROWS; r++)
-            acc[r] *= a_loc[r];
+        rescale(acc, a_loc);
         for (int j = kg; j < nk; j += KEY_GROUPS) {
             const int pos = b + j;
             const floatV v = pos < start_pos
                 ? KV_LOAD(c, vc + (size_t)pos * HEAD_DIM)
                 : kv_round(vloadV(c, v_new + (size_t)(pos - start_pos) * QKV_STRIDE));
-            for (int r = 0; r < ROWS; r++)
-                acc[r] = mad((floatV)(p_loc[r * ATT_WG + j]), v, acc[r]);
+            add_values(acc, p_loc, j, v);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-
-    /* Sum the key groups' accumulators and write each real row. */
-    for (int r = 0; r < ROWS; r++) {
-        red[lid] = acc[r];
-        barrier(CLK_LOCAL_MEM_FENCE);
-        const int tq = r / GROUP;
-        if (kg == 0 && tq < nq) {
-            floatV o = red[c];
-            for (int k = 1; k < KEY_GROUPS; k++)
-                o += red[k * DV + c];
-            const int t = t0 + tq, head = kvh * GROUP + r % GROUP;
-            if (partial) {
-                const size_t slot = ((size_t)split * T + t) * N_HEADS + head;
-                vstoreV(o, c, part_o + slot * HEAD_DIM);
-                if (c == 0)
-                    vstore2((float2)(m_loc[r], l_loc[r]), slot, part_ml);
-            } else {
-                vstoreV(o / l_loc[r], c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
-            }
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
+    write_rows(acc, red, m_loc, l_loc, t0, nq, kvh, out, part_o, part_ml, T, split, partial);
 #ifdef SPLIT_COMBINE
     if (!partial)
         return;
@@ -417,6 +239,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
 #endif
 }
 
+
+
 /* out[t, head] = the softmax-weighted merge of the n_splits partial results of that row.
    Launch: global (HEAD_DIM / 4, N_HEADS, T). */
 __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, HEAD_DIM] */
@@ -438,8 +262,8 @@ __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, 
 #define KB 16
 
 /* Scores of the rows against keys k[0..n) (k: n rows of HEAD_DIM at stride HEAD_DIM, or the one key
-   k_new), then the online softmax update of each row over the block: m, l, the rows' accumulators
-   rescaled, and the block's probabilities into p[g][0..KB) (0 past n); 1 <= n <= KB. */
+   k_new), then the online softmax update of each row over the block (SOFTMAX_ROW): m, l, the rows'
+   accumulators rescaled, and the block's probabilities into p[g][0..KB) (0 past n); 1 <= n <= KB. */
 inline void score_block(const floatV q[GROUP][DV], __global const kv_t *k, const floatV *k_new, const int n,
                         float m[GROUP], float l[GROUP], floatV acc[GROUP][DV], float p[GROUP][KB])
 {
@@ -458,15 +282,10 @@ inline void score_block(const floatV q[GROUP][DV], __global const kv_t *k, const
         }
     }
     for (int g = 0; g < GROUP; g++) {
-        const float16 s = vload16(0, p[g]);
-        const float m_new = fmax(m[g], hmax16(s));
-        const float a = exp2(m[g] - m_new);
-        const float16 e = exp2(s - m_new);
-        l[g] = mad(l[g], a, hsum16(e));
-        m[g] = m_new;
+        float a;
+        SOFTMAX_ROW(16, 1, p[g], m[g], l[g], a)
         for (int c = 0; c < DV; c++)
             acc[g][c] *= a;
-        vstore16(e, 0, p[g]);
     }
 }
 

@@ -5,7 +5,7 @@
      q     [vocab, dim]     int8  Q8_0 values (embed_q8; dim % 32 == 0)
      scale [vocab, dim/32]  f32   one scale per 32 values of a row (embed_q8)
      w     [vocab, dim]     f32   table (embed_f32; any dim)
-     W     row tiles        uint  an int8 matrix [vocab, dim] in gemv.cl's row-tile layout (embed_tiles):
+     W     row tiles        uint  an int8 matrix [vocab, dim] in gemv_tiles.h's row-tile layout (embed_tiles):
                                   the output projection's own buffer when the embedding is tied
      x     [T, dim]         f32   out: x[t] = table[ids[t]]
 

@@ -1,5 +1,5 @@
 // GEMM for prefill: Y[t][n] (+)= sum_k W[n][k] * X[t][k] for T tokens; W in the row-tile layout of
-// gemv.cl (tiles of RT = 4 rows; chunks of 128, then 64, then 32 elements; each chunk = 8 planes of
+// gemv_tiles.h (tiles of RT = 4 rows; chunks of 128, then 64, then 32 elements; each chunk = 8 planes of
 // L = C/8 consecutive elements; int4 nibble p of word l = element p*L + l; scales/zeros after the data).
 //
 // Two schemes:
@@ -27,12 +27,6 @@
 // tokens per work-item), BN, BT, RR, TR (gemm_tiled tiles; RR divides BN, TR divides BT, BN % 4 == 0),
 // X_LOCAL (stage X in local memory), SWIGLU (Y[t][f] = silu(gate f) * up f; the up rows follow), GELU (with SWIGLU: GELU-tanh in place of silu).
 
-#ifndef FORMAT
-#define FORMAT 4
-#endif
-#ifndef G
-#define G 32
-#endif
 #ifndef VEC
 #error "VEC: its default is declared in engine/backends/opencl/specs.py"
 #endif
@@ -90,8 +84,8 @@
     CAT(vstore, RT_GC_##C)(SVLOAD(RT_GC_##C, (__global const SCALE_T*)((blk) + RT * (C) / 8) + RT * GC_(C)), 0, z);
 // Plane p (elements p*L + j0 .. + PV) of row r, dequantized.
 #define DEQ(C, PV, blk, r, j0, p, s, z)                                                        \
-    (fma(CAT(convert_float, PV)((CAT(vload, PV)(0, (blk) + (r) * ((C) / 8) + (j0)) >> (4 * (p))) & 15u), \
-         s[(r) * GC_(C) + (p) / (8 / GC_(C))], z[(r) * GC_(C) + (p) / (8 / GC_(C))]))
+    DEQ4(PV, CAT(vload, PV)(0, (blk) + (r) * ((C) / 8) + (j0)), 4 * (p),                       \
+         s[(r) * GC_(C) + (p) / (8 / GC_(C))], z[(r) * GC_(C) + (p) / (8 / GC_(C))])
 #elif FORMAT == 8
 // int8 pieces are loaded as 32-bit words (one wide load) and reinterpreted as chars.
 #define QLOAD_16(p) as_char16(vload4(0, (__global const uint*)(p)))
@@ -172,7 +166,7 @@
         }                                                                                      \
     }
 
-// W: row tiles (gemv.cl layout) of rows = N (SWIGLU: 2N); X: [T][K]; Y: [T][N]. Token tiles past T
+// W: row tiles (gemv_tiles.h layout) of rows = N (SWIGLU: 2N); X: [T][K]; Y: [T][N]. Token tiles past T
 // read the last token again (X rows are clamped) and store nothing.
 __kernel void gemm_few(__global const uint* restrict W, __global const float* restrict Xg,
                        __global float* restrict Y, const int T, const int K, const int N, const int accumulate)
@@ -198,13 +192,7 @@ __kernel void gemm_few(__global const uint* restrict W, __global const float* re
         for (int r = 0; r < RT; r++) {
             const int n = tile * RT + r;
             if (n >= N) break;
-#ifdef SWIGLU
-            const float v = gate_act(out[0][r][t]) * out[1][r][t];
-#else
-            const float v = out[0][r][t];
-#endif
-            __global float* yp = Y + (size_t)tok * N + n;
-            *yp = accumulate ? *yp + v : v;
+            store_out(Y + (size_t)tok * N + n, PRODUCT_OUT(out[0][r][t], out[1][r][t]), accumulate);
         }
     }
 }

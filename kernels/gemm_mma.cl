@@ -1,5 +1,5 @@
 // GEMM for prefill on matrix units: Y[t][n] (+)= sum_k W[n][k] * X[t][k], int4 weights in the row-tile
-// layout of gemv.cl (tiles of RT = 4 rows; chunks of 128, then one of 64, along K; a chunk of C elements
+// layout of gemv_tiles.h (tiles of RT = 4 rows; chunks of 128, then one of 64, along K; a chunk of C elements
 // is 8 planes of L = C/8 consecutive elements, nibble p of word l = element p*L + l; the tile's
 // scale[RT][C/G] and zero[RT][C/G] halves after the nibbles; w = q * scale + zero).
 //
@@ -16,7 +16,8 @@
 // k 2q..2q+1; b1 = k + 8. D: d0, d1 = row g, tokens 2q, 2q+1; d2, d3 = row g+8. A row of the local tiles
 // holds LDS = KS + 8 halves (36 words), so the 32 lanes of one fragment load hit 32 banks.
 //
-// SWIGLU (Y[t][f] = silu(gate f) * up f, the up rows following the gate rows in W): each 16-row block
+// SWIGLU (Y[t][f] = act(gate f) * up f, the up rows following the gate rows in W; act silu, or with GELU
+// the tanh-approximated GELU: epilogue.h): each 16-row block
 // of the local W tile holds 8 gate rows then their 8 up rows, so a lane finds gate in d0/d1 and up in
 // d2/d3; a work-group then covers BN / 2 outputs.
 //
@@ -30,26 +31,18 @@
 // Reached on the H200 (BN = BT = 128, WM = 32, WN = 64): 124 TFLOP/s on 12288 x 4096 x 512
 // (docs/performance.md, H200 section).
 
-#ifndef G
-#define G 32
-#endif
-#ifndef BN
-#error "BN: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef BT
-#error "BT: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef WM
-#error "WM: its default is declared in engine/backends/opencl/specs.py"
-#endif
-#ifndef WN
-#error "WN: its default is declared in engine/backends/opencl/specs.py"
+#if !defined(BN) || !defined(BT) || !defined(WM) || !defined(WN)
+#error "BN, BT, WM, WN: their defaults are declared in engine/backends/opencl/specs.py"
 #endif
 #ifndef MMA
 #define MMA 1
 #endif
 
 #define RT 4
+#define FORMAT 4                         // int4 weights: wformat.h's blocks and dequantization
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#include "wformat.h"
 #define KS 64                            // K elements per stage
 #define LDS (KS + 8)                     // halves per local row
 #define LDW (LDS / 2)                    // words per local row
@@ -57,7 +50,6 @@
 #define NT (WN / 8)                      // fragments along the tokens
 #define WARPS_M (BN / WM)
 #define NWI (32 * WARPS_M * (BT / WN))
-#define BLOCK_WORDS(C) (RT * ((C) / 8 + (C) / G))  // nibble words, then scale and zero halves
 #ifdef SWIGLU
 #define OUT_N (BN / 2)
 #else
@@ -70,7 +62,7 @@
 #error "gemm_mma: BN % WM, BT % WN, WM % 16, WN % 8, BN * 8 % NWI, BT * 8 % NWI and IW % 2 must be 0"
 #endif
 
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
+#include "epilogue.h"
 
 #if MMA
 #define MMA_16816(d, a0, a1, a2, a3, b0, b1)                                                   \
@@ -119,8 +111,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
         _Pragma("unroll") for (int pp = 0; pp < KS / ((C) / 8); pp++) {                        \
             const int second = G == 32 && pp * ((C) / 8) >= 32, sh = 4 * (p0 + pp);            \
             const float sc = second ? wsz[u].z : wsz[u].x, ze = second ? wsz[u].w : wsz[u].y;  \
-            const float2 v = (float2)((float)((wq[u].x >> sh) & 15u), (float)((wq[u].y >> sh) & 15u)); \
-            vstore_half2_rte(fma(v, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * ((C) / 8) + j); \
+            vstore_half2_rte(DEQ4(2, wq[u], sh, (float2)(sc), (float2)(ze)), 0, Wh + r * LDS + pp * ((C) / 8) + j); \
         }                                                                                      \
     }
 #define STORE(s)                                                                               \
@@ -205,7 +196,7 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
             const int t0 = tb0 + wn + j * 8 + 2 * q;
 #ifdef SWIGLU
             const int n = out0 + (wm + i * 16) / 2 + g;
-            const float v[2][2] = {{silu(acc[i][j][0]) * acc[i][j][2], silu(acc[i][j][1]) * acc[i][j][3]}, {0, 0}};
+            const float v[2][2] = {{PRODUCT_OUT(acc[i][j][0], acc[i][j][2]), PRODUCT_OUT(acc[i][j][1], acc[i][j][3])}, {0, 0}};
             const int rows = 1;
 #else
             const int n = out0 + wm + i * 16 + g;
@@ -216,8 +207,7 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
                 for (int e = 0; e < 2; e++) {
                     const int tok = t0 + e, row = n + h * 8;
                     if (tok < T && row < N) {
-                        __global float* yp = Y + (size_t)tok * N + row;
-                        *yp = accumulate ? *yp + v[h][e] : v[h][e];
+                        store_out(Y + (size_t)tok * N + row, v[h][e], accumulate);
                     }
                 }
         }

@@ -14,7 +14,7 @@
      xs    [T, dim/XS_G] out, with XS_G defined: the group sums of h's rows, computed exactly as
                       gemv.cl's xsum does, so the int4 GEMV that reads h needs no xsum launch
      xq    [T, dim]   out, with XQ defined: h in int16 blocks of 32 (xq.h), for the int-dot GEMV
-     xd    [T, dim/32]    (gemv.cl INT_DOT); the blocks' scales
+     xd    [T, dim/32]    (gemv_int.cl); the blocks' scales
 
    Launch: global (RMS_WG * T), local (RMS_WG).
    Tunable: RMS_WG, the work-group size, a power of two. Options: XS_G (a multiple of 16), XQ

@@ -1,16 +1,10 @@
 /* What the many-token GEMMs share (gemm.cl's gemm_tiled, gemm_half.cl, gemm_dot8.cl): where a chunk of a
-   row tile lies, the gate activation of SWIGLU, the horizontal sums, and the epilogue that writes a work-item's
-   RR x TR outputs. Needs RT, CAT and BLOCK_WORDS (kernels/wformat.h) first. */
+   row tile lies, the horizontal sums, and the store of a work-item's RR x TR outputs (through epilogue.h). Needs RT, CAT and BLOCK_WORDS (kernels/wformat.h) first. */
 
 inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
 inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
 inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
-#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
-inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
-#else
-#define gate_act silu
-#endif
+#include "epilogue.h"
 
 // Word offset of chunk number c inside a tile, and its first element along K; the tails (64, then 32)
 // follow the 128-wide chunks.
@@ -79,12 +73,7 @@ inline int chunk_k0(int c, int n128, int has64)
 #endif
 
 // Y[tok][n] (+)= the outputs out[NT][RR][TR] of work-item (ti, ri) of the work-group at tokens tb0, rows n0;
-// with SWIGLU out[0] holds the gate rows and out[1] the up rows.
-#ifdef SWIGLU
-#define TILE_VALUE(out, i, j) (gate_act(out[0][i][j]) * out[1][i][j])
-#else
-#define TILE_VALUE(out, i, j) (out[0][i][j])
-#endif
+// with SWIGLU out[0] holds the gate rows and out[1] the up rows (epilogue.h).
 #define STORE_TILE(out)                                                                        \
     for (int j = 0; j < TR; j++) {                                                             \
         const int tok = tb0 + ti * TR + j;                                                     \
@@ -92,8 +81,6 @@ inline int chunk_k0(int c, int n128, int has64)
         for (int i = 0; i < RR; i++) {                                                         \
             const int n = n0 + ri * RR + i;                                                    \
             if (n >= N) break;                                                                 \
-            const float v = TILE_VALUE(out, i, j);                                             \
-            __global float* yp = Y + (size_t)tok * N + n;                                      \
-            *yp = accumulate ? *yp + v : v;                                                    \
+            store_out(Y + (size_t)tok * N + n, PRODUCT_OUT(out[0][i][j], out[NT - 1][i][j]), accumulate); \
         }                                                                                      \
     }

@@ -1,4 +1,4 @@
-/* The weight formats of the row tiles (gemv.cl, gemm.cl; packed by engine/backends/opencl/matmul.py
+/* The weight formats of the row tiles (gemv_tiles.h, gemm.cl, gemm_mma.cl; packed by engine/backends/opencl/matmul.py
    and engine/backends/opencl/weights.py): words per chunk block of C elements, and how scales load.
      FORMAT 4   int4, w = q * scale + zero, one scale and zero per G (32, 64, 128)
      FORMAT 8   int8, w = q * scale (+ zero with ZERO8), one scale (and zero) per G (16, 32)
@@ -7,6 +7,16 @@
      FORMAT 32  float32 weights (F32)
    Scales and zeros are fp16 (GGUF Q4_0, Q4_1, Q8_0, Q5_0, IQ4_NL: their d as stored) or, with SCALE_F32,
    float32 (K-quants and IQ4_XS: d times a 6- or 8-bit sub-block scale, exact in float32, not in fp16). */
+
+#ifndef WFORMAT_H
+#define WFORMAT_H
+
+#ifndef FORMAT
+#define FORMAT 4
+#endif
+#ifndef G
+#define G 32
+#endif
 #ifdef SCALE_F32
 #define SCALE_T float
 #define SVLOAD(n, p) CAT(vload, n)(0, p)
@@ -60,4 +70,9 @@
 #else
 #define WTYPE half
 #define WLOAD(PV, p) CAT(vload_half, PV)(0, p)
+#endif
+/* int4 (FORMAT 4): the nibbles at bit `shift` of the words q (uint, or uintPV) dequantized, q * scale +
+   zero as floatPV. */
+#define DEQ4(PV, q, shift, scale, zero) fma(CAT(convert_float, PV)(((q) >> (shift)) & 15u), scale, zero)
+
 #endif

@@ -1,15 +1,18 @@
-/* The input x of the int-dot GEMV (gemv.cl INT_DOT) in int16: one row x [K] becomes
+/* The input x of the int-dot GEMV (gemv_int.cl) in int16: one row x [K] becomes
      xq [K] int16  x in blocks of 32: q = rint(x * 32767 / max|block|)
      xd [K/32]     f32, the blocks' scales max|block| / 32767 (x ~ q * xd, to 2^-15 of the block's largest)
    Within each whole 128-element chunk of the row the values are reordered to line up with the int4
-   weight nibbles as gemv.cl IPIECE reads them: element e of the chunk (e = 32g + 16h + 4m + 2k + o,
+   weight nibbles as gemv_int.cl IPIECE reads them: element e of the chunk (e = 32g + 16h + 4m + 2k + o,
    nibble h of byte 2k + o of group g in lane m once the words are transposed) is stored at
    32(h + 2o) + 8m + 2g + k: four vectors of 32 values, one per nibble of a 16-bit word. The tail past
    the last whole chunk keeps
    its natural order (the GEMV reads the float x there); with XQ_NATURAL (the int8 GEMV) the whole
    row does. The group sums that go with them (the int4
    zero terms) are taken of the values the blocks hold: xq_block. Written by the norms (rmsnorm.cl XQ,
-   gemv.cl NORM with HQ) and by gemv.cl's quantize kernel. */
+   gemv_kernel.h NORM with HQ) and by gemv_int.cl's quantize kernel. */
+
+#ifndef XQ_H
+#define XQ_H
 
 /* The block x[k0 .. k0 + 32) of a row of K values: its int16 values into xq, its scale into xd[k0 / 32].
    Returns the block's sum as the GEMV's zero terms take it: of the values the GEMV multiplies, q * scale
@@ -52,3 +55,5 @@ inline float xq_block(__global const float* x, const int k0, const int K, __glob
     const float sum = (s4.x + s4.y) + (s4.z + s4.w);
     return tail ? sum : sum * scale;
 }
+
+#endif

@@ -104,3 +104,67 @@ def test_an_error_in_the_build_reaches_the_caller():
 
     with pytest.raises(ValueError, match="no such kernel"):
         builds.interruptible(build)
+
+
+@pytest.fixture
+def kernel_folder(tmp_path, monkeypatch):
+    """A kernels folder of one program, probe.cl, that includes outer.h, which includes inner.h."""
+    from perfx.engine.backends.opencl import sources
+
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    (folder / "probe.cl").write_text('#include "outer.h"\n'
+                                     "__kernel void probe(__global int *out) { out[0] = VALUE; }\n")
+    (folder / "outer.h").write_text('#ifndef OUTER_H\n#define OUTER_H\n#include "inner.h"\n#endif\n')
+    (folder / "inner.h").write_text("#define VALUE 1\n")
+    monkeypatch.setattr(sources, "kernels_dir", lambda: folder)
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("POCL_CACHE_DIR", str(tmp_path / "pocl"))
+    return folder
+
+
+def test_a_program_holds_its_headers_and_theirs(kernel_folder):
+    from perfx.engine.backends.opencl.sources import kernel_source
+
+    text = kernel_source("probe")
+    assert "#define VALUE 1" in text and "#include" not in text
+    (kernel_folder / "inner.h").write_text('#include "probe.cl"\n')
+    with pytest.raises(ValueError, match="includes itself"):
+        kernel_source("probe")
+
+
+def test_a_changed_header_builds_anew(kernel_folder):
+    """A change to a header, even one included through another, reaches the on-disk binary cache
+    (keyed on the program's text): a new process runs the new code, not the cached binary."""
+    cl = pytest.importorskip("pyopencl")
+    from perfx.engine.backends.opencl.runtime import Runtime
+
+    cpus = [d for p in cl.get_platforms() for d in p.get_devices() if d.type & cl.device_type.CPU]
+    if not cpus:
+        pytest.skip("no OpenCL CPU device")
+
+    def run() -> int:
+        rt = Runtime(cpus[0])            # a fresh runtime: only the disk caches are shared
+        out = rt.empty(4)
+        rt.kernel("probe", "probe")(rt.queue, (1,), None, out)
+        return int(rt.read(out, 1, np.int32)[0])
+
+    assert run() == 1
+    assert run() == 1                    # the cached binary
+    (kernel_folder / "inner.h").write_text("#define VALUE 2\n")
+    assert run() == 2
+
+
+def test_the_manifest_keys_on_every_header(kernel_folder):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Config:
+        dim: int = 64
+
+    device = SimpleNamespace(platform=SimpleNamespace(name="Some Platform"), name="cpu", driver_version="1")
+    backend = SimpleNamespace(rt=SimpleNamespace(device=device, math_options=()), config=Config(), ctx=128,
+                              max_tokens=64, params={})
+    before = builds.manifest_path(backend)
+    (kernel_folder / "inner.h").write_text("#define VALUE 2\n")
+    assert builds.manifest_path(backend) != before

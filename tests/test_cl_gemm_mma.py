@@ -113,3 +113,13 @@ def test_ptx(rt, mm_ptx, N, K, G, T, op):
         assert_close(run(rt, mm_ptx, dm, x, N // 2, op="swiglu", scheme="mma"), silu_mul(oracle16(x, w)))
     else:
         assert_close(run(rt, mm_ptx, dm, x, N, scheme="mma"), oracle16(x, w))
+
+
+def test_emulated_geglu(rt, mm_emulated):
+    """GeGLU (Gemma's gate through GELU-tanh) on the tensor-core GEMM: act(gate) * up, not the gate rows alone."""
+    from perfx.engine.backends.numpy_backend import gelu_tanh
+
+    F = 40
+    dm, w, x = _case(rt, 2 * F, 320, 32, 23, 7)
+    gu = oracle16(x, w)
+    assert_close(run(rt, mm_emulated, dm, x, F, op="geglu"), gelu_tanh(gu[:, :F]) * gu[:, F:])

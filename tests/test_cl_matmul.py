@@ -125,14 +125,14 @@ def rand_int8(rng, N: int, K: int):
 
 def run(rt, mm, w, x: np.ndarray, out_cols: int, *, op: str = "linear", y0: np.ndarray | None = None,
         scheme: str | None = None) -> np.ndarray:
-    """Run linear / swiglu on x [T, K] into a poisoned (or y0-filled) output with a guard region."""
+    """Run linear / swiglu / geglu on x [T, K] into a poisoned (or y0-filled) output with a guard region."""
     T = x.shape[0]
     y = np.full(T * out_cols + GUARD, SENTINEL, np.float32)
     y[: T * out_cols] = np.nan if y0 is None else y0.reshape(-1)
     xb = rt.to_device(x.astype(np.float32))
     yb = cl.Buffer(rt.ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=y)
-    if op == "swiglu":
-        mm.swiglu(xb, w, T, yb, scheme=scheme)
+    if op in ("swiglu", "geglu"):
+        mm.swiglu(xb, w, T, yb, scheme=scheme, act="gelu_tanh" if op == "geglu" else "silu")
     else:
         mm.linear(xb, w, T, yb, accumulate=y0 is not None, scheme=scheme)
     got = rt.read(yb, y.shape)

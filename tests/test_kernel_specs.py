@@ -3,14 +3,14 @@ sources and the operators' defaults, and a configuration the device cannot hold 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from perfx.engine.backends.opencl import specs
+from perfx.engine.backends.opencl.sources import kernel_source
 from perfx.engine.errors import PerfxError
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+SOURCES = sorted({f for s in specs.SPECS.values() for f in s.sources})
 SMOLLM = dict(HEAD_DIM=64, N_KV_HEADS=3, GROUP=3, ATT_WG=128, VW=4, KV_HALF=False)
 LLAMA8B = dict(HEAD_DIM=128, N_KV_HEADS=8, GROUP=4, ATT_WG=128, VW=4, KV_HALF=False)   # GQA group of 4
 
@@ -18,22 +18,31 @@ LLAMA8B = dict(HEAD_DIM=128, N_KV_HEADS=8, GROUP=4, ATT_WG=128, VW=4, KV_HALF=Fa
 @pytest.mark.parametrize("name", sorted(specs.SPECS))
 def test_every_declared_define_is_read_by_its_kernel(name):
     spec = specs.SPECS[name]
-    source = (KERNELS / spec.source).read_text()
-    for define in [p.define for p in spec.params if p.define] + list(spec.model_defines):
-        assert re.search(rf"\b{define}\b", source), f"{define} is declared for {name} but {spec.source} never reads it"
+    for file in spec.sources:
+        source = kernel_source(file.removesuffix(".cl"))       # with its headers
+        for define in [p.define for p in spec.params if p.define] + list(spec.model_defines):
+            assert re.search(rf"\b{define}\b", source), f"{define} is declared for {name} but {file} never reads it"
     for p in spec.params:
         assert not p.candidates or p.default in p.candidates, f"{p.key}: default {p.default} not among its candidates"
 
 
-@pytest.mark.parametrize("source", sorted({s.source for s in specs.SPECS.values()}))
+@pytest.mark.parametrize("source", SOURCES)
 def test_no_kernel_source_repeats_a_declared_default(source):
-    """A tunable's default lives in specs.py only: the .cl file refuses a build without it."""
-    text = (KERNELS / source).read_text()
+    """A tunable's default lives in specs.py only: the .cl file (or a header it includes) refuses a build
+    without it."""
+    text = kernel_source(source.removesuffix(".cl"))
     for define in specs.source_defaults(source):
         if specs.source_defaults(source)[define] is False:   # a flag: absent means off
             continue
         assert not re.search(rf"#define\s+{define}\s+\S", text), f"{source} repeats the default of {define}"
-        assert re.search(rf"#ifndef {define}\n#error", text), f"{source} builds without {define}"
+        guard = rf"#(ifndef {define}|if .*!defined\({define}\).*)\n#error"
+        assert re.search(guard, text), f"{source} builds without {define}"
+
+
+def test_a_kernel_with_several_sources_declares_its_defaults_for_each():
+    assert specs.GEMV.sources == ("gemv.cl", "gemv_int.cl")
+    for source in specs.GEMV.sources:
+        assert {"VEC", "KSPLIT", "WG_ROWS", "TPW"} <= set(specs.source_defaults(source))
 
 
 def test_operator_defaults_come_from_the_specs():
@@ -137,8 +146,8 @@ def test_gemv_over_the_local_memory_limit_is_refused_before_it_is_built(monkeypa
     builds = []
     monkeypatch.setattr(rt, "program", lambda *a, **k: builds.append(a) or pytest.fail("built"))
     mm = Matmul(rt, {"gemv_ksplit": 16, "gemv_wg_rows": 8, "gemv_int_dot": False})
-    with pytest.raises(PerfxError, match=r"gemv \(gemv.cl\) with .*KSPLIT=16.*needs 2048 bytes of local memory "
-                                         r"per work-group, more than the device's 1024; lower gemv_ksplit"):
+    with pytest.raises(PerfxError, match=r"gemv \(gemv.cl, gemv_int.cl\) with .*KSPLIT=16.*needs 2048 bytes of "
+                                         r"local memory per work-group, more than the device's 1024; lower gemv_ksplit"):
         mm.linear(x, w, 1, y)
     assert builds == []
 

@@ -22,12 +22,12 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import sources as kernel_sources
 from .runtime import cache_dir
 
 Progress = Callable[[str, int, int], None]     # (what, done, total)
@@ -65,8 +65,7 @@ def manifest_path(backend: Any) -> Path:
     which holds the kernels compiled per work-group size: a manifest there means they are compiled
     (and goes when that cache is cleared); elsewhere in perfx's kernel cache."""
     device = backend.rt.device
-    kernels = resources.files("perfx.kernels")
-    sources = sorted((f.name, f.read_text(encoding="utf-8")) for f in kernels.iterdir()
+    sources = sorted((f.name, f.read_text(encoding="utf-8")) for f in kernel_sources.kernels_dir().iterdir()
                      if f.name.endswith((".cl", ".h")))
     key = json.dumps([device.platform.name, device.name, device.driver_version, asdict(backend.config),
                       backend.ctx, backend.max_tokens, backend.params, backend.rt.math_options, sources],

@@ -48,14 +48,15 @@ class MmaGemm:
         """Whether it can multiply a matrix of this format and width (T >= min_tokens: Matmul.scheme)."""
         return fmt == "int4" and K % KS == 0
 
-    def _defines(self, G: int, swiglu: bool) -> dict:
-        return {"G": G, **self.tile, "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu}
+    def _defines(self, G: int, swiglu: bool, gelu: bool = False) -> dict:
+        return {"G": G, **self.tile, "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu, "GELU": swiglu and gelu}
 
     def steps(self, w, x: cl.Buffer, y: cl.Buffer, T: int, K: int, N: int, accumulate: bool,
-              swiglu: bool) -> tuple[list, tuple]:
+              swiglu: bool, gelu: bool = False) -> tuple[list, tuple]:
         """The launches (kernel with arguments set, global size, local size) of y [T, N] (+)= x @ W^T
-        (swiglu: N outputs from 2N rows): x to fp16, then the product; and the buffers they hold."""
-        program = self.rt.program("gemm_mma", **self._defines(w.group, swiglu))
+        (swiglu: N outputs from 2N rows, act(gate) * up with act silu, or with gelu GELU-tanh: GeGLU): x to
+        fp16, then the product; and the buffers they hold."""
+        program = self.rt.program("gemm_mma", **self._defines(w.group, swiglu, gelu))
         xh = self.rt.empty(2 * T * K)                                  # fp16 [T, K]
         to_half = cl.Kernel(program, "x_to_half")
         to_half.set_args(x, xh, np.int32(T * K))

@@ -1,14 +1,14 @@
 """Matrix products with quantized weights: y[T, N] (+)= x[T, K] @ W[N, K]^T on OpenCL.
 
 `Matmul` picks a kernel by token count: GEMV for T == 1 (int4: preceded by `xsum`, the group sums of x
-for the zero terms, unless gemv_zero_inline; on x86 CPUs with AVX-512BW by `quantize`, x in int16 blocks
-of 32 with integer products, `int_dot`, for int8 weights too; the norms write both for the int4 products
-that read h, `XPrep`), `gemm_few` (weights dequantized once per TT tokens into registers) up to
-`few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
-tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
-database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
-(scheme "mma", gemm_mma.py), and where it asks for tiled_arith "half" or "dot8" the tiled GEMM of int4
-matrices runs in fp16 or int8 dot products (gemm_variants.py). The GEMV also takes
+for the zero terms, unless gemv_zero_inline: kernels/gemv.cl; on x86 CPUs with AVX-512BW by `quantize`, x
+in int16 blocks of 32 with integer products, `int_dot`, for int8 weights too: kernels/gemv_int.cl; the
+norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT
+tokens into registers) up to `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory
+tiles; RR x TR register tiles) above; a tiled GEMM whose tiles do not fit the device falls back to
+`gemm_few`. Where the tuning database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on
+the tensor cores instead (scheme "mma", gemm_mma.py), and where it asks for tiled_arith "half" or "dot8"
+the tiled GEMM of int4 matrices runs in fp16 or int8 dot products (gemm_variants.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -114,14 +114,14 @@ class Matmul:
         self.variant = gemm_variants.make(rt, self.params)   # gemm_tiled in fp16 or int8 dots, None: f32
 
     def _int_dot_works(self) -> bool:
-        """Whether the int4 and int8 GEMVs take x in int16 (gemv.cl INT_DOT): asked for (gemv_int_dot), the CPU
+        """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
         layout of the GEMV (VEC 16, no K split), and a device whose compiler builds it (x86 with
         AVX-512BW or AVX2; elsewhere the build fails and the float GEMV is used)."""
         p = self.params
         if not (p["gemv_int_dot"] and p["gemv_vec"] == 16 and p["gemv_ksplit"] == 1):
             return False
         try:
-            self.rt.program("gemv", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"], INT_DOT=True,
+            self.rt.program("gemv_int", FORMAT=4, G=32, VEC=16, KSPLIT=1, WG_ROWS=p["gemv_wg_rows"],
                             INT_DOT_256=bool(p["gemv_int_dot_256"]))
         except PerfxError:
             return False
@@ -156,7 +156,7 @@ class Matmul:
                       xs: XPrep | None = None) -> None:
         """y [T, N] += x @ W^T, y being the residual stream; then norm.h [T, N] = rmsnorm(y) * norm.w and,
         with norm.hx, its group sums [T, N/norm.group] (and h in int16 with norm.hx.q): one GEMV launch,
-        whose last work-item to finish normalises (kernels/gemv.cl NORM)."""
+        whose last work-item to finish normalises (kernels/gemv_kernel.h NORM)."""
         if w.bias is not None:
             raise PerfxError("residual_norm takes no bias")
         self._enqueue("linear", x, w, T, y, True, "gemv", xs, norm)
@@ -202,7 +202,7 @@ class Matmul:
         if scheme == "gemv":
             steps, keep = self._gemv(defines, x, w, T, K, N, y, np.int32(accumulate), xs, norm, norm_in)
         elif scheme == "mma":
-            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op == "swiglu")
+            steps, keep = self.mma.steps(w, x, y, T, K, N, accumulate, op in ("swiglu", "geglu"), op == "geglu")
         else:
             build = {"few": self._gemm_few, "tiled": self._gemm_tiled}[scheme]
             steps, keep = build(defines, x, w, T, K, N, y, np.int32(accumulate))
@@ -240,10 +240,10 @@ class Matmul:
         if hx is not None and hx.q is not None and N % 32:
             raise PerfxError(f"h in int16 needs rows in blocks of 32, got {N}")
         defines.update(**shape, USE_IMAGE=use_image, ZERO_INLINE=inline,
-                       INT_DOT=int_dot, INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
+                       INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage)
-        program = self.rt.program("gemv", **defines)
+        program = self.rt.program("gemv_int" if int_dot else "gemv", **defines)   # integer or float products
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
         if (w.fmt == "int4" and not inline) or int_dot:

@@ -1,5 +1,6 @@
 """How the matrix products' weights lie on the device: packed once at load, read by kernels/gemv.cl,
-kernels/gemm.cl and kernels/gemm_mma.cl (launched by matmul.py).
+kernels/gemv_int.cl (the layout: kernels/gemv_tiles.h), kernels/gemm.cl and kernels/gemm_mma.cl
+(launched by matmul.py).
 
 Weights live on the device as one `DeviceMatrix` per linear layer, repacked once at load into the
 "row tile" layout:

@@ -64,7 +64,7 @@ class PagedAttention:
         c = self.config
         return self.rt.program(
             "paged_attention", HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group,
-            BLOCK_SIZE=self.block_size, QT=qt, WG=self.wg, VW=self.vec, KV_HALF=self.dtype == np.float16,
+            BLOCK_SIZE=self.block_size, QT=qt, ATT_WG=self.wg, VW=self.vec, KV_HALF=self.dtype == np.float16,
             ATT_SCALE=f"{c.attn_scale!r}f" if c.attn_scale else False)
 
     def _attend_kernel(self, qt: int) -> cl.Kernel:

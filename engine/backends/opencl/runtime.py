@@ -1,8 +1,9 @@
 """One OpenCL device in use: its context, its queue, and the kernels built for it.
 
-Kernels are `.cl` files in the `kernels` package, one per operator; tunables are `-D NAME=VALUE`
-defines with defaults in the source. Built programs are cached on disk by pyopencl, keyed by
-source, options and device, so a second start builds nothing.
+Kernels are `.cl` files in the `kernels` package, one per operator, with shared headers written in
+(sources.py); tunables are `-D NAME=VALUE` defines with defaults declared in specs.py. Built programs
+are cached on disk by pyopencl, keyed by source (headers included), options and device, so a second
+start builds nothing.
 
 Every kernel launch goes through `launch`; inside `recording()` the launches go to a second queue
 with profiling enabled, and each one's event is kept with its cost (bytes, FLOPs) for the profile.
@@ -15,7 +16,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +23,12 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from .drivers import driver_of
+from .sources import kernel_source
 from .specs import source_defaults
 
 # A compiler's remarks on a build that succeeded (PoCL's vector-ABI notes on CPUs without AVX-512) are no
 # user's business; a failed build raises with its log.
 warnings.filterwarnings("ignore", category=cl.CompilerWarning)
-
-
-def kernel_source(name: str) -> str:
-    """The text of kernels/<name>.cl, with each `#include "<file>"` line replaced by that file of the
-    kernels package (shared device functions, kernels/*.h), so that a program's text is all of its
-    source and the build cache keys on it."""
-    kernels = resources.files("perfx.kernels")
-    lines = kernels.joinpath(f"{name}.cl").read_text(encoding="utf-8").splitlines(keepends=True)
-    return "".join(kernels.joinpath(line.split('"')[1]).read_text(encoding="utf-8")
-                   if line.startswith('#include "') else line for line in lines)
 
 
 def cache_dir() -> Path:

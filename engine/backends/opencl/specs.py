@@ -34,7 +34,7 @@ class Param:
 @dataclass(frozen=True)
 class KernelSpec:
     name: str                    # "attention"
-    source: str                  # the file under kernels/
+    source: str | tuple[str, ...]   # the file under kernels/, or the files holding its variants
     section: str                 # its section of the tuning database: "matmul" or "fused"
     params: tuple[Param, ...]
     model_defines: tuple[str, ...] = ()                 # set from the model's shape, not tuned
@@ -49,6 +49,10 @@ class KernelSpec:
         if self.traffic is None:
             raise PerfxError(f"{self.name} declares no traffic")
         return self.traffic(shape)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
 
     def defaults(self) -> dict[str, Any]:
         return {p.key: p.default for p in self.params}
@@ -83,7 +87,7 @@ def _attention_local(d: dict) -> int:
     return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"] + s_part)
 
 
-GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
+GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float products, integer products
     Param("gemv_vec", "VEC", 16, (4, 8, 16), "piece width (lanes of the explicit vectors along K)"),
     Param("gemv_ksplit", "KSPLIT", 1, (1, 2, 4, 8, 16), "work-items splitting K within a work-group"),
     Param("gemv_wg_rows", "WG_ROWS", 8, (1, 2, 4, 8), "work-items along the rows per work-group"),
@@ -203,11 +207,12 @@ ATTENTION_MMA = KernelSpec("attention_mma", "attention_mma.cl", "fused", (
                   lambda d: d["HEAD_DIM"] % 16 == 0 and d["BK"] % 16 == 0 and d["GROUP"] <= 16 * d["WARPS"]),))
 
 PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
-    Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
+    Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item (attention's)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "BLOCK_SIZE", "QT"),
-    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["WG"] + 3) + d["WG"] * (1 + d["VW"])),
-    work_group=lambda d: d["WG"], hint="lower att_wg", traffic=_attention_traffic)
+    local_bytes=lambda d: F32 * (d["QT"] * d["GROUP"] * (d["HEAD_DIM"] + d["ATT_WG"] + 3)
+                                 + d["ATT_WG"] * (1 + d["VW"])),
+    work_group=lambda d: d["ATT_WG"], hint="lower att_wg", traffic=_attention_traffic)
 
 ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     Param("argmax_wg", "ARGMAX_WG", 64, (), "work-group size (power of two)"),
@@ -235,7 +240,7 @@ def source_defaults(source: str) -> dict[str, Any]:
     .cl files do not repeat (Runtime.program fills in any that a build does not set)."""
     out: dict[str, Any] = {}
     for spec in SPECS.values():
-        if spec.source == source:
+        if source in spec.sources:
             for p in spec.params:
                 if p.define:
                     out.setdefault(p.define, p.default)
@@ -248,7 +253,7 @@ def search_space(kernel: str) -> dict[str, tuple]:
 
 
 def _where(spec: KernelSpec, defines: dict[str, Any]) -> str:
-    return f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+    return f"{spec.name} ({', '.join(spec.sources)}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
 
 
 def check_rules(kernel: str, defines: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """The exact device form of a stack of weight tensors (Q, K, V as one matrix; gate then up), and its
-row-tile words (the layouts of kernels/gemv.cl and kernels/wformat.h).
+row-tile words (the layouts of kernels/gemv_tiles.h and kernels/wformat.h).
 
 No type is requantized: every form holds the tensor's own integers and factors, so the device weights
 equal `QTensor.dequantize()` bit for bit (`engine.quants.split`). Per stack, the first form that holds
