@@ -43,7 +43,7 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from ...tensors import QTensor
-from . import gemm_mma, weights
+from . import gemm_mma, gemv_dp, weights
 from .runtime import Runtime
 from .specs import defaults
 
@@ -334,6 +334,9 @@ class Matmul:
         self.done: cl.Buffer | None = None    # int32 [1]: the NORM epilogue's work-group count, 0 between launches
         self.int_dot = self._int_dot_works()
         self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
+        self.dp = gemv_dp.make(rt, self.params)       # the int4 GEMV by dot products, None where not used
+        self.dp = gemv_dp.checked(self, self.dp)      # ... kept where its probe through this Matmul passes
+        self._plans.clear()
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
@@ -429,11 +432,14 @@ class Matmul:
     def _gemv(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
               accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None) -> tuple[list, tuple]:
         p = self.params
+        dp = self.dp is not None and self.dp.takes(w, norm)     # int4 by dot products (gemv_dp.cl)
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
+        if dp:
+            ks, wgr, tpw = self.dp.ksplit, self.dp.wg_rows, self.dp.tpw
         if ks < 1 or ks & (ks - 1) or tpw < 1:
             raise PerfxError(f"gemv_ksplit must be a power of two and gemv_tpw at least 1, got {ks} and {tpw}")
         use_image = bool(p["use_image"]) and self.rt.device.image_support and T * K // 4 <= self._max_image_texels()
-        int_dot = w.fmt in ("int4", "int8") and self.int_dot
+        int_dot = dp or (w.fmt in ("int4", "int8") and self.int_dot)
         inline = w.fmt == "int4" and not int_dot and bool(p["gemv_zero_inline"])
         hx = norm.hx if norm is not None else None
         if hx is not None and hx.q is not None and N % 32:
@@ -442,12 +448,15 @@ class Matmul:
                        INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None)
-        program = self.rt.program("gemv_int" if int_dot else "gemv", **defines)   # integer or float products
+        if dp:                                   # VEC is the file's own
+            defines.update(self.dp.defines(), VEC=False, INT_DOT_256=False)
+        program = self.rt.program("gemv_dp" if dp else "gemv_int" if int_dot else "gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
         if (w.fmt == "int4" and not inline) or int_dot:
             # int8 weights take x in natural order (kernels/xq.h XQ_NATURAL), which the norms do not write.
-            if given is None or (int_dot and given.q is None) or w.fmt == "int8":
+            # gemv_dp.cl takes x in its own order (xq.h XQ_PAIRS): always its own quantize launch.
+            if given is None or (int_dot and given.q is None) or w.fmt == "int8" or dp:
                 # This launch's own first step: x's group sums (xsum), and x in int16 (quantize).
                 group = w.group or 32
                 given = XPrep(self.rt.empty(4 * T * (K // group)),                      # f32 [T, K/G]

@@ -97,6 +97,15 @@ GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float p
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
     work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
 
+GEMV_DP = KernelSpec("gemv_dp", "gemv_dp.cl", "matmul", (      # int4 x int16 by dp2a (NVIDIA PTX)
+    Param("gemv_dp", None, "off", (), 'int4 GEMV by integer dot products: "off", "ptx", "emulated"'),
+    Param("dp_ksplit", "KSPLIT", 32, (8, 16, 32, 64), "work-items splitting K within a work-group"),
+    Param("dp_wg_rows", "WG_ROWS", 4, (1, 2, 4, 8), "work-items along the rows per work-group"),
+    Param("dp_tpw", "TPW", 1, (1, 2), "row tiles (4 rows each) per work-item, sharing each load of x"),
+), model_defines=("G",),
+    local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # gemv_kernel.h part[][][]
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
+
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
     Param("few_vec", "VEC", 16, (4, 8, 16), "piece width"),
@@ -166,7 +175,7 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
+    s.name: s for s in (GEMV, GEMV_DP, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:
