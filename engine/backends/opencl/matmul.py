@@ -369,10 +369,10 @@ class Matmul:
         return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: XPrep | None = None, act: str = "silu") -> None:
+               xs: XPrep | None = None, act: str = "silu") -> list[cl.Event]:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows;
-        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU."""
-        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs)
+        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU. Returns the events of its launches."""
+        return self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
                       xs: XPrep | None = None) -> None:
