@@ -93,19 +93,20 @@ inline int dp2a_hi(uint a, uint b, int c)
     }
 // Piece j (lanes j .. j+3) of one tile's 128-chunk block at blk: acc[r] (float4, lane b = block b)
 // += the block sums times scale x block scale; zacc: the chunk's zero terms (lane 0's work-item).
+// The loads are 16-byte vectors: tile_words and the blocks' words are multiples of 4 for every G.
 #define DPIECE(blk, c, j, xw, d4, acc, zacc)                                                   \
     {                                                                                          \
         uint4 wq[RT];                                                                          \
-        _Pragma("unroll") for (int r = 0; r < RT; r++) wq[r] = vload4(0, (blk) + r * 16 + (j)); \
+        _Pragma("unroll") for (int r = 0; r < RT; r++)                                         \
+            wq[r] = *(__global const uint4*)((blk) + r * 16 + (j));    /* 16-byte aligned */   \
         __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * 16);               \
         const float16 sd = SCALES(sz) * (float16)(d4, d4, d4, d4);                             \
-        const float sdl[16] = {sd.s0, sd.s1, sd.s2, sd.s3, sd.s4, sd.s5, sd.s6, sd.s7,         \
-                               sd.s8, sd.s9, sd.sa, sd.sb, sd.sc, sd.sd, sd.se, sd.sf};        \
         _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
             int4 s = 0;                                                                        \
             DP_WORD(wq[r].x, xw[0], s) DP_WORD(wq[r].y, xw[1], s)                               \
             DP_WORD(wq[r].z, xw[2], s) DP_WORD(wq[r].w, xw[3], s)                               \
-            acc[r] = fma(convert_float4(s), vload4(r, sdl), acc[r]);                           \
+            const float4 sdr = r == 0 ? sd.s0123 : r == 1 ? sd.s4567 : r == 2 ? sd.s89ab : sd.scdef; \
+            acc[r] = fma(convert_float4(s), sdr, acc[r]);                                      \
         }                                                                                      \
         if ((j) == 0)                                                                          \
             zacc = fma(SVLOAD(RT_GC_128, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc);    \

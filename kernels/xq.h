@@ -46,11 +46,10 @@ inline float xq_block(__global const float* x, const int k0, const int K, __glob
     } else {
         __global short* p = xq + (k0 & ~127) + 2 * ((k0 & 127) >> 5);
 #ifdef XQ_PAIRS
-        short a16[16], b16[16];
-        vstore16(ca, 0, a16);
-        vstore16(cb, 0, b16);
-        for (int l = 0; l < 16; l++)
-            vstore2((short2)(a16[l], b16[l]), 0, p + 8 * l);
+#define XQ_PAIR(l) vstore2((short2)(ca.s##l, cb.s##l), 0, p + 8 * 0x##l);    /* lane l (hex digit) */
+        XQ_PAIR(0) XQ_PAIR(1) XQ_PAIR(2) XQ_PAIR(3) XQ_PAIR(4) XQ_PAIR(5) XQ_PAIR(6) XQ_PAIR(7)
+        XQ_PAIR(8) XQ_PAIR(9) XQ_PAIR(a) XQ_PAIR(b) XQ_PAIR(c) XQ_PAIR(d) XQ_PAIR(e) XQ_PAIR(f)
+#undef XQ_PAIR
 #else
         const short8 v[4] = {ca.even, cb.even, ca.odd, cb.odd};       // h + 2o = 0, 1, 2, 3
         for (int n = 0; n < 4; n++) {
