@@ -16,6 +16,9 @@
 //
 // DP_PTX 1: prmt.b32 and dp2a through NVIDIA inline PTX (sm_61 and later). DP_PTX 0 ("emulated"): the
 // same registers through ordinary integer arithmetic, so CPUs (PoCL) check all but the instructions.
+// With KSPLIT <= 32 the KSPLIT partial sums of a row meet by butterfly exchanges (gemv_kernel.h
+// LANE_XOR): shfl.sync.bfly within the warp, emulated through local memory; above 32, the tree in local
+// memory.
 //
 // Buffers (kernel gemv, gemv_kernel.h): those of gemv.cl's gemv, and
 //   xs_all  [T, K/G] f32, the group sums of the values xq holds (from quantize)
@@ -58,7 +61,31 @@ inline int dp2a_hi(uint a, uint b, int c)
     asm volatile("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
+// Work-item ks ^ m's v (m < 32; all 32 lanes of the warp take part).
+inline float shfl_bfly(float v, int m)
+{
+    uint d;
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(d) : "r"(as_uint(v)), "r"(m));
+    return as_float(d);
+}
+#if KSPLIT <= 32
+#if (KSPLIT * WG_ROWS) % 32
+#error "gemv_dp.cl with PTX: KSPLIT * WG_ROWS must fill whole warps (a multiple of 32)"
+#endif
+#define LANE_XOR(v, m) shfl_bfly(v, m)
+#endif
 #else
+// Work-item ks ^ m's v through local memory (ex: KSPLIT floats of this row of work-items).
+inline float exchange(float v, int m, __local float* ex, int ks)
+{
+    barrier(CLK_LOCAL_MEM_FENCE);
+    ex[ks] = v;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return ex[ks ^ m];
+}
+#if KSPLIT <= 32
+#define LANE_XOR(v, m) exchange(v, m, part[lr][0], ks)
+#endif
 // The PTX ISA's semantics: prmt's selector nibbles pick bytes of {b, a} (a: 0-3, b: 4-7; the sign bit
 // of a nibble is not used here); dp2a: c + the signed 16-bit halves of a times bytes 0, 1 (lo) or 2, 3
 // (hi) of b, unsigned.

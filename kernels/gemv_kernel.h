@@ -9,7 +9,8 @@
 // hd [T, N/32], done int [1] (0 before the launch, left at 0).
 // Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
 // Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
-// Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too).
+// Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too),
+// LANE_XOR(v, m) (the partial sums reduced by butterfly exchanges instead: gemv_dp.cl).
 
 #include "xq.h"
 
@@ -117,7 +118,13 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         float out[NT][RT];
         TILES_DOT(tw, out)
 
-#if KSPLIT > 1
+#if KSPLIT > 1 && defined(LANE_XOR)
+        // Butterfly reduction of the KSPLIT partial sums within the warp: LANE_XOR(v, m) is work-item
+        // ks ^ m's v (defined by the including file; KSPLIT <= 32, the warp's consecutive work-items).
+        for (int i = 0; i < NT; i++)
+            for (int r = 0; r < RT; r++)
+                for (int m = KSPLIT / 2; m > 0; m /= 2) out[i][r] += LANE_XOR(out[i][r], m);
+#elif KSPLIT > 1
         // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int i = 0; i < NT; i++)

@@ -17,6 +17,6 @@ clang-15 -x cl -cl-std=CL1.2 -target nvptx64-nvidia-nvcl -Xclang -finclude-defau
     -S -emit-llvm -o "$dir/a.ll" "$kernels/gemv_dp.cl" 2>&1 | grep -v "warning\|^ \|^$\|generated" || true
 /usr/lib/llvm-15/bin/llc -march=nvptx64 -mcpu=sm_80 -mattr=+ptx75 "$dir/a.ll" -o "$dir/a.ptx"
 sed -i 's/^\.version 7\.5/.version 7.8/; s/^\.target sm_80/.target sm_90/' "$dir/a.ptx"   # llc 15 stops at sm_80
-echo "dp2a: $(grep -c 'dp2a' "$dir/a.ptx"), prmt: $(grep -c 'prmt.b32' "$dir/a.ptx") in the PTX"
+echo "dp2a: $(grep -c dp2a "$dir/a.ptx"), prmt: $(grep -c prmt.b32 "$dir/a.ptx"), shfl.sync: $(grep -c shfl.sync "$dir/a.ptx") in the PTX"
 perl -0pi -e 's/^\.func(\s[^{;]*);/.extern .func$1;/mg' "$dir/a.ptx"         # declared builtins: external
 ptxas -arch=sm_90 -c -v "$dir/a.ptx" -o "$dir/a.o" 2>&1 | grep -v "^ptxas info    : Compiling\|Compile time"

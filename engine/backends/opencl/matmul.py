@@ -25,7 +25,7 @@ norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weight
 `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory tiles; RR x TR register
 tiles) above; a tiled GEMM whose tiles do not fit the device falls back to `gemm_few`. Where the tuning
 database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on the tensor cores instead
-(scheme "mma", gemm_mma.py). The GEMV also takes
+(scheme "mma", gemm_mma.py), and the int4 GEMV on integer dot products (gemv_dp, gemv_dp.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets

@@ -104,7 +104,10 @@ GEMV_DP = KernelSpec("gemv_dp", "gemv_dp.cl", "matmul", (      # int4 x int16 by
     Param("dp_tpw", "TPW", 1, (1, 2), "row tiles (4 rows each) per work-item, sharing each load of x"),
 ), model_defines=("G",),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # gemv_kernel.h part[][][]
-    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic,
+    constraints=(("KSPLIT is a power of two; with PTX and KSPLIT <= 32 (shfl.sync) KSPLIT * WG_ROWS fills whole warps",
+                  lambda d: d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and not (
+                      d.get("DP_PTX") and d["KSPLIT"] <= 32 and d["KSPLIT"] * d["WG_ROWS"] % 32)),))
 
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
