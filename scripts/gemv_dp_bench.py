@@ -101,7 +101,7 @@ def main() -> None:
             row = {"shape": f"{n}x{k}", "op": "swiglu" if swiglu else "linear", "group": args.group, "gemv": name,
                    "gated_us": t_gated * 1e6, "gated_gbs": moved / t_gated / 1e9,
                    "kernel_us": t_kernel * 1e6, "kernel_gbs": moved / t_kernel / 1e9,
-                   "bytes": moved, "max_diff": diff, "params": {k_: v for k_, v in params.items() if k_.startswith(("gemv", "dp_"))}}
+                   "bytes": moved, "max_diff": diff, "params": {k_: v for k_, v in params.items() if k_.startswith(("gemv", "dp_", "use_image"))}}
             rows.append(row)
             print(f"| {n} x {k} | {row['op']} | {name} | {row['gated_us']:.1f} | {row['gated_gbs']:.0f} | "
                   f"{row['kernel_us']:.1f} | {row['kernel_gbs']:.0f} | {diff:.1e} |", flush=True)

@@ -143,6 +143,15 @@ def test_ptx_falls_back_where_the_device_lacks_it(rt, capsys):
     assert "integer dot-product GEMV is not used" in capsys.readouterr().err
 
 
+def test_ptx_work_groups_fill_whole_warps(rt, capsys):
+    """shfl.sync over all 32 lanes needs work-groups of whole warps: the spec refuses 16 x 1 before a build."""
+    from perfx.engine.backends.opencl.matmul import Matmul
+
+    mm = Matmul(rt, {"gemv_dp": "ptx", "dp_ksplit": 16, "dp_wg_rows": 1})
+    assert mm.dp is None
+    assert "whole warps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("N,K,G,T,op", CASES + [(12288, 4096, 32, 1, "linear"), (2 * 11008, 4096, 32, 1, "swiglu"),
                                                   (4096, 11008, 128, 3, "linear")])
 def test_ptx(rt, mm_ptx, N, K, G, T, op):

@@ -20,6 +20,7 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from .runtime import Runtime
+from .specs import check_fits
 
 MODES = ("off", "ptx", "emulated")
 
@@ -56,7 +57,9 @@ class DpGemv:
         x = rng.standard_normal((T, K)).astype(np.float32)
         w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
         want = x.astype(np.float64) @ w.T
+        dev = self.rt.device
         try:
+            check_fits("gemv_dp", {**self.defines(), "G": 32}, dev.local_mem_size, dev.max_work_group_size)
             dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
             xb = self.rt.to_device(x)
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
