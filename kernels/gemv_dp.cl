@@ -4,14 +4,15 @@
 // products) and gemv_int.cl (x86 integer products): the same row tiles, walk along K, tail chunks of 64
 // and 32 on the float path (gemv_tiles.h) and kernel with its epilogues (gemv_kernel.h).
 //
-// Products: a piece is VEC = 4 lanes (one 16-byte load per row) of a 128-chunk. Word w of lane l holds
+// Products: a piece is VEC = 4, 8 or 16 lanes (16-byte loads per row) of a 128-chunk. Word w of lane l holds
 // nibble p = element 16p + l; its byte g holds planes 2g, 2g+1, i.e. group (32-block) g. Per word:
 //   lo = w & 0x0F0F0F0F, hi = (w >> 4) & 0x0F0F0F0F           (planes 0,2,4,6 and 1,3,5,7 as bytes)
 //   p0 = prmt(lo, hi, 0x5140), p1 = prmt(lo, hi, 0x7362)         (planes 0,1,2,3 and 4,5,6,7)
 //   s[g] = dp2a.lo / dp2a.hi (x pair of block g, p0 or p1, s[g]) (2 int16 x 2 unsigned bytes + int32)
 // where the x pair of block g at lane l is the word (x[32g + l], x[32g + 16 + l]) (xq.h XQ_PAIRS).
 // About 9 instructions per 8 weights where gemv.cl's float piece takes 40-48; then per row and piece
-// the 4 block sums are converted and scaled by weight scale x block scale (lane b of a float4). The
+// the 4 block sums are converted and scaled by weight scale x block scale (lanes 0-3 of acc; a wider
+// piece spreads that cost, and the block scales', over more weights). The
 // zero terms come from the group sums xs of the values x holds, added by the work-item holding lane 0.
 //
 // DP_PTX 1: prmt.b32 and dp2a through NVIDIA inline PTX (sm_61 and later). DP_PTX 0 ("emulated"): the
@@ -26,17 +27,19 @@
 // Kernel quantize (xq.h): x [T, K] f32 -> xs, xq, xd; global size T*K/G.
 //
 // Launch gemv: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
-// Defines and tunables: FORMAT 4 with G, SWIGLU, GELU, USE_IMAGE (the float x of the tails), KSPLIT,
+// Defines and tunables: FORMAT 4 with G, SWIGLU, GELU, USE_IMAGE (the float x of the tails), VEC, KSPLIT,
 // WG_ROWS, TPW (specs.py GEMV_DP), DP_PTX. Not ZERO_INLINE, NORM (the GEMV of gemv.cl takes those).
 
-#define VEC 4
+#ifndef VEC
+#define VEC 4                   // lanes per piece: 4, 8 or 16 (specs.py GEMV_DP dp_vec)
+#endif
 #define INT_DOT                 // read by gemv_kernel.h: the kernel takes xq_all and xd_all
 #define XQ_PAIRS                // xq.h: x pairs in the order of the weight planes
 #define XQ_QUANTIZE             // xq.h: the quantize kernel
 #include "gemv_tiles.h"
 
-#if FORMAT != 4 || defined(ZERO_INLINE) || defined(NORM)
-#error "gemv_dp.cl takes int4 weights, without ZERO_INLINE or NORM"
+#if FORMAT != 4 || defined(ZERO_INLINE) || defined(NORM) || (VEC != 4 && VEC != 8 && VEC != 16)
+#error "gemv_dp.cl takes int4 weights, without ZERO_INLINE or NORM, and VEC 4, 8 or 16"
 #endif
 #ifndef DP_PTX
 #define DP_PTX 1
@@ -118,32 +121,36 @@ inline int dp2a_hi(uint a, uint b, int c)
         sum.z = dp2a_lo((xv).z, p1_, sum.z);                                                       \
         sum.w = dp2a_hi((xv).w, p1_, sum.w);                                                       \
     }
-// Piece j (lanes j .. j+3) of one tile's 128-chunk block at blk: acc[r] (float4, lane b = block b)
+// Piece j (lanes j .. j+VEC-1) of one tile's 128-chunk block at blk: acc[r].s0123 (lane b = block b)
 // += the block sums times scale x block scale; zacc: the chunk's zero terms (lane 0's work-item).
 // The loads are 16-byte vectors: tile_words and the blocks' words are multiples of 4 for every G.
 #define DPIECE(blk, c, j, xw, d4, acc, zacc)                                                   \
     {                                                                                          \
-        uint4 wq[RT];                                                                          \
+        uint4 wq[RT][VEC / 4];                                                                 \
         _Pragma("unroll") for (int r = 0; r < RT; r++)                                         \
-            wq[r] = *(__global const uint4*)((blk) + r * 16 + (j));    /* 16-byte aligned */   \
+            _Pragma("unroll") for (int v = 0; v < VEC / 4; v++)      /* 16-byte aligned */    \
+                wq[r][v] = *(__global const uint4*)((blk) + r * 16 + (j) + 4 * v);            \
         __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * 16);               \
         const float16 sd = SCALES(sz) * (float16)(d4, d4, d4, d4);                             \
         _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
             int4 s = 0;                                                                        \
-            DP_WORD(wq[r].x, xw[0], s) DP_WORD(wq[r].y, xw[1], s)                               \
-            DP_WORD(wq[r].z, xw[2], s) DP_WORD(wq[r].w, xw[3], s)                               \
+            _Pragma("unroll") for (int v = 0; v < VEC / 4; v++) {                              \
+                DP_WORD(wq[r][v].x, xw[4 * v], s) DP_WORD(wq[r][v].y, xw[4 * v + 1], s)        \
+                DP_WORD(wq[r][v].z, xw[4 * v + 2], s) DP_WORD(wq[r][v].w, xw[4 * v + 3], s)    \
+            }                                                                                  \
             const float4 sdr = r == 0 ? sd.s0123 : r == 1 ? sd.s4567 : r == 2 ? sd.s89ab : sd.scdef; \
-            acc[r] = fma(convert_float4(s), sdr, acc[r]);                                      \
+            acc[r].s0123 = fma(convert_float4(s), sdr, acc[r].s0123);                          \
         }                                                                                      \
         if ((j) == 0)                                                                          \
             zacc = fma(SVLOAD(RT_GC_128, sz + RT * GC_(128)), XS_128((c) * 128 / G), zacc);    \
     }
-// One 128-element chunk c, piece j, of the NT tiles: lanes j .. j+3 of x (4 words each, one per
+// One 128-element chunk c, piece j, of the NT tiles: lanes j .. j+VEC-1 of x (4 words each, one per
 // block) and the chunk's 4 block scales, shared by the tiles.
 #define DOT128(c, j)                                                                           \
     {                                                                                          \
         __global const uint4* xc = (__global const uint4*)(xq + (c) * 128);                    \
-        const uint4 xw[4] = {xc[(j)], xc[(j) + 1], xc[(j) + 2], xc[(j) + 3]};                  \
+        uint4 xw[VEC];                                                                         \
+        _Pragma("unroll") for (int v = 0; v < VEC; v++) xw[v] = xc[(j) + v];                   \
         const float4 d4 = vload4(c, xd);                                                       \
         _Pragma("unroll") for (int i = 0; i < NT; i++)                                         \
             DPIECE(W + tw[i] + (c) * BLOCK_WORDS(128), c, j, xw, d4, acc[i], zacc[i])          \

@@ -3,7 +3,7 @@
 against the GEMV by integer dot products (kernels/gemv_dp.cl, matmul parameter gemv_dp), weights from DRAM.
 
     python scripts/gemv_dp_bench.py --json /tmp/gemv_dp.json
-    python scripts/gemv_dp_bench.py --json out.json --grid "dp_ksplit=16,32,64;dp_wg_rows=2,4;dp_tpw=1,2"
+    python scripts/gemv_dp_bench.py --json out.json --grid "dp_vec=4,8;dp_ksplit=16,32,64;dp_wg_rows=2,4;dp_tpw=1,2"
     python scripts/gemv_dp_bench.py --device cpu --mode emulated --shapes 1024x1024 --rotate-mib 64 --json x.json
 
 Shapes (N x K, "s" for gate+up with SwiGLU: N rows, N/2 outputs): LLaMA-7B's 12288x4096 (QKV), 4096x11008

@@ -13,10 +13,12 @@ import pytest
 
 from tests.test_cl_matmul import assert_close, rand_int4, rt, run, silu_mul  # noqa: F401 (rt: fixture)
 
-# Small work-groups so that odd sizes cover several work-groups and partial tiles; K split 4 ways (the
-# partial sums by butterfly exchanges, gemv_kernel.h LANE_XOR) and 64 ways (the tree in local memory).
-EMULATED = [{"gemv_dp": "emulated", "dp_ksplit": 4, "dp_wg_rows": 2, "dp_tpw": 1},
-            {"gemv_dp": "emulated", "dp_ksplit": 64, "dp_wg_rows": 1, "dp_tpw": 2, "use_image": True}]
+# Small work-groups so that odd sizes cover several work-groups and partial tiles; pieces of 8, 4 and 16
+# lanes; K split 4 ways (the partial sums by butterfly exchanges, gemv_kernel.h LANE_XOR), 64 ways (the
+# tree in local memory) and not at all.
+EMULATED = [{"gemv_dp": "emulated", "dp_vec": 8, "dp_ksplit": 4, "dp_wg_rows": 2, "dp_tpw": 1},
+            {"gemv_dp": "emulated", "dp_vec": 4, "dp_ksplit": 64, "dp_wg_rows": 1, "dp_tpw": 2, "use_image": True},
+            {"gemv_dp": "emulated", "dp_vec": 16, "dp_ksplit": 1, "dp_wg_rows": 4, "dp_tpw": 1}]
 
 
 def _oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -25,7 +27,7 @@ def _oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return xq_view(x) @ w.T
 
 
-@pytest.fixture(scope="module", params=EMULATED, ids=["ksplit4-butterfly", "ksplit64-tree-tpw2-image"])
+@pytest.fixture(scope="module", params=EMULATED, ids=["vec8-ksplit4-butterfly", "vec4-ksplit64-tree-tpw2-image", "vec16-whole-chunks"])
 def mm_emulated(rt, request):
     from perfx.engine.backends.opencl.matmul import Matmul
 

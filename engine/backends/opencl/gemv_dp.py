@@ -26,25 +26,27 @@ MODES = ("off", "ptx", "emulated")
 
 
 class DpGemv:
-    """Build options of gemv_dp for one device: its mode and work decomposition (dp_ksplit, dp_wg_rows,
-    dp_tpw). Matmul._gemv makes the launches."""
+    """Build options of gemv_dp for one device: its mode and work decomposition (dp_vec, dp_ksplit,
+    dp_wg_rows, dp_tpw). Matmul._gemv makes the launches."""
 
     def __init__(self, rt: Runtime, params: dict):
         mode = params["gemv_dp"]
         if mode not in MODES:
             raise PerfxError(f"gemv_dp must be one of {MODES}, got {mode!r}")
         self.rt, self.mode = rt, mode
-        self.ksplit, self.wg_rows, self.tpw = (int(params[k]) for k in ("dp_ksplit", "dp_wg_rows", "dp_tpw"))
-        if self.ksplit < 1 or self.ksplit & (self.ksplit - 1) or self.tpw < 1 or self.wg_rows < 1:
-            raise PerfxError(f"dp_ksplit must be a power of two, dp_tpw and dp_wg_rows at least 1, got "
-                             f"{self.ksplit}, {self.tpw}, {self.wg_rows}")
+        keys = ("dp_vec", "dp_ksplit", "dp_wg_rows", "dp_tpw")
+        self.vec, self.ksplit, self.wg_rows, self.tpw = (int(params[k]) for k in keys)
+        if (self.vec not in (4, 8, 16) or self.ksplit < 1 or self.ksplit & (self.ksplit - 1)
+                or self.tpw < 1 or self.wg_rows < 1):
+            raise PerfxError(f"dp_vec must be 4, 8 or 16, dp_ksplit a power of two, dp_tpw and dp_wg_rows at least 1, "
+                             f"got {self.vec}, {self.ksplit}, {self.tpw}, {self.wg_rows}")
 
     def takes(self, w, norm) -> bool:
         """Whether it multiplies this matrix (int4 with fp16 scales) in this call (no norm epilogue)."""
         return w.fmt == "int4" and not w.scale_f32 and norm is None
 
     def defines(self) -> dict:
-        return {"KSPLIT": self.ksplit, "WG_ROWS": self.wg_rows, "TPW": self.tpw, "DP_PTX": int(self.mode == "ptx")}
+        return {"VEC": self.vec, "KSPLIT": self.ksplit, "WG_ROWS": self.wg_rows, "TPW": self.tpw, "DP_PTX": int(self.mode == "ptx")}
 
     def probe(self, mm) -> str | None:
         """None when the kernel builds and matches NumPy on a small product through `mm` (a Matmul using

@@ -448,8 +448,8 @@ class Matmul:
                        INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None)
-        if dp:                                   # VEC is the file's own
-            defines.update(self.dp.defines(), VEC=False, INT_DOT_256=False)
+        if dp:
+            defines.update(self.dp.defines(), INT_DOT_256=False)
         program = self.rt.program("gemv_dp" if dp else "gemv_int" if int_dot else "gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)

@@ -99,6 +99,7 @@ GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float p
 
 GEMV_DP = KernelSpec("gemv_dp", "gemv_dp.cl", "matmul", (      # int4 x int16 by dp2a (NVIDIA PTX)
     Param("gemv_dp", None, "off", (), 'int4 GEMV by integer dot products: "off", "ptx", "emulated"'),
+    Param("dp_vec", "VEC", 4, (4, 8, 16), "lanes of a 128-chunk per piece (16-byte loads per row)"),
     Param("dp_ksplit", "KSPLIT", 32, (8, 16, 32, 64), "work-items splitting K within a work-group"),
     Param("dp_wg_rows", "WG_ROWS", 4, (1, 2, 4, 8), "work-items along the rows per work-group"),
     Param("dp_tpw", "TPW", 1, (1, 2), "row tiles (4 rows each) per work-item, sharing each load of x"),
