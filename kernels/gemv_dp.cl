@@ -30,9 +30,6 @@
 // Defines and tunables: FORMAT 4 with G, SWIGLU, GELU, USE_IMAGE (the float x of the tails), VEC, KSPLIT,
 // WG_ROWS, TPW (specs.py GEMV_DP), DP_PTX. Not ZERO_INLINE, NORM (the GEMV of gemv.cl takes those).
 
-#ifndef VEC
-#define VEC 4                   // lanes per piece: 4, 8 or 16 (specs.py GEMV_DP dp_vec)
-#endif
 #define INT_DOT                 // read by gemv_kernel.h: the kernel takes xq_all and xd_all
 #define XQ_PAIRS                // xq.h: x pairs in the order of the weight planes
 #define XQ_QUANTIZE             // xq.h: the quantize kernel

@@ -9,12 +9,13 @@
 // hd [T, N/32], done int [1] (0 before the launch, left at 0).
 // Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
 // Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
-// Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too),
-// LANE_XOR(v, m) (the partial sums reduced by butterfly exchanges instead: gemv_dp.cl).
-
-#include "xq.h"
+// Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
+// NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
+// arguments, norm_w, norm_eps and local scratch, follow the others).
+// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (gemv_dp.cl).
 
 #include "epilogue.h"
+#include "xq.h"
 
 #ifdef NORM
 // The residual projections' epilogue (o, down): y is the residual stream [T, N], updated in place
@@ -85,7 +86,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           , __global const float* restrict norm_w, __global float* restrict h, __global float* restrict hs,
           __global short* restrict hq, __global float* restrict hd, __global int* done, const float eps
 #endif
-          )
+          NORM_IN_ARGS)
 {
     const int ks = get_local_id(0);
     const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
@@ -110,6 +111,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
     // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
     for (int tok = 0; tok < T; tok++) {
         const int xo = tok * K;                              // x row of this token
+        NORM_IN_PROLOGUE(tok)
         __global const float* restrict xs = xs_all + tok * (K / G);
 #ifdef INT_DOT
         __global const short* restrict xq = xq_all + (size_t)tok * K;       // int16 x of this token

@@ -76,6 +76,8 @@
 #define XLOAD8(o) vload8(0, x + xo + (o))
 #define XLOAD16(o) vload16(0, x + xo + (o))
 #endif
+// With NORM_IN, the input's RMSNorm in the prologue: x as rmsnorm(x) * norm_w (norm_in.h).
+#include "norm_in.h"
 
 
 inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }

@@ -118,7 +118,9 @@ def _flags_without_metavar() -> None:
     """Flags (--raw, --json, -h) take no value, so their help shows none (typer would print <bool>)."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:       # a typer without this hook shows its own help for flags
+        return
     TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
 
 

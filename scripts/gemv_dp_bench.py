@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_bandwidth import gated, kernel_only, parse_grid  # noqa: E402
 
 from perfx.engine.backends.opencl import matmul  # noqa: E402
-from perfx.engine.backends.opencl.devices import bandwidth, select  # noqa: E402
+from perfx.engine.backends.opencl.bandwidth import bandwidth  # noqa: E402
+from perfx.engine.backends.opencl.devices import select  # noqa: E402
 from perfx.engine.backends.opencl.runtime import Runtime  # noqa: E402
 from perfx.engine.backends.opencl.tuning import params_for  # noqa: E402
 

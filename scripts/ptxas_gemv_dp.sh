@@ -5,9 +5,9 @@
 # external calls, there being no libclc for NVPTX here, so the registers it reports mean little). It checks
 # that the inline PTX is valid PTX for sm_90 and counts the instructions put in: one unrolled piece of
 # DPIECE is 4 rows x 4 words x (2 prmt + 4 dp2a). NVIDIA's own OpenCL compiler compiles the real thing.
-#     scripts/ptxas_gemv_dp.sh [-DG=32 -DKSPLIT=32 -DWG_ROWS=4 -DTPW=1 -DSWIGLU ...]
+#     scripts/ptxas_gemv_dp.sh [-DVEC=4 -DG=32 -DKSPLIT=32 -DWG_ROWS=4 -DTPW=1 -DSWIGLU ...]
 set -eu
-defines=${*:--DG=32 -DKSPLIT=32 -DWG_ROWS=4 -DTPW=1}
+defines=${*:--DVEC=4 -DG=32 -DKSPLIT=32 -DWG_ROWS=4 -DTPW=1}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 kernels="$(dirname "$0")/../kernels"

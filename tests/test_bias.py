@@ -334,7 +334,8 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     """y = x @ W^T + b into a NaN-poisoned output with a guard region after it."""
     import pyopencl as cl
 
-    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul, quantize_int4
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.backends.opencl.packing import quantize_int4
 
     rt = cl_selection.runtime()
     N, K, sentinel, guard = 259, 256, 1.0e30, 64
@@ -357,7 +358,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     got = rt.read(yb, y.shape)
     assert np.all(got[T * N:] == sentinel), "write past the end of the output"
     if fmt == "int4" and scheme == "gemv" and mm.int_dot:      # the product takes x in int16 blocks
-        from perfx.engine.backends.opencl.matmul import xq_view
+        from perfx.engine.backends.opencl.packing import xq_view
 
         x = xq_view(x)
     want = x.astype(np.float64) @ w.T.astype(np.float64) + b

@@ -22,7 +22,7 @@ EMULATED = [{"gemv_dp": "emulated", "dp_vec": 8, "dp_ksplit": 4, "dp_wg_rows": 2
 
 
 def _oracle(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    from perfx.engine.backends.opencl.matmul import xq_view
+    from perfx.engine.backends.opencl.packing import xq_view
 
     return xq_view(x) @ w.T
 
@@ -62,7 +62,7 @@ CASES = [
 
 
 def _case(rt, N, K, G, T, seed):
-    from perfx.engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.backends.opencl.packing import DeviceMatrix
 
     rng = np.random.default_rng(seed)
     parts, w = rand_int4(rng, N, K, G)
@@ -108,7 +108,7 @@ def test_x_in_pairs_of_planes(rt, mm_emulated):
     natural order, with the int16 values and scales of matmul.quantize_xq."""
     import pyopencl as cl
 
-    from perfx.engine.backends.opencl.matmul import quantize_xq
+    from perfx.engine.backends.opencl.packing import quantize_xq
 
     T, K, G = 2, 608, 32
     x = np.random.default_rng(9).standard_normal((T, K)).astype(np.float32)

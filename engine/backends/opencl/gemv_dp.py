@@ -41,9 +41,10 @@ class DpGemv:
             raise PerfxError(f"dp_vec must be 4, 8 or 16, dp_ksplit a power of two, dp_tpw and dp_wg_rows at least 1, "
                              f"got {self.vec}, {self.ksplit}, {self.tpw}, {self.wg_rows}")
 
-    def takes(self, w, norm) -> bool:
-        """Whether it multiplies this matrix (int4 with fp16 scales) in this call (no norm epilogue)."""
-        return w.fmt == "int4" and not w.scale_f32 and norm is None
+    def takes(self, w, norm, norm_in=None) -> bool:
+        """Whether it multiplies this matrix (int4 with fp16 scales) in this call: not with the norm
+        epilogue (gemv_kernel.h NORM) or prologue (norm_in.h), which gemv.cl keeps."""
+        return w.fmt == "int4" and not w.scale_f32 and norm is None and norm_in is None
 
     def defines(self) -> dict:
         return {"VEC": self.vec, "KSPLIT": self.ksplit, "WG_ROWS": self.wg_rows, "TPW": self.tpw, "DP_PTX": int(self.mode == "ptx")}
@@ -51,7 +52,7 @@ class DpGemv:
     def probe(self, mm) -> str | None:
         """None when the kernel builds and matches NumPy on a small product through `mm` (a Matmul using
         this GEMV): two tokens, rows not a multiple of 4, a 64- and a 32-element tail; else why not."""
-        from .matmul import DeviceMatrix, quantize_int4
+        from .packing import DeviceMatrix, quantize_int4
 
         rng = np.random.default_rng(11)
         T, K, N = 2, 352, 45
