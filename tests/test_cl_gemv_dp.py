@@ -126,13 +126,15 @@ def test_x_in_pairs_of_planes(rt, mm_emulated):
 
 
 def test_scale_f32_and_norms_keep_the_float_gemv(rt, mm_emulated):
-    """int4 with float32 scales (K-quants) is not this kernel's: Matmul.dp.takes says no."""
-    from perfx.engine.backends.opencl.matmul import Norm
+    """int4 with float32 scales (K-quants), and a GEMV with the norm epilogue or prologue, are not this
+    kernel's: Matmul.dp.takes says no (gemv.cl runs them)."""
+    from perfx.engine.backends.opencl.matmul import Norm, NormIn
 
     dm, _, _ = _case(rt, 8, 128, 32, 1, 1)
     assert mm_emulated.dp.takes(dm, None)
     assert not mm_emulated.dp.takes(type(dm)(**{**vars(dm), "scale_f32": True}), None)
     assert not mm_emulated.dp.takes(dm, Norm(dm.buf, dm.buf, None, 0, 1e-5))
+    assert not mm_emulated.dp.takes(dm, None, NormIn(dm.buf, 1e-5))
 
 
 def test_ptx_falls_back_where_the_device_lacks_it(rt, capsys):
