@@ -62,13 +62,6 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
 #endif
 #define ROW4(r) 4 * (r), 4 * (r) + 1, 4 * (r) + 2, 4 * (r) + 3
 #define ROW_LANES(r) ROW4(r), ROW4(r), ROW4(r), ROW4(r)            // lane 4m + g: group g of row r
-#if G == 32                   // scales [RT][GC] -> lanes 4r + g, g the 32-block of the chunk
-#define SCALES(sz) SVLOAD(16, sz)
-#elif G == 64
-#define SCALES(sz) SVLOAD(8, sz).s0011223344556677
-#else
-#define SCALES(sz) SVLOAD(4, sz).s0000111122223333
-#endif
 #ifndef INT_PREFETCH
 #define INT_PREFETCH 32       // chunks ahead that each tile's stream is prefetched (the hardware
 #endif                        // prefetcher alone left this kernel at half the bandwidth)
@@ -124,20 +117,6 @@ typedef ushort ushort32v __attribute__((ext_vector_type(32)));
             IPIECE(W + tw[i] + (c) * BLOCK_WORDS(128), c, acc[i], zacc[i])                     \
     }
 
+#define XQ_QUANTIZE             // xq.h: the quantize kernel, x in int16 blocks
 #include "xq.h"
-
-// x in int16 blocks (xq.h), xq [T, K], xd [T, K/32], and the group sums xs [T, K/G] that go with it.
-// Global size T*K/G.
-// For the int-dot GEMV: x in int16 blocks (xq.h), xq [T, K], xd [T, K/32], and the group sums xs [T, K/G]
-// that go with it. Global size T*K/G.
-__kernel void quantize(__global const float* restrict x, __global float* restrict xs,
-                       __global short* restrict xq, __global float* restrict xd, const int K)
-{
-    const int g = get_global_id(0);
-    const int row = g * G / K, k0 = g * G - row * K;
-    float sum = 0.0f;
-    for (int b = 0; b < G; b += 32)
-        sum += xq_block(x + (size_t)row * K, k0 + b, K, xq + (size_t)row * K, xd + (size_t)row * (K / 32));
-    xs[g] = sum;
-}
 #include "gemv_kernel.h"

@@ -12,6 +12,7 @@
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
 // NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
 // arguments, norm_w, norm_eps and local scratch, follow the others).
+// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (gemv_dp.cl).
 
 #include "epilogue.h"
 #include "xq.h"
@@ -119,7 +120,13 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         float out[NT][RT];
         TILES_DOT(tw, out)
 
-#if KSPLIT > 1
+#if KSPLIT > 1 && defined(LANE_XOR)
+        // Butterfly reduction of the KSPLIT partial sums within the warp: LANE_XOR(v, m) is work-item
+        // ks ^ m's v (defined by the including file; KSPLIT <= 32, the warp's consecutive work-items).
+        for (int i = 0; i < NT; i++)
+            for (int r = 0; r < RT; r++)
+                for (int m = KSPLIT / 2; m > 0; m /= 2) out[i][r] += LANE_XOR(out[i][r], m);
+#elif KSPLIT > 1
         // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int i = 0; i < NT; i++)

@@ -128,6 +128,15 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #endif
 #define RT_GC_32 4
 #define XS_32(o) ((float4)(xs[o]))
+// The scales of a tile's 128-chunk (at sz) as float16, lane 4r + b: row r, the group of 32-block b (the
+// integer products of gemv_int.cl and gemv_dp.cl sum each 32-block of x on its own).
+#if G == 32
+#define SCALES(sz) SVLOAD(16, sz)
+#elif G == 64
+#define SCALES(sz) SVLOAD(8, sz).s0011223344556677
+#else
+#define SCALES(sz) SVLOAD(4, sz).s0000111122223333
+#endif
 #define ZTYPE(C) CAT(float, RT_GC_##C)
 // The data words of all rows are loaded before the scales: the loads go out together.
 #define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \

@@ -6,12 +6,14 @@
 #       starts llama.cpp's CUDA build in the background, installs perfx, runs the GPU tests (the PTX
 #       kernels, the fused decode kernels, the SmolLM2 agreement tests on SMOL.gguf, a real model cut
 #       short by scripts/truncate_gguf.py), writes the LLaMA-7B-shaped and SmolLM2-shaped files with
-#       random Q4_0 weights and TOK.gguf's tokenizer, the launch budget of each (perfx bench --profile),
-#       and the decode options of the NVIDIA entry against the shipped settings (scripts/decode_ab.py)
+#       random Q4_0 weights and TOK.gguf's tokenizer, and the 7B file's launch budget (perfx bench --profile)
+#   bash scripts/h200.sh ab
+#       the decode options of the NVIDIA entry against the shipped settings (scripts/decode_ab.py), and the
+#       dot-product GEMV against the float one (scripts/gemv_dp_bench.py)
 #   bash scripts/h200.sh compare
 #       waits for llama.cpp's build, then perfx bench --vs llama.cpp on both files, alternating
 #
-# The two steps run as two calls within one lease (the machine keeps /tmp while it is held).
+# The steps run as calls within one lease (the machine keeps /tmp while it is held).
 set -u
 export PYTHONUNBUFFERED=1 PERFX_HOME=/tmp/perfx
 out=${OUT:-/tmp/out}
@@ -24,19 +26,23 @@ check)
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv,noheader
   PERFX_TEST_CL_PLATFORM=nvidia timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cl_gemm_mma.py \
-    tests/test_cl_attention_mma.py tests/test_cl_norm_in.py 2>&1 | tail -3
+    tests/test_cl_attention_mma.py tests/test_cl_norm_in.py tests/test_cl_gemv_dp.py 2>&1 | tail -3
   PERFX_TEST_CL_PLATFORM=nvidia timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cl_fused.py \
     -k "key_lanes or key-lanes" 2>&1 | tail -1
-  PERFX_TEST_BENCH_DEVICE=gpu timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_bench_profile.py 2>&1 | tail -1
   [ -n "$smol" ] && PERFX_TEST_GGUF=$smol timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cl_model.py \
     -k "smollm2 and not perplexity" 2>&1 | tail -1
   python3 -c "from perfx.engine.synthetic import write_gguf as w, get_shape as s
 w(s('llama-7b'), '/tmp/l7b.gguf', '$tok'); w(s('smollm2-135m'), '/tmp/s135.gguf', '$tok')"
-  timeout 180 python3 -m perfx.cli bench -m $models --device gpu -p 512 -n 16 -r 1 --profile 2>&1 | tee "$out/profile.md"
-  # the decode options the NVIDIA entry turns on, each against the shipped settings, alternating
-  timeout 200 python3 scripts/decode_ab.py /tmp/l7b.gguf "$out/decode_ab.json" --tokens 64 --rounds 3 --start 512 \
+  timeout 120 python3 -m perfx.cli bench -m /tmp/l7b.gguf --device gpu -p 512 -n 16 -r 1 --profile 2>&1 | tee "$out/profile.md"
+  ;;
+ab)
+  # the decode options of the NVIDIA entry, each against the shipped settings, alternating; the dot-product GEMV
+  timeout 240 python3 scripts/decode_ab.py /tmp/l7b.gguf "$out/decode_ab.json" --tokens 64 --rounds 3 --start 512 \
     --variant shipped: --variant launches:gemv_norm_in=false,split_combine=false \
-    --variant lanes:att_key_lanes=1,split_min_chunk=128,split_wgs=0 2>&1 | tail -6 | tee "$out/decode_ab.md"
+    --variant lanes:att_key_lanes=1,split_min_chunk=128,split_wgs=0 \
+    --variant dp:gemv_dp=ptx,gemv_norm_in=false 2>&1 | tail -7 | tee "$out/decode_ab.md"
+  timeout 200 python3 scripts/gemv_dp_bench.py --json "$out/gemv_dp.json" \
+    --grid "dp_vec=4,8;dp_ksplit=32;dp_wg_rows=2,4;dp_tpw=1" 2>&1 | tee "$out/gemv_dp.md" | tail -16
   ;;
 compare)
   bash .gpu/llama-cpp-cuda.sh wait || exit 1

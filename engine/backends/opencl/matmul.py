@@ -7,8 +7,9 @@ norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weight
 tokens into registers) up to `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory
 tiles; RR x TR register tiles) above; a tiled GEMM whose tiles do not fit the device falls back to
 `gemm_few`. Where the tuning database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on
-the tensor cores instead (scheme "mma", gemm_mma.py), and where it asks for tiled_arith "half" or "dot8"
-the tiled GEMM of int4 matrices runs in fp16 or int8 dot products (gemm_variants.py). The GEMV also takes
+the tensor cores instead (scheme "mma", gemm_mma.py), where it asks for tiled_arith "half" or "dot8" the
+tiled GEMM of int4 matrices runs in fp16 or int8 dot products (gemm_variants.py), and int4 GEMVs on integer
+dot products where it asks for gemv_dp (gemv_dp.py). The GEMV also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -27,7 +28,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from . import gemm_mma, gemm_variants
+from . import gemm_mma, gemm_variants, gemv_dp
 from .packing import RT, DeviceMatrix, chunk_widths
 from .runtime import Runtime
 from .specs import GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
@@ -112,6 +113,9 @@ class Matmul:
         self.int_dot = self._int_dot_works()
         self.mma = gemm_mma.make(rt, self.params)     # the tensor-core GEMM, None where not used
         self.variant = gemm_variants.make(rt, self.params)   # gemm_tiled in fp16 or int8 dots, None: f32
+        self.dp = gemv_dp.make(rt, self.params)       # the int4 GEMV by dot products, None where not used
+        self.dp = gemv_dp.checked(self, self.dp)      # ... kept where its probe through this Matmul passes
+        self._plans.clear()
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
@@ -146,11 +150,12 @@ class Matmul:
         return self._enqueue("linear", x, w, T, y, accumulate, scheme, xs, norm_in=norm_in)
 
     def swiglu(self, x: cl.Buffer, w_gate_up: DeviceMatrix, T: int, y: cl.Buffer, scheme: str | None = None,
-               xs: XPrep | None = None, act: str = "silu", norm_in: NormIn | None = None) -> None:
+               xs: XPrep | None = None, act: str = "silu", norm_in: NormIn | None = None) -> list[cl.Event]:
         """y [T, F] = silu(x @ Wg^T) * (x @ Wu^T) where w_gate_up [2F, K] holds gate rows then up rows;
-        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU. norm_in as in linear."""
-        self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs,
-                      norm_in=norm_in)
+        act "gelu_tanh": GeGLU, the gate through tanh-approximated GELU. norm_in as in linear. Returns the
+        events of its launches."""
+        return self._enqueue("geglu" if act == "gelu_tanh" else "swiglu", x, w_gate_up, T, y, False, scheme, xs,
+                             norm_in=norm_in)
 
     def residual_norm(self, x: cl.Buffer, w: DeviceMatrix, T: int, y: cl.Buffer, norm: Norm,
                       xs: XPrep | None = None) -> None:
@@ -223,15 +228,19 @@ class Matmul:
               accumulate: np.int32, given: XPrep | None = None, norm: Norm | None = None,
               norm_in: NormIn | None = None) -> tuple[list, tuple]:
         p = self.params
+        dp = self.dp is not None and self.dp.takes(w, norm, norm_in)     # int4 by dot products (gemv_dp.cl)
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
-        shape = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw}
+        shape, spec = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw}, "gemv"
+        if dp:
+            shape, spec = self.dp.defines(), "gemv_dp"
+            ks, wgr, tpw = self.dp.ksplit, self.dp.wg_rows, self.dp.tpw
         dev = self.rt.device
-        check_fits("gemv", shape, dev.local_mem_size, dev.max_work_group_size)     # before the build
+        check_fits(spec, shape, dev.local_mem_size, dev.max_work_group_size)     # before the build
         # With the input's norm in the prologue (norm_in.h), x is a plain float buffer, read with the norm
         # weight, and the int4 zero terms are summed inline from it.
         use_image = bool(p["use_image"]) and dev.image_support and T * K // 4 <= self._max_image_texels() \
             and norm_in is None
-        int_dot = w.fmt in ("int4", "int8") and self.int_dot and norm_in is None
+        int_dot = dp or (w.fmt in ("int4", "int8") and self.int_dot and norm_in is None)
         inline = w.fmt == "int4" and not int_dot and (bool(p["gemv_zero_inline"]) or norm_in is not None)
         scratch = 4 * (ks * wgr + K)              # norm_in.h: the partial sums, then x * w * r [K] (NORM_STAGE)
         stage = norm_in is not None and bool(p["gemv_norm_stage"]) and ks > 1 \
@@ -243,12 +252,15 @@ class Matmul:
                        INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
                        HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage)
-        program = self.rt.program("gemv_int" if int_dot else "gemv", **defines)   # integer or float products
+        if dp:
+            defines.update(self.dp.defines(), INT_DOT_256=False)
+        program = self.rt.program("gemv_dp" if dp else "gemv_int" if int_dot else "gemv", **defines)
         steps, keep = [], ()
         xs = x                                   # group sums of x [K/G] (int4 without ZERO_INLINE)
         if (w.fmt == "int4" and not inline) or int_dot:
             # int8 weights take x in natural order (kernels/xq.h XQ_NATURAL), which the norms do not write.
-            if given is None or (int_dot and given.q is None) or w.fmt == "int8":
+            # gemv_dp.cl takes x in its own order (xq.h XQ_PAIRS): always its own quantize launch.
+            if given is None or (int_dot and given.q is None) or w.fmt == "int8" or dp:
                 # This launch's own first step: x's group sums (xsum), and x in int16 (quantize).
                 group = w.group or 32
                 given = XPrep(self.rt.empty(4 * T * (K // group)),                      # f32 [T, K/G]
@@ -265,7 +277,7 @@ class Matmul:
             xarg = make_image(self.rt.ctx, cl.mem_flags.READ_ONLY, fmt, shape=(T * K // 4,), buffer=x)
             keep += (xarg,)
         gemv = cl.Kernel(program, "gemv")     # the built kernel's own limit (its registers) may be lower
-        check_fits("gemv", shape, dev.local_mem_size, self._max_work_group(gemv))
+        check_fits(spec, shape, dev.local_mem_size, self._max_work_group(gemv))
         args = [w.buf, xarg, y, np.int32(K), np.int32(N), accumulate, xs, np.int32(T)]
         if int_dot:
             args += [given.q, given.scale]

@@ -106,6 +106,19 @@ GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float p
     constraints=(("KSPLIT is a power of two and TPW at least 1",
                   lambda d: d["KSPLIT"] >= 1 and d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and d["TPW"] >= 1),))
 
+GEMV_DP = KernelSpec("gemv_dp", "gemv_dp.cl", "matmul", (      # int4 x int16 by dp2a (NVIDIA PTX)
+    Param("gemv_dp", None, "off", (), 'int4 GEMV by integer dot products: "off", "ptx", "emulated"'),
+    Param("dp_vec", "VEC", 4, (4, 8, 16), "lanes of a 128-chunk per piece (16-byte loads per row)"),
+    Param("dp_ksplit", "KSPLIT", 32, (8, 16, 32, 64), "work-items splitting K within a work-group"),
+    Param("dp_wg_rows", "WG_ROWS", 4, (1, 2, 4, 8), "work-items along the rows per work-group"),
+    Param("dp_tpw", "TPW", 1, (1, 2), "row tiles (4 rows each) per work-item, sharing each load of x"),
+), model_defines=("G",),
+    local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # gemv_kernel.h part[][][]
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic,
+    constraints=(("KSPLIT is a power of two; with PTX and KSPLIT <= 32 (shfl.sync) KSPLIT * WG_ROWS fills whole warps",
+                  lambda d: d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and not (
+                      d.get("DP_PTX") and d["KSPLIT"] <= 32 and d["KSPLIT"] * d["WG_ROWS"] % 32)),))
+
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
     Param("few_vec", "VEC", 16, (4, 8, 16), "piece width"),
@@ -221,8 +234,8 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM, ATTENTION,
-                        ATTENTION_MMA,
+    s.name: s for s in (GEMV, GEMV_DP, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM,
+                        ATTENTION, ATTENTION_MMA,
                         PAGED_ATTENTION, ARGMAX)}
 
 
