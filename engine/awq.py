@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .errors import PerfxError
 from .quantize import fake_int4, int4, int4_group, relative_error, search_clip
 from .tensors import QTensor
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"
 CALIB_SAMPLES = 64

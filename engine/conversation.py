@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PerfxError
 from .sampler import Sampling
-from .tokenizer import StreamDecoder
+from .text.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from .llm import LLM, Stats

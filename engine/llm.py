@@ -16,14 +16,14 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .backends import open_backend
-from .chat import ChatTemplate
+from .text.chat_template import ChatTemplate
 from .errors import ModelFileError, PerfxError, reading_model
 from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
 from .sampler import Sampler, Sampling
-from .tokenizer import NOTICES as TOKENIZER_NOTICES
-from .tokenizer import Tokenizer
+from .text.tokenizer import NOTICES as TOKENIZER_NOTICES
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048
 

@@ -220,7 +220,7 @@ def run(
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
-    from perfx.engine.tokenizer import StreamDecoder
+    from perfx.engine.text.tokenizer import StreamDecoder
 
     prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
     system = None if system is None else valid_text(system)

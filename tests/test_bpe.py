@@ -1,4 +1,4 @@
-"""engine/bpe.py, the pure-Python byte-level BPE, gives the same ids as the `tokenizers` library.
+"""engine/text/bpe.py, the pure-Python byte-level BPE, gives the same ids as the `tokenizers` library.
 
 Each comparison runs on both regex engines: the `regex` module (skipped where not installed) and
 Python's `re` with Unicode classes built from `unicodedata`.
@@ -16,11 +16,11 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-import perfx.engine.tokenizer as tokenizer_module
-from perfx.engine import bpe
-from perfx.engine.chat import ChatTemplate
+import perfx.engine.text.tokenizer as tokenizer_module
 from perfx.engine.errors import PerfxError
-from perfx.engine.tokenizer import PRE_TOKENIZERS, Tokenizer
+from perfx.engine.text import bpe
+from perfx.engine.text.chat_template import ChatTemplate
+from perfx.engine.text.tokenizer import PRE_TOKENIZERS, Tokenizer
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def run_blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
 @pytest.mark.model
 def test_without_tokenizers_the_model_still_loads(default_model_path) -> None:
     code = f"""
-from perfx.engine.tokenizer import NOTICES, HFTokenizer
+from perfx.engine.text.tokenizer import NOTICES, HFTokenizer
 from perfx.engine import load_model
 llm = load_model({str(default_model_path)!r}, device="numpy", ctx=64)
 prompt = llm.chat_template.render([{{"role": "user", "content": "What is the capital of France?"}}])
@@ -259,7 +259,7 @@ print(llm.tokenizer.encode(prompt))
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
     module, notices, ids = result.stdout.strip().splitlines()
-    assert module == "perfx.engine.bpe"
+    assert module == "perfx.engine.text.bpe"
     assert "tokenizers not installed" in notices and "same token ids" in notices
     assert json.loads(ids)[:3] == [1, 9690, 198] and len(json.loads(ids)) == 37
 
@@ -267,7 +267,7 @@ print(llm.tokenizer.encode(prompt))
 def test_without_sentencepiece_only_its_models_fail() -> None:
     code = """
 from perfx.engine.errors import PerfxError
-from perfx.engine.tokenizer import NOTICES, Tokenizer
+from perfx.engine.text.tokenizer import NOTICES, Tokenizer
 print(NOTICES)
 try:
     Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]})
@@ -288,11 +288,11 @@ def test_without_tokenizers_a_saved_tokenizer_json_still_loads(fast, tmp_path: P
     fast.save(tmp_path)
     text = SAMPLES[6] + SAMPLES[1]
     code = f"""
-from perfx.engine.tokenizer import Tokenizer
+from perfx.engine.text.tokenizer import Tokenizer
 tok = Tokenizer.from_files({str(tmp_path)!r})
 print(type(tok._backend.tok).__module__, tok.encode({text!r}), tok.bos_id, tok.add_bos, sorted(tok.eot_ids))
 """
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split(" ", 1)[0] == "perfx.engine.bpe"
+    assert result.stdout.split(" ", 1)[0] == "perfx.engine.text.bpe"
     assert result.stdout.split(" ", 1)[1].strip() == f"{fast.encode(text)} {fast.bos_id} {fast.add_bos} {sorted(fast.eot_ids)}"

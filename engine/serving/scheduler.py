@@ -40,7 +40,7 @@ from ..llm import LLM
 from ..memory import check_available
 from ..paged import PagedBatch
 from ..sampler import Sampler, Sampling
-from ..tokenizer import StreamDecoder
+from ..text.tokenizer import StreamDecoder
 from .blocks import BlockAllocator
 from .metrics import EngineCounters
 from .stops import StopMatcher

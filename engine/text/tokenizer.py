@@ -3,7 +3,7 @@
 Two families are supported:
 
 * byte-level BPE (GGUF ``tokenizer.ggml.model == "gpt2"`` or a ``tokenizer.json``), run by the
-  ``tokenizers`` library (or, where it is not installed, by ``engine.bpe`` with the same ids) with
+  ``tokenizers`` library (or, where it is not installed, by ``engine.text.bpe`` with the same ids) with
   the pre-tokenizer llama.cpp picks for ``tokenizer.ggml.pre``;
 * SentencePiece (GGUF ``tokenizer.ggml.model == "llama"`` or a ``tokenizer.model``), run by the
   ``sentencepiece`` library.
@@ -32,9 +32,9 @@ try:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 except ImportError:  # no wheel for this platform (Termux): the pure-Python BPE, same ids
-    from perfx.engine import bpe
-    from perfx.engine.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
-    from perfx.engine.bpe import Tokenizer as HFTokenizer
+    from perfx.engine.text import bpe
+    from perfx.engine.text.bpe import AddedToken, Regex, decoders, models, pre_tokenizers
+    from perfx.engine.text.bpe import Tokenizer as HFTokenizer
 
     NOTICES.append(bpe.notice())
 

@@ -1,8 +1,8 @@
 """Byte-level BPE in pure Python, for where the `tokenizers` package (a Rust extension) is missing.
 
-`engine.tokenizer` imports this module in place of `tokenizers` when that import fails (Termux,
+`engine.text.tokenizer` imports this module in place of `tokenizers` when that import fails (Termux,
 where no wheel exists and building one needs a Rust toolchain). It offers the part of the
-`tokenizers` API that `engine.tokenizer` uses (`Tokenizer`, `AddedToken`, `Regex`, `models.BPE`,
+`tokenizers` API that `engine.text.tokenizer` uses (`Tokenizer`, `AddedToken`, `Regex`, `models.BPE`,
 `pre_tokenizers.Split/ByteLevel/Sequence`, `decoders.ByteLevel`) and gives the same token ids:
 
 * added tokens are cut out first, leftmost-longest, as the `tokenizers` added vocabulary does
