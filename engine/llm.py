@@ -22,7 +22,7 @@ from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
 from .sampler import Sampler, Sampling
-from .text.tokenizer import NOTICES as TOKENIZER_NOTICES
+from .text.encoders import NOTICES as TOKENIZER_NOTICES
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048

@@ -12,7 +12,8 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from perfx.engine.errors import PerfxError
 from tests.conftest import smollm2_gguf
-from perfx.engine.text.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
+from perfx.engine.text.pretokenizers import PRE_TOKENIZERS
+from perfx.engine.text.tokenizer import StreamDecoder, Tokenizer
 
 
 
