@@ -1,27 +1,16 @@
 """The chat's terminal input: key bindings, the input history, and keys kept quiet while the model works."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-import platformdirs
-
 from perfx.cli.main import err
-from perfx.engine.registry import HOME_ENV
+from perfx.engine.dirs import history_path
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
     from prompt_toolkit.key_binding import KeyBindings
-
-
-def history_path() -> Path:
-    """Where input history persists: $PERFX_HOME/history, else in the user data directory."""
-    home = os.environ.get(HOME_ENV)
-    base = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("perfx"))
-    return base / "history"
 
 
 def file_history() -> History:

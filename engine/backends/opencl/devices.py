@@ -11,8 +11,8 @@ PoCL CPU threads: PoCL reads its thread count once, when the process first lists
 platforms. `set_cpu_threads(n)` sets it and must come before anything lists them (list_devices,
 select, pyopencl.get_platforms); it raises PerfxError when called later.
 
-The copy bandwidth of each device is measured once and kept in `<root>/devices.json`, `<root>`
-being $PERFX_HOME or the user cache directory (the parent of the kernel cache).
+The copy bandwidth of each device is measured once and kept in devices.json in perfx's cache
+directory (engine.dirs).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...dirs import cache_dir
 from ...errors import PerfxError
 from . import drivers
 
@@ -129,7 +130,7 @@ def _opencl():
 def setup_icd() -> None:
     """Points the ICD loader at the drivers perfx lists (drivers.py); before anything lists the
     platforms (enumerate_devices does it; code that calls pyopencl.get_platforms itself calls this first)."""
-    drivers.setup_icd(root_dir() / "opencl-vendors", intel=drivers.intel_library())
+    drivers.setup_icd(cache_dir() / "opencl-vendors", intel=drivers.intel_library())
 
 
 def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
@@ -396,18 +397,8 @@ def set_cpu_threads(n: int) -> None:
 # ---- bandwidth ------------------------------------------------------------------------------------
 
 
-def root_dir() -> Path:
-    """perfx's cache root: $PERFX_HOME or the user cache directory (runtime.cache_dir()'s parent)."""
-    home = os.environ.get("PERFX_HOME")
-    if home:
-        return Path(home)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("perfx"))
-
-
 def devices_json() -> Path:
-    return root_dir() / "devices.json"
+    return cache_dir() / "devices.json"
 
 
 def _bandwidth_key(info: DeviceInfo) -> str:

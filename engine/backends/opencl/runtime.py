@@ -6,15 +6,14 @@ source, options and device, so a second start builds nothing.
 """
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
 
+from ...dirs import kernel_cache_dir
 from ...errors import PerfxError
 from .drivers import driver_of
 from .specs import source_defaults
@@ -32,13 +31,6 @@ def kernel_source(name: str) -> str:
     lines = kernels.joinpath(f"{name}.cl").read_text(encoding="utf-8").splitlines(keepends=True)
     return "".join(kernels.joinpath(line.split('"')[1]).read_text(encoding="utf-8")
                    if line.startswith('#include "') else line for line in lines)
-
-
-def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    home = os.environ.get("PERFX_HOME")
-    return Path(home) / "cl-cache" if home else Path(user_cache_dir("perfx")) / "cl-cache"
 
 
 class Runtime:
@@ -72,7 +64,7 @@ class Runtime:
         with lock:
             if key in self._programs:
                 return self._programs[key]
-            directory = cache_dir()
+            directory = kernel_cache_dir()
             directory.mkdir(parents=True, exist_ok=True)
             try:
                 prg = cl.Program(self.ctx, kernel_source(name)).build(options=list(options), cache_dir=str(directory))
