@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PerfxError
+from .generation import Stats
 from .sampler import Sampling
-from .text.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
-    from .llm import LLM, Stats
+    from .llm import LLM
 
 FORMAT = "perfx-chat"
 VERSION = 1
@@ -163,9 +163,9 @@ class Reply:
 
     @property
     def finish(self) -> str:
-        """'stop', 'length', 'context', or 'interrupted'."""
+        """'stop', 'length' or 'cancelled' (engine.generation's finish reasons)."""
         if self.interrupted:
-            return "interrupted"
+            return "cancelled"
         return self.stats.finish if self.stats else ""
 
     @property
@@ -233,21 +233,19 @@ class ChatSession:
         return reply
 
     def _stream(self, reply: Reply, prompt_text: str) -> Generator[str, None, None]:
-        decoder = StreamDecoder(self.llm.tokenizer)
+        gen = self.llm.stream(reply.prompt_ids, self.sampling)
         completed = False
         try:
-            for token in self.llm.generate(reply.prompt_ids, self.sampling):
-                reply.tokens.append(token)
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            for piece in gen:
+                if piece.token is not None:
+                    reply.tokens.append(piece.token)
+                if piece.text:
+                    yield piece.text
             completed = True
         finally:
+            gen.close()
             reply.interrupted = not completed
-            reply.stats = self.llm.stats
+            reply.stats = gen.stats
             self._record(reply, prompt_text)
 
     def _record(self, reply: Reply, prompt_text: str) -> None:

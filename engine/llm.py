@@ -2,13 +2,14 @@
 
     model = load_model("smollm2-135m-instruct")
     ids = model.tokenizer.encode(model.chat_template.render([{"role": "user", "content": "Hi"}]))
-    for token in model.generate(ids, Sampling(temperature=0)): ...
+    tokens, stats = model.generate(ids, Sampling(temperature=0))      # the whole reply and its figures
+    for piece in (gen := model.stream(ids)): ...                    # or streamed; gen.stats at the end
+
+The stop rules, finish reasons and stats are engine.generation's, shared with the server.
 """
 from __future__ import annotations
 
 import functools
-
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,41 +19,15 @@ import numpy as np
 from .backends import open_backend
 from .text.chat_template import ChatTemplate
 from .errors import ModelFileError, PerfxError, reading_model
+from .generation import Generation, Sequence, Stats
 from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
-from .sampler import Sampler, Sampling
-from .text.encoders import NOTICES as TOKENIZER_NOTICES
+from .sampler import Sampling
+from .text.encoders import notices as tokenizer_notices
 from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048
-
-
-@dataclass
-class Stats:
-    """Timings of the last generate() call."""
-
-    prompt_tokens: int = 0      # tokens actually prefilled (the cached prefix is not counted)
-    prompt_s: float = 0.0
-    gen_tokens: int = 0
-    gen_s: float = 0.0          # from the first generated token to the last
-    ttft_s: float = 0.0         # from the call to the first generated token
-    finish: str = ""            # "stop" (end of turn), "length" (max_tokens) or "context" (cache full)
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return (self.gen_tokens - 1) / self.gen_s if self.gen_s > 0 and self.gen_tokens > 1 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens, "prompt_s": self.prompt_s, "prompt_tps": self.prompt_tps,
-            "gen_tokens": self.gen_tokens, "gen_s": self.gen_s, "gen_tps": self.gen_tps,
-            "ttft_s": self.ttft_s, "finish": self.finish,
-        }
 
 
 @dataclass
@@ -64,7 +39,6 @@ class LLM:
     metadata: dict
     notices: list[str] = field(default_factory=list)  # what the device choice had to say
     cached: list[int] = field(default_factory=list)   # the tokens whose K and V sit in the cache
-    stats: Stats = field(default_factory=Stats)
 
     @property
     def config(self):
@@ -111,59 +85,50 @@ class LLM:
                 f"the prompt is {n} tokens, longer than the context of {self.ctx}; shorten it or raise --ctx"
             )
 
-    def generate(self, prompt_ids, sampling: Sampling = Sampling()) -> Iterator[int]:
-        """Yields generated tokens one by one. Tokens already in the cache (a shared prefix with the
-        previous call, as in a chat) are not computed again."""
+    def generate(self, prompt_ids, sampling: Sampling = Sampling(),
+                 stop: tuple[str, ...] = ()) -> tuple[list[int], Stats]:
+        """The reply's tokens and the generation's figures (stop rules: engine.generation)."""
+        gen = self.stream(prompt_ids, sampling, stop)
+        for _ in gen:
+            pass
+        return gen.tokens, gen.stats
+
+    def stream(self, prompt_ids, sampling: Sampling = Sampling(), stop: tuple[str, ...] = ()) -> Generation:
+        """The reply as it is generated: iterate it for Pieces (a token and its text). Tokens already in
+        the cache (a shared prefix with the previous call, as in a chat) are not computed again."""
         prompt = checked_ids(list(prompt_ids), self.config.vocab_size).tolist()
         if not prompt:
             raise PerfxError("the prompt is empty")
         self._check_fits(len(prompt) + 1)
-        self.stats = stats = Stats()
-        sampler = Sampler(sampling)
-        t0 = time.perf_counter()
+        reuse = min(common_prefix(self.cached, prompt), len(prompt) - 1)   # at least one token runs: its logits
+        seq = Sequence(prompt, sampling, self.tokenizer, self.ctx, stop)
+        return Generation(seq, self._chosen(seq, reuse), len(prompt) - reuse)
 
-        reuse = common_prefix(self.cached, prompt)
-        reuse = min(reuse, len(prompt) - 1)          # at least one token must run to give logits
-        history = list(prompt)
-        greedy = sampling.greedy and sampling.repeat_penalty == 1.0
+    def _chosen(self, seq: Sequence, reuse: int) -> Iterator[int]:
+        """The tokens the model chooses for seq, one per step: the first after prefilling its prompt from
+        position `reuse`, each next one after the token seq took last. Greedy runs on the device's argmax,
+        one int read back per token, the next step already enqueued (Transformer.greedy feeds back the
+        very tokens it chose, which greedy seq takes unless they end it)."""
+        prompt, transformer = list(seq.tokens), self.transformer
+        greedy = seq.sampling.greedy and seq.sampling.repeat_penalty == 1.0
+        if greedy:
+            steps = transformer.greedy(np.asarray(prompt[reuse:], np.int64), reuse, max(1, seq.sampling.max_tokens))
 
-        # Greedy: argmax on the device, one int read back per token, the next step already enqueued
-        # (Transformer.greedy feeds back the very tokens this loop passes to next_token).
-        steps = self.transformer.greedy(np.asarray(prompt[reuse:], np.int64), reuse,
-                                        max(1, sampling.max_tokens)) if greedy else None
-
-        def next_token(ids: list[int], pos: int) -> int:
-            if steps is not None:
+        def step(ids: list[int], pos: int) -> int:
+            if greedy:
                 return next(steps)
-            ids = np.asarray(ids, dtype=np.int64)
-            return sampler(self.transformer.forward(ids, pos, all_logits=False)[-1], history)
+            return seq.sample(transformer.forward(np.asarray(ids, np.int64), pos, all_logits=False)[-1])
 
         self.cached = self.cached[:reuse]
-        token = next_token(prompt[reuse:], reuse)
-        self.cached = prompt[:]
-        t_first = time.perf_counter()
-        stats.prompt_tokens, stats.prompt_s, stats.ttft_s = len(prompt) - reuse, t_first - t0, t_first - t0
-        if sampling.max_tokens == 0:                 # -n 0: the prompt is read, nothing generated
-            stats.finish = "length"
-            return
-        stop = self.tokenizer.eot_ids
+        token = step(prompt[reuse:], reuse)
+        self.cached = prompt
         while True:
-            if token in stop:
-                stats.finish = "stop"
-                break
-            stats.gen_tokens += 1
-            stats.gen_s = time.perf_counter() - t_first
-            history.append(token)
             yield token
-            if stats.gen_tokens >= sampling.max_tokens:
-                stats.finish = "length"
-                break
             if len(self.cached) >= self.ctx:
-                stats.finish = "context"
-                break
-            token = next_token([token], len(self.cached))
-            self.cached.append(history[-1])
-        stats.gen_s = time.perf_counter() - t_first if stats.gen_tokens else 0.0
+                return
+            last = seq.tokens[-1]
+            token = step([last], len(self.cached))
+            self.cached.append(last)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -204,7 +169,7 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
         backend.prepare(transformer, kernels)
     check_first_logits(transformer, weights, tokenizer, path)
     return LLM(path, transformer, tokenizer, ChatTemplate.from_tokenizer(tokenizer), model.metadata,
-               notices=[*TOKENIZER_NOTICES, *notices])
+               notices=[*tokenizer_notices(), *notices])
 
 
 PROBE_TEXT = "Hello, world! The 3 quick brown foxes: é, ß, 中文, 😀\n\ttabs & <b>tags</b>"

@@ -45,6 +45,10 @@
 
    Launch attend:  global (ATT_WG * ceil(T / QT), N_KV_HEADS, n_splits), local (ATT_WG, 1, 1).
    Launch combine: global (HEAD_DIM / 4, N_HEADS, T), any local size.
+   With SPLIT_COMBINE there is no combine launch: the last work-group of a (query tile, KV head) to
+   write its partial result, counted in done [ceil(T / QT), N_KV_HEADS] (int, left at 0 for the next
+   launch), merges the slices of the tile's rows itself (as gemv.cl's NORM epilogue: each work-group's
+   writes fenced before its count, the partials read back through volatile pointers).
 
    Model defines: HEAD_DIM (a multiple of VW), N_KV_HEADS, GROUP (query heads per KV head), ATT_SCALE
    (the softmax scale of Q.K^T; default 1 / sqrt(HEAD_DIM)).
@@ -55,7 +59,11 @@
    come from qkv or from the cache).
    Tunables: QT (query tokens per work-group), VW (vector width per work-item: 4, 8 or 16; 16 suits
    CPUs, whose compilers do not vectorise across work-items here), ATT_WG (work-group size = keys
-   per block; a multiple of VW and of HEAD_DIM / VW). */
+   per block; a multiple of VW and of HEAD_DIM / VW), KL (work-items per key in the score step, a
+   power of two dividing ATT_WG: 1, each work-item one key of the block; KL > 1, KL work-items read
+   one key's row side by side and the block is scored in passes of KPP = ATT_WG / KL keys, which
+   GPUs read in whole cache lines; decode launches use it, with short key slices, so that a token's
+   attention has many work-groups). */
 
 #ifndef ATT_SCALE
 #define ATT_SCALE rsqrt((float)HEAD_DIM)
@@ -78,6 +86,9 @@
 #ifndef VW
 #error "VW: its default is declared in engine/backends/opencl/specs.py"
 #endif
+#ifndef KL
+#error "KL: its default is declared in engine/backends/opencl/specs.py"
+#endif
 
 #define N_HEADS (GROUP * N_KV_HEADS)
 #define Q_DIM (N_HEADS * HEAD_DIM)
@@ -86,6 +97,7 @@
 #define ROWS (QT * GROUP)
 #define DV (HEAD_DIM / VW)
 #define KEY_GROUPS (ATT_WG / DV)
+#define KPP (ATT_WG / KL)                /* keys per pass of the score step with KL > 1 */
 #define NEG (-1.0e30f)
 #define VISIBLE (-1.0e29f)
 
@@ -145,6 +157,33 @@ inline floatV roped(__global const float *src, const int c, __global const float
     return mad(x, vloadV(c, row), SWAP_PAIRS(x) * vloadV(c, row + HEAD_DIM));
 }
 
+/* Values 4c .. 4c+3 of row (t, head) merged from the n_splits partial results: each slice's sum of p * v
+   weighted by 2^(m_slice - m), divided by the weighted sum of the slices' l. With SPLIT_COMBINE read
+   through volatile pointers: in attend other work-groups wrote them during the same launch. */
+#ifdef SPLIT_COMBINE
+#define PART_Q volatile
+#else
+#define PART_Q
+#endif
+inline float4 merge_splits(PART_Q __global const float *part_o, PART_Q __global const float *part_ml,
+                           const int T, const int n_splits, const int t, const int head, const int c)
+{
+    float m = NEG;
+    for (int s = 0; s < n_splits; s++)
+        m = fmax(m, part_ml[2 * (((size_t)s * T + t) * N_HEADS + head)]);
+    float l = 0.0f;
+    float4 o = (float4)(0.0f);
+    for (int s = 0; s < n_splits; s++) {
+        const size_t slot = ((size_t)s * T + t) * N_HEADS + head;
+        const float ms = part_ml[2 * slot], ls = part_ml[2 * slot + 1];
+        const float w = ls > 0.0f ? exp2(ms - m) : 0.0f;
+        PART_Q __global const float *po = part_o + slot * HEAD_DIM + 4 * c;
+        l = mad(w, ls, l);
+        o = mad((float4)(w), (float4)(po[0], po[1], po[2], po[3]), o);
+    }
+    return o / l;
+}
+
 __kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1)))
 void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             __global const float *rope,  /* [ctx, 2, HEAD_DIM] */
@@ -156,7 +195,8 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
             const int T, const int start_pos, const int ctx, const int layer,
             const int chunk,             /* keys per split; >= start_pos + T when not split */
             const int partial,           /* 1: write part_o / part_ml, 0: write out */
-            const int window)            /* sliding window, 0: none */
+            const int window,            /* sliding window, 0: none */
+            __global int *done)          /* [ceil(T / QT), N_KV_HEADS] with SPLIT_COMBINE: 0 before */
 {
     __local floatV q_loc[ROWS * DV];     /* [ROWS, HEAD_DIM] roped, pre-scaled queries */
     __local float p_loc[ROWS * ATT_WG];  /* [ROWS, ATT_WG] scores of a key block, then probabilities */
@@ -164,6 +204,12 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     __local float l_loc[ROWS];           /* running sum of probabilities of each row */
     __local float a_loc[ROWS];           /* rescale factor of the current block */
     __local floatV red[ATT_WG];          /* [KEY_GROUPS, HEAD_DIM] final reduction of one row */
+#if KL > 1
+    __local float s_part[ROWS * ATT_WG];  /* [ROWS, KPP, KL] partial dot products of one pass */
+#endif
+#ifdef SPLIT_COMBINE
+    __local int last;                    /* whether this work-group is its tile's last to finish */
+#endif
 
     const int lid = get_local_id(0);
     const int t0 = get_group_id(0) * QT;
@@ -213,6 +259,52 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
     for (int b = kstart; b < s1; b += ATT_WG) {
         const int nk = min(ATT_WG, s1 - b);
 
+#if KL > 1
+        /* 1. scores, KL work-items per key: work-item (kk, lane) = (lid / KL, lid % KL) takes key
+           b + j0 + kk of each pass of KPP keys and the vectors lane, lane + KL, ... of its row, so that
+           KL neighbouring work-items read one key's row in consecutive vectors; the KL partial dot
+           products meet in s_part. */
+        for (int j0 = 0; j0 < nk; j0 += KPP) {
+            const int lane = lid % KL, kk = lid / KL, pos = b + j0 + kk;
+            floatV sv[ROWS];
+            for (int r = 0; r < ROWS; r++)
+                sv[r] = (floatV)(0.0f);
+            if (j0 + kk < nk) {
+                if (pos < start_pos) {
+                    __global const kv_t *kr = kc + (size_t)pos * HEAD_DIM;
+                    for (int cc = lane; cc < DV; cc += KL) {
+                        const floatV k = KV_LOAD(cc, kr);
+                        for (int r = 0; r < ROWS; r++)
+                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
+                    }
+                } else {
+                    __global const float *kr = k_new + (size_t)(pos - start_pos) * QKV_STRIDE;
+                    for (int cc = lane; cc < DV; cc += KL) {
+                        const floatV k = kv_round(roped(kr, cc, rope, pos));
+                        for (int r = 0; r < ROWS; r++)
+                            sv[r] = mad(q_loc[r * DV + cc], k, sv[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < ROWS; r++)
+                s_part[(r * KPP + kk) * KL + lane] = hsumV(sv[r]);
+            barrier(CLK_LOCAL_MEM_FENCE);
+            for (int idx = lid; idx < ROWS * KPP; idx += ATT_WG) {
+                const int r = idx / KPP, j = j0 + idx % KPP, kpos = b + j;
+                float d = s_part[idx * KL];
+                for (int l = 1; l < KL; l++)
+                    d += s_part[idx * KL + l];
+                const bool visible = j < nk && kpos <= p0 + r / GROUP
+                                     && (!window || kpos > p0 + r / GROUP - window);
+                if (j < ATT_WG)
+                    p_loc[r * ATT_WG + j] = visible ? d : NEG;
+            }
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        for (int idx = lid; idx < ROWS * ATT_WG; idx += ATT_WG)   /* past the last pass */
+            if (idx % ATT_WG >= (nk + KPP - 1) / KPP * KPP)
+                p_loc[idx] = NEG;
+#else
         /* 1. scores of key b + lid against every row */
         {
             const int pos = b + lid;
@@ -242,6 +334,7 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
                 p_loc[r * ATT_WG + lid] = visible ? hsumV(sv[r]) : NEG;
             }
         }
+#endif
         barrier(CLK_LOCAL_MEM_FENCE);
 
         /* 2. online softmax, one row per work-item */
@@ -301,6 +394,27 @@ void attend(__global const float *qkv,   /* [T, QKV_STRIDE] */
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
+#ifdef SPLIT_COMBINE
+    if (!partial)
+        return;
+    mem_fence(CLK_GLOBAL_MEM_FENCE);           /* this work-item's partials are written */
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    __global int *count = done + get_group_id(0) * N_KV_HEADS + kvh;
+    if (lid == 0)
+        last = atomic_inc(count) == (int)get_num_groups(2) - 1;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (!last)
+        return;
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+    for (int idx = lid; idx < nq * GROUP * (HEAD_DIM / 4); idx += ATT_WG) {
+        const int r = idx / (HEAD_DIM / 4), c4 = idx % (HEAD_DIM / 4);
+        const int t = t0 + r / GROUP, head = kvh * GROUP + r % GROUP;
+        vstore4(merge_splits(part_o, part_ml, T, get_num_groups(2), t, head, c4), c4,
+                out + (size_t)t * Q_DIM + head * HEAD_DIM);
+    }
+    if (lid == 0)
+        *count = 0;
+#endif
 }
 
 /* out[t, head] = the softmax-weighted merge of the n_splits partial results of that row.
@@ -311,19 +425,7 @@ __kernel void combine(__global const float *part_o,   /* [n_splits, T, N_HEADS, 
                       const int T, const int n_splits)
 {
     const int c = get_global_id(0), head = get_global_id(1), t = get_global_id(2);
-    float m = NEG;
-    for (int s = 0; s < n_splits; s++)
-        m = fmax(m, part_ml[2 * (((size_t)s * T + t) * N_HEADS + head)]);
-    float l = 0.0f;
-    float4 o = (float4)(0.0f);
-    for (int s = 0; s < n_splits; s++) {
-        const size_t slot = ((size_t)s * T + t) * N_HEADS + head;
-        const float2 ml = vload2(slot, part_ml);
-        const float w = ml.y > 0.0f ? exp2(ml.x - m) : 0.0f;
-        l = mad(w, ml.y, l);
-        o = mad((float4)(w), vload4(c, part_o + slot * HEAD_DIM), o);
-    }
-    vstore4(o / l, c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
+    vstore4(merge_splits(part_o, part_ml, T, n_splits, t, head, c), c, out + (size_t)t * Q_DIM + head * HEAD_DIM);
 }
 
 /* Decode on CPUs (att_serial): one new token at position pos, one work-item per KV head, no local

@@ -68,27 +68,7 @@
 #define GC_(C) 1
 #endif
 
-inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
-inline float hsum8(float8 v) { return hsum4(v.lo + v.hi); }
-inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
-inline float silu(float v) { return v / (1.0f + exp(-v)); }
-#ifdef GELU   /* GeGLU (Gemma): the gate through GELU, tanh-approximated, in place of silu */
-inline float gate_act(float v) { return 0.5f * v * (1.0f + tanh(0.7978845608f * mad(0.044715f * v, v * v, v))); }
-#else
-#define gate_act silu
-#endif
-
-// Word offset of chunk number c inside a tile, and its first element along K; the tails (64, then 32)
-// follow the 128-wide chunks.
-inline int chunk_offset(int c, int n128, int has64)
-{
-    return c < n128 ? c * BLOCK_WORDS(128) : n128 * BLOCK_WORDS(128) + (c > n128 ? has64 * BLOCK_WORDS(64) : 0);
-}
-inline int chunk_k0(int c, int n128, int has64)
-{
-    return c < n128 ? c * 128 : n128 * 128 + (c > n128 ? has64 * 64 : 0);
-}
-
+#include "tiles.h"
 
 // Scales (and int4 zeros) of a tile's chunk block, as floats s[RT][GC], z[RT][GC]: the block holds
 // scale[RT][GC] then zero[RT][GC] (halves) after the data.
@@ -192,12 +172,6 @@ inline int chunk_k0(int c, int n128, int has64)
         }                                                                                      \
     }
 
-#ifdef SWIGLU
-#define NT 2
-#else
-#define NT 1
-#endif
-
 // W: row tiles (gemv.cl layout) of rows = N (SWIGLU: 2N); X: [T][K]; Y: [T][N]. Token tiles past T
 // read the last token again (X rows are clamped) and store nothing.
 __kernel void gemm_few(__global const uint* restrict W, __global const float* restrict Xg,
@@ -238,8 +212,6 @@ __kernel void gemm_few(__global const uint* restrict W, __global const float* re
 // ================================================================================================
 // gemm_tiled
 // ================================================================================================
-
-#define NWI ((BT / TR) * (BN / RR))
 
 // Stage chunk c (width C, elements k0 .. k0+C of K) at column `col` of the local tiles: Wl[BN][KW]
 // gets the dequantized rows n0 .. n0+BN (tiles past the matrix read its last tile), Xl[BT][KW] the
@@ -293,14 +265,7 @@ void gemm_tiled(__global const uint* restrict W, __global const float* restrict 
                 __global float* restrict Y, const int T, const int K, const int N, const int accumulate,
                 __local float* restrict Wl, __local float* restrict Xl, const int kc)
 {
-    const int KW = kc * 128;
-    const int ti = get_local_id(0), ri = get_local_id(1);
-    const int lid = ri * (BT / TR) + ti;
-    const int tb0 = get_group_id(0) * BT, n0 = get_group_id(1) * BN;
-    const int ntiles = (N + RT - 1) / RT;
-    const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
-    const int nchunks = n128 + has64 + has32;
-    const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
+    TILE_IDS
 
     float out[NT][RR][TR];
     for (int up = 0; up < NT; up++) {
@@ -327,19 +292,5 @@ void gemm_tiled(__global const uint* restrict W, __global const float* restrict 
         }
         for (int i = 0; i < RR; i++) for (int j = 0; j < TR; j++) out[up][i][j] = CAT(hsum, VEC)(acc[i][j]);
     }
-    for (int j = 0; j < TR; j++) {
-        const int tok = tb0 + ti * TR + j;
-        if (tok >= T) break;
-        for (int i = 0; i < RR; i++) {
-            const int n = n0 + ri * RR + i;
-            if (n >= N) break;
-#ifdef SWIGLU
-            const float v = gate_act(out[0][i][j]) * out[1][i][j];
-#else
-            const float v = out[0][i][j];
-#endif
-            __global float* yp = Y + (size_t)tok * N + n;
-            *yp = accumulate ? *yp + v : v;
-        }
-    }
+    STORE_TILE(out)
 }

@@ -63,6 +63,7 @@
 // own lanes from the x it loaded, so no xsum launch; the NVIDIA setting). On CPUs the norms write the
 // group sums of h instead (rmsnorm.cl XS_G), so the QKV and gate+up GEMVs need no xsum launch either.
 // NORM (with HS_G, the group of h's sums): the residual projections' epilogue, last_item_norm below.
+// NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h).
 
 #ifndef FORMAT
 #define FORMAT 4
@@ -100,6 +101,8 @@
 #define XLOAD8(o) vload8(0, x + xo + (o))
 #define XLOAD16(o) vload16(0, x + xo + (o))
 #endif
+// With NORM_IN, the input's RMSNorm in the prologue: x as rmsnorm(x) * norm_w (norm_in.h).
+#include "norm_in.h"
 
 
 inline float hsum4(float4 v) { float2 a = v.lo + v.hi; return a.x + a.y; }
@@ -536,7 +539,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           , __global const float* restrict norm_w, __global float* restrict h, __global float* restrict hs,
           __global short* restrict hq, __global float* restrict hd, __global int* done, const float eps
 #endif
-          )
+          NORM_IN_ARGS)
 {
     const int ks = get_local_id(0);
     const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
@@ -561,6 +564,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
     // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
     for (int tok = 0; tok < T; tok++) {
         const int xo = tok * K;                              // x row of this token
+        NORM_IN_PROLOGUE(tok)
         __global const float* restrict xs = xs_all + tok * (K / G);
 #ifdef INT_DOT
         __global const short* restrict xq = xq_all + (size_t)tok * K;       // int16 x of this token

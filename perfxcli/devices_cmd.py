@@ -1,5 +1,6 @@
-"""`perfx devices`: the OpenCL devices of this machine, whether they build kernels, and their copy
-bandwidth (measured once, then read from devices.json), with the NumPy backend last."""
+"""`perfx devices`: the OpenCL devices of this machine, whether they build kernels, their copy
+bandwidth (measured once, then read from devices.json) and how they are tuned (the tuning database's
+levels that match their vendor and architecture keys, and the tuner's file), with the NumPy backend last."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from perfx.engine.backends.opencl import bandwidth as bw
 from perfx.engine.backends.opencl import devices as dev
-from perfx.engine.backends.opencl.tuning import is_tuned
+from perfx.engine.backends.opencl import tuning
 from perfx.engine.errors import PerfxError
 
 GiB = 1 << 30
@@ -29,14 +31,30 @@ def _bandwidth_cell(info: dev.DeviceInfo, handle: Any, measure: bool, err: Conso
     if reason is not None:
         return "—", f"cannot build kernels: {reason}"
     try:
-        value = dev.bandwidth(info, measure=False)
+        value = bw.bandwidth(info, measure=False)
         if value is None and measure:
             spinner = err.status(f"measuring the copy bandwidth of {info.id}…", spinner="dots")
             with spinner if err.is_terminal else nullcontext():
-                value = dev.bandwidth(handle)
+                value = bw.bandwidth(handle)
     except PerfxError as e:
         return "—", str(e)
     return (f"{value / 1e9:,.1f}", None) if value is not None else ("[dim]not measured[/]", None)
+
+
+def tuning_of(info: dev.DeviceInfo) -> dict[str, Any]:
+    """How the device is tuned: its database keys, the levels of kernels/tuning.toml that match, the tuner's file."""
+    when = tuning.override_date(info)
+    return {"vendor": info.vendor_key, "architecture": info.architecture or None,
+            "levels": [level.name for level in tuning.matching_levels(info)],
+            "override": str(tuning.override_path(info)) if when else None,
+            "override_date": when.isoformat() if when else None}
+
+
+def _tuning_cell(info: dev.DeviceInfo) -> str:
+    t = tuning_of(info)
+    lines = [escape(name) for name in t["levels"]] or ["[dim]built-in defaults[/]"]
+    lines.append(f"[green]perfx tune {t['override_date']}[/]" if t["override"] else "[dim]no perfx tune file[/]")
+    return "\n".join(lines)
 
 
 def _numpy_row() -> list[str]:
@@ -58,19 +76,20 @@ def devices_json(found: list, measure: bool, err: Console) -> str:
         bandwidth, note = None, None if reason is None else f"cannot build kernels: {reason}"
         if reason is None:
             try:
-                bandwidth = dev.bandwidth(info, measure=False)
+                bandwidth = bw.bandwidth(info, measure=False)
                 if bandwidth is None and measure:
-                    bandwidth = dev.bandwidth(handle)
+                    bandwidth = bw.bandwidth(handle)
             except PerfxError as e:
                 note = str(e)
         rows.append({"id": info.id, "platform": info.platform_name, "platform_label": info.platform_label,
                      "device": info.name, "type": info.type, "memory_bytes": info.global_mem,
                      "compute_units": info.compute_units, "images": info.has_images, "fp16": info.has_fp16,
-                     "copy_bytes_per_s": bandwidth, "tuned": is_tuned(info), "note": note})
+                     "copy_bytes_per_s": bandwidth, "architecture": info.architecture or None,
+                     "tuned": tuning.is_tuned(info), "tuning": tuning_of(info), "note": note})
     rows.append({"id": "numpy", "platform": "NumPy", "platform_label": "reference backend (host CPU)",
                  "device": "host CPU", "type": "cpu", "memory_bytes": psutil.virtual_memory().total,
                  "compute_units": os.cpu_count(), "images": None, "fp16": None, "copy_bytes_per_s": None,
-                 "tuned": None, "note": None})
+                 "architecture": None, "tuned": None, "tuning": None, "note": None})
     return json.dumps(rows, indent=2)
 
 
@@ -85,7 +104,7 @@ def devices_command(measure: bool = True, as_json: bool = False) -> None:
     table = Table(title="perfx devices")
     for name, right in (("id", False), ("platform", False), ("device", False), ("type", False),
                         ("memory GiB", True), ("CUs", True), ("images", False), ("fp16", False),
-                        ("copy GB/s", True), ("tuned", False)):
+                        ("copy GB/s", True), ("vendor / arch", False), ("tuning", False)):
         table.add_column(name, justify="right" if right else "left")
     notes: list[str] = []
     for info, handle in found:
@@ -102,13 +121,15 @@ def devices_command(measure: bool = True, as_json: bool = False) -> None:
             _yes(info.has_images),
             _yes(info.has_fp16),
             cell,
-            _yes(is_tuned(info)),
+            escape(f"{info.vendor_key} / {info.architecture or '—'}"),
+            _tuning_cell(info),
         )
-    table.add_row(*_numpy_row(), "—")
+    table.add_row(*_numpy_row(), "—", "—")
     out.print(table)
     if not found:
         notes.append(dev.NO_PLATFORM)
     for note in notes:
         out.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
     out.print("[dim]--device takes an id, or auto, opencl, gpu, cpu, numpy; "
-              "copy bandwidth counts bytes read + written; `perfx tune --device ID` tunes a device[/]")
+              "copy bandwidth counts bytes read + written; tuning: the levels of kernels/tuning.toml that match "
+              "(type, vendor, architecture, device) and the date of this machine's `perfx tune --device ID`[/]")

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -118,7 +119,9 @@ def _flags_without_metavar() -> None:
     """Flags (--raw, --json, -h) take no value, so their help shows none (typer would print <bool>)."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:       # a typer without this hook shows its own help for flags
+        return
     TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
 
 
@@ -183,9 +186,9 @@ def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optiona
         from perfx.engine.backends.opencl.devices import set_cpu_threads
 
         set_cpu_threads(threads)
-    with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else _nullcontext() as status:
+    with err.status("loading model…", spinner="dots") if sys.stderr.isatty() else nullcontext() as status:
         def kernels(what: str, done: int, total: int) -> None:
-            if status is not None and hasattr(status, "update"):
+            if status is not None:         # a spinner on a terminal
                 status.update(f"{what} {done}/{total}…")
             elif done == 0:
                 err.print(f"[dim]{what}…[/]")
@@ -194,14 +197,6 @@ def load(model: Optional[str], device: str, ctx: Optional[int], threads: Optiona
     for notice in llm.notices:
         err.print(f"[dim]{escape(notice)}[/]")
     return llm
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @command
@@ -220,8 +215,6 @@ def run(
     ctx: Optional[int] = CtxOpt,
 ):
     """Generate a reply to one prompt, streamed to standard output."""
-    from perfx.engine.text.tokenizer import StreamDecoder
-
     prompt = sys.stdin.read() if prompt == "-" else valid_text(prompt)
     system = None if system is None else valid_text(system)
     sampling = sampling.with_(max_tokens=n)
@@ -236,22 +229,21 @@ def run(
         llm.check_text_fits(rendered)
         prompt_ids = tok.encode(rendered, special=True)
 
-    ids: list[int] = []
-    stream = StreamDecoder(tok)
-    for token in llm.generate(prompt_ids, sampling):
-        ids.append(token)
-        text = stream.push(token)
-        if as_jsonl:
-            sys.stdout.write(json.dumps({"id": token, "text": text}) + "\n")
-        elif not as_json:
-            sys.stdout.write(text)
+    gen = llm.stream(prompt_ids, sampling)
+    text = []
+    for piece in gen:
+        text.append(piece.text)
+        if as_jsonl and piece.token is not None:
+            sys.stdout.write(json.dumps({"id": piece.token, "text": piece.text}) + "\n")
+        elif not (as_json or as_jsonl):
+            sys.stdout.write(piece.text)
         sys.stdout.flush()
+    s = gen.stats
     if as_json or as_jsonl:
-        print(json.dumps({"done": True, "prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids),
-                          "device": llm.device, "timings": llm.stats.to_dict()}))
+        print(json.dumps({"done": True, "prompt_ids": prompt_ids, "ids": gen.tokens, "text": "".join(text),
+                          "device": llm.device, "timings": s.to_dict()}))
     else:
-        sys.stdout.write(stream.flush() + "\n")
-        s = llm.stats
+        sys.stdout.write("\n")
         rate = f", {s.gen_tps:.1f} tok/s" if s.gen_tokens > 1 else ""    # one token has no rate
         if n == 0:
             err.print("[dim]-n 0: the prompt was read, nothing generated[/]")

@@ -24,7 +24,8 @@ import numpy as np
 import pyopencl as cl
 
 from perfx.engine.backends.opencl import matmul
-from perfx.engine.backends.opencl.devices import bandwidth, select
+from perfx.engine.backends.opencl.bandwidth import bandwidth
+from perfx.engine.backends.opencl.devices import select
 from perfx.engine.backends.opencl.runtime import Runtime
 from perfx.engine.backends.opencl.tuning import params_for
 

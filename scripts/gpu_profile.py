@@ -2,7 +2,9 @@
 events, summed per kernel: launches, kernel time, the gap before each launch (the device idle since the
 previous launch ended), and their shares of the wall time.
 
-    python3 scripts/gpu_profile.py MODEL.gguf [--device gpu] [--prompt 512] [--steps 16]
+    python3 scripts/gpu_profile.py MODEL.gguf [--device gpu] [--prompt 512] [--steps 16] [--set KEY=VALUE,...]
+
+--set: tuned parameters over the device's (as scripts/decode_ab.py's variants), e.g. gemv_norm_in=true.
 
 Profiling adds a little host work per launch; tokens/s come from `perfx bench`, not from here.
 """
@@ -10,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import os
+import sys
 import time
 
 import numpy as np
@@ -22,7 +27,10 @@ def main() -> None:
     ap.add_argument("--device", default="gpu")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--set", default="", help="KEY=VALUE,... over the device's tuned parameters")
     a = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_ab import forced, parse_variant
 
     from perfx.engine.backends.opencl import runtime
     from perfx.engine.llm import load_model
@@ -46,7 +54,8 @@ def main() -> None:
 
     cl.enqueue_nd_range_kernel = recording
     cl.Kernel.__call__ = calling
-    llm = load_model(a.model, device=a.device, ctx=a.prompt + a.steps + 8)
+    with forced(parse_variant(f"set:{a.set}")[1]) if a.set else contextlib.nullcontext():
+        llm = load_model(a.model, device=a.device, ctx=a.prompt + a.steps + 8)
     t = llm.transformer
     tokens = np.random.default_rng(0).integers(0, t.config.vocab_size, a.prompt + 1)
 

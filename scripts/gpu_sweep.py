@@ -2,7 +2,8 @@
 variant timed alone (median of 5 runs of `reps` launches after a warm-up):
 
   mma GEMM tiles (12288x4096, T = 512), GEMV (12288x4096 and 4096x11008, T = 1), prefill attention
-  (T = 512 from position 0), decode attention (T = 1 at position 511), add_rmsnorm (T = 1 and 512).
+  (T = 512 from position 0), decode attention (T = 1 at position 511, 8 layers' caches in turn),
+  add_rmsnorm (T = 1 and 512), and the launch floor (an empty kernel, small and large copies).
 
     python3 scripts/gpu_sweep.py [--platform nvidia] [--write]
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", default="nvidia")
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--parts", default="mma,gemv,attention,norm", help="which kernels, comma-separated")
+    ap.add_argument("--parts", default="mma,gemv,attention,decode,norm,floor", help="which kernels, comma-separated")
     a = ap.parse_args()
 
     import pyopencl as cl
@@ -113,28 +114,46 @@ def main() -> None:
     config = get_shape("llama-7b").config()
     qkv = rt.to_device(rng.standard_normal((512, 3 * 4096)).astype(np.float32))
     out = rt.empty(4 * 512 * 4096)
-    res_p, res_d = [], []
-    for wg, vec, rows, half, chunk in [(128, 4, 32, False, 128), (128, 4, 64, False, 128), (128, 4, 16, False, 128),
-                                       (64, 4, 32, False, 64), (256, 4, 32, False, 128), (128, 8, 32, False, 128),
-                                       (128, 4, 32, True, 128), (128, 4, 32, True, 64), (64, 4, 32, True, 32),
-                                       (256, 8, 64, True, 128)] if "attention" in parts else []:
-        v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half, split_min_chunk=chunk)
+    res_p = []
+    for wg, vec, rows, half in [(128, 4, 32, False), (128, 4, 16, False), (64, 4, 32, False), (128, 4, 32, True),
+                                (128, 8, 32, False)] if "attention" in parts else []:
+        v = dict(att_wg=wg, att_vec=vec, att_rows=rows, kv_half=half)
         try:
-            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v})
+            f = fz.FusedOps(rt, config, 1024, 1, {**fparams, **v, "attention_mma": "off"})   # attend itself
             sp = timed(lambda: f.attention(qkv, 512, 0, 0, out), sync, 5)
-            sd = timed(lambda: f.attention(qkv, 1, 0, 511, out), sync, 50)
         except Exception as e:          # noqa: BLE001
             print(f"attention {v}: {str(e)[:150]}")
             continue
-        flops = 4 * 512 * 512 * 4096 / 2
-        res_p.append((f"wg {wg} vec {vec} rows {rows} half {half}", sp, flops / sp / 1e9, v))
-        res_d.append((f"wg {wg} vec {vec} rows {rows} half {half} chunk {chunk}", sd, 0, v))
+        res_p.append((f"wg {wg} vec {vec} rows {rows} half {half}", sp, 4 * 512 * 512 * 4096 / 2 / sp / 1e9, v))
+    # decode: position 511 of 8 layers in turn, so that each launch reads its cache from memory, as in a model
+    res_d = []
+    for wg, vec, kl, half, chunk, wgs in [(128, 4, 1, False, 128, 0), (128, 8, 1, False, 128, 0),
+                                          (128, 4, 1, True, 128, 0), (64, 4, 1, False, 64, 512),
+                                          (128, 4, 8, False, 16, 1024), (128, 4, 8, True, 16, 1024),
+                                          (128, 4, 8, False, 32, 1024), (128, 4, 4, False, 32, 1024),
+                                          (256, 4, 8, False, 32, 1024), (128, 4, 8, False, 64, 512),
+                                          (128, 4, 16, False, 16, 1024), (64, 4, 8, True, 16, 2048)] \
+            if "decode" in parts else []:
+        v = dict(att_wg=wg, att_vec=vec, att_key_lanes=kl, kv_half=half, split_min_chunk=chunk, split_wgs=wgs)
+        try:
+            f = fz.FusedOps(rt, config, 1024, 8, {**fparams, **v})
+            for layer in range(8):
+                f.attention(qkv, 511, layer, 0, out)
+            turn = iter(range(10 ** 9))
+            sd = timed(lambda: f.attention(qkv, 1, next(turn) % 8, 511, out), sync, 64)
+        except Exception as e:          # noqa: BLE001
+            print(f"decode attention {v}: {str(e)[:150]}")
+            continue
+        kv_bytes = 2 * 512 * 4096 * (2 if half else 4)
+        res_d.append((f"wg {wg} vec {vec} lanes {kl} half {half} chunk {chunk} wgs {wgs} "
+                      f"({f.splits_for(1, 512)} slices)", sd, kv_bytes / sd / 1e9, v))
     if res_p:
-        bp = table("prefill attention, T = 512 (GFLOP/s, causal)", res_p, "GFLOP/s")
-        bd = table("decode attention, T = 1 at position 511", res_d, "-")
-        # prefill keeps its tile shape, decode its slices and cache type: both must hold in one set
-        best_f.update({k: bp[k] for k in ("att_rows",)})
-        best_f.update({k: bd[k] for k in ("att_wg", "att_vec", "kv_half", "split_min_chunk")})
+        best_f.update({k: table("prefill attention, T = 512 (GFLOP/s, causal)", res_p, "GFLOP/s")[k]
+                       for k in ("att_rows",)})
+    if res_d:       # decode keeps its slices, lanes and cache type
+        bd = table("decode attention, T = 1 at position 511, cache read from memory", res_d, "GB/s")
+        best_f.update({k: bd[k] for k in ("att_wg", "att_vec", "att_key_lanes", "kv_half", "split_min_chunk",
+                                          "split_wgs")})
     res = []
     h = rt.empty(4 * 512 * 4096)
     for wg in (64, 128, 256, 512, 1024) if "norm" in parts else ():
@@ -148,6 +167,29 @@ def main() -> None:
         res.append((f"rms_wg {wg} (T=512: {s2 * 1e6:.1f} µs)", s1, 0, dict(rms_wg=wg)))
     if res:
         best_f.update(table("add_rmsnorm, T = 1", res, "-"))
+    if "floor" in parts:       # what one launch costs with nothing to do, and with 16 KB to copy
+        prog = cl.Program(rt.ctx, "__kernel void nop(__global float *x) {}\n"
+                          "__kernel void cp(__global const float4 *a, __global float4 *b) "
+                          "{ b[get_global_id(0)] = a[get_global_id(0)]; }").build()
+        nop, cp = prog.nop, prog.cp
+        s0 = timed(lambda: nop(rt.queue, (64,), (64,), h), sync, 200)
+        s1 = timed(lambda: cp(rt.queue, (1024,), (256,), qkv, h), sync, 200)
+        s2 = timed(lambda: cp(rt.queue, (1 << 19,), (256,), qkv, h), sync, 50)
+        sync()
+        t = time.perf_counter()
+        for _ in range(1000):
+            nop(rt.queue, (64,), (64,), h)
+        host = (time.perf_counter() - t) / 1000          # Python and the driver's enqueue, per launch
+        sync()
+        nop.set_args(h)
+        t = time.perf_counter()
+        for _ in range(1000):
+            cl.enqueue_nd_range_kernel(rt.queue, nop, (64,), (64,))
+        host_bound = (time.perf_counter() - t) / 1000    # the same with the arguments bound once
+        sync()
+        print(f"\n## launch floor\nempty kernel {s0 * 1e6:.2f} µs, 16 KB copy {s1 * 1e6:.2f} µs, "
+              f"8 MB copy {s2 * 1e6:.2f} µs ({2 * 8 * 2**20 / s2 / 1e9:.0f} GB/s); host enqueue per launch "
+              f"{host * 1e6:.2f} µs, {host_bound * 1e6:.2f} µs with arguments bound once")
     print("\nbest matmul:", best_m, "\nbest fused:", best_f)
     if a.write:
         for kernel, best in (("matmul", best_m), ("fused", best_f)):

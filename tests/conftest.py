@@ -199,7 +199,7 @@ def held_by_xq(h: np.ndarray, stored_q: np.ndarray, scale: np.ndarray) -> np.nda
     [T, K/32]) against engine's quantize_xq: the scales to 1e-6, each value within 1 of it (a device's
     relaxed division may round a value at a half the other way). Returns the values the GEMV takes from
     it (f64 [T, K]): q * scale over the whole 128-element chunks, h itself in the tail."""
-    from perfx.engine.backends.opencl.matmul import quantize_xq, xq_positions
+    from perfx.engine.backends.opencl.packing import quantize_xq, xq_positions
 
     T, K = h.shape
     q = stored_q.reshape(T, K)[:, xq_positions(K)].astype(np.int64)

@@ -359,7 +359,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     got = rt.read(yb, y.shape)
     assert np.all(got[T * N:] == sentinel), "write past the end of the output"
     if fmt == "int4" and scheme == "gemv" and mm.int_dot:      # the product takes x in int16 blocks
-        from perfx.engine.backends.opencl.matmul import xq_view
+        from perfx.engine.backends.opencl.packing import xq_view
 
         x = xq_view(x)
     want = x.astype(np.float64) @ w.T.astype(np.float64) + b

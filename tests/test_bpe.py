@@ -247,12 +247,12 @@ def run_blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
 @pytest.mark.model
 def test_without_tokenizers_the_model_still_loads(default_model_path) -> None:
     code = f"""
-from perfx.engine.text.encoders import NOTICES, library
+from perfx.engine.text.encoders import library, notices
 from perfx.engine import load_model
 llm = load_model({str(default_model_path)!r}, device="numpy", ctx=64)
 prompt = llm.chat_template.render([{{"role": "user", "content": "What is the capital of France?"}}])
 print(library.__name__)
-print(NOTICES)
+print(notices())
 print(llm.tokenizer.encode(prompt))
 """
     result = run_blocked(code, "tokenizers")
@@ -266,9 +266,9 @@ print(llm.tokenizer.encode(prompt))
 def test_without_sentencepiece_only_its_models_fail() -> None:
     code = """
 from perfx.engine.errors import PerfxError
-from perfx.engine.text.encoders import NOTICES
+from perfx.engine.text.encoders import notices
 from perfx.engine.text.tokenizer import Tokenizer
-print(NOTICES)
+print(notices())
 try:
     Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]})
 except PerfxError as e:

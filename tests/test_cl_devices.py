@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from perfx.engine.backends.opencl import bandwidth as bw
 from perfx.engine.backends.opencl import devices as dev
 from perfx.engine.backends.opencl import drivers
-from perfx.engine.backends.opencl import tuning
 from perfx.engine.errors import PerfxError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def machine(monkeypatch):
     """A stand-in machine: a GPU that cannot build, two CPUs of which the first cannot build."""
     found = [
         (fake_info(0, 0, "gpu", "Fake GPU", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA",
-                   platform_version="OpenCL 3.0 CUDA 12.8.90"), "gpu0"),
+                   platform_version="OpenCL 3.0 CUDA 12.8.90", architecture="sm_90"), "gpu0"),
         (fake_info(1, 0, "cpu", "pthread-AMD EPYC", platform_version="OpenCL 3.0 PoCL 3.0-rc2  Linux"), "cpu-broken"),
         (fake_info(2, 0, "cpu", "pthread-skylake-avx512-AMD EPYC"), "cpu-good"),
     ]
@@ -299,46 +299,46 @@ def test_set_cpu_threads_reaches_pocl():
 def test_bandwidth_is_measured_once_then_read_from_devices_json(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: calls.append(device) or 12.5e9)
     info = fake_info()
-    assert dev.bandwidth(info, measure=False) is None
-    assert dev.bandwidth(info) == 12.5e9 and dev.bandwidth(info) == 12.5e9
+    assert bw.bandwidth(info, measure=False) is None
+    assert bw.bandwidth(info) == 12.5e9 and bw.bandwidth(info) == 12.5e9
     assert calls == [info]
     data = json.loads((tmp_path / "devices.json").read_text())
     (entry,) = data.values()
     assert entry["copy_bandwidth"] == 12.5e9 and "measured_at" in entry
-    assert dev.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
-    assert dev.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
-    assert dev.bandwidth(info, measure=False) == 12.5e9
+    assert bw.bandwidth(fake_info(compute_units=1), measure=False) is None     # another thread count
+    assert bw.bandwidth(fake_info(driver_version="3.2"), measure=False) is None
+    assert bw.bandwidth(info, measure=False) == 12.5e9
 
 
 def test_bandwidth_measured_before_the_boot_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     values = iter([30e9, 20e9])
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: next(values))
     info = fake_info()
-    assert dev.bandwidth(info) == 30e9
-    monkeypatch.setattr(dev, "boot_time", lambda: 4e9)         # the machine booted after that figure
-    assert dev.bandwidth(info, measure=False) is None
-    assert dev.bandwidth(info) == 20e9                          # a lower figure after a reboot stands
+    assert bw.bandwidth(info) == 30e9
+    monkeypatch.setattr(bw, "boot_time", lambda: 4e9)         # the machine booted after that figure
+    assert bw.bandwidth(info, measure=False) is None
+    assert bw.bandwidth(info) == 20e9                          # a lower figure after a reboot stands
 
 
 def test_a_fresh_bandwidth_keeps_the_best_figure_since_boot(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     values = iter([20e9, 30e9, 25e9])
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: next(values))
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: next(values))
     info = fake_info()
-    assert dev.bandwidth(info) == 20e9
-    assert dev.bandwidth(info, fresh=True) == 30e9             # measured under less load: it beats the cache
-    assert dev.bandwidth(info, fresh=True) == 30e9             # 25 measured under load: the best one stays
-    assert dev.bandwidth(info, measure=False) == 30e9
+    assert bw.bandwidth(info) == 20e9
+    assert bw.bandwidth(info, fresh=True) == 30e9             # measured under less load: it beats the cache
+    assert bw.bandwidth(info, fresh=True) == 30e9             # 25 measured under load: the best one stays
+    assert bw.bandwidth(info, measure=False) == 30e9
 
 
 def test_bandwidth_survives_a_corrupt_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
     (tmp_path / "devices.json").write_text("{not json")
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 1e9)
-    assert dev.bandwidth(fake_info()) == 1e9
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 1e9)
+    assert bw.bandwidth(fake_info()) == 1e9
     assert len(json.loads((tmp_path / "devices.json").read_text())) == 1
 
 
@@ -349,125 +349,8 @@ def test_measure_bandwidth_on_a_real_device(monkeypatch, tmp_path):
         sel = dev.select("opencl")
     except PerfxError as e:
         pytest.skip(str(e))
-    value = dev.measure_bandwidth(sel.device, nbytes=4 << 20, runs=3)
+    value = bw.measure_bandwidth(sel.device, nbytes=4 << 20, runs=3)
     assert 1e8 < value < 1e14
-
-
-# ---- tuned parameters ----------------------------------------------------------------------------
-
-DATABASE = """
-[cpu.default.attention]
-att_vec = 16
-att_wg = 64
-
-[cpu.default.gemv]
-vec = 8
-
-[gpu.default.attention]
-att_wg = 256
-
-[cpu.vendor.amd.attention]
-att_rows = 8
-att_wg = 32
-
-[cpu.vendor."portable computing".attention]
-att_rows = 16
-
-[cpu.device.skylake.attention]
-att_vec = 8
-
-[cpu.device."skylake-avx512".attention]
-att_vec = 4
-kv_half = true
-"""
-
-
-@pytest.fixture
-def database(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("PERFX_HOME", str(tmp_path / "home"))
-    path = tmp_path / "tuning.toml"
-    path.write_text(DATABASE)
-    return path
-
-
-def test_params_for_precedence(database):
-    defaults = {"att_vec": 4, "att_wg": 128, "att_rows": 32, "kv_half": False, "split_wgs": 0}
-    cpu = fake_info(name="pthread-skylake-avx512-AMD EPYC", vendor="AuthenticAMD")
-    assert tuning.params_for(cpu, "attention", defaults, database) == {
-        "att_vec": 4,          # device "skylake-avx512" over device "skylake"
-        "att_wg": 32,          # vendor over type default
-        "att_rows": 16,        # the longer vendor match ("portable computing", the platform) over "amd"
-        "kv_half": True,
-        "split_wgs": 0,        # built-in default
-    }
-    gpu = fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation", platform_name="NVIDIA CUDA")
-    assert tuning.params_for(gpu, "attention", defaults, database) == {**defaults, "att_wg": 256}
-    assert tuning.params_for(gpu, "rmsnorm", {"rms_wg": 64}, database) == {"rms_wg": 64}
-    assert tuning.params_for(cpu, "gemv", None, database) == {"vec": 8}
-
-    tuning.write_override(cpu, "attention", {"att_wg": 16})
-    assert tuning.params_for(cpu, "attention", defaults, database)["att_wg"] == 16
-    assert tuning.params_for(fake_info(name="pthread-skylake-avx512-AMD EPYC", driver_version="4.0"),
-                             "attention", defaults, database)["att_wg"] == 32
-
-
-def test_the_shipped_database():
-    cpu, gpu = fake_info(), fake_info(kind="gpu", name="NVIDIA H100", vendor="NVIDIA Corporation")
-    assert tuning.params_for(cpu, "fused", {"att_vec": 4, "att_wg": 128})["att_vec"] == 16
-    assert tuning.params_for(gpu, "fused", {"att_vec": 4, "att_wg": 128}) == {"att_vec": 4, "att_wg": 128}
-
-
-def test_write_override_is_atomic_and_merges(database, monkeypatch):
-    info = fake_info(name="pthread-skylake-avx512-AMD EPYC")
-    path = tuning.write_override(info, "attention", {"att_vec": 16, "att_wg": 64})
-    assert path == tuning.override_path(info) and path.parent.name == "tuning"
-    assert path.name == "portable-computing-language_pthread-skylake-avx512-amd-epyc_3.1+debian.toml"
-    tuning.write_override(info, "gemv", {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'})
-    tuning.write_override(info, "attention", {"att_vec": 8})     # replaces this kernel's entry only
-    assert tuning.load_override(info) == {
-        "attention": {"att_vec": 8},
-        "gemv": {"vec": 16, "use_image": True, "scale": 0.5, "mode": 'a "b"'},
-    }
-    before = path.read_text()
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        tuning.write_override(info, "rmsnorm", {"rms_wg": 128})
-    assert path.read_text() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]       # no temporary file left
-
-
-def test_bad_override_file_names_the_file(database):
-    info = fake_info()
-    path = tuning.override_path(info)
-    path.parent.mkdir(parents=True)
-    path.write_text("[attention\natt_vec = 16\n")
-    with pytest.raises(PerfxError, match=re.escape(f"{path} is not valid TOML")):
-        tuning.params_for(info, "attention", {}, database)
-    path.write_text("att_vec = 16\n")
-    with pytest.raises(PerfxError, match=re.escape(str(path))):
-        tuning.params_for(info, "attention", {}, database)
-    path.write_text("[attention]\natt_vec = [16, 8]\n")
-    with pytest.raises(PerfxError, match=re.escape(str(path))):
-        tuning.params_for(info, "attention", {}, database)
-    with pytest.raises(PerfxError, match="must be numbers, booleans or strings"):
-        tuning.write_override(info, "attention", {"att_vec": [1, 2]})
-
-
-def test_bad_database_is_reported(tmp_path):
-    path = tmp_path / "tuning.toml"
-    path.write_text("[phone.default.gemv]\nvec = 4\n")
-    with pytest.raises(PerfxError, match="not a device type"):
-        tuning.params_for(fake_info(), "gemv", {}, path)
-    path.write_text("[cpu.default]\nvec = 4\n")
-    with pytest.raises(PerfxError, match=r"\[cpu.default.vec\] must be a table of parameters"):
-        tuning.params_for(fake_info(), "gemv", {}, path)
-    path.write_text("[cpu.vendor]\namd = 4\n")
-    with pytest.raises(PerfxError, match=r'\[cpu.vendor."amd"\] must hold one table per kernel'):
-        tuning.params_for(fake_info(), "gemv", {}, path)
 
 
 # ---- perfx devices ----------------------------------------------------------------------------------
@@ -477,7 +360,7 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     from perfx.cli.devices_cmd import devices_command
 
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))
-    monkeypatch.setattr(dev, "measure_bandwidth", lambda device: 44.9e9)
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 44.9e9)
     devices_command()
     out = capsys.readouterr().out
     assert "opencl:0:0" in out and "opencl:2:0" in out and "numpy" in out
@@ -485,6 +368,30 @@ def test_devices_command_table(machine, monkeypatch, tmp_path, capsys):
     assert "opencl:1:0: cannot build kernels: error: unknown target CPU 'generic'" in out
     devices_command(measure=False)
     assert "44.9" in capsys.readouterr().out
+
+
+def test_devices_show_their_keys_and_how_they_are_tuned(machine, monkeypatch, tmp_path, capsys):
+    import datetime
+
+    from perfx.cli.devices_cmd import devices_command, devices_json
+    from perfx.engine.backends.opencl import tuning
+    from rich.console import Console
+
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
+    monkeypatch.setattr(bw, "measure_bandwidth", lambda device: 44.9e9)
+    devices_command(measure=False)
+    out = capsys.readouterr().out
+    assert "nvidia / sm_90" in out and "gpu.nvidia.default" in out and "amd / —" in out
+    assert "perfx tune 20" not in out and out.count("no perfx tune file") == 3
+    cpu = dev.enumerate_devices()[2][0]
+    tuning.write_override(cpu, "matmul", {"gemv_wg_rows": 4})
+    devices_command(measure=False)
+    assert f"perfx tune {datetime.date.today().isoformat()}" in capsys.readouterr().out
+    rows = json.loads(devices_json(dev.enumerate_devices(), False, Console(stderr=True)))
+    assert rows[0]["architecture"] == "sm_90" and rows[0]["tuned"] is False
+    assert rows[0]["tuning"]["levels"] == ["gpu.default", "gpu.nvidia.default"]
+    assert rows[2]["tuned"] is True and rows[2]["tuning"]["override_date"] == datetime.date.today().isoformat()
+    assert rows[2]["tuning"]["override"] == str(tuning.override_path(cpu)) and rows[2]["tuning"]["vendor"] == "amd"
 
 
 def test_setup_icd_keeps_the_loader_to_the_one_system_pocl(tmp_path, monkeypatch):

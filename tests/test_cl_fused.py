@@ -159,7 +159,7 @@ def test_norms_write_group_sums_as_xsum_does(cl_rt, group, T):
 @pytest.mark.parametrize("group,T,dim", [(32, 1, 576), (128, 3, 1536), (64, 2, 704), (32, 2, 608)])
 def test_norms_write_int16_h_as_quantize_does(cl_rt, group, T, dim):
     """With group_sums(int16=True) the norms also write h in int16 blocks (kernels/xq.h), as
-    matmul.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
+    packing.quantize_xq makes them of h, in the int-dot GEMV's order, and the group sums that go with
     them: of the values the blocks hold over whole 128-element chunks, of h in the tail."""
     config = make_config(dim=dim)
     ops = fused_ops(cl_rt, config, ctx=8)
@@ -304,11 +304,13 @@ def _check_attention(rt: Runtime, config: ModelConfig, ctx: int, steps: list[Ste
     return ops
 
 
-PARAMS = [None, GPU_LIKE]
+KEY_LANES = {"att_key_lanes": 8, "split_min_chunk": 16}    # decode scored by 8 work-items per key
+PARAMS = [None, GPU_LIKE, KEY_LANES]
+PARAM_IDS = ["default", "gpu-like", "key-lanes"]
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
-@pytest.mark.parametrize("params", PARAMS, ids=["default", "gpu-like"])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_attention_prefill_then_decode(cl_rt, params, kv_half):
     """T = 17, 3, 1, 300 and 1 continuing one cache; the other layer interleaved and left alone."""
     steps = [(1, 0, 17, None), (0, 0, 5, None), (1, 17, 3, None), (1, 20, 1, None),
@@ -317,7 +319,7 @@ def test_attention_prefill_then_decode(cl_rt, params, kv_half):
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
-@pytest.mark.parametrize("params", PARAMS, ids=["default", "gpu-like"])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_attention_split_kv(cl_rt, params, kv_half):
     """Long contexts through the split-KV path: forced, chosen automatically, with the new tokens
     straddling a slice boundary, and with slices that hold no visible key for some rows."""
@@ -329,7 +331,7 @@ def test_attention_split_kv(cl_rt, params, kv_half):
     ops = _check_attention(cl_rt, make_config(), 1100, steps, params, seed=1)
     assert ops.splits_for(1, 1032) > 1
     assert ops.splits_for(300, 1032) == 1
-    assert ops.splits_for(1, 100) == 1
+    assert ops.splits_for(1, ops.params["split_min_chunk"] - 1) == 1
 
 
 @pytest.mark.parametrize("kv_half", [False, True])
@@ -364,6 +366,20 @@ def test_attention_other_shapes(cl_rt):
     _check_attention(cl_rt, config, 32, steps, {"att_vec": 4, "att_wg": 16, "kv_half": True})
 
 
+@pytest.mark.parametrize("lanes, wg, vec", [(2, 32, 4), (4, 64, 8), (16, 128, 4)])
+def test_attention_key_lanes_shapes(cl_rt, lanes, wg, vec):
+    """Decode scored by several work-items per key: head_dim 128 (more vectors than lanes) and 64,
+    grouped queries, slices shorter than a block and passes that end inside the block."""
+    config = make_config(dim=512, n_heads=4, n_kv_heads=4, head_dim=128, rope_dim=32)
+    steps = [(0, 0, 45, None), (0, 45, 1, None), (0, 46, 1, 3), (0, 47, 1, 5), (0, 48, 1, None)]
+    _check_attention(cl_rt, config, 64, steps, {"att_vec": vec, "att_wg": wg, "att_key_lanes": lanes,
+                                                "split_min_chunk": 8, "split_wgs": 64})
+    config = make_config(dim=256, n_heads=6, n_kv_heads=2, head_dim=64)
+    steps = [(1, 0, 7, None), (1, 7, 1, None), (1, 8, 1, 2), (1, 9, 1, 4), (1, 10, 1, None)]
+    _check_attention(cl_rt, config, 32, steps, {"att_vec": vec, "att_wg": wg, "att_key_lanes": lanes,
+                                                "kv_half": True})
+
+
 def test_attention_rejects_positions_past_the_context(cl_rt):
     from perfx.engine.errors import PerfxError
 
@@ -374,3 +390,16 @@ def test_attention_rejects_positions_past_the_context(cl_rt):
         ops.attention(qkv, 1, 0, 16, out)
     with pytest.raises(PerfxError):
         ops.attention(qkv, 1, 2, 0, out)
+
+
+@pytest.mark.parametrize("kv_half", [False, True])
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
+def test_attention_split_kv_merged_by_the_last_slice(cl_rt, params, kv_half):
+    """split_combine: the split-KV steps of test_attention_split_kv with no combine launch, the last
+    work-group of each (query tile, KV head) merging the slices; its counters end at zero each time."""
+    params = {**(params or {}), "kv_half": kv_half, "split_wgs": 24, "split_combine": True}
+    steps = [(0, 0, 126, None), (0, 126, 5, 2), (0, 131, 300, None), (0, 431, 300, None),
+             (0, 731, 300, None), (0, 1031, 1, None), (0, 1032, 1, 1), (0, 1033, 1, 7), (0, 1034, 3, 5),
+             (0, 1037, 8, 16), (0, 1045, 1, 32), (1, 0, 700, None), (1, 700, 2, 3)]
+    ops = _check_attention(cl_rt, make_config(), 1100, steps, params, seed=2)
+    assert not cl_rt.read(ops.split_done, ops.params["split_max_t"] * ops.config.n_kv_heads, np.int32).any()

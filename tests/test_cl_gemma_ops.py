@@ -76,8 +76,9 @@ STEPS = [(0, 0, 17, None), (1, 0, 17, None), (0, 17, 1, None), (0, 18, 30, None)
          (0, 48, 1, None), (0, 49, 3, None), (1, 48, 1, None)]
 
 
-@pytest.mark.parametrize("params", [None, GPU_LIKE, CPU_PARAMS, {**CPU_PARAMS, "att_serial": True}],
-                         ids=["default", "gpu-like", "cpu", "serial"])
+@pytest.mark.parametrize("params", [None, GPU_LIKE, CPU_PARAMS, {**CPU_PARAMS, "att_serial": True},
+                                    {"att_key_lanes": 4, "split_min_chunk": 8, "split_wgs": 64}],
+                         ids=["default", "gpu-like", "cpu", "serial", "key-lanes"])
 def test_windowed_attention(cl_rt, params):
     """Layer 0 through a window of 12 keys (its own RoPE base), layer 1 over all keys; prefill, decode
     and chunks that cross the window's edge, with Gemma's attention scale."""

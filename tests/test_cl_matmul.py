@@ -151,7 +151,7 @@ def int_dot(mm, w, T: int, scheme: str | None = None) -> bool:
 
 def x_for(mm, w, x: np.ndarray, scheme: str | None = None) -> np.ndarray:
     """x as the product of mm on matrix w sees it."""
-    from perfx.engine.backends.opencl.matmul import xq_view
+    from perfx.engine.backends.opencl.packing import xq_view
 
     return xq_view(x) if int_dot(mm, w, x.shape[0], scheme) else x
 
@@ -530,15 +530,15 @@ def test_errors(rt, mm):
 @pytest.mark.parametrize("qtypes", [("Q4_1", "Q4_0"), ("Q8_0",), ("F16", "F32")])
 def test_large_matrix_packed_in_pieces(rt, monkeypatch, qtypes):
     """A matrix loaded LOAD_ROWS rows at a time is byte for byte the matrix packed at once."""
-    from perfx.engine.backends.opencl import matmul
+    from perfx.engine.backends.opencl import packing
 
     rng = np.random.default_rng(len(qtypes))
     rows = [200, 77][: len(qtypes)] if len(qtypes) > 1 else [333]
     tensors = [_qtensor(f"t{i}", q, rng.standard_normal((n, 160)).astype(np.float32))
                for i, (q, n) in enumerate(zip(qtypes, rows))]
-    whole = matmul.DeviceMatrix.from_qtensors(rt, tensors)
-    monkeypatch.setattr(matmul, "LOAD_ROWS", 64)
-    pieces = matmul.DeviceMatrix.from_qtensors(rt, tensors)
+    whole = packing.DeviceMatrix.from_qtensors(rt, tensors)
+    monkeypatch.setattr(packing, "LOAD_ROWS", 64)
+    pieces = packing.DeviceMatrix.from_qtensors(rt, tensors)
     assert (pieces.fmt, pieces.rows, pieces.cols, pieces.group, pieces.nbytes) == \
            (whole.fmt, whole.rows, whole.cols, whole.group, whole.nbytes)
     n = whole.nbytes // 4

@@ -59,8 +59,8 @@ def test_greedy_generation_matches_numpy(tmp_path, cl_device):
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinySpec(qtype="Q4_1", ctx_len=128, seed=11))
     s = Sampling(temperature=0, max_tokens=20)
-    ref = list(load_model(path, device="numpy", ctx=128).generate([3, 1, 4, 1, 5], s))
-    dev = list(load_model(path, device=cl_device, ctx=128).generate([3, 1, 4, 1, 5], s))
+    ref, _ = load_model(path, device="numpy", ctx=128).generate([3, 1, 4, 1, 5], s)
+    dev, _ = load_model(path, device=cl_device, ctx=128).generate([3, 1, 4, 1, 5], s)
     assert dev == ref
 
 

@@ -21,7 +21,7 @@ def perfx(*args: str, input: str | None = None, env: dict | None = None) -> subp
                           input=input, env=full_env, timeout=300)
 
 
-NOTICES = ("running on ", "compiling kernels (first run only)")
+NOTICES = ("running on ", "compiling kernels (first run only)", "tuned by perfx tune")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -153,7 +153,7 @@ def test_a_reply_that_fills_the_context_makes_room_next_turn(tmp_path):
     llm = load_model(path, device="numpy")
     session = ChatSession(llm, Conversation("SYSTEM"), Sampling(temperature=0, max_tokens=1000))
     first = reply_to(session, "the thin hen")
-    assert first.finish == "context" and len(llm.cached) == llm.ctx
+    assert first.finish == "length" and len(first.tokens) < 1000 and len(llm.cached) == llm.ctx
     second = reply_to(session, "in the")
     assert second.dropped == [Turn("the thin hen", first.text)]
     assert session.conversation.turns == [Turn("in the", second.text)]
@@ -173,7 +173,7 @@ def test_a_stopped_reply_keeps_what_was_shown(tiny_llm):
     reply = session.send("the thin")
     with reply:
         shown = next(iter(reply))
-    assert reply.interrupted and reply.finish == "interrupted"
+    assert reply.interrupted and reply.finish == "cancelled"
     assert session.conversation.turns == [Turn("the thin", reply.text)]
     assert reply.text.startswith(shown)
     following = reply_to(session, "hen")                 # the cache is consistent: the next turn reuses it
@@ -207,7 +207,7 @@ def test_a_reply_closed_before_it_began_drops_the_message(tiny_llm):
     session = ChatSession(tiny_llm, sampling=GREEDY)
     with session.send("the thin") as reply:
         pass
-    assert reply.interrupted and reply.finish == "interrupted" and session.conversation.turns == []
+    assert reply.interrupted and reply.finish == "cancelled" and session.conversation.turns == []
 
 
 def test_ctrl_c_before_the_first_token_drops_the_message(tiny_llm, monkeypatch):
@@ -258,5 +258,4 @@ def test_second_turn_prefill_is_proportional_to_the_new_message(default_model_pa
 def _prefill_s(llm, ids: list[int], cached: int) -> float:
     """Prefill time of `ids` with their first `cached` tokens' keys and values already in the cache."""
     llm.cached = llm.cached[:cached]
-    list(llm.generate(ids, Sampling(temperature=0, max_tokens=1)))
-    return llm.stats.prompt_s
+    return llm.generate(ids, Sampling(temperature=0, max_tokens=1))[1].prompt_s

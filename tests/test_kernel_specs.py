@@ -30,7 +30,7 @@ def test_no_kernel_source_repeats_a_declared_default(source):
     """A tunable's default lives in specs.py only: the .cl file refuses a build without it."""
     text = (KERNELS / source).read_text()
     for define in specs.source_defaults(source):
-        if define == "KV_HALF":          # a flag: absent means off
+        if specs.source_defaults(source)[define] is False:   # a flag: absent means off
             continue
         assert not re.search(rf"#define\s+{define}\s+\S", text), f"{source} repeats the default of {define}"
         assert re.search(rf"#ifndef {define}\n#error", text), f"{source} builds without {define}"
@@ -41,7 +41,7 @@ def test_operator_defaults_come_from_the_specs():
 
     assert fused.DEFAULT_PARAMS == specs.defaults("fused")
     assert matmul.DEFAULT_PARAMS == specs.defaults("matmul")
-    assert set(specs.search_space("attention")) == {"att_wg", "att_vec", "att_rows", "att_serial"}
+    assert set(specs.search_space("attention")) == {"att_wg", "att_vec", "att_key_lanes", "att_rows", "att_serial"}
 
 
 def test_attention_local_memory_of_a_large_query_tile():
@@ -102,3 +102,66 @@ def test_declared_traffic_of_a_decode_step():
     assert nbytes == 2 * 1000 * 3 * 64 * 2 + 8 * 9 * 64 and flops == 4 * 1000 * 9 * 64
     with pytest.raises(PerfxError, match="rmsnorm declares no traffic"):
         specs.RMSNORM.cost(T=1)
+
+
+def _cpu_runtime():
+    pytest.importorskip("pyopencl")
+    from perfx.engine.backends.opencl.runtime import Runtime
+    from tests.test_cl_fused import _pick_device
+
+    device = _pick_device()
+    if device is None:
+        pytest.skip("no usable OpenCL CPU device")
+    return Runtime(device), device
+
+
+class TinyLocalDevice(SmallDevice):
+    """A device with 1 KiB of local memory per work-group."""
+
+    local_mem_size = 1024
+
+
+def test_gemv_over_the_local_memory_limit_is_refused_before_it_is_built(monkeypatch):
+    """K split across 16 work-items in work-groups of 8 rows: 2 KiB of partial sums, over a 1 KiB device."""
+    import numpy as np
+
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
+    from perfx.engine.quantize import quantize_int4
+
+    rt, device = _cpu_runtime()
+    w = DeviceMatrix.from_int4(rt, *quantize_int4(np.ones((64, 128), np.float32), 32), 32)
+    x, y = rt.to_device(np.ones((1, 128), np.float32)), rt.empty(4 * 64)
+    mm = Matmul(rt, {"gemv_ksplit": 16, "gemv_wg_rows": 8, "gemv_int_dot": False})
+    mm.linear(x, w, 1, y)                                 # fits the real device
+    rt.device = TinyLocalDevice(device)
+    builds = []
+    monkeypatch.setattr(rt, "program", lambda *a, **k: builds.append(a) or pytest.fail("built"))
+    mm = Matmul(rt, {"gemv_ksplit": 16, "gemv_wg_rows": 8, "gemv_int_dot": False})
+    with pytest.raises(PerfxError, match=r"gemv \(gemv.cl\) with .*KSPLIT=16.*needs 2048 bytes of local memory "
+                                         r"per work-group, more than the device's 1024; lower gemv_ksplit"):
+        mm.linear(x, w, 1, y)
+    assert builds == []
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"att_vec": 12}, "VW is 4, 8 or 16 and divides HEAD_DIM"),
+    ({"att_wg": 72}, "ATT_WG is a multiple of VW and of HEAD_DIM / VW"),
+    ({"rms_wg": 48}, r"rmsnorm \(rmsnorm.cl\) with RMS_WG=48: RMS_WG is a power of two"),
+    ({"argmax_wg": 96}, "ARGMAX_WG is a power of two"),
+])
+def test_fused_ops_take_their_rules_from_the_specs(params, message):
+    from perfx.engine.backends.opencl.fused import FusedOps
+    from tests.test_cl_fused import make_config
+
+    rt, _ = _cpu_runtime()
+    with pytest.raises(PerfxError, match=message):
+        FusedOps(rt, make_config(dim=256, n_heads=4, n_kv_heads=2, head_dim=64), 16, 1, params)
+
+
+def test_gemm_mma_tiles_are_checked_by_the_spec():
+    specs.check_fits("gemm_mma", dict(BN=128, BT=128, WM=32, WN=64), local_mem=48 * 1024, max_work_group=1024)
+    assert specs.GEMM_MMA.local_bytes(dict(BN=128, BT=128, WM=32, WN=64)) == 2 * 256 * 72
+    with pytest.raises(PerfxError, match=r"gemm_mma .*needs 36864 bytes of local memory .* 32768; lower mma_bn"):
+        specs.check_fits("gemm_mma", dict(BN=128, BT=128, WM=32, WN=64), local_mem=32 * 1024, max_work_group=1024)
+    with pytest.raises(PerfxError, match="BN % WM, BT % WN, WM % 16 and WN % 8 are 0"):
+        specs.check_rules("gemm_mma", dict(BN=128, BT=128, WM=24, WN=64))

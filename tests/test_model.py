@@ -80,33 +80,33 @@ def test_generate_greedy_is_argmax_chain(tiny_gguf):
     path, spec, weights = tiny_gguf
     model = load_model(path, device="numpy", ctx=64)
     prompt = [5, 9, 200, 17]
-    out = list(model.generate(prompt, Sampling(temperature=0, max_tokens=6)))
+    out, stats = model.generate(prompt, Sampling(temperature=0, max_tokens=6))
     ids = list(prompt)
     for _ in range(len(out)):
         ids.append(int(np.argmax(reference_logits(weights, spec, ids)[-1])))
     assert out == ids[len(prompt):]
-    assert model.stats.gen_tokens == len(out) and model.stats.finish in ("length", "stop")
+    assert stats.gen_tokens == len(out) and stats.finish in ("length", "stop")
 
 
 def test_generate_reuses_cached_prefix(tiny_gguf):
     path, *_ = tiny_gguf
     model = load_model(path, device="numpy", ctx=64)
-    first = list(model.generate([3, 4, 5, 6, 7, 8], Sampling(temperature=0, max_tokens=3)))
+    first, _ = model.generate([3, 4, 5, 6, 7, 8], Sampling(temperature=0, max_tokens=3))
     conversation = [3, 4, 5, 6, 7, 8] + first + [10, 11]
-    second = list(model.generate(conversation, Sampling(temperature=0, max_tokens=3)))
+    second, stats = model.generate(conversation, Sampling(temperature=0, max_tokens=3))
     # the prompt and all generated tokens but the last (never fed back) were in the cache
-    assert model.stats.prompt_tokens == len(conversation) - (6 + len(first) - 1)
+    assert stats.prompt_tokens == len(conversation) - (6 + len(first) - 1)
     fresh = load_model(path, device="numpy", ctx=64)
-    assert list(fresh.generate(conversation, Sampling(temperature=0, max_tokens=3))) == second
+    assert fresh.generate(conversation, Sampling(temperature=0, max_tokens=3))[0] == second
 
 
 def test_same_seed_same_tokens(tiny_gguf):
     path, *_ = tiny_gguf
     model = load_model(path, device="numpy", ctx=64)
     s = Sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42, max_tokens=20)
-    a = list(model.generate([1, 2, 3], s))
-    b = list(model.generate([1, 2, 3], s))
-    c = list(model.generate([1, 2, 3], s.with_(seed=43)))
+    a = model.generate([1, 2, 3], s)[0]
+    b = model.generate([1, 2, 3], s)[0]
+    c = model.generate([1, 2, 3], s.with_(seed=43))[0]
     assert a == b and a != c
 
 
@@ -114,12 +114,12 @@ def test_prompt_longer_than_context_is_refused(tiny_gguf):
     path, *_ = tiny_gguf
     model = load_model(path, device="numpy", ctx=16)
     with pytest.raises(PerfxError, match="longer than the context of 16"):
-        list(model.generate(list(range(20)), Sampling(temperature=0)))
+        model.generate(list(range(20)), Sampling(temperature=0))
 
 
 def test_generation_stops_at_full_context(tiny_gguf):
     path, *_ = tiny_gguf
     model = load_model(path, device="numpy", ctx=12)
-    out = list(model.generate(list(range(1, 9)), Sampling(temperature=1.0, seed=0, max_tokens=100)))
-    assert model.stats.finish in ("context", "stop")
+    out, stats = model.generate(list(range(1, 9)), Sampling(temperature=1.0, seed=0, max_tokens=100))
+    assert stats.finish in ("length", "stop")
     assert len(out) <= 12 - 8 + 1

@@ -296,8 +296,8 @@ def test_token_ids_outside_the_vocabulary(request, backend, bad):
 
     llm = request.getfixturevalue(backend)
     for run in (lambda: llm.forward([1, bad, 2]),
-                lambda: list(llm.generate([1, bad], Sampling(temperature=0, max_tokens=2))),
-                lambda: list(llm.generate([bad], Sampling(temperature=0.7, max_tokens=2))),
+                lambda: llm.generate([1, bad], Sampling(temperature=0, max_tokens=2)),
+                lambda: llm.generate([bad], Sampling(temperature=0.7, max_tokens=2)),
                 lambda: llm.transformer.forward(np.array([bad]), 0),
                 lambda: llm.transformer.next_token(np.array([3, bad]), 0)):
         with pytest.raises(ValueError) as e:

@@ -27,7 +27,7 @@ from perfx.engine.serving.blocks import BlockAllocator  # noqa: E402
 from perfx.engine.serving.metrics import parse  # noqa: E402
 from perfx.engine.serving.scheduler import Delta, Request, Scheduler, SchedulerConfig  # noqa: E402
 from perfx.engine.serving.server import BackgroundServer  # noqa: E402
-from perfx.engine.serving.stops import StopMatcher  # noqa: E402
+from perfx.engine.stops import StopMatcher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -86,7 +86,7 @@ def greedy(llm, ids: list[int], n: int) -> str:
     key = (id(llm), tuple(ids), n)
     if key not in GREEDY:
         llm.reset()
-        GREEDY[key] = llm.tokenizer.decode(list(llm.generate(ids, Sampling(temperature=0, max_tokens=n))))
+        GREEDY[key] = llm.tokenizer.decode(llm.generate(ids, Sampling(temperature=0, max_tokens=n))[0])
     return GREEDY[key]
 
 
@@ -359,18 +359,17 @@ def test_perfx_serve_command(tmp_path):
 @pytest.fixture(scope="module")
 def cl_pair(default_model_path):
     pytest.importorskip("pyopencl")
-    from perfx.engine.backends.opencl.backend import OpenCLBackend
     from perfx.engine.backends.opencl.devices import select
     from perfx.engine.errors import PerfxError
 
-    if not hasattr(OpenCLBackend, "paged_attention"):
-        pytest.skip("the OpenCL backend has no paged attention yet")
     try:
         device = select("cpu").info.id
     except PerfxError as e:
         pytest.skip(f"no OpenCL CPU device: {e}")
     reference = load_model(default_model_path, device=device, ctx=CTX)
     llm = load_model(default_model_path, device=device, ctx=CTX)
+    if not llm.transformer.backend.capabilities.paged_kv:
+        pytest.skip("the OpenCL backend has no paged KV cache")
     with running(llm, max_batch=8) as server:
         yield server, reference
 

@@ -26,9 +26,9 @@ def test_chat_prompt_encodes_exactly(smollm):
 
 
 def test_greedy_answer(smollm):
-    ids = list(smollm.generate(CAPITAL_PROMPT_IDS, Sampling(temperature=0, max_tokens=32)))
+    ids, stats = smollm.generate(CAPITAL_PROMPT_IDS, Sampling(temperature=0, max_tokens=32))
     assert smollm.tokenizer.decode(ids) == "The capital of France is Paris."
-    assert smollm.stats.finish == "stop"
+    assert stats.finish == "stop"
 
 
 @pytest.mark.slow

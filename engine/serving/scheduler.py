@@ -3,8 +3,9 @@
 A step is the next token of every decoding sequence plus chunks of the prompts being prefilled,
 within a token budget, as one PagedBatch through `Transformer.forward_paged`: each projection is
 one matrix product over all of them, attention runs per sequence over its own blocks of the KV
-pool. Sequences join the batch (admission) and leave it (end of turn, stop string, max_tokens,
-cancellation) between steps.
+pool. Sequences join the batch (admission) and leave it between steps, by the stop rules and finish
+reasons every generation follows (engine.generation: end of turn, stop string, max_tokens, full
+context), or cancelled, or failed.
 
     waiting  requests not yet admitted, FIFO, at most `max_queue` (past that: QueueFull, HTTP 429)
     active   admitted sequences, oldest first, at most `max_batch`; each owns KV blocks for all its
@@ -36,14 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import PerfxError
+from ..generation import Finish, Sequence
 from ..llm import LLM
 from ..memory import check_available
 from ..paged import PagedBatch
-from ..sampler import Sampler, Sampling
-from ..text.tokenizer import StreamDecoder
+from ..sampler import Sampling
+from ..text.tokenizer import Tokenizer
 from .blocks import BlockAllocator
 from .metrics import EngineCounters
-from .stops import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Delta:
 
 @dataclass(frozen=True)
 class Done:
-    finish: str                  # "stop" (end of turn or a stop string) or "length" (max_tokens or context)
+    finish: Finish               # "stop" or "length" (engine.generation)
     prompt_tokens: int
     completion_tokens: int
 
@@ -138,18 +139,15 @@ class Job:
             self._scheduler.cancel(self.id)
 
 
-@dataclass(eq=False)
-class Sequence:
-    id: int
-    request: Request
-    job: Job
-    tokens: list[int]                    # prompt, then every generated token
-    sampler: Sampler
-    decoder: StreamDecoder
-    stops: StopMatcher
-    n_cached: int = 0                    # tokens whose K and V are in the pool
-    generated: int = 0
-    queued: bool = True                  # counted among the requests waiting for their first admission
+class Served(Sequence):
+    """A request's sequence, with where it stands in the scheduler."""
+
+    def __init__(self, id: int, request: Request, job: Job, tokenizer: Tokenizer, ctx: int):
+        super().__init__(request.prompt, request.sampling, tokenizer, ctx, request.stop)
+        self.id = id
+        self.job = job
+        self.n_cached = 0                # tokens whose K and V are in the pool
+        self.queued = True               # counted among the requests waiting for their first admission
 
     @property
     def pending(self) -> int:
@@ -161,7 +159,7 @@ class Sequence:
 class _Inbox:
     """What the asyncio side hands the thread; guarded by the scheduler's lock."""
 
-    new: list[Sequence] = field(default_factory=list)
+    new: list[Served] = field(default_factory=list)
     cancelled: set[int] = field(default_factory=set)
 
 
@@ -182,9 +180,8 @@ class Scheduler:
         if self.step_tokens <= config.max_batch:
             raise PerfxError(f"the backend takes {limit} tokens per step: lower --max-batch below it")
         self.counters = EngineCounters()
-        self.eot = llm.tokenizer.eot_ids
-        self.waiting: deque[Sequence] = deque()
-        self.active: list[Sequence] = []
+        self.waiting: deque[Served] = deque()
+        self.active: list[Served] = []
         self._lock = threading.Lock()
         self._inbox = _Inbox()
         self._queued = 0                     # requests submitted and not yet admitted (guarded by _lock)
@@ -205,8 +202,7 @@ class Scheduler:
                 raise QueueFull(f"{self._queued} requests are waiting, the most the queue holds; retry later")
             seq_id = next(self._ids)
             job = Job(self, seq_id, loop)
-            self._inbox.new.append(Sequence(seq_id, request, job, list(request.prompt), Sampler(request.sampling),
-                                            StreamDecoder(tok), StopMatcher(request.stop)))
+            self._inbox.new.append(Served(seq_id, request, job, tok, self.llm.ctx))
             self._queued += 1
         self._wake.set()
         return job
@@ -284,7 +280,7 @@ class Scheduler:
             self.active.append(seq)
             self._dequeued(seq)
 
-    def _dequeued(self, seq: Sequence) -> None:
+    def _dequeued(self, seq: Served) -> None:
         if seq.queued:
             seq.queued = False
             with self._lock:
@@ -311,7 +307,7 @@ class Scheduler:
                 except Exception as e:
                     self._fail(seq, e)
 
-    def _step(self, plan: list[tuple[Sequence, int]]) -> None:
+    def _step(self, plan: list[tuple[Served, int]]) -> None:
         """One model step over `plan`; a sequence whose sampling fails ends alone."""
         ids, pos, rows, due = [], [], [], []
         for row, (seq, n) in enumerate(plan):
@@ -337,7 +333,7 @@ class Scheduler:
                 self._fail(seq, e)
         self.counters.record_step(len(ids), len(plan), n_prompt, len(due))
 
-    def _fail(self, seq: Sequence, e: Exception) -> None:
+    def _fail(self, seq: Served, e: Exception) -> None:
         """Ends one sequence with the error that stopped it; its batch-mates are not touched."""
         if not isinstance(e, PerfxError):
             traceback.print_exc(file=sys.stderr)
@@ -357,14 +353,14 @@ class Scheduler:
             if seq in self.active:
                 i += 1
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Served) -> None:
         self.blocks.release(seq.id)
         self.active.remove(seq)
         seq.n_cached = 0
         self.waiting.appendleft(seq)
         self.counters.preemptions += 1
 
-    def _plan(self) -> list[tuple[Sequence, int]]:
+    def _plan(self) -> list[tuple[Served, int]]:
         """(sequence, tokens this step): decoding sequences first, then prompt chunks, oldest first."""
         budget = self.step_tokens
         decoding = [s for s in self.active if s.pending == 1]
@@ -379,29 +375,16 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
-        token = seq.sampler(logits, seq.tokens)
-        if token in self.eot:
-            self._finish(seq, Delta(self._tail(seq)), "stop")
-            return
-        seq.tokens.append(token)
-        seq.generated += 1
-        text, stopped = seq.stops.push(seq.decoder.push(token))
-        if stopped:
-            self._finish(seq, Delta(text), "stop")
-        elif seq.generated >= seq.request.sampling.max_tokens or len(seq.tokens) > self.llm.ctx:
-            self._finish(seq, Delta(text + self._tail(seq)), "length")
+    def _sample(self, seq: Served, logits: np.ndarray) -> None:
+        piece = seq.push(seq.sample(logits))
+        if seq.finish is None:
+            seq.job.emit(Delta(piece.text))
         else:
-            seq.job.emit(Delta(text))
+            self._finish(seq, Delta(piece.text), seq.finish)
 
-    @staticmethod
-    def _tail(seq: Sequence) -> str:
-        """The text held back by the decoder and the stop matcher, once generation ends."""
-        text, stopped = seq.stops.push(seq.decoder.flush())
-        return text if stopped else text + seq.stops.flush()
-
-    def _finish(self, seq: Sequence, last: Delta | Failed | None, reason: str) -> None:
+    def _finish(self, seq: Served, last: Delta | Failed | None, reason: Finish) -> None:
         """Takes seq out of the batch, gives back its blocks at once, and tells its job."""
+        seq.end(reason)
         self.blocks.release(seq.id)
         if seq in self.active:
             self.active.remove(seq)
@@ -412,4 +395,4 @@ class Scheduler:
         if last is not None and last.text:
             seq.job.emit(last)
         if reason != "cancelled":
-            seq.job.emit(Done(reason, len(seq.request.prompt), seq.generated))
+            seq.job.emit(Done(reason, seq.n_prompt, seq.generated))

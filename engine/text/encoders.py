@@ -3,7 +3,7 @@
 Byte-level BPE runs in the ``tokenizers`` library, or where it is not installed (Termux: no wheel)
 in ``engine.text.bpe``, which offers the same API and gives the same ids; `library` is whichever
 of the two is in use. SentencePiece vocabularies need the ``sentencepiece`` package. What is lost
-where one is missing is said in `NOTICES` (shown by the CLI).
+where one is missing is said by `notices()` (shown by the CLI).
 """
 from __future__ import annotations
 
@@ -16,22 +16,27 @@ from perfx.engine.errors import PerfxError
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HFTokenizer
 
-NOTICES: list[str] = []  # what is lost where a compiled dependency is missing (shown by the CLI)
-
 try:
     import tokenizers as library
 except ImportError:  # no wheel for this platform (Termux): the pure-Python BPE, same ids
     from perfx.engine.text import bpe as library
-
-    NOTICES.append(library.notice())
 
 try:
     import sentencepiece
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 except ImportError:
     sentencepiece = spm_pb2 = None
-    NOTICES.append("sentencepiece not installed: models with a SentencePiece vocabulary cannot be "
+
+
+def notices() -> list[str]:
+    """What is lost where a compiled dependency is missing (the CLI shows it when a model loads)."""
+    out = []
+    if library.__name__ == "perfx.engine.text.bpe":
+        out.append(library.notice())
+    if sentencepiece is None:
+        out.append("sentencepiece not installed: models with a SentencePiece vocabulary cannot be "
                    "loaded (pip install sentencepiece)")
+    return out
 
 
 def require_sentencepiece() -> None:

@@ -119,10 +119,12 @@ class ChatUI:
             self._stream_rich(reply)
         else:
             self._stream_plain(reply)
-        if reply.finish == "context":
-            self.warn("the context is full: the reply stops here; the oldest turns will make room for the next")
-        elif reply.finish == "length":
-            self.note(f"the reply reached max_tokens={self.session.sampling.max_tokens} (/set max_tokens=N)")
+        if reply.finish == "length":                 # max_tokens, or else the context is full
+            max_tokens = self.session.sampling.max_tokens
+            if len(reply.tokens) >= max_tokens:
+                self.note(f"the reply reached max_tokens={max_tokens} (/set max_tokens=N)")
+            else:
+                self.warn("the context is full: the reply stops here; the oldest turns will make room for the next")
 
     def _stream_plain(self, reply: Reply) -> None:
         out = self.console.file

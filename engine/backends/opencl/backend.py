@@ -16,10 +16,11 @@ from ...config import ModelConfig
 from ...model import Weights
 from .. import Backend, Capabilities, DeviceReport
 from ..numpy_backend import OPTIONAL_NORMS, check_pageable
-from .devices import Selection, bandwidth, check_memory, describe
+from .bandwidth import bandwidth
+from .devices import Selection, check_memory, describe
 from .fused import DEFAULT_PARAMS as FUSED_DEFAULTS
 from .fused import EmbeddingTable, FusedOps
-from .matmul import DeviceMatrix, Matmul, Norm, XPrep
+from .matmul import DeviceMatrix, Matmul, Norm, NormIn, XPrep
 from .paged import PagedAttention, PagedBatch, check_batch, check_rows
 from .runtime import Runtime
 from .weights import device_bytes
@@ -33,10 +34,12 @@ class Act:
     buf: cl.Buffer    # f32 [max_tokens, width], of which the first T rows hold this pass's tokens
     width: int
     T: int
+    norm: cl.Buffer | None = None   # f32 [width]: the rows stand for rmsnorm(row) * norm, which the
+                                    # GEMV reading them computes in its prologue (gemv_norm_in)
 
     def rows(self, T: int) -> Act:
         """The same buffer holding T tokens."""
-        return self if T == self.T else Act(self.buf, self.width, T)
+        return self if T == self.T else replace(self, T=T)
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,14 @@ class OpenCLBackend(Backend):
     def from_selection(cls, selection: Selection) -> OpenCLBackend:
         """The backend on a selected device, with the device's tuned parameters (tuning.py)."""
         from . import fused, matmul
-        from .tuning import params_for
+        from .tuning import override_notice, params_for
 
         info = selection.info
         params = {"matmul": params_for(info, "matmul", matmul.DEFAULT_PARAMS),
                   "fused": params_for(info, "fused", fused.DEFAULT_PARAMS)}
+        notice = override_notice(info, params)         # the device's perfx tune file: said, not silent
+        if notice:
+            selection.notices.append(notice)
         return cls(selection.runtime(), f"OpenCL {info.id} {info.name}", params)
 
     def report(self) -> DeviceReport:
@@ -254,8 +260,24 @@ class OpenCLBackend(Backend):
         return self.x.rows(T)
 
     def rmsnorm(self, x: Act, w: cl.Buffer) -> Act:
+        if self._norm_in(x.T):
+            return replace(x, norm=w)
         self.fused.rmsnorm(x.buf, w, x.T, self.h.buf, self.h_xs)
         return self.h.rows(x.T)
+
+    def _norm_in(self, T: int) -> bool:
+        """Whether the norms of T tokens are left to the GEMVs that read them (gemv_norm_in: GPUs)."""
+        return bool(self.matmul.params["gemv_norm_in"]) and (self.scheme or self.matmul.scheme(T)) == "gemv"
+
+    def _normalised(self, h: Act) -> Act:
+        """h with its rows normalised in a buffer, for a reader that cannot normalise them itself."""
+        if h.norm is None:
+            return h
+        self.fused.rmsnorm(h.buf, h.norm, h.T, self.h.buf, self.h_xs)
+        return self.h.rows(h.T)
+
+    def _prologue(self, x: Act) -> NormIn | None:
+        return None if x.norm is None else NormIn(x.norm, self.config.norm_eps)
 
     def add_rmsnorm(self, x: Act, delta: Act, w: cl.Buffer) -> tuple[Act, Act]:
         self.fused.add_rmsnorm(x.buf, delta.buf, w, x.T, self.h.buf, self.h_xs)
@@ -265,12 +287,16 @@ class OpenCLBackend(Backend):
                          post: cl.Buffer | None = None) -> tuple[Act, Act]:
         """x += a @ W^T, h = rmsnorm(x) * norm (and h's group sums). In a decode step (the GEMV scheme)
         one launch: the GEMV adds into x in place and its last work-group normalises; otherwise the
-        product, then add_rmsnorm. With a post-norm (Gemma): the product, then one launch that adds
-        its rmsnorm * post to x and normalises the sum."""
+        product, then add_rmsnorm. With gemv_norm_in (GPUs) the GEMV adds into x and h is x itself,
+        marked with its norm, which the GEMVs reading it apply in their prologue. With a post-norm
+        (Gemma): the product, then one launch that adds its rmsnorm * post to x and normalises the sum."""
         if post is not None:
             delta = self.linear(a, w)
             self.fused.post_add_rmsnorm(x.buf, delta.buf, post, norm, x.T, self.h.buf, self.h_xs)
             return x, self.h.rows(x.T)
+        if self._norm_in(x.T):       # x += a @ W^T in the GEMV's epilogue; the next GEMV normalises
+            self.matmul.linear(a.buf, w.m, x.T, x.buf, accumulate=True, scheme="gemv")
+            return x, replace(x, norm=norm)
         if (self.scheme or self.matmul.scheme(x.T)) == "gemv" and self.matmul.params["gemv_norm"] \
                 and w.m.bias is None:
             epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
@@ -286,7 +312,8 @@ class OpenCLBackend(Backend):
         return None
 
     def linear(self, x: Act, w: Proj) -> Act:
-        self.matmul.linear(x.buf, w.m, x.T, w.out.buf, scheme=self.scheme, xs=self._sums_of(x, w.m))
+        self.matmul.linear(x.buf, w.m, x.T, w.out.buf, scheme=self.scheme, xs=self._sums_of(x, w.m),
+                           norm_in=self._prologue(x))
         return w.out.rows(x.T)
 
     def qk_norm(self, qkv: Act, q_norm: cl.Buffer, k_norm: cl.Buffer) -> Act:
@@ -300,7 +327,7 @@ class OpenCLBackend(Backend):
 
     def swiglu(self, h: Act, w_gate_up: DeviceMatrix) -> Act:
         self.matmul.swiglu(h.buf, w_gate_up, h.T, self.ffn.buf, scheme=self.scheme,
-                           xs=self._sums_of(h, w_gate_up), act=self.config.act)
+                           xs=self._sums_of(h, w_gate_up), act=self.config.act, norm_in=self._prologue(h))
         return self.ffn.rows(h.T)
 
     def logits(self, h: Act, output: DeviceMatrix, all_logits: bool) -> np.ndarray:
@@ -316,7 +343,7 @@ class OpenCLBackend(Backend):
             cl.enqueue_copy(q, self.h_rows, h.buf, byte_count=dim * 4, src_offset=(h.T - 1) * dim * 4,
                             dst_offset=0)
             last = self.h_rows
-        self.matmul.linear(last, output, 1, self.logits_buf)
+        self.matmul.linear(last, output, 1, self.logits_buf, norm_in=self._prologue(h))
         self.fused.argmax(self.logits_buf, self.config.vocab_size, self.token)
         slot = self.token_host[self.next_slot:self.next_slot + 1]
         self.next_slot ^= 1
@@ -360,6 +387,7 @@ class OpenCLBackend(Backend):
         """Logits [len(rows), vocab] of the given rows of h: gathered into h_rows LOGIT_ROWS at a
         time (the embedding gather, h as the table), one product each, read back."""
         rows = check_rows(rows, h.T)
+        h = self._normalised(h)
         dim, q = self.config.dim, self.rt.queue
         table = EmbeddingTable(vocab=h.T, dim=dim, w=h.buf)
         out = np.empty((len(rows), self.config.vocab_size), np.float32)

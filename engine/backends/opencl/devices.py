@@ -1,4 +1,4 @@
-"""OpenCL devices: discovery, selection, memory checks and measured copy bandwidth.
+"""OpenCL devices: discovery, selection and memory checks.
 
     sel = select("auto")          # an OpenCL GPU, else an OpenCL CPU, else NumPy
     sel.backend, sel.device, sel.notices
@@ -11,26 +11,21 @@ PoCL CPU threads: PoCL reads its thread count once, when the process first lists
 platforms. `set_cpu_threads(n)` sets it and must come before anything lists them (list_devices,
 select, pyopencl.get_platforms); it raises PerfxError when called later.
 
-The copy bandwidth of each device is measured once and kept in devices.json in perfx's cache
-directory (engine.dirs).
+perfx's files lie in its cache directory (engine.dirs). Each device's copy bandwidth: bandwidth.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...dirs import cache_dir
 from ...errors import PerfxError
-from . import drivers
+from . import device_keys, drivers
 
 if TYPE_CHECKING:
     import pyopencl as cl
@@ -70,6 +65,7 @@ class DeviceInfo:
     image1d_buffer_max: int       # texels of an image1d_buffer_t at most (0 without images)
     has_fp16: bool                # cl_khr_fp16
     driver_version: str
+    architecture: str = ""        # the tuning database's key: "sm_90", "gfx1030", "avx2" (device_keys.py)
 
     @property
     def id(self) -> str:
@@ -88,6 +84,11 @@ class DeviceInfo:
     def label(self) -> str:
         """`opencl:P:D (device, platform)`, as notices and errors name a device."""
         return f"{self.id} ({self.name}, {self.platform_label})"
+
+    @property
+    def vendor_key(self) -> str:
+        """The tuning database's vendor key: "nvidia", "amd", "intel", ... (device_keys.py)."""
+        return device_keys.vendor_key(self.vendor, self.platform_name)
 
     @property
     def key(self) -> str:
@@ -165,15 +166,17 @@ def _describe(cl: Any, p_index: int, platform: cl.Platform, d_index: int, device
             return default
 
     kind = query("type", 0)
+    kind = "gpu" if kind & cl.device_type.GPU else "cpu" if kind & cl.device_type.CPU else "accelerator"
     images = bool(query("image_support", False))
+    name, vendor = query("name", "?").strip(), query("vendor", "").strip()
     return DeviceInfo(
         platform_index=p_index,
         platform_name=platform.name.strip(),
         platform_version=platform.version.strip(),
         device_index=d_index,
-        name=query("name", "?").strip(),
-        vendor=query("vendor", "").strip(),
-        type="gpu" if kind & cl.device_type.GPU else "cpu" if kind & cl.device_type.CPU else "accelerator",
+        name=name,
+        vendor=vendor,
+        type=kind,
         global_mem=int(query("global_mem_size", 0)),
         max_alloc=int(query("max_mem_alloc_size", 0)),
         compute_units=int(query("max_compute_units", 0)),
@@ -183,6 +186,7 @@ def _describe(cl: Any, p_index: int, platform: cl.Platform, d_index: int, device
         image1d_buffer_max=int(query("image_max_buffer_size", 0)) if images else 0,
         has_fp16="cl_khr_fp16" in query("extensions", "").split(),
         driver_version=query("driver_version", "").strip(),
+        architecture=device_keys.architecture(kind, device_keys.vendor_key(vendor, platform.name), name, device),
     )
 
 
@@ -199,19 +203,6 @@ def describe(device: cl.Device | DeviceInfo) -> DeviceInfo:
         if handle == device:
             return info
     raise PerfxError(f"{device!r} is not among this machine's OpenCL devices")
-
-
-def _handle(info: DeviceInfo) -> cl.Device:
-    for other, handle in enumerate_devices():
-        if other.id == info.id and other.name == info.name:
-            return handle
-    raise PerfxError(f"{info.label} is no longer among this machine's OpenCL devices")
-
-
-def _resolve(device: cl.Device | DeviceInfo) -> tuple[DeviceInfo, cl.Device]:
-    if isinstance(device, DeviceInfo):
-        return device, _handle(device)
-    return describe(device), device
 
 
 # ---- the build probe ------------------------------------------------------------------------------
@@ -394,37 +385,8 @@ def set_cpu_threads(n: int) -> None:
         os.environ[name] = value
 
 
-# ---- bandwidth ------------------------------------------------------------------------------------
+# ---- files ----------------------------------------------------------------------------------------
 
-
-def devices_json() -> Path:
-    return cache_dir() / "devices.json"
-
-
-def _bandwidth_key(info: DeviceInfo) -> str:
-    """The device key plus its compute units: a PoCL CPU's bandwidth depends on its thread count."""
-    return f"{info.key} | {info.compute_units} CU"
-
-
-def _read_cache() -> dict:
-    try:
-        data = json.loads(devices_json().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(key: str, entry: dict) -> None:
-    """Adds `entry` under `key` in devices.json (temp file + rename); a read-only cache is left as is."""
-    path = devices_json()
-    data = _read_cache()
-    old = data.get(key)
-    data[key] = {**(old if isinstance(old, dict) else {}), **entry}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    except OSError:
-        pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -439,89 +401,3 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def bandwidth_buffer_bytes(info: DeviceInfo) -> int:
-    """Bytes per copy buffer: min(256 MiB, max_alloc / 4) on GPUs, 64 MiB on CPUs, within an eighth of memory."""
-    size = 64 * MiB if info.type == "cpu" else min(256 * MiB, info.max_alloc // 4)
-    return max(min(size, info.max_alloc, info.global_mem // 8), MiB)
-
-
-def measure_bandwidth(device: cl.Device | DeviceInfo, nbytes: int | None = None, runs: int = 5) -> float:
-    """Copy bandwidth of `device` in bytes/s (bytes read + written): kernels/copy.cl over buffers
-    of `nbytes` (default: bandwidth_buffer_bytes), one warm-up then the median of `runs`."""
-    cl = _opencl()
-    info, handle = _resolve(device)
-    rt = runtime(handle)
-    local = max(1, min(64 if info.type == "cpu" else 256, info.max_work_group_size))
-    n4 = (nbytes or bandwidth_buffer_bytes(info)) // (16 * local) * local       # float4 elements
-    if n4 == 0:
-        raise PerfxError(f"a copy of {nbytes} bytes is too small to measure")
-    size = 16 * n4
-    queue = cl.CommandQueue(rt.ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
-    src, dst = rt.empty(size), rt.empty(size)
-    try:
-        cl.enqueue_fill_buffer(queue, src, b"\0\0\x80\x3f", 0, size)
-        cl.enqueue_fill_buffer(queue, dst, b"\0\0\0\0", 0, size)
-        kernel = cl.Kernel(rt.program("copy"), "copy4")
-        kernel.set_args(src, dst)
-        seconds = []
-        for _ in range(runs + 1):
-            queue.finish()
-            start = time.perf_counter()
-            event = cl.enqueue_nd_range_kernel(queue, kernel, (n4,), (local,))
-            event.wait()
-            wall = time.perf_counter() - start
-            try:
-                seconds.append((event.profile.end - event.profile.start) * 1e-9 or wall)
-            except cl.Error:
-                seconds.append(wall)
-    finally:
-        src.release()
-        dst.release()
-    return 2 * size / statistics.median(seconds[1:])
-
-
-def boot_time() -> float:
-    """When this machine booted (Unix time); 0 where unknown."""
-    try:
-        import psutil
-
-        return float(psutil.boot_time())
-    except Exception:  # psutil missing or no access to the boot time
-        return 0.0
-
-
-def _cached_bandwidth(key: str) -> float | None:
-    """The figure devices.json holds for `key` when it was measured since the machine booted."""
-    entry = _read_cache().get(key)
-    if not isinstance(entry, dict):
-        return None
-    value, stamp = entry.get("copy_bandwidth"), entry.get("measured_at")
-    try:
-        measured = datetime.fromisoformat(str(stamp)).timestamp()
-    except ValueError:
-        return None
-    if not isinstance(value, (int, float)) or value <= 0 or measured < boot_time():
-        return None
-    return float(value)
-
-
-def bandwidth(device: cl.Device | DeviceInfo, measure: bool = True, fresh: bool = False) -> float | None:
-    """The copy bandwidth of `device` (a pyopencl Device or a DeviceInfo) in bytes/s: the best figure
-    measured since the machine booted, kept in devices.json. Without one, measured now (None when
-    `measure` is False); with `fresh`, measured now too, the higher of the two kept (a copy measured
-    while other processes ran reads low, and would let a share of it pass 100%)."""
-    info = describe(device)
-    key = _bandwidth_key(info)
-    cached = _cached_bandwidth(key)
-    if (cached is not None and not fresh) or not measure:
-        return cached
-    value = measure_bandwidth(device)
-    if cached is not None and cached >= value:
-        return cached
-    _write_cache(key, {
-        "copy_bandwidth": value,
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
-    return value

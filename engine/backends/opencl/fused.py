@@ -17,6 +17,7 @@ import pyopencl as cl
 from ...config import ModelConfig
 from ...errors import PerfxError
 from ..numpy_backend import rope_tables
+from . import attention_mma
 from .matmul import XPrep
 from .runtime import Runtime
 from .specs import check_fits, defaults
@@ -95,12 +96,13 @@ class FusedOps:
         if not p["split_wgs"]:
             p["split_wgs"] = rt.device.max_compute_units
         c = config
-        self.group = c.n_heads // c.n_kv_heads
-        self._check(c, p)
+        self.group = c.n_heads // c.n_kv_heads     # ModelConfig: n_kv_heads divides n_heads
         self.qt_max = 1 << (max(1, p["att_rows"] // self.group).bit_length() - 1)
-        dev = rt.device          # the largest query tile must fit the device: refused before any build
+        dev = rt.device          # each kernel's declared rules and limits (specs.py), before any build;
+                                 # the largest query tile must fit the device
         limits = dev.local_mem_size, dev.max_work_group_size
-        check_fits("attention", self._attention_defines(self.qt_max), *limits)
+        for qt in {self.qt_max, 1}:
+            check_fits("attention", self._attention_defines(qt), *limits)
         check_fits("rmsnorm", {"RMS_WG": p["rms_wg"]}, *limits)
         check_fits("argmax", {"ARGMAX_WG": p["argmax_wg"], "ARGMAX_GROUPS": p["argmax_groups"]}, *limits)
 
@@ -131,11 +133,15 @@ class FusedOps:
         self.k_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.v_cache = rt.empty(cache_bytes)   # [n_layers, n_kv_heads, ctx, head_dim]
         self.rope = rt.to_device(rope_table(c, ctx))   # [ctx, 2, head_dim]
+        # Prefill attention on matrix units where the tuning database asks for it (attention_mma.py).
+        self.mma = attention_mma.make(rt, c, p)
         # The windowed layers' own RoPE (Gemma 3's local base), where the model has one.
         self.rope_local = rt.to_device(rope_table(c, ctx, local=True)) if c.rope_base_swa else self.rope
         slots = p["max_splits"] * p["split_max_t"] * c.n_heads
         self.part_o = rt.empty(4 * slots * c.head_dim)  # [max_splits, split_max_t, n_heads, head_dim]
         self.part_ml = rt.empty(4 * slots * 2)          # [max_splits, split_max_t, n_heads, 2]
+        # int32 [split_max_t, n_kv_heads]: finished slices per (query tile, KV head), 0 between launches
+        self.split_done = rt.to_device(np.zeros(p["split_max_t"] * c.n_kv_heads, np.int32))
         self._attend: dict[int, cl.Kernel] = {}
         self._combine = cl.Kernel(self._attention_program(1), "combine")
         self._combine.set_scalar_arg_dtypes([None, None, None, np.int32, np.int32])
@@ -162,30 +168,12 @@ class FusedOps:
         self.xs_group, self.xs_int16 = group, int16
         self._norm_kernels()
 
-    @staticmethod
-    def _check(c: ModelConfig, p: dict[str, Any]) -> None:
-        vec = p["att_vec"]
-        problems = []
-        if c.n_heads % c.n_kv_heads:
-            problems.append(f"n_heads {c.n_heads} is not a multiple of n_kv_heads {c.n_kv_heads}")
-        if vec not in (4, 8, 16) or c.head_dim % vec:
-            problems.append(f"att_vec {vec} must be 4, 8 or 16 and divide head_dim {c.head_dim}")
-        if c.rope_dim % 2 or not 0 <= c.rope_dim <= c.head_dim:
-            problems.append(f"rope_dim {c.rope_dim} must be even and at most head_dim {c.head_dim}")
-        dv = max(c.head_dim // vec, 1)
-        if p["att_wg"] % dv or p["att_wg"] % vec:
-            problems.append(f"att_wg {p['att_wg']} must be a multiple of att_vec {vec} and of "
-                            f"head_dim / att_vec = {dv}")
-        for name in ("rms_wg", "argmax_wg"):
-            if p[name] & (p[name] - 1):
-                problems.append(f"{name} {p[name]} is not a power of two")
-        if problems:
-            raise PerfxError("fused operators: " + "; ".join(problems))
-
     def _attention_defines(self, qt: int) -> dict[str, Any]:
         c, p = self.config, self.params
         return dict(HEAD_DIM=c.head_dim, N_KV_HEADS=c.n_kv_heads, GROUP=self.group, QT=qt,
                     ATT_WG=p["att_wg"], VW=p["att_vec"], KV_HALF=bool(p["kv_half"]),
+                    KL=p["att_key_lanes"] if qt == 1 else 1,
+                    SPLIT_COMBINE=bool(p["split_combine"]),
                     ATT_SCALE=f"{c.attn_scale!r}f" if c.attn_scale else False)
 
     def _attention_program(self, qt: int) -> cl.Program:
@@ -195,7 +183,7 @@ class FusedOps:
         knl = self._attend.get(qt)
         if knl is None:
             knl = cl.Kernel(self._attention_program(qt), "attend")
-            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 7)
+            knl.set_scalar_arg_dtypes([None] * 7 + [np.int32] * 7 + [None])
             self._attend[qt] = knl
         return knl
 
@@ -276,16 +264,20 @@ class FusedOps:
             self._attend_one(q, (c.n_kv_heads,), (1,), qkv, rope, self.k_cache, self.v_cache, out,
                              start_pos, self.ctx, layer, window)
             return
-        wg = p["att_wg"]
-        chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), wg) * wg
+        if self.mma is not None and n_splits <= 1 and T >= self.mma.min_tokens:
+            self.mma.enqueue(qkv, rope, self.k_cache, self.v_cache, out, T, start_pos, self.ctx, layer, window)
+            return
+        qt = self._tile(T)
+        step = p["att_wg"] // self._attention_defines(qt)["KL"]     # keys per pass of the score step
+        chunk = _ceil_div(_ceil_div(end, max(n_splits, 1)), step) * step
         n_splits = _ceil_div(end, chunk)
         partial = int(n_splits > 1)
-        qt = self._tile(T)
+        wg = p["att_wg"]
         knl = self._attend_kernel(qt)
         knl(q, (wg * _ceil_div(T, qt), c.n_kv_heads, n_splits), (wg, 1, 1),
             qkv, rope, self.k_cache, self.v_cache, out, self.part_o, self.part_ml,
-            T, start_pos, self.ctx, layer, chunk, partial, window)
-        if partial:
+            T, start_pos, self.ctx, layer, chunk, partial, window, self.split_done)
+        if partial and not p["split_combine"]:      # with split_combine the attend launch merged them
             self._combine(q, (c.head_dim // 4, c.n_heads, T), None,
                           self.part_o, self.part_ml, out, T, n_splits)
 

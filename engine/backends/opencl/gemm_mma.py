@@ -20,9 +20,10 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from .runtime import Runtime
+from .specs import GEMM_MMA, MMA_KS, check_rules, over_limits
 
 MODES = ("off", "ptx", "emulated")
-KS, PAD = 64, 8                       # K elements per stage, halves of padding per local row (gemm_mma.cl)
+KS = MMA_KS                           # K elements per stage (gemm_mma.cl)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -39,19 +40,16 @@ class MmaGemm:
         self.rt, self.mode = rt, mode
         self.bn, self.bt, self.wm, self.wn = (int(params[k]) for k in ("mma_bn", "mma_bt", "mma_wm", "mma_wn"))
         self.min_tokens = int(params["mma_min_tokens"])
-        if self.bn % self.wm or self.bt % self.wn or self.wm % 16 or self.wn % 8:
-            raise PerfxError(f"mma tiles: mma_bn % mma_wm, mma_bt % mma_wn, mma_wm % 16 and mma_wn % 8 must be 0, "
-                             f"got {self.bn}, {self.bt}, {self.wm}, {self.wn}")
-        self.nwi = 32 * (self.bn // self.wm) * (self.bt // self.wn)
-        self.local_bytes = (self.bn + self.bt) * (KS + PAD) * 2
+        self.tile = {"BN": self.bn, "BT": self.bt, "WM": self.wm, "WN": self.wn}
+        check_rules("gemm_mma", self.tile)
+        self.nwi = GEMM_MMA.work_group(self.tile)
 
     def takes(self, fmt: str, K: int) -> bool:
         """Whether it can multiply a matrix of this format and width (T >= min_tokens: Matmul.scheme)."""
         return fmt == "int4" and K % KS == 0
 
     def _defines(self, G: int, swiglu: bool) -> dict:
-        return {"G": G, "BN": self.bn, "BT": self.bt, "WM": self.wm, "WN": self.wn,
-                "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu}
+        return {"G": G, **self.tile, "MMA": int(self.mode == "ptx"), "SWIGLU": swiglu}
 
     def steps(self, w, x: cl.Buffer, y: cl.Buffer, T: int, K: int, N: int, accumulate: bool,
               swiglu: bool) -> tuple[list, tuple]:
@@ -72,10 +70,10 @@ class MmaGemm:
         work-groups each way, a 64-chunk, partial tiles); else why not."""
         from .matmul import DeviceMatrix
 
-        dev = self.rt.device
-        if self.local_bytes > dev.local_mem_size - 1024 or self.nwi > dev.max_work_group_size:
-            return (f"tiles of {self.bn} x {self.bt} need {self.local_bytes} bytes of local memory and "
-                    f"{self.nwi} work-items; the device has {dev.local_mem_size} and {dev.max_work_group_size}")
+        dev = self.rt.device        # drivers keep some local memory for themselves (1 KiB per block on NVIDIA)
+        why = over_limits("gemm_mma", self.tile, dev.local_mem_size - 1024, dev.max_work_group_size)
+        if why is not None:
+            return why
         rng = np.random.default_rng(7)
         T, K, N = self.bt + 3, 192, self.bn + 5
         q = rng.integers(0, 16, (N, K)).astype(np.uint8)

@@ -48,19 +48,20 @@ class Runtime:
         self._lock = threading.Lock()
         self.requested: dict[tuple, tuple[str, dict]] = {}  # key -> (name, defines) of each program asked for
 
-    def program(self, name: str, **defines) -> cl.Program:
+    def program(self, name: str, std: str | None = None, **defines) -> cl.Program:
         """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME); a
-        tunable define not given takes its declared default (specs.py)."""
+        tunable define not given takes its declared default (specs.py). std: the OpenCL C version asked
+        for ("CL3.0": the built-ins of cl_khr_integer_dot_product), else the compiler's default."""
         defines = {**source_defaults(f"{name}.cl"), **defines}
         options = tuple(
             f"-D{k}" if v is True else f"-D{k}={v}" for k, v in sorted(defines.items()) if v is not False
-        ) + self.math_options
+        ) + self.math_options + ((f"-cl-std={std}",) if std else ())
         key = (name, options)
         if key in self._programs:
             return self._programs[key]
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
-            self.requested.setdefault(key, (name, dict(defines)))
+            self.requested.setdefault(key, (name, {**defines, **({"std": std} if std else {})}))
         with lock:
             if key in self._programs:
                 return self._programs[key]

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from ...errors import PerfxError
 
 F32 = 4
+MMA_KS, MMA_PAD = 64, 8      # gemm_mma.cl: K elements per stage, halves of padding per local row
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,10 @@ def _attention_traffic(s: dict) -> tuple[int, int]:
 
 def _attention_local(d: dict) -> int:
     """attention.cl's __local arrays: q_loc [ROWS, HEAD_DIM], p_loc [ROWS, ATT_WG], m, l, a [ROWS],
-    red [ATT_WG] of VW floats; ROWS = QT * GROUP."""
+    red [ATT_WG] of VW floats, with KL > 1 s_part [ROWS, ATT_WG]; ROWS = QT * GROUP."""
     rows = d["QT"] * d["GROUP"]
-    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"])
+    s_part = rows * d["ATT_WG"] if d.get("KL", 1) > 1 else 0
+    return F32 * (rows * d["HEAD_DIM"] + rows * d["ATT_WG"] + 3 * rows + d["ATT_WG"] * d["VW"] + s_part)
 
 
 GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
@@ -88,10 +90,15 @@ GEMV = KernelSpec("gemv", "gemv.cl", "matmul", (
     Param("gemv_int_dot", None, True, (), "x in int16 and integer products where the device builds it"),
     Param("gemv_int_dot_256", None, False, (), "... with 256-bit instructions even where 512-bit exist"),
     Param("gemv_norm", None, True, (), "the residual projections' GEMV ends with the next RMSNorm"),
+    Param("gemv_norm_in", None, False, (), "the GEMVs that read the normalised residual stream normalise it in "
+          "their prologue, the o and down GEMVs add into it: no norm launches in decode (norm_in.h)"),
+    Param("gemv_norm_stage", None, True, (), "... with x * norm weight staged in local memory (else scaled per load)"),
     Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
-    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic)
+    work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic, hint="lower gemv_ksplit or gemv_wg_rows",
+    constraints=(("KSPLIT is a power of two and TPW at least 1",
+                  lambda d: d["KSPLIT"] >= 1 and d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and d["TPW"] >= 1),))
 
 GEMM_FEW = KernelSpec("gemm_few", "gemm.cl", "matmul", (
     Param("few_max_tokens", None, 32, (), "T up to this uses gemm_few, above it gemm_tiled"),
@@ -108,10 +115,24 @@ GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
     Param("tiled_tr", "TR", 6, (4, 6), "tokens per work-item"),
     Param("tiled_kc", None, 0, (), "chunks of 128 of K staged per barrier (0: all of K, as local memory allows)"),
     Param("tiled_x_local", "X_LOCAL", 0, (), "stage X in local memory too (0: read it from global memory)"),
+    Param("tiled_arith", None, "f32", (), 'arithmetic of the many-token int4 GEMM: "f32" (gemm.cl), "half" '
+          '(gemm_half.cl, cl_khr_fp16) or "dot8" (gemm_dot8.cl, cl_khr_integer_dot_product); probed at load'),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),     # one chunk of K staged
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]), traffic=_matmul_traffic,
     constraints=(("BN is a multiple of RR and BT of TR", lambda d: d["BN"] % d["RR"] == 0 and d["BT"] % d["TR"] == 0),))
+
+# The tiled GEMM's variants (gemm_variants.py) take gemm_tiled's tile parameters.
+GEMM_HALF = KernelSpec("gemm_half", "gemm_half.cl", "matmul", (
+    Param("half_fold", "HALF_FOLD", 4, (), "products summed in fp16 per accumulator before each fold into f32 "
+          "(1 to 4: 8 loses more than 5e-4 of the output, docs/performance.md)"),
+), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: 2 * 128 * (d["BN"] + d["X_LOCAL"] * d["BT"]),       # one chunk of K staged
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
+
+GEMM_DOT8 = KernelSpec("gemm_dot8", "gemm_dot8.cl", "matmul", (), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: (128 + 4 * 8) * (d["BN"] + d["X_LOCAL"] * d["BT"]),   # int8 and (scale, zero) per 32
+    work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
 
 GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
     Param("gemm_mma", None, "off", (), 'many-token int4 GEMM on matrix units: "off", "ptx", "emulated"'),
@@ -120,7 +141,12 @@ GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
     Param("mma_bt", "BT", 64, (), "tokens per work-group"),
     Param("mma_wm", "WM", 64, (), "rows per warp"),
     Param("mma_wn", "WN", 32, (), "tokens per warp"),
-), model_defines=("G",), traffic=_matmul_traffic)
+), model_defines=("G",), traffic=_matmul_traffic,
+    local_bytes=lambda d: 2 * (d["BN"] + d["BT"]) * (MMA_KS + MMA_PAD),      # fp16 W[BN][KS + PAD], Xh[BT][KS + PAD]
+    work_group=lambda d: 32 * (d["BN"] // d["WM"]) * (d["BT"] // d["WN"]),  # a warp per WM x WN tile
+    hint="lower mma_bn or mma_bt",
+    constraints=(("BN % WM, BT % WN, WM % 16 and WN % 8 are 0",
+                  lambda d: not (d["BN"] % d["WM"] or d["BT"] % d["WN"] or d["WM"] % 16 or d["WN"] % 8)),))
 
 RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
     Param("rms_wg", "RMS_WG", 64, (32, 64, 128, 256), "add_rmsnorm work-group size (power of two)"),
@@ -131,6 +157,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("att_wg", "ATT_WG", 128, (32, 64, 128, 256), "work-group size = keys per block "
           "(a multiple of att_vec and of head_dim / att_vec)"),
     Param("att_vec", "VW", 4, (4, 8, 16), "vector width per work-item: 4, 8 or 16"),
+    Param("att_key_lanes", "KL", 1, (1, 4, 8), "work-items per key in the score step of decode launches "
+          "(QT = 1): 1, one key each; more, a key's row read side by side by that many"),
     Param("att_rows", None, 32, (8, 16, 32, 64), "most query rows (tile tokens x query heads of a KV head) "
           "per work-group: sets QT"),
     Param("split_max_t", None, 8, (), "split-KV (flash-decoding) only for T up to this ..."),
@@ -138,6 +166,8 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     Param("split_wgs", None, 0, (), "... aiming at this many work-groups per launch (0: the compute units)"),
     Param("max_splits", None, 64, (), "... and at most this many slices per KV head"),
     Param("kv_half", "KV_HALF", False, (), "KV cache stored as fp16 (vstore_half / vload_half)"),
+    Param("split_combine", "SPLIT_COMBINE", False, (), "split-KV: the last work-group of a KV head to finish "
+          "merges the slices (no combine launch)"),
     Param("att_serial", None, False, (False, True), "decode (T = 1, no split) by attend_one: one work-item "
           "per KV head (CPUs)"),
 ), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP", "QT"),
@@ -146,7 +176,29 @@ ATTENTION = KernelSpec("attention", "attention.cl", "fused", (
     constraints=(("VW is 4, 8 or 16 and divides HEAD_DIM",
                   lambda d: d["VW"] in (4, 8, 16) and d["HEAD_DIM"] % d["VW"] == 0),
                  ("ATT_WG is a multiple of VW and of HEAD_DIM / VW",
-                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0)))
+                  lambda d: d["ATT_WG"] % d["VW"] == 0 and d["ATT_WG"] % max(d["HEAD_DIM"] // d["VW"], 1) == 0),
+                 ("KL is a power of two dividing ATT_WG",
+                  lambda d: d.get("KL", 1) & (d.get("KL", 1) - 1) == 0 and d["ATT_WG"] % d.get("KL", 1) == 0)))
+
+def _attention_mma_local(d: dict) -> int:
+    """attention_mma.cl's __local arrays: fp16 Q / K [max(ROWS, BK)][HEAD_DIM + 8] and V^T [HEAD_DIM][BK + 8]
+    (ROWS = 16 WARPS); without the instructions (MMA = 0) also the exchange of the warps' registers,
+    7 words per work-item."""
+    rows = max(16 * d["WARPS"], d["BK"])
+    exchange = 0 if d.get("MMA", 1) else 7 * 4 * 32 * d["WARPS"]
+    return 2 * (rows * (d["HEAD_DIM"] + 8) + d["HEAD_DIM"] * (d["BK"] + 8)) + exchange
+
+
+ATTENTION_MMA = KernelSpec("attention_mma", "attention_mma.cl", "fused", (
+    Param("attention_mma", None, "off", (), 'prefill attention on matrix units: "off", "ptx", "emulated"'),
+    Param("att_mma_min_tokens", None, 64, (), "prefill passes of T from this use it"),
+    Param("att_mma_warps", "WARPS", 4, (2, 4, 8), "warps per work-group, 16 query rows (tokens x GQA heads) each"),
+    Param("att_mma_bk", "BK", 64, (32, 64), "keys per block staged in local memory"),
+), model_defines=("HEAD_DIM", "N_KV_HEADS", "GROUP"),
+    local_bytes=_attention_mma_local, work_group=lambda d: 32 * d["WARPS"], traffic=_attention_traffic,
+    hint="lower att_mma_bk (or att_mma_warps)",
+    constraints=(("HEAD_DIM and BK are multiples of 16, GROUP at most 16 * WARPS",
+                  lambda d: d["HEAD_DIM"] % 16 == 0 and d["BK"] % 16 == 0 and d["GROUP"] <= 16 * d["WARPS"]),))
 
 PAGED_ATTENTION = KernelSpec("paged_attention", "paged_attention.cl", "fused", (
     Param("att_wg", "WG", 128, (32, 64, 128, 256), "work-group size = keys per step (attention's)"),
@@ -162,7 +214,9 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_MMA, RMSNORM, ATTENTION, PAGED_ATTENTION, ARGMAX)}
+    s.name: s for s in (GEMV, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM, ATTENTION,
+                        ATTENTION_MMA,
+                        PAGED_ATTENTION, ARGMAX)}
 
 
 def defaults(section: str) -> dict[str, Any]:
@@ -191,19 +245,36 @@ def search_space(kernel: str) -> dict[str, tuple]:
     return {p.key: p.candidates for p in SPECS[kernel].params if p.candidates}
 
 
+def _where(spec: KernelSpec, defines: dict[str, Any]) -> str:
+    return f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+
+
+def check_rules(kernel: str, defines: dict[str, Any]) -> None:
+    """Refuses a configuration that breaks one of the kernel's declared constraints."""
+    spec = SPECS[kernel]
+    broken = [rule for rule, ok in spec.constraints if not ok(defines)]
+    if broken:
+        raise PerfxError(f"{_where(spec, defines)}: {'; '.join(broken)} does not hold")
+
+
+def over_limits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_group: int) -> str | None:
+    """Why a configuration's local memory or work-group size is more than the device holds; None when it fits."""
+    spec = SPECS[kernel]
+    where, fix = _where(spec, defines), f"{spec.hint} in kernels/tuning.toml or the device's override file"
+    need = spec.local_bytes(defines)
+    if need > local_mem:
+        return (f"{where}: needs {need} bytes of local memory per work-group, more than the device's "
+                f"{local_mem}; {fix}")
+    wg = spec.work_group(defines)
+    if wg > max_work_group:
+        return f"{where}: needs work-groups of {wg} work-items, more than the device's {max_work_group}; {fix}"
+    return None
+
+
 def check_fits(kernel: str, defines: dict[str, Any], local_mem: int, max_work_group: int) -> None:
     """Refuses a configuration that breaks a constraint of the kernel, or whose local memory or
     work-group size the device cannot hold, before it is built or launched."""
-    spec = SPECS[kernel]
-    where = f"{spec.name} ({spec.source}) with " + ", ".join(f"{k}={v}" for k, v in sorted(defines.items()))
-    broken = [rule for rule, ok in spec.constraints if not ok(defines)]
-    if broken:
-        raise PerfxError(f"{where}: {'; '.join(broken)} does not hold")
-    need = spec.local_bytes(defines)
-    if need > local_mem:
-        raise PerfxError(f"{where}: needs {need} bytes of local memory per work-group, more than the device's "
-                         f"{local_mem}; {spec.hint} in kernels/tuning.toml or the device's override file")
-    wg = spec.work_group(defines)
-    if wg > max_work_group:
-        raise PerfxError(f"{where}: needs work-groups of {wg} work-items, more than the device's {max_work_group}; "
-                         f"{spec.hint} in kernels/tuning.toml or the device's override file")
+    check_rules(kernel, defines)
+    why = over_limits(kernel, defines, local_mem, max_work_group)
+    if why:
+        raise PerfxError(why)

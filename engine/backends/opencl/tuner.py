@@ -4,9 +4,10 @@ device and keeps the fastest configuration that is right.
 A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM): every candidate of the
 group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
 shapes (a wrong or failing candidate is dropped) and timed with OpenCL profiling events (median of
-15 after 3 warm-ups); the best of each group is kept before the next is searched. The search stops
-trying candidates once the time budget is spent. The winners go to the device's override file
-(tuning.py), written atomically, which every later run reads on top of kernels/tuning.toml.
+15 after 3 warm-ups); the best of each group is kept before the next is searched. Each group has an
+equal share of the time budget left when it starts, and stops trying candidates once that is spent.
+The winners go to the device's override file (tuning.py), written atomically, which every later run
+reads on top of kernels/tuning.toml.
 """
 from __future__ import annotations
 
@@ -138,7 +139,9 @@ class Tuner:
         deadline = time.monotonic() + budget_s
         best = params_for(self.info, "matmul", matmul.DEFAULT_PARAMS)
         result = TuneResult()
-        for name in groups:
+        for n, name in enumerate(groups):
+            # each group gets an equal share of the time left, what one leaves unspent going to the next
+            until = time.monotonic() + max(deadline - time.monotonic(), 0) / (len(groups) - n)
             kernel, scheme, T = GROUPS[name]
             space = search_space(kernel)
             candidates = list(itertools.product(*space.values()))
@@ -146,7 +149,7 @@ class Tuner:
             before = self.time(best, scheme, T)
             g = GroupResult(name, T, before, None, current)
             for i, values in enumerate(candidates):
-                if time.monotonic() > deadline:
+                if time.monotonic() > until:
                     break
                 candidate = dict(zip(space, values))
                 t = self.time({**best, **candidate}, scheme, T)

@@ -1,25 +1,35 @@
 """Tuned kernel parameters, kept as data: kernels/tuning.toml, shipped with perfx, and the tuner's
 file for each device.
 
-`params_for(info, kernel, defaults)` merges, each layer over the one before:
+The database is keyed in CLBlast's manner, device type -> vendor -> architecture -> device name,
+each level with its defaults (device_keys.py finds a device's keys):
 
-1. `defaults`: the kernel's built-in parameters, from the caller;
-2. tuning.toml `[<type>.default.<kernel>]`, type being cpu, gpu or accelerator;
-3. tuning.toml `[<type>.vendor."<substring>".<kernel>]`, matching the vendor or platform name;
-4. tuning.toml `[<type>.device."<substring>".<kernel>]`, matching the device name;
-5. `<root>/tuning/<device>.toml` `[<kernel>]`, written by the tuner (write_override).
+    [<type>.default.<section>]                                    every device of the type
+    [<type>.<vendor>.default.<section>]                           the vendor's devices
+    [<type>.<vendor>.<architecture>.default.<section>]            the architecture's devices
+    [<type>.<vendor>.<architecture>."<device name>".<section>]    one device, by its name (any case)
 
-Substrings match regardless of case; where several vendor (or device) sections match, the longer
-substring wins. Parameters are -D defines: integers, floats, booleans or strings, opaque here.
+A section ("matmul", "fused") holds -D parameters (numbers, booleans or strings) and where they come
+from: `measured`, a list of {device, date, commit, params} (params: the keys that run measured; absent:
+all of them), which every entry below the type's default must have; a type's default may instead give
+a `reason` for a choice that is not a speed (a kernel a GPU cannot build). Every parameter of an entry
+is covered by its records; a database that breaks this is refused when read.
+
+`params_for(info, kernel, defaults)` merges, each layer over the one before: `defaults` (the kernel's
+built-in parameters, from the caller), the levels of the database that match the device, from the
+type's default to the device's name, then `<root>/tuning/<device>.toml` `[<kernel>]`, written by the
+tuner (write_override).
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
 import numbers
 import re
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,7 +44,9 @@ else:
     import tomli as tomllib
 
 DEVICE_TYPES = ("cpu", "gpu", "accelerator")
-LEVELS = ("default", "vendor", "device")
+DEFAULT = "default"
+PROVENANCE = ("measured", "reason")     # the keys of a section that are not parameters
+RECORD_KEYS = {"device": str, "date": datetime.date, "commit": str}
 Params = dict[str, Any]
 
 
@@ -62,8 +74,8 @@ def _parse(text: str, source: Path | str) -> dict:
 
 
 def load_database(path: Path | None = None) -> dict:
-    """kernels/tuning.toml (or `path`), checked: {type: {"default": {kernel: params},
-    "vendor": {substring: {kernel: params}}, "device": {substring: {kernel: params}}}}."""
+    """kernels/tuning.toml (or `path`), checked: {type: {"default": {section: entry}, vendor: {"default":
+    ..., architecture: {"default": ..., device name: {section: entry}}}}}."""
     if path is None:
         return _packaged_database()
     return _checked_database(Path(path).read_text(encoding="utf-8"), path)
@@ -77,24 +89,64 @@ def _packaged_database() -> dict:
 
 def _checked_database(text: str, source: Path | str) -> dict:
     data = _parse(text, source)
-    for kind, levels in data.items():
-        if kind not in DEVICE_TYPES or not isinstance(levels, dict) or set(levels) - set(LEVELS):
-            raise PerfxError(
-                f"{source}: [{kind}] is not a device type with default/vendor/device sections "
-                f"(types: {', '.join(DEVICE_TYPES)})"
-            )
-        sections = {f"{kind}.default": levels.get("default", {})}
-        for level in ("vendor", "device"):
-            tables = levels.get(level, {})
-            if not isinstance(tables, dict):
-                raise PerfxError(f"{source}: [{kind}.{level}] must hold one table per device substring")
-            sections.update({f'{kind}.{level}."{match}"': kernels for match, kernels in tables.items()})
-        for name, kernels in sections.items():
-            if not isinstance(kernels, dict):
-                raise PerfxError(f"{source}: [{name}] must hold one table per kernel")
-            for kernel, params in kernels.items():
-                _check_params(params, f"[{name}.{kernel}]", source)
+    for kind, tree in data.items():
+        if kind not in DEVICE_TYPES or not isinstance(tree, dict):
+            raise PerfxError(f"{source}: [{kind}] is not a device type (types: {', '.join(DEVICE_TYPES)})")
+        for name, sections in _levels_of(kind, tree, source):
+            if not isinstance(sections, dict):
+                raise PerfxError(f"{source}: [{name}] must hold one table per kernel section")
+            for section, entry in sections.items():
+                _check_entry(entry, f"{name}.{section}", source, typed_default=name == f"{kind}.{DEFAULT}")
     return data
+
+
+def _levels_of(kind: str, tree: dict, source: Path | str):
+    """(level's name, its {section: entry}) of every level of a type's tree."""
+    def children(node: Any, name: str) -> dict:
+        if not isinstance(node, dict):
+            raise PerfxError(f"{source}: [{name}] must be a table")
+        return node
+
+    yield f"{kind}.{DEFAULT}", tree.get(DEFAULT, {})
+    for vendor, vtree in tree.items():
+        if vendor == DEFAULT:
+            continue
+        vname = f"{kind}.{_toml_key(vendor)}"
+        for arch, atree in children(vtree, vname).items():
+            aname = f"{vname}.{_toml_key(arch)}"
+            if arch == DEFAULT:
+                yield aname, atree
+                continue
+            for device, sections in children(atree, aname).items():
+                yield f"{aname}.{_toml_key(device)}", sections
+
+
+def _check_entry(entry: Any, name: str, source: Path | str, typed_default: bool) -> None:
+    """A section's table: parameters, and the records of the runs that measured them."""
+    if not isinstance(entry, dict):
+        raise PerfxError(f"{source}: [{name}] must be a table of parameters")
+    params = {k: v for k, v in entry.items() if k not in PROVENANCE}
+    _check_params(params, f"[{name}]", source)
+    if "reason" in entry and (not typed_default or not isinstance(entry["reason"], str)):
+        raise PerfxError(f"{source}: [{name}] gives a reason: only a type's default may, as a string; "
+                         "other entries say where they were measured")
+    records = entry.get("measured", [])
+    if isinstance(records, dict):
+        records = [records]
+    covered: set[str] = set()
+    for record in records if isinstance(records, list) else [None]:
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in RECORD_KEYS.items()) \
+                or not isinstance(record.get("params", []), list):
+            raise PerfxError(f"{source}: [{name}] measured: each record needs device (a string), date "
+                             "(a TOML date), commit (a string) and optionally params (a list of keys)")
+        stray = sorted(set(record.get("params", [])) - set(params))
+        if stray:
+            raise PerfxError(f"{source}: [{name}] measured names {', '.join(stray)}, which the entry does not set")
+        covered |= set(record.get("params", params))
+    uncovered = sorted(set(params) - covered) if "reason" not in entry else []
+    if uncovered:
+        raise PerfxError(f"{source}: [{name}] does not say where {', '.join(uncovered)} was measured "
+                         "(a measured record with the device, date and commit)")
 
 
 # ---- the tuner's files ----------------------------------------------------------------------------
@@ -169,6 +221,18 @@ def write_override(info: DeviceInfo, kernel: str, params: Params, note: str = ""
     return path
 
 
+def override_notice(info: DeviceInfo, resolved: dict[str, Params]) -> str | None:
+    """What a run says when the tuner's file sets some of its parameters: their values as `resolved`
+    ({section: params}, what the run uses) holds them, the file's date and path; None without a file."""
+    override = load_override(info)
+    values = [f"{k}={_toml_value(resolved[section][k])}" for section in sorted(override) if section in resolved
+              for k in sorted(override[section]) if k in resolved[section]]
+    if not values:
+        return None
+    when = override_date(info)
+    return f"tuned by perfx tune{f' on {when}' if when else ''}: {', '.join(values)} ({override_path(info)})"
+
+
 def _notes(path: Path) -> dict[str, str]:
     """The comment line above each kernel's table in an override file."""
     try:
@@ -184,32 +248,57 @@ def is_tuned(info: DeviceInfo) -> bool:
     return override_path(info).exists()
 
 
+def override_date(info: DeviceInfo) -> datetime.date | None:
+    """When the tuner last wrote the device's file (its modification date); None without one."""
+    try:
+        return datetime.date.fromtimestamp(override_path(info).stat().st_mtime)
+    except OSError:
+        return None
+
+
 # ---- merging --------------------------------------------------------------------------------------
 
 
-def _matching(sections: dict, text: str, kernel: str) -> list[Params]:
-    """The kernel's params of each section whose key is in `text`, shortest key first."""
-    hits = sorted((k for k in sections if k.lower() in text.lower()), key=lambda k: (len(k), k))
-    return [sections[k][kernel] for k in hits if kernel in sections[k]]
+@dataclass(frozen=True)
+class Level:
+    """One level of the database that applies to a device."""
+
+    name: str                    # as written in tuning.toml: 'gpu.nvidia.sm_90."NVIDIA H200"'
+    sections: dict[str, dict]    # {section: entry}
+
+
+def matching_levels(info: DeviceInfo, database: Path | None = None) -> list[Level]:
+    """The levels of the database that hold entries for the device, from its type's default to its name."""
+    tree = load_database(database).get(info.type, {})
+    levels = [Level(f"{info.type}.{DEFAULT}", tree.get(DEFAULT, {}))]
+    vendor = tree.get(info.vendor_key, {}) if info.vendor_key != DEFAULT else {}
+    vname = f"{info.type}.{_toml_key(info.vendor_key)}"
+    levels.append(Level(f"{vname}.{DEFAULT}", vendor.get(DEFAULT, {})))
+    arch = vendor.get(info.architecture, {}) if info.architecture not in ("", DEFAULT) else {}
+    aname = f"{vname}.{_toml_key(info.architecture)}"
+    levels.append(Level(f"{aname}.{DEFAULT}", arch.get(DEFAULT, {})))
+    named = [k for k in arch if k != DEFAULT and k.strip().lower() == info.name.strip().lower()]
+    levels += [Level(f"{aname}.{_toml_key(k)}", arch[k]) for k in named]
+    return [level for level in levels if level.sections]
+
+
+def _params(entry: dict) -> Params:
+    return {k: v for k, v in entry.items() if k not in PROVENANCE}
 
 
 def params_for(info: DeviceInfo, kernel: str, defaults: Params | None = None,
                database: Path | None = None) -> Params:
-    """The parameters of `kernel` on the device: `defaults` < tuning.toml (type default < vendor <
-    device name) < the tuner's file. `database` replaces kernels/tuning.toml."""
-    levels = load_database(database).get(info.type, {})
-    layers = [defaults or {}, levels.get("default", {}).get(kernel, {})]
-    layers += _matching(levels.get("vendor", {}), f"{info.vendor} {info.platform_name}", kernel)
-    layers += _matching(levels.get("device", {}), info.name, kernel)
-    layers.append(load_override(info).get(kernel, {}))
-    merged: Params = {}
-    for layer in layers:
-        merged.update(layer)
+    """The parameters of `kernel` (a section) on the device: `defaults` < tuning.toml (type < vendor <
+    architecture < device name, each level's entry) < the tuner's file. `database` replaces kernels/tuning.toml."""
+    merged: Params = dict(defaults or {})
+    for level in matching_levels(info, database):
+        merged.update(_params(level.sections.get(kernel, {})))
+    merged.update(load_override(info).get(kernel, {}))
     return merged
 
 
 def vendor_params(kind: str, vendor: str, kernel: str, defaults: Params | None = None) -> Params:
-    """`defaults` with the database's entry for a vendor (e.g. "gpu", "nvidia", "matmul"), for running
-    one device's tuned values on another (tests, kernel benchmarks)."""
-    entry = load_database().get(kind, {}).get("vendor", {}).get(vendor, {}).get(kernel, {})
-    return {**(defaults or {}), **entry}
+    """`defaults` with the database's default entry for a vendor (e.g. "gpu", "nvidia", "matmul"), for
+    running one device's tuned values on another (tests, kernel benchmarks)."""
+    entry = load_database().get(kind, {}).get(vendor, {}).get(DEFAULT, {}).get(kernel, {})
+    return {**(defaults or {}), **_params(entry)}

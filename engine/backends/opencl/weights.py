@@ -91,7 +91,7 @@ def _stacked(tensors: list[QTensor], group: int) -> tuple[np.ndarray, np.ndarray
 
 def pack(tensors: list[QTensor], form: Form) -> np.ndarray:
     """The row tiles (uint32) of the stacked tensors in `form`."""
-    from .matmul import pack_f16, pack_floats, pack_int4, pack_int8
+    from .packing import pack_f16, pack_floats, pack_int4, pack_int8
 
     dtype = np.float32 if form.scale_f32 else np.float16
     if form.fmt == "int4":
