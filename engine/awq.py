@@ -32,9 +32,9 @@ import numpy as np
 from .backends.numpy_backend import apply_rope, rope_tables
 from .config import ModelConfig
 from .errors import PerfxError
-from .quantize import fake_int4, int4, int4_group, relative_error, search_clip
+from .quantize import fake_int4, int4, int4_group, relative_error
 from .tensors import QTensor
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"
 CALIB_SAMPLES = 64
@@ -198,6 +198,28 @@ def search_scale(weights: list[np.ndarray], stats: InputStats, group: int,
         err = error(s)
         if err < best.error:
             best = ScaleChoice(s, alpha, err, plain)
+    return best
+
+
+def search_clip(w: np.ndarray, gram: np.ndarray, group: int, grid: int = 20, max_shrink: float = 0.5) -> np.ndarray:
+    """AWQ's clipping search: for each (row, group), the max |w| among absmax * (1 - i/grid),
+    i < max_shrink * grid, whose quantized group gives the smallest error on the calibration inputs.
+
+    gram is the inputs' X^T X [cols, cols]; the error of a group's partial products over all
+    calibration tokens is e G e^T with e the group's weight error and G its diagonal block.
+    """
+    rows, cols = w.shape
+    n = cols // group
+    blocks = np.stack([gram[j * group:(j + 1) * group, j * group:(j + 1) * group] for j in range(n)])
+    blocks = blocks.astype(np.float32)
+    absmax = np.abs(w.reshape(rows, n, group)).max(axis=2)
+    best, best_err = absmax.copy(), np.full((rows, n), np.inf)
+    for i in range(int(max_shrink * grid)):
+        clip = absmax * (1 - i / grid)
+        e = np.ascontiguousarray((fake_int4(w, group, clip) - w).reshape(rows, n, group).transpose(1, 0, 2))
+        err = np.multiply(np.matmul(e, blocks), e).sum(axis=2).T                 # [rows, n]
+        better = err < best_err
+        best[better], best_err[better] = clip[better], err[better]
     return best
 
 

@@ -22,7 +22,7 @@ from .errors import PerfxError
 from .hf import hf_name, unpermute_qk
 from .loader import open_model
 from .model import weights_from_tensors
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}
 

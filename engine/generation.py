@@ -36,7 +36,7 @@ import numpy as np
 
 from .sampler import Sampler, Sampling
 from .stops import StopMatcher
-from .tokenizer import StreamDecoder, Tokenizer
+from .text.tokenizer import StreamDecoder, Tokenizer
 
 Finish = Literal["stop", "length", "cancelled", "error"]
 

@@ -17,15 +17,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .backends import open_backend
-from .chat import ChatTemplate
+from .text.chat_template import ChatTemplate
 from .errors import ModelFileError, PerfxError, reading_model
 from .generation import Generation, Sequence, Stats
 from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
 from .sampler import Sampling
-from .tokenizer import Tokenizer
-from .tokenizer import notices as tokenizer_notices
+from .text.encoders import notices as tokenizer_notices
+from .text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 2048
 

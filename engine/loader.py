@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .errors import PerfxError, reading_model
 from .tensors import QTensor
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                    "tokenizer.ggml.merges")

@@ -39,7 +39,7 @@ from .config import ModelConfig, checked_config
 from .errors import ModelFileError, PerfxError
 from .features import LLAMA, refuse_unsupported, tensor_requests
 from .tensors import QTensor
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 FORMAT_NAME = "perfx"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Weight quantizers for perfx files, and the clipping search AWQ runs before rounding.
+"""Weight quantizers for perfx files.
 
 - int4: asymmetric per group of `group` columns (a smaller group where `group` does not divide the columns): scale = (max - min) / 15 and zero = min, both rounded
   to fp16 first, q = round((w - zero) / scale) in 0..15, w ~ q * scale + zero. A clip value c per
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import PerfxError
-from .tensors import INT8_GROUP, QTensor, int4_tensor, int8_tensor
+from .tensors import INT8_GROUP, QTensor, dequantize_int4, int4_tensor, int8_tensor
 
 FP16_MAX = 65504.0
 
@@ -49,12 +49,6 @@ def quantize_int4(w: np.ndarray, group: int, clip: np.ndarray | None = None,
     s, z = scale.astype(np.float32)[..., None], zero.astype(np.float32)[..., None]
     q = np.rint((g - z) / np.where(s > 0, s, 1))
     return np.clip(q, 0, 15).astype(np.uint8).reshape(rows, cols), scale, zero
-
-
-def dequantize_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
-    """float32 q * scale + zero, as QTensor.dequantize computes it."""
-    return (q * np.repeat(scale.astype(np.float32), group, axis=1)
-            + np.repeat(zero.astype(np.float32), group, axis=1)).astype(np.float32)
 
 
 def fake_int4(w: np.ndarray, group: int, clip: np.ndarray | None = None) -> np.ndarray:
@@ -97,24 +91,3 @@ def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     diff = np.linalg.norm(np.asarray(w_hat, np.float64) - w)
     return float(diff / norm) if norm > 0 else float(diff)
 
-
-def search_clip(w: np.ndarray, gram: np.ndarray, group: int, grid: int = 20, max_shrink: float = 0.5) -> np.ndarray:
-    """AWQ's clipping search: for each (row, group), the max |w| among absmax * (1 - i/grid),
-    i < max_shrink * grid, whose quantized group gives the smallest error on the calibration inputs.
-
-    gram is the inputs' X^T X [cols, cols]; the error of a group's partial products over all
-    calibration tokens is e G e^T with e the group's weight error and G its diagonal block.
-    """
-    rows, cols = w.shape
-    n = cols // group
-    blocks = np.stack([gram[j * group:(j + 1) * group, j * group:(j + 1) * group] for j in range(n)])
-    blocks = blocks.astype(np.float32)
-    absmax = np.abs(w.reshape(rows, n, group)).max(axis=2)
-    best, best_err = absmax.copy(), np.full((rows, n), np.inf)
-    for i in range(int(max_shrink * grid)):
-        clip = absmax * (1 - i / grid)
-        e = np.ascontiguousarray((fake_int4(w, group, clip) - w).reshape(rows, n, group).transpose(1, 0, 2))
-        err = np.multiply(np.matmul(e, blocks), e).sum(axis=2).T                 # [rows, n]
-        better = err < best_err
-        best[better], best_err[better] = clip[better], err[better]
-    return best

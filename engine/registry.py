@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import platformdirs
-
+from perfx.engine.dirs import models_dir
 from perfx.engine.errors import PerfxError
 
 if sys.version_info >= (3, 11):
@@ -20,7 +19,6 @@ else:
     import tomli as tomllib
 
 REGISTRY_PATH = Path(__file__).with_name("models.toml")
-HOME_ENV = "PERFX_HOME"
 HF_PREFIX = "hf:"
 
 _PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.!+_-]+$")
@@ -210,14 +208,6 @@ def _require(table: dict[str, Any], keys: dict[str, type], where: str, ctx: str)
     missing = [key for key in keys if key not in table]
     if missing:
         raise PerfxError(f"{where}: missing key '{missing[0]}' {ctx}; add it")
-
-
-def models_dir() -> Path:
-    """Where downloaded models live: $PERFX_HOME/models, else the user cache dir."""
-    home = os.environ.get(HOME_ENV)
-    if home:
-        return Path(home).expanduser() / "models"
-    return Path(platformdirs.user_cache_dir("perfx")) / "models"
 
 
 def hub_entry(spec: str) -> ModelEntry:

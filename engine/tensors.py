@@ -58,8 +58,7 @@ class QTensor:
     def dequantize(self) -> np.ndarray:
         """float32 values of the whole tensor."""
         if self.qtype == "INT4":
-            q, scale, zero, group = self.int4()
-            return (q * np.repeat(scale, group, axis=1) + np.repeat(zero, group, axis=1)).astype(np.float32)
+            return dequantize_int4(*self.int4())
         if self.qtype == "INT8":
             q, scale, group = self.int8()
             return q.astype(np.float32) * np.repeat(scale, group, axis=1)
@@ -100,6 +99,12 @@ def _drop_pages(a: np.ndarray) -> None:
     stop = min(start + a.nbytes, len(mm))
     if 0 <= first < stop:
         mm.madvise(mmap.MADV_DONTNEED, first, stop - first)
+
+
+def dequantize_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
+    """float32 q * scale + zero, w for q uint8 [rows, cols] and scale, zero [rows, cols/group]."""
+    return (q * np.repeat(scale.astype(np.float32), group, axis=1)
+            + np.repeat(zero.astype(np.float32), group, axis=1)).astype(np.float32)
 
 
 def int4_tensor(name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> QTensor:

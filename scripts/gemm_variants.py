@@ -73,7 +73,8 @@ def matmuls(rt, info) -> dict:
 
 
 def bench_worker(args) -> list[dict]:
-    from perfx.engine.backends.opencl.matmul import DeviceMatrix, quantize_int4
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
+    from perfx.engine.quantize import quantize_int4
     from perfx.engine.backends.opencl.runtime import Runtime
 
     info, device = device_info(args.platform)
@@ -83,7 +84,7 @@ def bench_worker(args) -> list[dict]:
     T = args.tokens
     cases = []
     for label, N, K, op in SHAPES[args.shapes]:
-        dm = DeviceMatrix.from_int4(rt, *quantize_int4(rng.standard_normal((N, K)).astype(np.float32) * 0.05), 32)
+        dm = DeviceMatrix.from_int4(rt, *quantize_int4(rng.standard_normal((N, K)).astype(np.float32) * 0.05, 32), 32)
         x = rt.to_device(rng.standard_normal((T, K)).astype(np.float32))
         y = rt.to_device(np.zeros((T, N), np.float32))
         cases.append((label, N, K, op, dm, x, y))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfx.engine.bpe import byte_to_char
+from perfx.engine.text.byte_level import byte_to_char
 from perfx.engine.synthetic import add_block_params
 
 CHATML = (

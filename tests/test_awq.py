@@ -20,6 +20,7 @@ from perfx.engine.awq import (
     layer_forward,
     output_error,
     rmsnorm,
+    search_clip,
     search_scale,
     tie_heads,
 )
@@ -28,7 +29,7 @@ from perfx.engine.convert import convert
 from perfx.engine.errors import PerfxError
 from perfx.engine.loader import open_model
 from perfx.engine.perfx_format import read_safetensors
-from perfx.engine.quantize import fake_int4, search_clip
+from perfx.engine.quantize import fake_int4
 from tests.conftest import TinySpec, write_tiny_gguf
 
 TEXT = " ".join(f"then {i} thin hens in the inn, the tin hut, the hen then" for i in range(80))

@@ -335,7 +335,8 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     import pyopencl as cl
 
     from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
-    from perfx.engine.backends.opencl.packing import quantize_int4
+    from perfx.engine.quantize import quantize_int4
+    from perfx.engine.tensors import dequantize_int4
 
     rt = cl_selection.runtime()
     N, K, sentinel, guard = 259, 256, 1.0e30, 64
@@ -346,7 +347,7 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     else:
         q, scale, zero = quantize_int4(w, 32)
         dm = DeviceMatrix.from_int4(rt, q, scale, zero, 32)
-        w = q * np.repeat(scale, 32, 1) + np.repeat(zero, 32, 1)
+        w = dequantize_int4(q, scale, zero, 32)
     b = rng.standard_normal(N).astype(np.float32)
     dm = dm.with_bias(rt, [QTensor("b0", "F32", (100,), b[:100]), QTensor("b1", "F32", (N - 100,), b[100:])])
     x = rng.standard_normal((T, K)).astype(np.float32)

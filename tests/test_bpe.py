@@ -1,4 +1,4 @@
-"""engine/bpe.py, the pure-Python byte-level BPE, gives the same ids as the `tokenizers` library.
+"""engine/text/bpe.py, the pure-Python byte-level BPE, gives the same ids as the `tokenizers` library.
 
 Each comparison runs on both regex engines: the `regex` module (skipped where not installed) and
 Python's `re` with Unicode classes built from `unicodedata`.
@@ -16,11 +16,12 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
-import perfx.engine.tokenizer as tokenizer_module
-from perfx.engine import bpe
-from perfx.engine.chat import ChatTemplate
 from perfx.engine.errors import PerfxError
-from perfx.engine.tokenizer import PRE_TOKENIZERS, Tokenizer
+from perfx.engine.text import bpe, encoders, unicode_regex
+from perfx.engine.text.byte_level import byte_to_char
+from perfx.engine.text.chat_template import ChatTemplate
+from perfx.engine.text.pretokenizers import PRE_TOKENIZERS
+from perfx.engine.text.tokenizer import Tokenizer
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +35,12 @@ SAMPLES = [
     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
     "\u00a0non-breaking\u2003em space\u3000ideographic\u200bzero-width\x1cfile-separator\x85next-line",
 ]
-ENGINES = ["re", pytest.param("regex", marks=pytest.mark.skipif(bpe._regex is None, reason="regex not installed"))]
+ENGINES = ["re", pytest.param("regex", marks=pytest.mark.skipif(unicode_regex._regex is None, reason="regex not installed"))]
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request, monkeypatch) -> str:
-    monkeypatch.setattr(bpe, "ENGINE", request.param)
+    monkeypatch.setattr(unicode_regex, "ENGINE", request.param)
     return request.param
 
 
@@ -51,11 +52,9 @@ def smollm2_fields(default_model_path) -> dict:
 
 
 def pure(fields: dict) -> Tokenizer:
-    """Tokenizer.from_gguf built on engine.bpe, as engine.tokenizer does without `tokenizers`."""
+    """Tokenizer.from_gguf built on engine.text.bpe, as engine.text does without `tokenizers`."""
     with pytest.MonkeyPatch.context() as m:
-        for name in ("AddedToken", "Regex", "decoders", "models", "pre_tokenizers"):
-            m.setattr(tokenizer_module, name, getattr(bpe, name))
-        m.setattr(tokenizer_module, "HFTokenizer", bpe.Tokenizer)
+        m.setattr(encoders, "library", bpe)
         return Tokenizer.from_gguf(fields)
 
 
@@ -132,11 +131,11 @@ def test_unicode_classes_agree_with_oniguruma(engine) -> None:
     for pattern in (r"\p{L}", r"\p{N}", r"\p{M}", r"\p{P}", r"\p{S}", r"\p{Lu}", r"\s"):
         fast = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="removed")
         kept = "".join(p for p, _ in fast.pre_tokenize_str(text))
-        assert bpe.compile_pattern(pattern).sub("", text) == kept, pattern
+        assert unicode_regex.compile_pattern(pattern).sub("", text) == kept, pattern
 
 
 def test_whitespace_is_unicode_white_space(engine) -> None:
-    pattern = bpe.compile_pattern(r"\s+")
+    pattern = unicode_regex.compile_pattern(r"\s+")
     assert pattern.fullmatch(" \t\n\x0b\x0c\r\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000")
     assert not any(pattern.match(c) for c in "\x1c\x1d\x1e\x1f\u200b\ufeff")
 
@@ -149,7 +148,7 @@ def test_line_anchors_as_oniguruma(engine) -> None:
 
 def test_unknown_category_is_an_error() -> None:
     with pytest.raises(PerfxError, match="unknown Unicode category"):
-        bpe.translate(r"\p{Xx}", "re")
+        unicode_regex.translate(r"\p{Xx}", "re")
 
 
 # ---- BPE merges ----------------------------------------------------------------------------------------
@@ -201,7 +200,7 @@ def test_tokenizer_json_round_trips_both_ways(fast, slow, tmp_path: Path) -> Non
 def test_gpt2_style_tokenizer_json(tmp_path: Path) -> None:
     """A tokenizer.json with GPT-2's own ByteLevel pre-tokenizer (regex and prefix space) and a
     BOS-adding post-processor."""
-    alphabet = [bpe.byte_to_char()[b] for b in range(256)]
+    alphabet = [byte_to_char()[b] for b in range(256)]
     vocab = {c: i for i, c in enumerate(alphabet)}
     for a, b in (("Ġ", "t"), ("h", "e"), ("Ġt", "he")):
         vocab[a + b] = len(vocab)
@@ -248,18 +247,18 @@ def run_blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
 @pytest.mark.model
 def test_without_tokenizers_the_model_still_loads(default_model_path) -> None:
     code = f"""
-from perfx.engine.tokenizer import HFTokenizer, notices
+from perfx.engine.text.encoders import library, notices
 from perfx.engine import load_model
 llm = load_model({str(default_model_path)!r}, device="numpy", ctx=64)
 prompt = llm.chat_template.render([{{"role": "user", "content": "What is the capital of France?"}}])
-print(HFTokenizer.__module__)
+print(library.__name__)
 print(notices())
 print(llm.tokenizer.encode(prompt))
 """
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
     module, notices, ids = result.stdout.strip().splitlines()
-    assert module == "perfx.engine.bpe"
+    assert module == "perfx.engine.text.bpe"
     assert "tokenizers not installed" in notices and "same token ids" in notices
     assert json.loads(ids)[:3] == [1, 9690, 198] and len(json.loads(ids)) == 37
 
@@ -267,7 +266,8 @@ print(llm.tokenizer.encode(prompt))
 def test_without_sentencepiece_only_its_models_fail() -> None:
     code = """
 from perfx.engine.errors import PerfxError
-from perfx.engine.tokenizer import Tokenizer, notices
+from perfx.engine.text.encoders import notices
+from perfx.engine.text.tokenizer import Tokenizer
 print(notices())
 try:
     Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]})
@@ -288,11 +288,11 @@ def test_without_tokenizers_a_saved_tokenizer_json_still_loads(fast, tmp_path: P
     fast.save(tmp_path)
     text = SAMPLES[6] + SAMPLES[1]
     code = f"""
-from perfx.engine.tokenizer import Tokenizer
+from perfx.engine.text.tokenizer import Tokenizer
 tok = Tokenizer.from_files({str(tmp_path)!r})
 print(type(tok._backend.tok).__module__, tok.encode({text!r}), tok.bos_id, tok.add_bos, sorted(tok.eot_ids))
 """
     result = run_blocked(code, "tokenizers")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split(" ", 1)[0] == "perfx.engine.bpe"
+    assert result.stdout.split(" ", 1)[0] == "perfx.engine.text.bpe"
     assert result.stdout.split(" ", 1)[1].strip() == f"{fast.encode(text)} {fast.bos_id} {fast.add_bos} {sorted(fast.eot_ids)}"

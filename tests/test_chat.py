@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from perfx.engine.chat import CHATML_TEMPLATE, ChatTemplate
+from perfx.engine.text.chat_template import CHATML_TEMPLATE, ChatTemplate
 from perfx.engine.errors import PerfxError
 from tests.conftest import smollm2_gguf
 

@@ -25,9 +25,12 @@ from rich.console import Console
 
 from perfx.engine import load_model
 from perfx.engine.conversation import ChatSession, Conversation
+from perfx.engine.dirs import history_path
 from perfx.engine.errors import PerfxError
 from perfx.engine.sampler import Sampling
-from perfx.cli.chat import ChatUI, apply_settings, history_path, model_label, slash_completer, unknown_command
+from perfx.cli.chat.commands import apply_settings, slash_completer, unknown_command
+from perfx.cli.chat.render import model_label
+from perfx.cli.chat.ui import ChatUI
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTER, ALT_ENTER, CTRL_C, CTRL_D = "\r", "\x1b\r", "\x03", "\x04"

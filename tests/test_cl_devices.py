@@ -353,15 +353,6 @@ def test_measure_bandwidth_on_a_real_device(monkeypatch, tmp_path):
     assert 1e8 < value < 1e14
 
 
-def test_root_dir_is_the_kernel_cache_parent(monkeypatch, tmp_path):
-    pytest.importorskip("pyopencl")
-    from perfx.engine.backends.opencl.runtime import cache_dir
-
-    assert dev.root_dir() == cache_dir().parent
-    monkeypatch.setenv("PERFX_HOME", str(tmp_path))
-    assert dev.root_dir() == cache_dir().parent == tmp_path
-
-
 # ---- perfx devices ----------------------------------------------------------------------------------
 
 

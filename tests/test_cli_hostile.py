@@ -114,7 +114,7 @@ def test_chat_survives_an_unexpected_error():
 
     from rich.console import Console
 
-    from perfx.cli.chat import ChatUI
+    from perfx.cli.chat.ui import ChatUI
 
     def send(text):
         raise ValueError("probabilities contain NaN")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from perfx.engine import load_model
-from perfx.engine.chat import ChatTemplate
+from perfx.engine.text.chat_template import ChatTemplate
 from perfx.engine.conversation import ChatSession, Conversation, Turn
 from perfx.engine.errors import PerfxError
 from perfx.engine.sampler import Sampling

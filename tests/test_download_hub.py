@@ -13,7 +13,8 @@ import pytest
 
 from perfx.engine import download
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import Source, load_registry, local_path, models_dir, resolve
+from perfx.engine.dirs import models_dir
+from perfx.engine.registry import Source, load_registry, local_path, resolve
 from tests import test_download
 from tests.test_download import PAYLOAD, leftovers, make_entry, send_ranged
 

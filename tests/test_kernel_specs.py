@@ -135,10 +135,10 @@ def test_gemv_over_the_local_memory_limit_is_refused_before_it_is_built(monkeypa
     import numpy as np
 
     from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
-    from perfx.engine.backends.opencl.packing import quantize_int4
+    from perfx.engine.quantize import quantize_int4
 
     rt, device = _cpu_runtime()
-    w = DeviceMatrix.from_int4(rt, *quantize_int4(np.ones((64, 128), np.float32)), 32)
+    w = DeviceMatrix.from_int4(rt, *quantize_int4(np.ones((64, 128), np.float32), 32), 32)
     x, y = rt.to_device(np.ones((1, 128), np.float32)), rt.empty(4 * 64)
     mm = Matmul(rt, {"gemv_ksplit": 16, "gemv_wg_rows": 8, "gemv_int_dot": False})
     mm.linear(x, w, 1, y)                                 # fits the real device

@@ -7,7 +7,8 @@ import pytest
 
 from perfx.engine import registry
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import ModelEntry, Source, load_registry, local_path, models_dir, resolve
+from perfx.engine.dirs import models_dir
+from perfx.engine.registry import ModelEntry, Source, load_registry, local_path, resolve
 
 ENTRY = """
 default = "tiny"

@@ -12,7 +12,8 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from perfx.engine.errors import PerfxError
 from tests.conftest import smollm2_gguf
-from perfx.engine.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
+from perfx.engine.text.pretokenizers import PRE_TOKENIZERS
+from perfx.engine.text.tokenizer import StreamDecoder, Tokenizer
 
 
 
@@ -129,7 +130,7 @@ def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
 # --------------------------------------------------------------------------- real model
 
 def test_smollm2_chat_prompt_ids(smollm2: Tokenizer) -> None:
-    from perfx.engine.chat import ChatTemplate
+    from perfx.engine.text.chat_template import ChatTemplate
 
     prompt = ChatTemplate.from_tokenizer(smollm2).render(
         [{"role": "user", "content": "What is the capital of France?"}])

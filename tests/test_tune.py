@@ -96,11 +96,11 @@ def test_perfx_tune_is_read_by_the_next_run(tmp_path, monkeypatch, tiny_gguf):
     from perfx.cli.main import app
     from perfx.engine.backends.opencl import matmul, tuner, tuning
 
-    from perfx.engine.backends.opencl.runtime import cache_dir
+    from perfx.engine.dirs import kernel_cache_dir
 
     sel = opencl_selection()
     path, *_ = tiny_gguf
-    shared = cache_dir()                          # the compiled kernels of earlier runs: not what this tests
+    shared = kernel_cache_dir()                   # the compiled kernels of earlier runs: not what this tests
     shared.mkdir(parents=True, exist_ok=True)
     (tmp_path / "cl-cache").symlink_to(shared, target_is_directory=True)
     monkeypatch.setenv("PERFX_HOME", str(tmp_path))

@@ -42,7 +42,7 @@ from ..llm import LLM
 from ..memory import check_available
 from ..paged import PagedBatch
 from ..sampler import Sampling
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .blocks import BlockAllocator
 from .metrics import EngineCounters
 

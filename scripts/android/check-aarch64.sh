@@ -7,7 +7,7 @@
 #
 #   numpy        --device numpy, all dependencies (tokenizers, sentencepiece) installed
 #   pocl         --device cpu through PoCL (Debian's pocl-opencl-icd) and pyopencl, when both install
-#   pure-re      --device numpy without tokenizers, sentencepiece and regex (engine/bpe.py on `re`)
+#   pure-re      --device numpy without tokenizers, sentencepiece and regex (engine/text/bpe.py on `re`)
 #   pure-regex   as pure-re, with the `regex` module installed
 #
 # Each reply (token ids and text) is compared with the one perfx gives on this x86-64 machine.

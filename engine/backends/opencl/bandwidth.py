@@ -1,5 +1,5 @@
 """The copy bandwidth of each OpenCL device: kernels/copy.cl timed on the device, measured once per boot
-and kept in `<root>/devices.json` (`<root>`: devices.root_dir()), the figure the bench measures its
+and kept in `<root>/devices.json` (`<root>`: engine.dirs.cache_dir()), the figure the bench measures its
 kernels' achieved GB/s against.
 """
 from __future__ import annotations
@@ -10,9 +10,10 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from ...dirs import cache_dir
 from ...errors import PerfxError
 from . import devices
-from .devices import MiB, DeviceInfo, atomic_write_text, describe, root_dir, runtime
+from .devices import MiB, DeviceInfo, atomic_write_text, describe, runtime
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,7 +35,7 @@ def _resolve(device: cl.Device | DeviceInfo) -> tuple[DeviceInfo, cl.Device]:
 
 
 def devices_json() -> Path:
-    return root_dir() / "devices.json"
+    return cache_dir() / "devices.json"
 
 
 def _bandwidth_key(info: DeviceInfo) -> str:

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ...dirs import kernel_cache_dir
 from . import sources as kernel_sources
-from .runtime import cache_dir
 
 Progress = Callable[[str, int, int], None]     # (what, done, total)
 FIRST_RUN = "compiling kernels (first run only)"
@@ -72,7 +72,7 @@ def manifest_path(backend: Any) -> Path:
                      sort_keys=True, default=str)
     name = f"programs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     pocl = "Portable Computing Language" in device.platform.name
-    return pocl_cache_dir() / f"perfx-{name}" if pocl else cache_dir() / name
+    return pocl_cache_dir() / f"perfx-{name}" if pocl else kernel_cache_dir() / name
 
 
 def read_manifest(path: Path) -> list[tuple[str, dict]]:

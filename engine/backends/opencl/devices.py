@@ -11,8 +11,7 @@ PoCL CPU threads: PoCL reads its thread count once, when the process first lists
 platforms. `set_cpu_threads(n)` sets it and must come before anything lists them (list_devices,
 select, pyopencl.get_platforms); it raises PerfxError when called later.
 
-perfx's cache root, `<root>`, is $PERFX_HOME or the user cache directory (the parent of the kernel
-cache): `root_dir()`. Each device's copy bandwidth: bandwidth.py.
+perfx's files lie in its cache directory (engine.dirs). Each device's copy bandwidth: bandwidth.py.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...dirs import cache_dir
 from ...errors import PerfxError
 from . import device_keys, drivers
 
@@ -131,7 +131,7 @@ def _opencl():
 def setup_icd() -> None:
     """Points the ICD loader at the drivers perfx lists (drivers.py); before anything lists the
     platforms (enumerate_devices does it; code that calls pyopencl.get_platforms itself calls this first)."""
-    drivers.setup_icd(root_dir() / "opencl-vendors", intel=drivers.intel_library())
+    drivers.setup_icd(cache_dir() / "opencl-vendors", intel=drivers.intel_library())
 
 
 def enumerate_devices() -> list[tuple[DeviceInfo, cl.Device]]:
@@ -387,15 +387,6 @@ def set_cpu_threads(n: int) -> None:
 
 # ---- files ----------------------------------------------------------------------------------------
 
-
-def root_dir() -> Path:
-    """perfx's cache root: $PERFX_HOME or the user cache directory (runtime.cache_dir()'s parent)."""
-    home = os.environ.get("PERFX_HOME")
-    if home:
-        return Path(home)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("perfx"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

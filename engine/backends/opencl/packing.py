@@ -126,18 +126,6 @@ def pack_floats(w: np.ndarray, dtype) -> np.ndarray:
     return np.concatenate(blocks, axis=1).reshape(-1)
 
 
-def quantize_int4(w: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest asymmetric int4 per group: (q uint8 [N, K], scale, zero [N, K/group]) with
-    scale and zero rounded to fp16 first, so w ~ q*scale + zero holds for the stored values."""
-    rows, cols = w.shape
-    g = np.asarray(w, np.float32).reshape(rows, cols // group, group)
-    lo, hi = g.min(axis=2), g.max(axis=2)
-    scale = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
-    zero = lo.astype(np.float16).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1)[..., None]
-    q = np.clip(np.rint((g - zero[..., None]) / safe), 0, 15).astype(np.uint8)
-    return q.reshape(rows, cols), scale, zero
-
 
 def quantize_xq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [T, K] (K a multiple of 32) in int16 blocks of 32 as kernels/xq.h computes them, in natural

@@ -10,17 +10,16 @@ with profiling enabled, and each one's event is kept with its cost (bytes, FLOPs
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
 
+from ...dirs import kernel_cache_dir
 from ...errors import PerfxError
 from .drivers import driver_of
 from .sources import kernel_source
@@ -31,11 +30,6 @@ from .specs import source_defaults
 warnings.filterwarnings("ignore", category=cl.CompilerWarning)
 
 
-def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    home = os.environ.get("PERFX_HOME")
-    return Path(home) / "cl-cache" if home else Path(user_cache_dir("perfx")) / "cl-cache"
 
 
 class Runtime:
@@ -72,7 +66,7 @@ class Runtime:
         with lock:
             if key in self._programs:
                 return self._programs[key]
-            directory = cache_dir()
+            directory = kernel_cache_dir()
             directory.mkdir(parents=True, exist_ok=True)
             try:
                 prg = cl.Program(self.ctx, kernel_source(name)).build(options=list(options), cache_dir=str(directory))

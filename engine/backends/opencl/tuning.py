@@ -34,8 +34,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ...dirs import tuning_dir
 from ...errors import PerfxError
-from .devices import DeviceInfo, atomic_write_text, root_dir
+from .devices import DeviceInfo, atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -158,7 +159,7 @@ def device_slug(info: DeviceInfo) -> str:
 
 
 def override_path(info: DeviceInfo) -> Path:
-    return root_dir() / "tuning" / f"{device_slug(info)}.toml"
+    return tuning_dir() / f"{device_slug(info)}.toml"
 
 
 def load_override(info: DeviceInfo) -> dict[str, Params]:

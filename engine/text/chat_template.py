@@ -27,7 +27,7 @@ from jinja2.visitor import NodeTransformer
 from perfx.engine.errors import PerfxError
 
 if TYPE_CHECKING:
-    from perfx.engine.tokenizer import Tokenizer
+    from perfx.engine.text.tokenizer import Tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -1,246 +1,26 @@
-"""`perfx chat`: an interactive chat in the terminal.
-
-Input is a prompt-toolkit session: Enter sends, Alt-Enter (Esc Enter) or Ctrl-J adds a line,
-pasted text stays one message, Tab completes slash commands, history persists across sessions.
-Replies stream through rich and are then shown as Markdown. Ctrl-C during a reply stops it; the
-part already shown stays in the conversation (see engine.conversation). Ctrl-C on an empty line,
-Ctrl-D or /exit leaves.
-
-With standard input or output not a terminal, it reads one message per line and prints plain
-replies, one per message, for scripts.
-"""
+"""The chat loop and its commands, on a rich console (the TUI) or in plain lines (scripts)."""
 from __future__ import annotations
 
-import difflib
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Optional
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-import platformdirs
-import typer
-from rich.console import Console, ConsoleOptions, RenderResult
+from rich.console import Console
 from rich.markup import escape
-from rich.segment import Segment
 
+from perfx.cli.chat.commands import ALIASES, COMMANDS, KEYS_HELP, apply_settings, describe_settings, unknown_command
+from perfx.cli.chat.commands import slash_completer
+from perfx.cli.chat.render import Tail, chat_markdown, model_label, stats_line
+from perfx.cli.chat.terminal import key_bindings, quiet_keyboard
+from perfx.cli.main import unexpected, valid_text
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import HOME_ENV
-from perfx.engine.sampler import OPTIONS, Option, Sampling
-from perfx.cli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
-from perfx.cli.sampling import sampling_options
 
 if TYPE_CHECKING:
-    from prompt_toolkit.completion import Completer
     from prompt_toolkit.history import History
-    from prompt_toolkit.key_binding import KeyBindings
-    from rich.markdown import Markdown
 
     from perfx.engine.conversation import ChatSession, Reply
     from perfx.engine.llm import LLM
-
-COMMANDS: dict[str, tuple[str, str]] = {
-    "/help": ("", "this help"),
-    "/reset": ("", "start over (the system prompt stays)"),
-    "/system": ("TEXT", "set the system prompt; without TEXT, show it"),
-    "/set": ("KEY=VALUE …", "sampling settings; without arguments, show them"),
-    "/stats": ("", "timings of the last reply, context use"),
-    "/show": ("", "the model: architecture, quantization, context, template, file"),
-    "/save": ("FILE", "save the conversation as JSON"),
-    "/load": ("FILE", "load a conversation saved by /save"),
-    "/exit": ("", "leave (also Ctrl-D, or Ctrl-C on an empty line)"),
-}
-ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/clear": "/reset"}
-
-KEYS_HELP = [
-    ("Enter", "send"),
-    ("Alt-Enter", "new line (also Esc Enter, Ctrl-J); pasted text stays one message"),
-    ("Ctrl-C", "stop the reply (what was shown stays); on an empty line, leave"),
-    ("Tab  ↑ ↓", "complete a command; earlier messages"),
-    ("//text", "send a message that starts with /"),
-]
-
-
-SETTINGS: dict[str, Option] = {o.set_key: o for o in OPTIONS}    # /set keys
-SETTING_ALIASES = {"temperature": "temp", "n": "max_tokens", "top-k": "top_k", "top-p": "top_p",
-                   "min-p": "min_p"}
-
-
-def apply_settings(args: str, sampling: Sampling) -> Sampling:
-    """`sampling` changed by `KEY=VALUE …`; PerfxError names the first bad key or value."""
-    changes: dict[str, Any] = {}
-    for item in args.split():
-        key, eq, value = item.partition("=")
-        if not eq or not value:
-            raise PerfxError(f"write settings as KEY=VALUE, e.g. /set temp=0.7 (got '{item}')")
-        key = SETTING_ALIASES.get(key.lower(), key.lower())
-        setting = SETTINGS.get(key)
-        if setting is None:
-            close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise PerfxError(f"unknown setting '{key}'; {hint}(settings: {', '.join(SETTINGS)})")
-        try:
-            changes[setting.name] = setting.parse(value)
-        except ValueError:
-            raise PerfxError(f"{key} must be {setting.kind} (got '{value}')") from None
-    return sampling.with_(**changes)
-
-
-def describe_settings(sampling: Sampling) -> str:
-    values = {key: getattr(sampling, s.name) for key, s in SETTINGS.items()}
-    values["seed"] = "random" if sampling.seed is None else sampling.seed
-    return "  ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in values.items())
-
-
-def unknown_command(name: str) -> str:
-    close = difflib.get_close_matches(name, [*COMMANDS, *ALIASES], n=1, cutoff=0.5)
-    if close:
-        return f"unknown command {name}; did you mean {ALIASES.get(close[0], close[0])}? (/help lists them)"
-    return f"unknown command {name} (/help lists them; start with // to send a message beginning with /)"
-
-
-def history_path() -> Path:
-    """Where input history persists: $PERFX_HOME/history, else in the user data directory."""
-    home = os.environ.get(HOME_ENV)
-    base = Path(home).expanduser() if home else Path(platformdirs.user_data_dir("perfx"))
-    return base / "history"
-
-
-def model_label(llm: LLM) -> tuple[str, str]:
-    """A model's name (its file's) and quantization, e.g. ('SmolLM2-135M-Instruct', 'Q4_1')."""
-    import gguf
-
-    name = llm.path.stem
-    quant = ""
-    file_type = llm.metadata.get("general.file_type")
-    if isinstance(file_type, int):
-        try:
-            quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
-        except ValueError:
-            pass
-    if quant and name[-len(quant) - 1:].lower() in (f"{sep}{quant.lower()}" for sep in ".-_"):
-        name = name[: -len(quant) - 1]
-    return name, quant
-
-
-def stats_line(reply: Reply) -> str:
-    """One line of figures: prompt tokens and speed, reply tokens and speed, time to first token."""
-    s = reply.stats
-    if s is None:
-        return ""
-    parts = [f"prompt {s.prompt_tokens} tok" + (f" ({reply.reused_tokens} cached)" if reply.reused_tokens else "")
-             + (f", {s.prompt_tps:.0f} t/s" if s.prompt_tokens else "")]
-    if reply.tokens:
-        parts.append(f"reply {len(reply.tokens)} tok" + (f", {s.gen_tps:.1f} t/s" if s.gen_tps else ""))
-        parts.append(f"first token {s.ttft_s:.2f} s")
-    return " · ".join(parts)
-
-
-def slash_completer() -> Completer:
-    """Tab completion: command names with their help, /set keys, and paths after /save and /load."""
-    from prompt_toolkit.completion import Completer, Completion, PathCompleter
-    from prompt_toolkit.document import Document
-
-    paths = PathCompleter(expanduser=True)
-
-    class SlashCompleter(Completer):
-        def get_completions(self, document, complete_event):
-            text = document.text_before_cursor
-            if not text.startswith("/") or "\n" in text:
-                return
-            name, space, rest = text.partition(" ")
-            if not space:
-                for command_name, (args, help_text) in COMMANDS.items():
-                    if command_name.startswith(name):
-                        yield Completion(command_name, -len(name), display=f"{command_name} {args}".rstrip(),
-                                         display_meta=help_text)
-            elif name == "/set":
-                word = rest.rsplit(" ", 1)[-1]
-                if "=" not in word:
-                    for key, setting in SETTINGS.items():
-                        if key.startswith(word):
-                            yield Completion(f"{key}=", -len(word), display_meta=setting.kind)
-            elif name in ("/save", "/load"):
-                yield from paths.get_completions(Document(rest, len(rest)), complete_event)
-
-    return SlashCompleter()
-
-
-def key_bindings() -> KeyBindings:
-    """Enter sends; Alt-Enter, Esc Enter and Ctrl-J add a line; Ctrl-C clears the line, or leaves when it is empty."""
-    from prompt_toolkit.key_binding import KeyBindings
-
-    kb = KeyBindings()
-
-    @kb.add("enter")
-    def _send(event) -> None:
-        event.current_buffer.validate_and_handle()
-
-    @kb.add("escape", "enter")
-    @kb.add("c-j")
-    def _newline(event) -> None:
-        event.current_buffer.insert_text("\n")
-
-    @kb.add("c-c")
-    def _cancel(event) -> None:
-        if event.current_buffer.text:
-            event.current_buffer.reset()
-        else:
-            event.app.exit(exception=EOFError())
-
-    return kb
-
-
-def chat_markdown(text: str) -> Markdown:
-    """Markdown as a chat model means it: a single newline breaks the line."""
-    from rich.markdown import Markdown
-
-    markdown = Markdown(text, code_theme="monokai")
-    for token in markdown.parsed:
-        for child in token.children or ():
-            if child.type == "softbreak":
-                child.type = "hardbreak"
-    return markdown
-
-
-class Tail:
-    """The last lines of a renderable that fit in `height`, so a live view follows the end of a long reply."""
-
-    def __init__(self, renderable: Any, height: int) -> None:
-        self.renderable = renderable
-        self.height = max(1, height)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        lines = console.render_lines(self.renderable, options, pad=False)
-        for line in lines[-self.height:]:
-            yield from line
-            yield Segment.line()
-
-
-@contextmanager
-def quiet_keyboard(stream: IO[str]) -> Iterator[None]:
-    """Keys typed meanwhile (while the model loads, while a reply streams) are not echoed over the
-    output; they stay queued, Enter included, for the next prompt. Ctrl-C still interrupts."""
-    try:
-        import termios
-    except ImportError:             # Windows: keys echo as they are typed
-        termios = None              # type: ignore[assignment]
-    if termios is None or not stream.isatty():
-        yield
-        return
-    fd = stream.fileno()
-    saved = termios.tcgetattr(fd)
-    quiet = list(saved)
-    quiet[0] &= ~termios.ICRNL
-    quiet[3] &= ~(termios.ECHO | termios.ICANON)
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class ChatUI:
@@ -518,43 +298,3 @@ class ChatUI:
     def error(self, text: str) -> None:
         target = self.console if self.rich_output else self.errors
         target.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
-
-
-@command
-@sampling_options
-def chat(
-    model: Optional[str] = ModelOpt,
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    device: str = DeviceOpt,
-    threads: Optional[int] = ThreadsOpt,
-    ctx: Optional[int] = CtxOpt,
-    sampling=None,  # --temp, --top-k, ... (perfxcli.sampling)
-    n: Optional[int] = typer.Option(None, "-n", "--n-predict", min=1, help="Most tokens per reply (default: what the context holds)."),
-):
-    """Chat with a model in the terminal. With standard input not a terminal: one message per line, plain replies."""
-    from perfx.engine.conversation import ChatSession, Conversation
-
-    if n is not None:
-        sampling = sampling.with_(max_tokens=n)
-    with quiet_keyboard(sys.stdin):
-        llm = load(model, device, ctx, threads)
-    if n is None:
-        sampling = sampling.with_(max_tokens=llm.ctx)
-    session = ChatSession(llm, Conversation(system=None if system is None else valid_text(system)), sampling)
-    if sys.stdin.isatty() and sys.stdout.isatty():
-        ChatUI(session, Console(highlight=False)).run_tui(_file_history())
-    else:
-        ChatUI(session, Console(highlight=False, soft_wrap=True), rich_output=False, errors=err).run_lines(sys.stdin)
-
-
-def _file_history() -> History:
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
-
-    path = history_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)
-    except OSError as e:
-        err.print(f"[dim]history is not kept: cannot write {path} ({e.strerror or e})[/]")
-        return InMemoryHistory()
-    return FileHistory(str(path))

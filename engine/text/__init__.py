@@ -1,0 +1,1 @@
+"""Text in and out of a model: tokenizers (byte-level BPE and SentencePiece) and chat templates."""
