@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.segment import Segment
 
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import HOME_ENV
+from perfx.engine.hub.registry import HOME_ENV
 from perfx.engine.sampler import OPTIONS, Option, Sampling
 from perfx.cli.main import CtxOpt, DeviceOpt, ModelOpt, ThreadsOpt, command, err, load, unexpected, valid_text
 from perfx.cli.sampling import sampling_options

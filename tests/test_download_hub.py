@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from perfx.engine import download
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import Source, load_registry, local_path, models_dir, resolve
+from perfx.engine.hub import download
+from perfx.engine.hub.registry import Source, load_registry, local_path, models_dir, resolve
 from tests import test_download
 from tests.test_download import PAYLOAD, leftovers, make_entry, send_ranged
 

@@ -42,7 +42,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from ...tensors import QTensor
+from ...formats.tensors import QTensor
 from . import gemm_mma, weights
 from .runtime import Runtime
 from .specs import defaults
