@@ -19,8 +19,8 @@ import numpy as np
 from .backends import open_backend
 from .text.chat_template import ChatTemplate
 from .errors import ModelFileError, PerfxError, reading_model
+from .formats.loader import open_model
 from .generation import Generation, Sequence, Stats
-from .loader import open_model
 from .memory import PHONE_CTX, check_available, estimate, is_android, weight_bytes
 from .model import Transformer, checked_ids, weights_from_tensors
 from .sampler import Sampling
@@ -145,7 +145,7 @@ def load_model(name_or_path: str | Path | None = None, device: str = "numpy", ct
     """Load a registry model (downloaded on first use) or a model file, on `device`. With `kernels`
     (a progress callback: what, done, total), an OpenCL backend builds the kernels the model runs
     now rather than at their first use (Backend.prepare)."""
-    from .registry import resolve
+    from .hub.registry import resolve
 
     path, _ = resolve(None if name_or_path is None else str(name_or_path), progress=progress)
     model = open_model(path)

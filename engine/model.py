@@ -26,8 +26,8 @@ import numpy as np
 
 from .backends import Backend
 from .config import ModelConfig
-from .tensors import QTensor
 from .errors import PerfxError, TokenIdError
+from .formats.tensors import QTensor
 from .paged import PagedBatch
 
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import PerfxError
+from .formats.tensors import INT4_GROUPS, QTensor
 from .model import LayerWeights, Weights
-from .tensors import INT4_GROUPS, QTensor
 
 Q8_BLOCK, Q8_BYTES = 32, 34
 UNIFORM_NIBBLE_STD = math.sqrt((16 * 16 - 1) / 12)   # std of q uniform in 0..15

@@ -17,7 +17,7 @@ def _source(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    from perfx.engine.registry import resolve
+    from perfx.engine.hub.registry import resolve
 
     return resolve(name, progress=True)[0]
 
@@ -40,7 +40,7 @@ def convert(
         TimeElapsedColumn,
     )
 
-    from perfx.engine.convert import convert as run_convert
+    from perfx.engine.formats.convert import convert as run_convert
 
     src = _source(source)
     columns = [TextColumn(f"{quant}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeElapsedColumn()]
@@ -81,8 +81,8 @@ def export(
 ):
     """Write a model (GGUF, perfx, HF or AutoAWQ) as a Hugging Face checkpoint: LlamaForCausalLM, safetensors,
     tokenizer, chat template."""
-    from perfx.engine.export import export_hf
-    from perfx.engine.registry import resolve
+    from perfx.engine.formats.export import export_hf
+    from perfx.engine.hub.registry import resolve
 
     path = _source(model) if model is not None else resolve(None, progress=True)[0]
     out = export_hf(path, hf, dtype=dtype, force=force)

@@ -294,8 +294,8 @@ def download(
     verify: bool = typer.Option(False, "--verify", help="Re-hash a file already downloaded."),
 ):
     """Fetch a model into the model cache, resuming an unfinished download (a no-op when it is there)."""
-    from perfx.engine import download as dl
-    from perfx.engine.registry import load_registry
+    from perfx.engine.hub import download as dl
+    from perfx.engine.hub.registry import load_registry
 
     registry = load_registry()
     entry = registry.get(name or registry.default)

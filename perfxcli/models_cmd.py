@@ -47,7 +47,7 @@ def header_facts(path: Path) -> dict:
     header; {} for a file that is not GGUF."""
     from gguf.constants import LlamaFileType
 
-    from perfx.engine.gguf_file import parse_header
+    from perfx.engine.formats.gguf_file import parse_header
 
     try:
         header = parse_header(path)
@@ -85,9 +85,9 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def describe(entry, path: Path | None = None, default: bool = False) -> ModelInfo:
     """A registry entry (or a bare file when `entry` is None) with what its local file says."""
-    from perfx.engine import download
+    from perfx.engine.hub import download
     from perfx.engine.memory import HEADROOM, available_bytes
-    from perfx.engine.registry import local_path
+    from perfx.engine.hub.registry import local_path
 
     path = path or local_path(entry)
     here = path.is_file() and (entry is None or entry.size is None or path.stat().st_size == entry.size)
@@ -123,7 +123,7 @@ def _fits(flag: bool | None) -> str:
 @command
 def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")):
     """List the registry's models: architecture, size, quantization, downloaded, fits in memory."""
-    from perfx.engine.registry import load_registry
+    from perfx.engine.hub.registry import load_registry
 
     registry = load_registry()
     infos = [describe(e, default=e.name == registry.default) for e in registry.models.values()]
@@ -146,7 +146,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 
 def _lookup(model: str):
     """A registry entry or hub file by name (None for a path), and where its file is."""
-    from perfx.engine.registry import load_registry, local_path
+    from perfx.engine.hub.registry import load_registry, local_path
 
     path = Path(model).expanduser()
     if path.is_file():
@@ -192,8 +192,8 @@ def rm(
     names: list[str] = typer.Argument(..., help="Registry names or hf:ORG/REPO/FILE specs."),
 ):
     """Delete downloaded models (and unfinished downloads) from the model cache."""
-    from perfx.engine import download
-    from perfx.engine.registry import local_path
+    from perfx.engine.hub import download
+    from perfx.engine.hub.registry import local_path
 
     for name in names:
         entry, path = _lookup(name)

@@ -15,7 +15,7 @@ INSTALL_HINT = "perfx serve needs starlette and uvicorn: pip install 'perfx-llm[
 
 def model_id(name_or_path: Optional[str]) -> str:
     """The name clients send as "model": the registry name, or the model file's name without suffix."""
-    from perfx.engine.registry import load_registry
+    from perfx.engine.hub.registry import load_registry
 
     registry = load_registry()
     if name_or_path is None:

@@ -40,8 +40,8 @@ def tune(
     check_groups(groups)
     shapes, label = SMOLLM2_SHAPES, "SmolLM2-135M"
     if model is not None:
-        from perfx.engine.loader import open_model
-        from perfx.engine.registry import resolve
+        from perfx.engine.formats.loader import open_model
+        from perfx.engine.hub.registry import resolve
 
         path, _ = resolve(model, progress=True)
         shapes, label = model_shapes(open_model(path).config), path.name

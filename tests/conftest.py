@@ -31,7 +31,7 @@ def smollm2_gguf() -> Path:
     path = os.environ.get("PERFX_TEST_GGUF")
     if path:
         return Path(path)
-    from perfx.engine.registry import resolve
+    from perfx.engine.hub.registry import resolve
 
     try:
         found, _ = resolve(None, progress=False)
@@ -77,7 +77,7 @@ F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": 
 def random_blocks(qtype: str, shape: tuple[int, int], rng: np.random.Generator, std: float) -> np.ndarray:
     """Random blocks of a GGUF block type, uint8 [rows, bytes per row], whose values have about `std`:
     random bytes, the fp16 factors (d, dmin) set to one common factor per tensor."""
-    from perfx.engine.quants import BLOCK_SIZES, dequantize
+    from perfx.engine.quant.gguf_blocks import BLOCK_SIZES, dequantize
 
     elems, nbytes = BLOCK_SIZES[qtype]
     blocks = rng.integers(0, 256, (shape[0] * shape[1] // elems, nbytes), dtype=np.uint8)

@@ -8,7 +8,7 @@ from gguf import RopeScalingType
 
 from perfx.engine import load_model
 from perfx.engine.errors import PerfxError
-from perfx.engine.gguf_file import read_gguf
+from perfx.engine.formats.gguf_file import read_gguf
 from tests.ggufgen import GGUFSpec, write_gguf
 
 SPECS = {
@@ -122,7 +122,7 @@ def test_unknown_architecture_is_named(tmp_path):
 
 def test_convert_refuses_what_it_would_drop(tmp_path):
     """perfx's own format holds the plain LLaMA block: a gemma3 file is refused, not half-converted."""
-    from perfx.engine.convert import convert
+    from perfx.engine.formats.convert import convert
 
     path = tmp_path / "g.gguf"
     write_gguf(path, SPECS["gemma3"])

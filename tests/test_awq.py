@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from perfx.engine import load_model
-from perfx.engine.awq import (
+from perfx.engine.quant.awq import (
     CALIB_SAMPLES,
     CALIB_SEQ_LEN,
     DEFAULT_CALIBRATION,
@@ -25,11 +25,10 @@ from perfx.engine.awq import (
     tie_heads,
 )
 from perfx.engine.backends.numpy_backend import rope_tables
-from perfx.engine.convert import convert
 from perfx.engine.errors import PerfxError
-from perfx.engine.loader import open_model
-from perfx.engine.perfx_format import read_safetensors
-from perfx.engine.quantize import fake_int4
+from perfx.engine.formats.loader import open_model
+from perfx.engine.formats.perfx_format import read_safetensors
+from perfx.engine.quant.quantize import fake_int4
 from tests.conftest import TinySpec, write_tiny_gguf
 
 TEXT = " ".join(f"then {i} thin hens in the inn, the tin hut, the hen then" for i in range(80))

@@ -13,15 +13,15 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from perfx.engine import load_model
-from perfx.engine.awq import LINEARS, fold_scales, layer_forward, tie_heads
 from perfx.engine.backends.numpy_backend import NumpyBackend, rope_tables
-from perfx.engine.convert import convert
 from perfx.engine.errors import PerfxError
-from perfx.engine.export import export_hf
-from perfx.engine.hf import hf_name, unpermute_qk
-from perfx.engine.loader import open_model
+from perfx.engine.formats.convert import convert
+from perfx.engine.formats.export import export_hf
+from perfx.engine.formats.hf import hf_name, unpermute_qk
+from perfx.engine.formats.loader import open_model
+from perfx.engine.formats.tensors import QTensor
 from perfx.engine.model import Transformer, weights_from_tensors
-from perfx.engine.tensors import QTensor
+from perfx.engine.quant.awq import LINEARS, fold_scales, layer_forward, tie_heads
 from tests.conftest import CHATML, TinySpec, write_tiny_gguf
 from tests.test_convert import perfx
 

@@ -46,7 +46,7 @@ def engine(request, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_fields(default_model_path) -> dict:
-    from perfx.engine.gguf_file import read_gguf
+    from perfx.engine.formats.gguf_file import read_gguf
 
     return read_gguf(default_model_path).metadata
 

@@ -17,7 +17,7 @@ import pytest
 cl = pytest.importorskip("pyopencl")
 
 from perfx.engine.errors import PerfxError
-from perfx.engine.tensors import QTensor
+from perfx.engine.formats.tensors import QTensor
 from tests.conftest import held_by_xq
 
 RTOL = 1e-4

@@ -12,11 +12,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from perfx.engine import Sampling, load_model
-from perfx.engine.convert import convert
 from perfx.engine.errors import PerfxError
-from perfx.engine.export import export_hf
-from perfx.engine.loader import open_model
-from perfx.engine.perfx_format import FORMAT_VERSION, read_perfx, safetensors_header
+from perfx.engine.formats.convert import convert
+from perfx.engine.formats.export import export_hf
+from perfx.engine.formats.loader import open_model
+from perfx.engine.formats.perfx_format import FORMAT_VERSION, read_perfx, safetensors_header
 from tests.conftest import TinySpec, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_cli_ctrl_c_leaves_no_file(f32_hf, calib, tmp_path):
     _, hf = f32_hf
     out = tmp_path / "m.safetensors"
     code = (
-        "import perfx.engine.awq as awq\n"
+        "import perfx.engine.quant.awq as awq\n"
         "real = awq.quantize_layer\n"
         "def interrupt(i, *a, **k):\n"
         "    if i == 1: raise KeyboardInterrupt\n"

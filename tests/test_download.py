@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from perfx.engine import download
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import ModelEntry, Source, local_path
+from perfx.engine.hub import download
+from perfx.engine.hub.registry import ModelEntry, Source, local_path
 
 PAYLOAD = os.urandom(1 << 20)
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from perfx.engine import download
 from perfx.engine.errors import PerfxError
 from perfx.engine.dirs import models_dir
-from perfx.engine.registry import Source, load_registry, local_path, resolve
+from perfx.engine.hub.registry import Source, load_registry, local_path, resolve
 from tests import test_download
 from tests.test_download import PAYLOAD, leftovers, make_entry, send_ranged
 

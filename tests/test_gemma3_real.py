@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from perfx.engine import load_model
-from perfx.engine.gguf_file import parse_header
-from perfx.engine.quants import BLOCK_SIZES
+from perfx.engine.formats.gguf_file import parse_header
+from perfx.engine.quant.gguf_blocks import BLOCK_SIZES
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ N = 32
 def gemma3_file() -> Path:
     path = os.environ.get("PERFX_GEMMA3_GGUF")
     if not path:
-        from perfx.engine.registry import resolve
+        from perfx.engine.hub.registry import resolve
 
         try:
             path, _ = resolve("gemma3-270m-it", progress=False)

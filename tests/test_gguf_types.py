@@ -9,8 +9,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from perfx.engine.quants import BLOCK_SIZES, SPLIT_TYPES, split
-from perfx.engine.tensors import QTensor
+from perfx.engine.formats.tensors import QTensor
+from perfx.engine.quant.gguf_blocks import BLOCK_SIZES, SPLIT_TYPES, split
 from tests.conftest import TinySpec, random_blocks, write_tiny_gguf
 from tests.test_cl_matmul import (assert_close, mm, mm_gpu_like, mm_nvidia, oracle, rt, run,  # noqa: F401 (fixtures)
                                   silu_mul, x_for)

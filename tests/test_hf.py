@@ -12,9 +12,9 @@ from safetensors.numpy import load_file, save_file
 
 from perfx.engine.backends.numpy_backend import NumpyBackend, apply_rope, rope_tables
 from perfx.engine.errors import PerfxError
-from perfx.engine.export import export_hf
-from perfx.engine.hf import AWQ_ORDER, permute_qk, unpack_awq, unpermute_qk
-from perfx.engine.loader import open_model
+from perfx.engine.formats.export import export_hf
+from perfx.engine.formats.hf import AWQ_ORDER, permute_qk, unpack_awq, unpermute_qk
+from perfx.engine.formats.loader import open_model
 from perfx.engine.model import Transformer, weights_from_tensors
 from tests.conftest import TinySpec, write_tiny_gguf
 

@@ -144,7 +144,7 @@ def test_estimate_options() -> None:
 def test_weight_bytes_and_the_numpy_backend(tiny_gguf) -> None:
     """The estimate covers what the NumPy backend really holds: float32 weights and the KV cache."""
     from perfx.engine.backends.numpy_backend import NumpyBackend
-    from perfx.engine.loader import open_model
+    from perfx.engine.formats.loader import open_model
     from perfx.engine.model import Transformer, weights_from_tensors
 
     path, _, _ = tiny_gguf

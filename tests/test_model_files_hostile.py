@@ -226,7 +226,7 @@ def test_unknown_tensors_are_refused(tiny, tmp_path):
 
 def test_supported_features_are_data(tiny, tmp_path, monkeypatch):
     """An architecture that declares a feature runs files that ask for it."""
-    from perfx.engine import features
+    from perfx.engine.formats import features
 
     monkeypatch.setitem(features.SUPPORTED, "llama", features.LLAMA | {"tensor rope_freqs.weight"})
     f = with_tensor(tiny, "rope_freqs.weight", np.ones(8))
@@ -312,7 +312,7 @@ def test_token_ids_outside_the_vocabulary(request, backend, bad):
 
 @pytest.fixture(scope="module")
 def perfx_file(tmp_path_factory) -> Path:
-    from perfx.engine.convert import convert
+    from perfx.engine.formats.convert import convert
 
     d = tmp_path_factory.mktemp("perfx")
     write_tiny_gguf(d / "m.gguf", TinySpec(seed=5))
@@ -372,7 +372,7 @@ def test_safetensors_layout(perfx_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    from perfx.engine.export import export_hf
+    from perfx.engine.formats.export import export_hf
 
     d = tmp_path_factory.mktemp("hf")
     write_tiny_gguf(d / "m.gguf", TinySpec(seed=5))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from perfx.engine.registry import load_registry
+from perfx.engine.hub.registry import load_registry
 from tests.test_cli import perfx
 
 

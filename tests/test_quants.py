@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from perfx.engine.errors import PerfxError
-from perfx.engine.quants import BLOCK_SIZES, dequantize, split_q4, split_q8_0
+from perfx.engine.quant.gguf_blocks import BLOCK_SIZES, dequantize, split_q4, split_q8_0
 from tests.conftest import F16_FIELDS   # byte offsets of the fp16 fields in each block type
 
 

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from perfx.engine import registry
 from perfx.engine.errors import PerfxError
 from perfx.engine.dirs import models_dir
-from perfx.engine.registry import ModelEntry, Source, load_registry, local_path, resolve
+from perfx.engine.hub.registry import ModelEntry, Source, load_registry, local_path, resolve
 
 ENTRY = """
 default = "tiny"
@@ -58,8 +57,8 @@ def test_default_entry_is_smollm2() -> None:
 
 
 def test_packaged_registry_is_the_repo_file() -> None:
-    packaged = Path(registry.__file__).with_name("models.toml")
-    repo = Path(registry.__file__).parent.parent / "models.toml"
+    packaged = Path(registry.__file__).parents[1] / "models.toml"
+    repo = Path(registry.__file__).parents[2] / "models.toml"
     assert packaged.read_text() == repo.read_text()
 
 

@@ -14,9 +14,9 @@ import numpy as np
 from . import Backend, Capabilities, DeviceReport
 from ..config import ModelConfig
 from ..errors import PerfxError
+from ..formats.tensors import QTensor
 from ..model import Weights
 from ..paged import PagedBatch, check_batch
-from ..tensors import QTensor
 
 
 @dataclass

@@ -2,7 +2,7 @@
 row-tile words (the layouts of kernels/gemv_tiles.h and kernels/wformat.h).
 
 No type is requantized: every form holds the tensor's own integers and factors, so the device weights
-equal `QTensor.dequantize()` bit for bit (`engine.quants.split`). Per stack, the first form that holds
+equal `QTensor.dequantize()` bit for bit (`engine.quant.gguf_blocks.split`). Per stack, the first form that holds
 all of its types:
 
 | form    | types                                   | per weight                       | kernel defines           |
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import PerfxError
-from ...quants import SPLIT_TYPES, split
-from ...tensors import QTensor
+from ...formats.tensors import QTensor
+from ...quant.gguf_blocks import SPLIT_TYPES, split
 
 INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K", "INT4"}
 INT8_TYPES = {"Q8_0", "INT8", "Q5_0", "IQ4_NL"}         # int8 values with their fp16 d per 32

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..errors import PerfxError
+from ..model import weights_from_tensors
+from ..text.tokenizer import Tokenizer
 from .convert import check_writable, write_error
-from .errors import PerfxError
 from .hf import hf_name, unpermute_qk
 from .loader import open_model
-from .model import weights_from_tensors
-from .text.tokenizer import Tokenizer
 
 DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}
 

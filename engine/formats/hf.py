@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, checked_config
-from .errors import ModelFileError, PerfxError
+from ..config import ModelConfig, checked_config
+from ..errors import ModelFileError, PerfxError
+from ..text.tokenizer import Tokenizer
 from .features import hf_requests, refuse_unsupported
 from .loader import ModelFile
 from .perfx_format import read_safetensors
 from .tensors import QTensor, int4_tensor
-from .text.tokenizer import Tokenizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 QKV_BIASED = ("Qwen2ForCausalLM",)     # architectures whose q/k/v projections (only) have biases

@@ -1,10 +1,10 @@
 """GGUF model files: metadata into a ModelConfig, tensors memory-mapped and kept as stored.
 
-Tensors stay in their quantized blocks (`engine.tensors.QTensor`).
+Tensors stay in their quantized blocks (`engine.formats.tensors.QTensor`).
 
 "qwen2" files hold the LLaMA block plus Q, K and V biases (`blk.N.attn_{q,k,v}.bias`), with Q and K
 rows in Hugging Face's rotate_half order (llama.cpp runs them with NEOX RoPE): reading permutes those
-rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.hf.permute_qk`).
+rows, and the Q and K biases alike, into the adjacent-pair order of "llama" files (`engine.formats.hf.permute_qk`).
 "gemma3" files too (and their per-head Q and K norm weights); their block is described by
 `arch_variations`. "phi3" files too, whose Q, K and V are one `attn_qkv` matrix and gate and up one
 `ffn_up` matrix [2 * ffn, dim] (gate rows first): reading cuts them into the tensors of "llama" files,
@@ -13,7 +13,7 @@ as views of the same rows.
 Nothing read is trusted: counts and lengths against the file's size, array nesting, tensor dimensions
 (Python ints, no overflow), the tensor table's layout (aligned, in order, no overlap or gap, inside the
 file), the type of every metadata key perfx reads, and the model's hyper-parameters (`checked_config`).
-What the file asks for beyond what perfx runs is refused (`engine.features`); any other failure while
+What the file asks for beyond what perfx runs is refused (`engine.formats.features`); any other failure while
 reading is one line, "FILE is corrupt (...)" (`engine.errors.reading_model`).
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 
-from .config import ModelConfig, checked_config
-from .errors import ModelFileError, PerfxError, reading_model
+from ..config import ModelConfig, checked_config
+from ..errors import ModelFileError, PerfxError, reading_model
+from ..quant.gguf_blocks import BLOCK_SIZES
 from .features import gguf_requests, refuse_unsupported
-from .quants import BLOCK_SIZES
 from .tensors import QTensor
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "phi3")

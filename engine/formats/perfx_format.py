@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, checked_config
-from .errors import ModelFileError, PerfxError
+from ..config import ModelConfig, checked_config
+from ..errors import ModelFileError, PerfxError
+from ..text.tokenizer import Tokenizer
 from .features import LLAMA, refuse_unsupported, tensor_requests
 from .tensors import QTensor
-from .text.tokenizer import Tokenizer
 
 FORMAT_NAME = "perfx"
 FORMAT_VERSION = 1

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PerfxError
+from ..errors import PerfxError
+from ..model import weights_from_tensors
+from ..quant.quantize import fp16, fp32, int4, int4_group, int8, relative_error
 from .loader import ModelFile, open_model
-from .model import weights_from_tensors
 from .perfx_format import check_output, write_perfx
-from .quantize import fp16, fp32, int4, int4_group, int8, relative_error
 from .tensors import INT4_GROUPS, QTensor, int4_tensor, int8_tensor
 
 SCHEMES = ("awq-int4", "rtn-int4", "int8", "fp16")
@@ -177,7 +177,7 @@ def convert(source: str | Path, output: str | Path, scheme: str = "awq-int4", gr
         if n in names:
             quantize_plain(n)
     if scheme == "awq-int4" and any(f"blk.{i}.{n}.weight" not in out for i in range(n_layers) for n in LINEARS):
-        from .awq import awq_quantize, calibration
+        from ..quant.awq import awq_quantize, calibration
 
         cal = calibration(tok, config, None if calib is None else Path(calib))
         calib_info = cal.describe()

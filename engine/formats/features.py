@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 LLAMA = frozenset({
     # GGUF keys

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import PerfxError, reading_model
+from ..config import ModelConfig
+from ..errors import PerfxError, reading_model
+from ..text.tokenizer import Tokenizer
 from .tensors import QTensor
-from .text.tokenizer import Tokenizer
 
 VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                    "tokenizer.ggml.merges")

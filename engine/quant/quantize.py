@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import PerfxError
-from .tensors import INT8_GROUP, QTensor, dequantize_int4, int4_tensor, int8_tensor
+from ..errors import PerfxError
+from ..formats.tensors import INT8_GROUP, QTensor, dequantize_int4, int4_tensor, int8_tensor
 
 FP16_MAX = 65504.0
 

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.numpy_backend import apply_rope, rope_tables
-from .config import ModelConfig
-from .errors import PerfxError
+from ..backends.numpy_backend import apply_rope, rope_tables
+from ..config import ModelConfig
+from ..errors import PerfxError
+from ..formats.tensors import QTensor
+from ..text.tokenizer import Tokenizer
 from .quantize import fake_int4, int4, int4_group, relative_error
-from .tensors import QTensor
-from .text.tokenizer import Tokenizer
 
-DEFAULT_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"
+DEFAULT_CALIBRATION = Path(__file__).parents[1] / "data" / "calibration.txt"
 CALIB_SAMPLES = 64
 CALIB_SEQ_LEN = 512
 ALPHAS = tuple(i / 20 for i in range(20))

@@ -40,7 +40,7 @@ from rich.progress import (
 )
 
 from perfx.engine.errors import PerfxError
-from perfx.engine.registry import ModelEntry, local_path
+from perfx.engine.hub.registry import ModelEntry, local_path
 
 INDEX_ENV = "PERFX_INDEX_URL"
 PYPI_SIMPLE = "https://pypi.org/simple"

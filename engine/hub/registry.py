@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-REGISTRY_PATH = Path(__file__).with_name("models.toml")
+REGISTRY_PATH = Path(__file__).parents[1] / "models.toml"
 HF_PREFIX = "hf:"
 
 _PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.!+_-]+$")
@@ -247,7 +247,7 @@ def resolve(
     if path.is_file():
         return path, None
     if name_or_path in registry.models or name_or_path.startswith(HF_PREFIX):
-        from perfx.engine import download
+        from perfx.engine.hub import download
 
         entry = registry.get(name_or_path)
         return download.ensure(entry, progress=progress), entry

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PerfxError
-from .quants import dequantize, split_q4, split_q8_0
+from ..errors import PerfxError
+from ..quant.gguf_blocks import dequantize, split_q4, split_q8_0
 
 INT4_GROUPS = (32, 64, 128)
 INT8_GROUP = 32
