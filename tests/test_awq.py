@@ -27,6 +27,7 @@ from perfx.engine.quant.awq import (
 from perfx.engine.backends.numpy_backend import rope_tables
 from perfx.engine.errors import PerfxError
 from perfx.engine.formats.loader import open_model
+from perfx.engine.formats.convert import convert
 from perfx.engine.formats.perfx_format import read_safetensors
 from perfx.engine.quant.quantize import fake_int4
 from tests.conftest import TinySpec, write_tiny_gguf

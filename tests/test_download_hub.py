@@ -13,6 +13,7 @@ import pytest
 
 from perfx.engine.errors import PerfxError
 from perfx.engine.dirs import models_dir
+from perfx.engine.hub import download
 from perfx.engine.hub.registry import Source, load_registry, local_path, resolve
 from tests import test_download
 from tests.test_download import PAYLOAD, leftovers, make_entry, send_ranged

@@ -7,6 +7,7 @@ import pytest
 
 from perfx.engine.errors import PerfxError
 from perfx.engine.dirs import models_dir
+from perfx.engine.hub import registry
 from perfx.engine.hub.registry import ModelEntry, Source, load_registry, local_path, resolve
 
 ENTRY = """
