@@ -74,7 +74,7 @@ def matmuls(rt, info) -> dict:
 
 def bench_worker(args) -> list[dict]:
     from perfx.engine.backends.opencl.matmul import DeviceMatrix
-    from perfx.engine.quantize import quantize_int4
+    from perfx.engine.quant.quantize import quantize_int4
     from perfx.engine.backends.opencl.runtime import Runtime
 
     info, device = device_info(args.platform)
@@ -147,7 +147,7 @@ def bench(args) -> dict:
 def agree(args) -> dict:
     from perfx.engine import load_model
     from perfx.engine.backends.opencl import tuning
-    from perfx.engine.registry import resolve
+    from perfx.engine.hub.registry import resolve
 
     path = Path(args.model) if args.model else resolve(None, progress=False)[0]
     text = TEXT.read_text() if TEXT.exists() else "The quick brown fox jumps over the lazy dog. " * 80

@@ -335,8 +335,8 @@ def test_matmul_adds_the_bias(cl_selection, fmt, T, scheme):
     import pyopencl as cl
 
     from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
-    from perfx.engine.quantize import quantize_int4
-    from perfx.engine.tensors import dequantize_int4
+    from perfx.engine.quant.quantize import quantize_int4
+    from perfx.engine.formats.tensors import dequantize_int4
 
     rt = cl_selection.runtime()
     N, K, sentinel, guard = 259, 256, 1.0e30, 64

@@ -135,7 +135,7 @@ def test_gemv_over_the_local_memory_limit_is_refused_before_it_is_built(monkeypa
     import numpy as np
 
     from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
-    from perfx.engine.quantize import quantize_int4
+    from perfx.engine.quant.quantize import quantize_int4
 
     rt, device = _cpu_runtime()
     w = DeviceMatrix.from_int4(rt, *quantize_int4(np.ones((64, 128), np.float32), 32), 32)

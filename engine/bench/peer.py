@@ -37,7 +37,7 @@ def synthetic_gguf(shape_name: str, seed: int, tokenizer_from: str | None = None
     path = cache_dir() / "synthetic" / f"{shape.name}-seed{seed}.gguf"
     if not path.exists():
         if tokenizer_from is None:
-            from ..registry import resolve
+            from ..hub.registry import resolve
 
             tokenizer_from = str(resolve(None))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ class ModelSpec:
     ctx_len: int                # the context the model was trained for
     file_bytes_per_token: int   # weight bytes read per decoded token by an engine using the file's formats
     path: str | None = None     # the model file
-    kind: str = "gguf"          # the file's kind (engine.loader), or "synthetic"
+    kind: str = "gguf"          # the file's kind (engine.formats.loader), or "synthetic"
     shape: str | None = None    # the synthetic shape
 
 
@@ -108,7 +108,7 @@ def _size_label(n_params: int) -> str:
 
 def describe_file(path: str | Path, name: str | None = None) -> ModelSpec:
     """A model file's ModelSpec (GGUF, perfx or a Hugging Face directory), from its header."""
-    from ..loader import open_model
+    from ..formats.loader import open_model
 
     f = open_model(path)
     c = f.config
@@ -148,7 +148,7 @@ def describe_synthetic(name: str) -> ModelSpec:
 
 def describe_model(name_or_path: str | None, progress: bool = False) -> ModelSpec:
     """A registry model (downloaded on first use) or a model file."""
-    from ..registry import resolve
+    from ..hub.registry import resolve
 
     path, _ = resolve(name_or_path, progress=progress)
     return describe_file(path, name=name_or_path or Path(path).stem)

@@ -31,7 +31,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from ...tensors import QTensor
+from ...formats.tensors import QTensor
 from . import weights
 from .runtime import Runtime
 
