@@ -52,7 +52,8 @@ class DpGemv:
     def probe(self, mm) -> str | None:
         """None when the kernel builds and matches NumPy on a small product through `mm` (a Matmul using
         this GEMV): two tokens, rows not a multiple of 4, a 64- and a 32-element tail; else why not."""
-        from .packing import DeviceMatrix, quantize_int4
+        from ...quant.quantize import quantize_int4
+        from .packing import DeviceMatrix
 
         rng = np.random.default_rng(11)
         T, K, N = 2, 352, 45
