@@ -13,13 +13,13 @@ It takes prefill passes of T >= att_mma_min_tokens that are not split; everythin
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pyopencl as cl
 
 from ...config import ModelConfig
 from ...errors import PerfxError
+from .probe import passed, verdict
 from .runtime import Runtime
 from .specs import check_fits
 
@@ -110,17 +110,14 @@ class MmaAttention:
                                  qkv[:, c.q_dim + c.kv_dim:].reshape(T, c.n_kv_heads, c.head_dim)])
         q = roped(qkv[:, :c.q_dim].reshape(T, c.n_heads, c.head_dim), table, positions)
         want = oracle16(q, keys, values, start, 0, c.scale)
-        try:
+
+        def run() -> np.ndarray:
             bufs = [self.rt.to_device(a) for a in (qkv, table, cached[0], cached[1])]
             out = self.rt.to_device(np.full((T, c.q_dim), np.nan, np.float32))
             self.enqueue(bufs[0], bufs[1], bufs[2], bufs[3], out, T, start, end, 0, 0)
-            got = self.rt.read(out, (T, c.q_dim))
-        except (PerfxError, cl.Error) as e:
-            return str(e).splitlines()[0][:200]
-        err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-        if not err <= 2e-3 * np.abs(want).max():
-            return f"its result differs from NumPy's by {err:.3g}"
-        return None
+            return self.rt.read(out, (T, c.q_dim))
+
+        return verdict(run, want, 2e-3)
 
 
 def make(rt: Runtime, config: ModelConfig, params: dict) -> MmaAttention | None:
@@ -129,9 +126,5 @@ def make(rt: Runtime, config: ModelConfig, params: dict) -> MmaAttention | None:
     if params["attention_mma"] == "off":
         return None
     att = MmaAttention(rt, config, params)
-    why = att.probe()
-    if why is not None:
-        print(f"perfx: {rt.device.name.strip()}: the tensor-core attention is not used ({why}); "
-              "prefill attention uses attend", file=sys.stderr)
-        return None
-    return att
+    ok = passed(rt.device, att.probe(), "the tensor-core attention", "prefill attention uses attend")
+    return att if ok else None

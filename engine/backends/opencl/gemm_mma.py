@@ -13,12 +13,12 @@ It takes int4 matrices with K % 64 == 0 and T >= mma_min_tokens; everything else
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
+from .probe import passed, verdict
 from .runtime import Runtime
 from .specs import GEMM_MMA, MMA_KS, check_rules, over_limits
 
@@ -83,21 +83,17 @@ class MmaGemm:
         x = rng.standard_normal((T, K)).astype(np.float32)
         w = (q * np.repeat(scale, 32, axis=1).astype(np.float32) + np.repeat(zero, 32, axis=1)).astype(np.float16)
         want = x.astype(np.float16).astype(np.float64) @ w.astype(np.float64).T
-        try:
+
+        def run() -> np.ndarray:
             dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
             xb = self.rt.to_device(x)
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
             steps, keep = self.steps(dm, xb, yb, T, K, N, False, False)
             for kernel, gsize, lsize in steps:
                 self.rt.launch(kernel, gsize, lsize)
-            got = self.rt.read(yb, (T, N))
-            del keep
-        except (PerfxError, cl.Error) as e:
-            return str(e).splitlines()[0][:200]
-        err = float(np.nanmax(np.abs(got - want))) if np.isfinite(got).all() else float("inf")
-        if not err <= 1e-3 * np.abs(want).max():
-            return f"its result differs from NumPy's by {err:.3g}"
-        return None
+            return self.rt.read(yb, (T, N))
+
+        return verdict(run, want, 1e-3)
 
 
 def make(rt: Runtime, params: dict) -> MmaGemm | None:
@@ -105,9 +101,5 @@ def make(rt: Runtime, params: dict) -> MmaGemm | None:
     if params["gemm_mma"] == "off":
         return None
     gemm = MmaGemm(rt, params)
-    why = gemm.probe()
-    if why is not None:
-        print(f"perfx: {rt.device.name.strip()}: the tensor-core GEMM is not used ({why}); "
-              "prefill uses the portable tiled GEMM", file=sys.stderr)
-        return None
-    return gemm
+    ok = passed(rt.device, gemm.probe(), "the tensor-core GEMM", "prefill uses the portable tiled GEMM")
+    return gemm if ok else None

@@ -13,12 +13,12 @@ The device must report the extension, and the kernel must build and match NumPy 
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
+from .probe import passed, verdict
 from .runtime import Runtime
 from .specs import SPECS
 
@@ -127,22 +127,19 @@ class TiledVariant:
         x = rng.standard_normal((T, K)).astype(np.float32)
         w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
         want = (x8_view(x) if self.mode == "dot8" else x.astype(np.float64)) @ w.T
-        try:
+
+        def run() -> np.ndarray:
             dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
             xb = self.rt.to_device(x)
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
             planned = self.steps({"G": 32}, xb, dm, T, K, N, yb, np.int32(0))
             if planned is None:
-                return "its tiles do not fit the device"
+                raise PerfxError("its tiles do not fit the device")
             for kernel, gsize, lsize in planned[0]:
                 self.rt.launch(kernel, gsize, lsize)
-            got = self.rt.read(yb, (T, N))
-        except (PerfxError, cl.Error) as e:
-            return str(e).splitlines()[0][:200]
-        err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-        if not err <= 1e-2 * np.abs(want).max():
-            return f"its result differs from NumPy's by {err:.3g}"
-        return None
+            return self.rt.read(yb, (T, N))
+
+        return verdict(run, want, 1e-2)
 
 
 def make(rt: Runtime, params: dict) -> TiledVariant | None:
@@ -150,9 +147,5 @@ def make(rt: Runtime, params: dict) -> TiledVariant | None:
     if params["tiled_arith"] == "f32":
         return None
     variant = TiledVariant(rt, params)
-    why = variant.probe()
-    if why is not None:
-        print(f"perfx: {rt.device.name.strip()}: the {WHAT[variant.mode]} tiled GEMM is not used ({why}); "
-              "prefill uses the f32 tiled GEMM", file=sys.stderr)
-        return None
-    return variant
+    ok = passed(rt.device, variant.probe(), f"the {WHAT[variant.mode]} tiled GEMM", "prefill uses the f32 tiled GEMM")
+    return variant if ok else None

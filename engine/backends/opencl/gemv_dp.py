@@ -13,12 +13,11 @@ Matmul uses it for int4 GEMVs (fp16 scales, no norm epilogue) when the tuning da
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
-import pyopencl as cl
 
 from ...errors import PerfxError
+from .probe import passed, verdict
 from .runtime import Runtime
 from .specs import check_fits
 
@@ -62,19 +61,16 @@ class DpGemv:
         w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
         want = x.astype(np.float64) @ w.T
         dev = self.rt.device
-        try:
+
+        def run() -> np.ndarray:
             check_fits("gemv_dp", {**self.defines(), "G": 32}, dev.local_mem_size, dev.max_work_group_size)
             dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
             xb = self.rt.to_device(x)
             yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
             mm.linear(xb, dm, T, yb, scheme="gemv")
-            got = self.rt.read(yb, (T, N))
-        except (PerfxError, cl.Error) as e:
-            return str(e).splitlines()[0][:200]
-        err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
-        if not err <= 1e-3 * np.abs(want).max():
-            return f"its result differs from NumPy's by {err:.3g}"
-        return None
+            return self.rt.read(yb, (T, N))
+
+        return verdict(run, want, 1e-3)
 
 
 def make(rt: Runtime, params: dict) -> DpGemv | None:
@@ -86,9 +82,5 @@ def checked(mm, dp: DpGemv | None) -> DpGemv | None:
     """dp when its probe through mm passes, else None (the reason said on stderr)."""
     if dp is None:
         return None
-    why = dp.probe(mm)
-    if why is not None:
-        print(f"perfx: {mm.rt.device.name.strip()}: the integer dot-product GEMV is not used ({why}); "
-              "decode uses the float GEMV", file=sys.stderr)
-        return None
-    return dp
+    ok = passed(mm.rt.device, dp.probe(mm), "the integer dot-product GEMV", "decode uses the float GEMV")
+    return dp if ok else None
