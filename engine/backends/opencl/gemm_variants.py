@@ -18,6 +18,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
+from .packing import quantize_blocks
 from .probe import passed, verdict
 from .runtime import Runtime
 from .specs import SPECS
@@ -33,12 +34,7 @@ TILE_DEFINES = {"VEC": "tiled_vec", "BN": "tiled_bn", "BT": "tiled_bt", "RR": "t
 def quantize_x8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [T, K] in int8 blocks of 32 as quantize_x8 (kernels/gemm_dot8.cl) computes them: (q int8 [T, K],
     d f32 [T, K/32]) with x ~ q * d."""
-    T, K = x.shape
-    blocks = np.asarray(x, np.float32).reshape(T, K // 32, 32)
-    m = np.abs(blocks).max(axis=-1)
-    inv = np.divide(np.float32(127), m, out=np.zeros_like(m), where=m > 0)
-    q = np.rint(blocks * inv[..., None]).astype(np.int8)
-    return q.reshape(T, K), (m / np.float32(127)).astype(np.float32)
+    return quantize_blocks(x, 127, np.int8)
 
 
 def x8_view(x: np.ndarray) -> np.ndarray:

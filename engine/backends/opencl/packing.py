@@ -127,15 +127,20 @@ def pack_floats(w: np.ndarray, dtype) -> np.ndarray:
 
 
 
-def quantize_xq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [T, K] (K a multiple of 32) in int16 blocks of 32 as kernels/xq.h computes them, in natural
-    order: (q int16 [T, K], scale f32 [T, K/32]) with x ~ q * scale."""
+def quantize_blocks(x: np.ndarray, qmax: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, K] (K a multiple of 32) in symmetric integer blocks of 32, as the kernels compute them:
+    (q [T, K] of dtype, scale f32 [T, K/32]) with x ~ q * scale and |q| <= qmax."""
     T, K = x.shape
     blocks = np.asarray(x, np.float32).reshape(T, K // 32, 32)
     m = np.abs(blocks).max(axis=-1)
-    inv = np.divide(np.float32(32767), m, out=np.zeros_like(m), where=m > 0)
-    q = np.rint(blocks * inv[..., None]).astype(np.int16)
-    return q.reshape(T, K), (m / np.float32(32767)).astype(np.float32)
+    inv = np.divide(np.float32(qmax), m, out=np.zeros_like(m), where=m > 0)
+    q = np.rint(blocks * inv[..., None]).astype(dtype)
+    return q.reshape(T, K), (m / np.float32(qmax)).astype(np.float32)
+
+
+def quantize_xq(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, K] in int16 blocks of 32 as kernels/xq.h computes them, in natural order."""
+    return quantize_blocks(x, 32767, np.int16)
 
 
 def xq_view(x: np.ndarray) -> np.ndarray:
