@@ -18,7 +18,7 @@ import numpy as np
 import pyopencl as cl
 
 from ...errors import PerfxError
-from .probe import passed, verdict
+from .probe import int4_product, passed, verdict
 from .runtime import Runtime
 from .specs import GEMM_MMA, MMA_KS, check_rules, over_limits
 
@@ -69,30 +69,15 @@ class MmaGemm:
     def probe(self) -> str | None:
         """None when the kernel builds, fits the device and matches NumPy on a small product (two
         work-groups each way, a 64-chunk, partial tiles); else why not."""
-        from .matmul import DeviceMatrix
-
         dev = self.rt.device        # drivers keep some local memory for themselves (1 KiB per block on NVIDIA)
         why = over_limits("gemm_mma", self.tile, dev.local_mem_size - 1024, dev.max_work_group_size)
         if why is not None:
             return why
-        rng = np.random.default_rng(7)
         T, K, N = self.bt + 3, 192, self.bn + 5
-        q = rng.integers(0, 16, (N, K)).astype(np.uint8)
-        scale = rng.uniform(0.01, 0.02, (N, K // 32)).astype(np.float16)
-        zero = (-8 * scale).astype(np.float16)
-        x = rng.standard_normal((T, K)).astype(np.float32)
+        run, (q, scale, zero, x) = int4_product(
+            self.rt, 7, T, K, N, lambda dm, xb, yb: self.steps(dm, xb, yb, T, K, N, False, False))
         w = (q * np.repeat(scale, 32, axis=1).astype(np.float32) + np.repeat(zero, 32, axis=1)).astype(np.float16)
         want = x.astype(np.float16).astype(np.float64) @ w.astype(np.float64).T
-
-        def run() -> np.ndarray:
-            dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
-            xb = self.rt.to_device(x)
-            yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
-            steps, keep = self.steps(dm, xb, yb, T, K, N, False, False)
-            for kernel, gsize, lsize in steps:
-                self.rt.launch(kernel, gsize, lsize)
-            return self.rt.read(yb, (T, N))
-
         return verdict(run, want, 1e-3)
 
 

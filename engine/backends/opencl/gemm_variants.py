@@ -19,7 +19,7 @@ import pyopencl as cl
 
 from ...errors import PerfxError
 from .packing import quantize_blocks
-from .probe import passed, verdict
+from .probe import int4_product, passed, verdict
 from .runtime import Runtime
 from .specs import SPECS
 
@@ -110,31 +110,20 @@ class TiledVariant:
     def probe(self) -> str | None:
         """None when the device reports the extension and the kernel builds, fits and matches NumPy on a
         small product (several work-groups each way, 64 and 32 tails of K, partial tiles); else why not."""
-        from .matmul import DeviceMatrix
-
         ext = EXTENSION[self.mode]
         if ext not in self.rt.device.extensions.split():
             return f"the device lacks {ext}"
-        rng = np.random.default_rng(7)
         T, K, N = 2 * self.tile["BT"] + 3, 224, 2 * self.tile["BN"] + 4
-        q = rng.integers(0, 16, (N, K)).astype(np.uint8)
-        scale = rng.uniform(0.01, 0.02, (N, K // 32)).astype(np.float16)
-        zero = (-8 * scale).astype(np.float16)
-        x = rng.standard_normal((T, K)).astype(np.float32)
-        w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
-        want = (x8_view(x) if self.mode == "dot8" else x.astype(np.float64)) @ w.T
 
-        def run() -> np.ndarray:
-            dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
-            xb = self.rt.to_device(x)
-            yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
+        def steps(dm, xb, yb) -> tuple[list, tuple]:
             planned = self.steps({"G": 32}, xb, dm, T, K, N, yb, np.int32(0))
             if planned is None:
                 raise PerfxError("its tiles do not fit the device")
-            for kernel, gsize, lsize in planned[0]:
-                self.rt.launch(kernel, gsize, lsize)
-            return self.rt.read(yb, (T, N))
+            return planned
 
+        run, (q, scale, zero, x) = int4_product(self.rt, 7, T, K, N, steps)
+        w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
+        want = (x8_view(x) if self.mode == "dot8" else x.astype(np.float64)) @ w.T
         return verdict(run, want, 1e-2)
 
 

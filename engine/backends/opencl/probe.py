@@ -30,3 +30,32 @@ def passed(device: cl.Device, why: str | None, what: str, instead: str) -> bool:
     if why is not None:
         print(f"perfx: {device.name.strip()}: {what} is not used ({why}); {instead}", file=sys.stderr)
     return why is None
+
+
+def int4_product(rt, seed: int, T: int, K: int, N: int,
+                 steps: Callable[[object, cl.Buffer, cl.Buffer], tuple[list, tuple]]
+                 ) -> tuple[Callable[[], np.ndarray], tuple]:
+    """A random int4 product for a GEMM's probe: q [N, K] in 0..15, fp16 scales per 32 and zeros of -8
+    scales, x [T, K]; returns (run, (q, scale, zero, x)) where run() packs the matrix, launches
+    steps(matrix, x, y) (a list of (kernel, global size, local size), and the buffers the launches use,
+    kept until y [T, N] is read) and reads y."""
+    from .packing import DeviceMatrix
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    scale = rng.uniform(0.01, 0.02, (N, K // 32)).astype(np.float16)
+    zero = (-8 * scale).astype(np.float16)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+
+    def run() -> np.ndarray:
+        dm = DeviceMatrix.from_int4(rt, q, scale, zero, 32)
+        xb = rt.to_device(x)
+        yb = rt.to_device(np.full((T, N), np.nan, np.float32))
+        launches, keep = steps(dm, xb, yb)
+        for kernel, gsize, lsize in launches:
+            rt.launch(kernel, gsize, lsize)
+        got = rt.read(yb, (T, N))
+        del keep
+        return got
+
+    return run, (q, scale, zero, x)
