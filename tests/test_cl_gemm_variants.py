@@ -119,7 +119,7 @@ def test_variant_accumulate(rt, mm):
 
 def test_variant_float32_scales(rt, mm):
     """int4 with float32 scales and zeros (GGUF K-quants)."""
-    from perfx.engine.backends.opencl.matmul import DeviceMatrix, pack_int4
+    from perfx.engine.backends.opencl.packing import DeviceMatrix, pack_int4
 
     rng = np.random.default_rng(12)
     (q, scale, zero), _ = rand_int4(rng, 101, 576, 32)

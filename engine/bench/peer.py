@@ -30,7 +30,7 @@ def synthetic_gguf(shape_name: str, seed: int, tokenizer_from: str | None = None
     """The GGUF file of a synthetic shape (engine.synthetic.write_gguf), written once into the cache:
     <perfx root>/synthetic/<shape>-seed<seed>.gguf, with the tokenizer of `tokenizer_from` (default:
     the default model's file)."""
-    from ...dirs import cache_dir
+    from ..dirs import cache_dir
     from ..synthetic import get_shape, write_gguf
 
     shape = get_shape(shape_name)
