@@ -57,3 +57,19 @@ def test_llama_bench_must_be_an_executable(tmp_path):
 
     with pytest.raises(PerfxError, match="not an executable file"):
         check_binary(str(tmp_path / "missing"))
+
+
+def test_synthetic_shape_is_written_once_with_the_given_tokenizer(tmp_path, monkeypatch):
+    """--synthetic SHAPE --vs llama.cpp: perfx writes the shape's GGUF (random Q4_0 weights, a real file's
+    tokenizer) into its cache once, so that llama.cpp loads the very same weights."""
+    from perfx.engine.bench import peer
+    from gguf import GGUFReader
+
+    monkeypatch.setenv("PERFX_HOME", str(tmp_path / "home"))
+    tok = tmp_path / "tok.gguf"
+    write_tiny_gguf(tok, TinySpec(qtype="Q4_0", seed=3))
+    path = peer.synthetic_gguf("tiny", 0, str(tok))
+    assert path.is_relative_to(tmp_path / "home") and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert peer.synthetic_gguf("tiny", 0, str(tok)) == path and path.stat().st_mtime_ns == stamp
+    assert any(k.startswith("tokenizer.") for k in GGUFReader(path).fields)
