@@ -313,7 +313,7 @@ def test_end_to_end_in_tmux(default_model_path, tmp_path):
         cached = re.search(r"prompt (\d+) tok \((\d+) cached\)", screen.rpartition("stopped · ")[2])
         assert cached and int(cached[1]) < 30 < int(cached[2])        # the first turn was not computed again
         tmux.send("/stats", "Enter")
-        tmux.wait_for("interrupted", after="❯ /stats")          # back at the prompt; the reply was kept
+        tmux.wait_for("cancelled", after="❯ /stats")            # back at the prompt; the reply was kept
 
         tmux.send("/exit", "Enter")
         tmux.wait_for("EXIT=0", timeout=30)
