@@ -210,3 +210,14 @@ def held_by_xq(h: np.ndarray, stored_q: np.ndarray, scale: np.ndarray) -> np.nda
     whole = K // 128 * 128
     held[:, :whole] = (q.reshape(T, -1, 32) * scale[..., None].astype(np.float64)).reshape(T, K)[:, :whole]
     return held
+
+
+def nvidia_matmul(rt, **overrides):
+    """A Matmul with NVIDIA's tuned parameters (and overrides) on rt, for the PTX kernels' tests; skips
+    the test where rt is not an NVIDIA device."""
+    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
+    from perfx.engine.backends.opencl.tuning import vendor_params
+
+    if "nvidia" not in rt.device.platform.name.lower():
+        pytest.skip("the PTX path needs an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia)")
+    return Matmul(rt, {**vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS), **overrides})

@@ -40,12 +40,9 @@ def mm_emulated(rt, request):
 
 @pytest.fixture(scope="module")
 def mm_ptx(rt):
-    from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, Matmul
-    from perfx.engine.backends.opencl.tuning import vendor_params
+    from tests.conftest import nvidia_matmul
 
-    if "nvidia" not in rt.device.platform.name.lower():
-        pytest.skip("the PTX path needs an NVIDIA device (PERFX_TEST_CL_PLATFORM=nvidia)")
-    mm = Matmul(rt, vendor_params("gpu", "nvidia", "matmul", DEFAULT_PARAMS))
+    mm = nvidia_matmul(rt)
     assert mm.mma is not None, "the tensor-core GEMM failed its probe on an NVIDIA device"
     return mm
 
