@@ -34,6 +34,7 @@ def test_greedy_answer(smollm):
 @pytest.mark.slow
 @pytest.mark.skipif(not GPL3.exists(), reason="needs /usr/share/common-licenses/GPL-3")
 def test_perplexity_gpl3(smollm):
-    result = perplexity(smollm, GPL3.read_text(), ctx=512, chunks=12)
-    assert result.tokens_scored == 12 * 255
+    """llama.cpp (llama-cpp-python 0.3.36) scores the same 4 windows of 512 at 18.364 (scripts/perplexity_peer.py)."""
+    result = perplexity(smollm, GPL3.read_text(), ctx=512, chunks=4)
+    assert result.tokens_scored == 4 * 255
     assert 18.0 <= result.ppl <= 18.6, result.ppl
