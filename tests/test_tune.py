@@ -129,7 +129,7 @@ def test_perfx_tune_for_a_new_user_is_read_by_the_next_run(tmp_path):
     then shows the device tuned, and the backend of the next run is built with the tuned values."""
     opencl_selection()
     env = {**os.environ, "PERFX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "perfx.cli", "tune", "--device", "cpu", "--budget", "60",
+    run = subprocess.run([sys.executable, "-m", "perfx.cli", "tune", "--device", "cpu", "--budget", "20",
                           "--kernels", "gemv"], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr
     assert "written to" in run.stdout and "gemv" in run.stdout
