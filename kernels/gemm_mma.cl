@@ -83,6 +83,11 @@
 
 #include "epilogue.h"
 #include "mma_sync.h"
+#if MMA
+#define UNROLL _Pragma("unroll")         // fragment loops into registers (not with the emulation's barriers)
+#else
+#define UNROLL
+#endif
 
 // The scale and zero registers of a W item: (scale, zero) of its stage's group, and of the second group
 // with TWO_GROUPS; in f32, or with DEQ_H2 each as an fp16 pair (the same half twice).
@@ -194,11 +199,11 @@ inline void ldsm_emulated(uint* r, __local const uint* buf, const int word, __lo
 #endif
 // Fragments of kk in buffer cb: B of all NT token blocks (b[2j], b[2j+1]), A of row block i.
 #define LOAD_B(b, cb, kk)                                                                      \
-    for (int jj = 0; jj < NT / 2; jj++) LDSM_X4((b) + 4 * jj, Xl, xsa, (cb) * BT * LDW + B_ROW(wn + jj * 16) + (kk) / 2)
-#define LOAD_A(a, cb, i, kk) LDSM_X4(a, Wl, wsa, (cb) * BN * LDW + A_ROW(wm + (i) * 16) + (kk) / 2)
+    UNROLL for (int jj = 0; jj < NT / 2; jj++) LDSM_X4((b) + 4 * jj, Xl, xsa, (cb) * BT * LDW + B_ROW(wn + jj * 16) + (kk) / 2);
+#define LOAD_A(a, cb, i, kk) LDSM_X4(a, Wl, wsa, (cb) * BN * LDW + A_ROW(wm + (i) * 16) + (kk) / 2);
 #else
 #define LOAD_B(b, cb, kk)                                                                      \
-    for (int j = 0; j < NT; j++) {                                                             \
+    UNROLL for (int j = 0; j < NT; j++) {                                                      \
         const int x = (cb) * BT * LDW + (wn + j * 8 + g) * LDW + (kk) / 2 + q;                 \
         (b)[2 * j] = Xl[x];                                                                    \
         (b)[2 * j + 1] = Xl[x + 4];                                                            \
@@ -266,12 +271,12 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
     }
 // acc += the stage in local buffer cb, by this warp's fragments.
 #define MULTIPLY(cb)                                                                           \
-    for (int kk = 0; kk < KS; kk += 16) {                                                      \
+    UNROLL for (int kk = 0; kk < KS; kk += 16) {                                               \
         uint b[2 * NT], a[4];                                                                  \
         LOAD_B(b, cb, kk)                                                                      \
-        for (int i = 0; i < MT; i++) {                                                         \
+        UNROLL for (int i = 0; i < MT; i++) {                                                  \
             LOAD_A(a, cb, i, kk)                                                               \
-            for (int j = 0; j < NT; j++) MMA_16816(acc[i][j], a, b[2 * j], b[2 * j + 1]);     \
+            UNROLL for (int j = 0; j < NT; j++) MMA_16816(acc[i][j], a, b[2 * j], b[2 * j + 1]); \
         }                                                                                      \
     }
 

@@ -11,11 +11,12 @@ PTX with f32 accumulators.
               checks the staging, tiles and epilogue.
 It takes int4 matrices with K % 64 == 0 and T >= mma_min_tokens; everything else keeps its scheme.
 
-The pipeline's options (mma_ks, mma_buffers, mma_words_once, mma_deq, mma_ldmatrix; gemm_mma.cl's header)
-are each a parameter, so that a sweep measures each alone. Where a device fails the probe with any of them
-on, the same tiles are probed again with the options at their defaults (the pipeline measured first), and
-that is said too: a device whose compiler turns a __local pointer into a shared-window address other
-than mma_ldmatrix assumes keeps the 32-bit fragment loads.
+The pipeline's options (mma_ks, mma_buffers, mma_words_once, mma_deq, mma_ldmatrix: gemm_mma.cl's
+header; mma_maxrreg: a register budget for the compiler) are each a parameter, so that a sweep measures
+each alone. Where a device fails the probe with any of them on, the same tiles are probed again with the
+options at their defaults (the pipeline measured first), and that is said too: a device whose compiler
+makes a shared-window address of a __local pointer otherwise than mma_ldmatrix assumes keeps the
+32-bit fragment loads.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ MODES = ("off", "ptx", "emulated")
 CHUNK = 64                            # K must be a multiple of it (gemm_mma.cl's chunks of 128 and 64)
 DEQ = {"f32": 0, "half2": 1}          # mma_deq -> DEQ_H2
 LDSM = {"off": 0, "auto": 1, "value": 2, "cvta": 3}     # mma_ldmatrix -> LDSM
-PIPELINE = ("mma_ks", "mma_buffers", "mma_words_once", "mma_deq", "mma_ldmatrix")
+PIPELINE = ("mma_ks", "mma_buffers", "mma_words_once", "mma_deq", "mma_ldmatrix", "mma_maxrreg")
 
 
 def _choice(params: dict, key: str, values: dict) -> int:
@@ -56,11 +57,13 @@ class MmaGemm:
         self.rt, self.mode = rt, mode
         self.bn, self.bt, self.wm, self.wn = (int(params[k]) for k in ("mma_bn", "mma_bt", "mma_wm", "mma_wn"))
         self.min_tokens = int(params["mma_min_tokens"])
+        self.options = {k: params[k] for k in PIPELINE}
         self.tile = {"BN": self.bn, "BT": self.bt, "WM": self.wm, "WN": self.wn,
                      "KS": int(params["mma_ks"]), "BUFS": int(params["mma_buffers"]),
                      "WORDS_ONCE": int(params["mma_words_once"]), "DEQ_H2": _choice(params, "mma_deq", DEQ),
                      "LDSM": _choice(params, "mma_ldmatrix", LDSM), "MMA": int(mode == "ptx")}
         check_rules("gemm_mma", self.tile)
+        self.maxrreg = int(params["mma_maxrreg"]) if mode == "ptx" else 0     # an NVIDIA compiler's option
         self.nwi = GEMM_MMA.work_group(self.tile)
 
     def takes(self, fmt: str, K: int) -> bool:
@@ -75,7 +78,7 @@ class MmaGemm:
         """The launches (kernel with arguments set, global size, local size) of y [T, N] (+)= x @ W^T
         (swiglu: N outputs from 2N rows, act(gate) * up with act silu, or with gelu GELU-tanh: GeGLU): x to
         fp16, then the product; and the buffers they hold."""
-        program = self.rt.program("gemm_mma", **self._defines(w.group, swiglu, gelu))
+        program = self.rt.program("gemm_mma", maxrreg=self.maxrreg, **self._defines(w.group, swiglu, gelu))
         xh = self.rt.empty(2 * T * K)                                  # fp16 [T, K]
         to_half = cl.Kernel(program, "x_to_half")
         to_half.set_args(x, xh, np.int32(T * K))

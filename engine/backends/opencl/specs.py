@@ -179,6 +179,8 @@ GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
           "(lop3 into 1024.0's mantissa, fma.rn.f16x2)"),
     Param("mma_ldmatrix", None, "off", (), 'fragments by ldmatrix.x4 instead of 32-bit loads: "off", or how '
           'a __local pointer becomes a shared-window address: "auto" (isspacep), "value", "cvta"'),
+    Param("mma_maxrreg", None, 0, (), "at most this many registers per work-item (NVIDIA's -cl-nv-maxrregcount, "
+          "128: two work-groups of 256 per SM; 0: the compiler's choice)"),
 ), model_defines=("G",), traffic=_matmul_traffic,
     local_bytes=_mma_local, work_group=lambda d: 32 * _mma_warps(d),     # a warp per WM x WN tile
     hint="lower mma_bn or mma_bt (or mma_ks, mma_buffers)",
