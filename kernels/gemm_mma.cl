@@ -84,7 +84,7 @@
 #include "epilogue.h"
 #include "mma_sync.h"
 #if MMA
-#define UNROLL _Pragma("unroll")         // fragment loops into registers (not with the emulation's barriers)
+#define UNROLL _Pragma("unroll")         // loops over fragments: the accumulators stay in registers
 #else
 #define UNROLL
 #endif
@@ -294,8 +294,9 @@ __kernel __attribute__((reqd_work_group_size(NWI, 1, 1)))
 void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh, __global float* restrict Y,
               const int T, const int K, const int N, const int accumulate)
 {
-    __local uint Wl[BUFS * BN * LDW];    // W stages [BUFS][BN][LDS] halves
-    __local uint Xl[BUFS * BT * LDW];    // X stages [BUFS][BT][LDS] halves
+    // 16-byte rows for ldmatrix and the X stores (LDS * 2 bytes is a multiple of 16)
+    __local uint Wl[BUFS * BN * LDW] __attribute__((aligned(16)));    // W stages [BUFS][BN][LDS] halves
+    __local uint Xl[BUFS * BT * LDW] __attribute__((aligned(16)));    // X stages [BUFS][BT][LDS] halves
     __local half* Wh = (__local half*)Wl;
 #if !MMA
     __local uint xa[4 * NWI], xb[2 * NWI];   // the warps' registers (mma_sync.h, ldsm_emulated)
@@ -314,7 +315,7 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
 #endif
 
     float acc[MT][NT][4];
-    for (int i = 0; i < MT; i++) for (int j = 0; j < NT; j++) for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int j = 0; j < NT; j++) UNROLL for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
     uint2 wq[IW];
     sz_t wsz[IW];
     uint4 xq[IX];
@@ -341,8 +342,8 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
     }
 #endif
 
-    for (int i = 0; i < MT; i++)
-        for (int j = 0; j < NT; j++) {
+    UNROLL for (int i = 0; i < MT; i++)
+        UNROLL for (int j = 0; j < NT; j++) {
             const int t0 = tb0 + wn + j * 8 + 2 * q;
 #ifdef SWIGLU
             const int n = out0 + (wm + i * 16) / 2 + g;
@@ -353,8 +354,8 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
             const float v[2][2] = {{acc[i][j][0], acc[i][j][1]}, {acc[i][j][2], acc[i][j][3]}};
             const int rows = 2;
 #endif
-            for (int h = 0; h < rows; h++)
-                for (int e = 0; e < 2; e++) {
+            UNROLL for (int h = 0; h < rows; h++)
+                UNROLL for (int e = 0; e < 2; e++) {
                     const int tok = t0 + e, row = n + h * 8;
                     if (tok < T && row < N) {
                         store_out(Y + (size_t)tok * N + row, v[h][e], accumulate);

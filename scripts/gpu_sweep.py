@@ -45,6 +45,8 @@ MMA_PIPELINES = [
     ("at most 128 registers", {"mma_maxrreg": 128}),
     ("all", ALL),
     ("all, at most 128 registers", {**ALL, "mma_maxrreg": 128}),
+    ("all, warps of 32 x 32 (16 warps)", {**ALL, "mma_wn": 32}),
+    ("warps of 32 x 32 (16 warps)", {"mma_wn": 32}),
     ("all, 128 x 64 tiles (4 warps)", {**ALL, "mma_bt": 64}),
     ("all, 256 x 64 tiles, 1 buffer", {**ALL, "mma_bn": 256, "mma_bt": 64, "mma_wm": 64, "mma_wn": 32, "mma_buffers": 1}),
     ("all, 128 x 256 tiles, 1 buffer", {**ALL, "mma_bt": 256, "mma_wm": 64, "mma_wn": 64, "mma_buffers": 1}),

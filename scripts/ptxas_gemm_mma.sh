@@ -10,7 +10,8 @@
 # appear once per stage (the loop's body); lop3 (half2 dequantization) once per plane and W item in each
 # of the 128- and 64-chunk branches of the store, and with two buffers again in the first stage's store.
 #     scripts/ptxas_gemm_mma.sh                    # the variants below, 128 x 128 tiles, warps of 32 x 64
-#     scripts/ptxas_gemm_mma.sh -DBN=128 -DBT=128 -DWM=32 -DWN=64 -DKS=32 -DBUFS=2 -DWORDS_ONCE=1 -DDEQ_H2=1 -DLDSM=1
+#     PTX_OUT=a.ptx scripts/ptxas_gemm_mma.sh -DBN=128 -DBT=128 -DWM=32 -DWN=64 -DKS=32 -DBUFS=2 -DWORDS_ONCE=1 -DDEQ_H2=1 -DLDSM=1
+# (PTX_OUT: where to keep the last variant's PTX.)
 set -eu
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -59,13 +60,14 @@ shipped, at most 128 registers|$tile $plain|-maxrregcount 128
 all: KS 32, two buffers, words once, half2, ldmatrix|$tile $all
 all, at most 128 registers|$tile $all|-maxrregcount 128
 all, SwiGLU, at most 128 registers|$tile $all -DSWIGLU|-maxrregcount 128
+all, warps of 32 x 32 (16 warps)|-DBN=128 -DBT=128 -DWM=32 -DWN=32 -DG=32 $all
 all, G 128|-DBN=128 -DBT=128 -DWM=32 -DWN=64 -DG=128 $all
 all, 128 x 64 tiles of 4 warps|-DBN=128 -DBT=64 -DWM=32 -DWN=64 -DG=32 $all
 all, 256 x 64 tiles of 8 warps, one buffer|-DBN=256 -DBT=64 -DWM=64 -DWN=32 -DG=32 -DKS=32 -DBUFS=1 -DWORDS_ONCE=1 -DDEQ_H2=1 -DLDSM=1
 all, 128 x 256 tiles of 8 warps, one buffer|-DBN=128 -DBT=256 -DWM=64 -DWN=64 -DG=32 -DKS=32 -DBUFS=1 -DWORDS_ONCE=1 -DDEQ_H2=1 -DLDSM=1"
 fi
 
-echo "| variant | registers | spills (bytes st/ld) | shared bytes | mma.sync | ldmatrix | lop3 | prmt | fma.rn.f16x2 | cvt.rn.f16.f32 |"
+echo "| variant | registers | stack, spills st/ld (bytes) | shared bytes | mma.sync | ldmatrix | lop3 | prmt | fma.rn.f16x2 | cvt.rn.f16.f32 |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 echo "$variants" | while IFS='|' read -r name defines options; do
     # shellcheck disable=SC2086
@@ -74,6 +76,7 @@ echo "$variants" | while IFS='|' read -r name defines options; do
         -S -emit-llvm -o "$dir/a.ll" "$dir/a.cl" 2>&1 | grep -v "warning\|^ \|^$\|generated" || true
     /usr/lib/llvm-15/bin/llc -march=nvptx64 -mcpu=sm_80 -mattr=+ptx75 "$dir/a.ll" -o "$dir/a.ptx"
     sed -i 's/^\.version 7\.5/.version 7.8/; s/^\.target sm_80/.target sm_90/' "$dir/a.ptx"   # llc 15 stops at sm_80
+    if [ -n "${PTX_OUT:-}" ]; then cp "$dir/a.ptx" "$PTX_OUT"; fi
     # shellcheck disable=SC2086
     if ! ptxas -arch=sm_90 -v $options "$dir/a.ptx" -o "$dir/a.cubin" > "$dir/log" 2>&1; then
         echo "| $name | does not assemble: $(grep -m1 error "$dir/log" | cut -c1-100) |"
@@ -82,7 +85,7 @@ echo "$variants" | while IFS='|' read -r name defines options; do
     info=$(grep -A2 "for gemm_mma" "$dir/log" | tr '\n' ' ')
     regs=$(echo "$info" | sed -n 's/.*Used \([0-9]*\) registers.*/\1/p')
     smem=$(echo "$info" | sed -n 's/.* \([0-9]*\) bytes smem.*/\1/p')
-    spill=$(echo "$info" | sed -n 's/.* \([0-9]*\) bytes spill stores, \([0-9]*\) bytes spill loads.*/\1\/\2/p')
+    spill=$(echo "$info" | sed -n 's/.* \([0-9]*\) bytes stack frame, \([0-9]*\) bytes spill stores, \([0-9]*\) bytes spill loads.*/\1, \2\/\3/p')
     n() { grep -c "$1" "$dir/a.ptx" || true; }
     echo "| $name | $regs | $spill | $smem | $(n mma.sync) | $(n ldmatrix) | $(n lop3.b32) | $(n prmt.b32) | $(n fma.rn.f16x2) | $(n 'cvt.rn.f16.f32') |"
 done

@@ -140,7 +140,8 @@ PTX_PIPELINES = {**PIPELINES,
                  "ks64-2buffers-words-once": {"mma_buffers": 2, "mma_words_once": 1, "mma_bn": 64, "mma_bt": 64,
                                               "mma_wm": 32, "mma_wn": 32},
                  "128-registers": {"mma_maxrreg": 128},
-                 "all-128-registers": {**PIPELINES["all"], "mma_maxrreg": 128}}
+                 "all-128-registers": {**PIPELINES["all"], "mma_maxrreg": 128},
+                 "all-warps-32x32": {**PIPELINES["all"], "mma_wn": 32}}
 PIPE_CASES = [
     (37, 576, 32, 19, "linear"),       # 4 chunks of 128 and one of 64; partial tiles
     (101, 384, 128, 9, "linear"),      # one group per chunk
