@@ -232,7 +232,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 // scale and zero of its one or two groups (wsz), and its X halves (xq). The 64-chunk's stages have half as
 // many W items.
 #define LOAD_W(C, s)                                                                           \
-    for (int u = 0; u < IW * (C) / 128; u++) {                                                 \
+    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                              \
         W_ITEM(C, u, r, j);                                                                    \
         const int n = min(out0 + ROW_N(r), N - 1);                                             \
         __global const uint* blk = W + (size_t)(n / RT + ROW_UP(r) * ntiles) * tile_words + ((s) / SPC) * BLOCK_WORDS(128); \
@@ -244,7 +244,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 #define LOAD(s)                                                                                \
     {                                                                                          \
         if ((s) / SPC < n128) LOAD_W(128, s) else LOAD_W(64, s)                                \
-        for (int u = 0; u < IX; u++) {                                                         \
+        UNROLL for (int u = 0; u < IX; u++) {                                                    \
             const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
             xq[u] = vload4(0, (__global const uint*)(Xh + (size_t)min(tb0 + t, T - 1) * K + (s) * KS + k)); \
         }                                                                                      \
@@ -252,7 +252,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 // Registers -> local buffer cb, W dequantized: plane p0 + pp of the item's two words is stage elements
 // pp*L + j, pp*L + j + 1 (L = C / 8); with TWO_GROUPS the second group starts at element 32.
 #define STORE_W(C, s, cb)                                                                      \
-    for (int u = 0; u < IW * (C) / 128; u++) {                                                 \
+    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                              \
         W_ITEM(C, u, r, j);                                                                    \
         const int p0 = ((s) % SPC) * PPS(C);                                                   \
         _Pragma("unroll") for (int pp = 0; pp < PPS(C); pp++) {                                \
@@ -264,7 +264,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 #define STORE(s, cb)                                                                           \
     {                                                                                          \
         if ((s) / SPC < n128) STORE_W(128, s, cb) else STORE_W(64, s, cb)                      \
-        for (int u = 0; u < IX; u++) {                                                         \
+        UNROLL for (int u = 0; u < IX; u++) {                                                    \
             const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
             vstore4(xq[u], 0, Xl + ((cb) * BT + t) * LDW + k / 2);                             \
         }                                                                                      \
