@@ -46,7 +46,7 @@
 
 #if !defined(BN) || !defined(BT) || !defined(WM) || !defined(WN) || !defined(KS) || !defined(BUFS) \
     || !defined(WORDS_ONCE) || !defined(DEQ_H2) || !defined(LDSM)
-#error "BN, BT, WM, WN, KS, BUFS, WORDS_ONCE, DEQ_H2, LDSM: their defaults are declared in engine/backends/opencl/specs.py"
+#error "BN, BT, WM, WN, KS, BUFS, WORDS_ONCE, DEQ_H2, LDSM: defaults in engine/backends/opencl/specs.py, gemm_mma.py"
 #endif
 #ifndef MMA
 #define MMA 1
@@ -199,7 +199,8 @@ inline void ldsm_emulated(uint* r, __local const uint* buf, const int word, __lo
 #endif
 // Fragments of kk in buffer cb: B of all NT token blocks (b[2j], b[2j+1]), A of row block i.
 #define LOAD_B(b, cb, kk)                                                                      \
-    UNROLL for (int jj = 0; jj < NT / 2; jj++) LDSM_X4((b) + 4 * jj, Xl, xsa, (cb) * BT * LDW + B_ROW(wn + jj * 16) + (kk) / 2);
+    UNROLL for (int jj = 0; jj < NT / 2; jj++)                                                 \
+        LDSM_X4((b) + 4 * jj, Xl, xsa, (cb) * BT * LDW + B_ROW(wn + jj * 16) + (kk) / 2);
 #define LOAD_A(a, cb, i, kk) LDSM_X4(a, Wl, wsa, (cb) * BN * LDW + A_ROW(wm + (i) * 16) + (kk) / 2);
 #else
 #define LOAD_B(b, cb, kk)                                                                      \
@@ -315,7 +316,9 @@ void gemm_mma(__global const uint* restrict W, __global const half* restrict Xh,
 #endif
 
     float acc[MT][NT][4];
-    UNROLL for (int i = 0; i < MT; i++) UNROLL for (int j = 0; j < NT; j++) UNROLL for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    UNROLL for (int i = 0; i < MT; i++)
+        UNROLL for (int j = 0; j < NT; j++)
+            UNROLL for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
     uint2 wq[IW];
     sz_t wsz[IW];
     uint4 xq[IX];
