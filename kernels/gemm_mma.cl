@@ -44,9 +44,11 @@
 // Reached on the H200 (BN = BT = 128, WM = 32, WN = 64, KS 64, one buffer, f32 dequantization, 32-bit
 // loads): 124 TFLOP/s on 12288 x 4096 x 512 (docs/performance.md, H200 section).
 
-#if !defined(BN) || !defined(BT) || !defined(WM) || !defined(WN) || !defined(KS) || !defined(BUFS) \
-    || !defined(WORDS_ONCE) || !defined(DEQ_H2) || !defined(LDSM)
-#error "BN, BT, WM, WN, KS, BUFS, WORDS_ONCE, DEQ_H2, LDSM: defaults in engine/backends/opencl/specs.py, gemm_mma.py"
+#if !defined(BN) || !defined(BT) || !defined(WM) || !defined(WN) || !defined(KS) || !defined(BUFS) || !defined(WORDS_ONCE)
+#error "BN, BT, WM, WN, KS, BUFS, WORDS_ONCE: their defaults are declared in engine/backends/opencl/specs.py"
+#endif
+#if !defined(DEQ_H2) || !defined(LDSM)
+#error "DEQ_H2, LDSM: set by engine/backends/opencl/gemm_mma.py from mma_deq and mma_ldmatrix"
 #endif
 #ifndef MMA
 #define MMA 1
@@ -233,7 +235,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 // scale and zero of its one or two groups (wsz), and its X halves (xq). The 64-chunk's stages have half as
 // many W items.
 #define LOAD_W(C, s)                                                                           \
-    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                              \
+    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                          \
         W_ITEM(C, u, r, j);                                                                    \
         const int n = min(out0 + ROW_N(r), N - 1);                                             \
         __global const uint* blk = W + (size_t)(n / RT + ROW_UP(r) * ntiles) * tile_words + ((s) / SPC) * BLOCK_WORDS(128); \
@@ -245,7 +247,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 #define LOAD(s)                                                                                \
     {                                                                                          \
         if ((s) / SPC < n128) LOAD_W(128, s) else LOAD_W(64, s)                                \
-        UNROLL for (int u = 0; u < IX; u++) {                                                    \
+        UNROLL for (int u = 0; u < IX; u++) {                                                  \
             const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
             xq[u] = vload4(0, (__global const uint*)(Xh + (size_t)min(tb0 + t, T - 1) * K + (s) * KS + k)); \
         }                                                                                      \
@@ -253,7 +255,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 // Registers -> local buffer cb, W dequantized: plane p0 + pp of the item's two words is stage elements
 // pp*L + j, pp*L + j + 1 (L = C / 8); with TWO_GROUPS the second group starts at element 32.
 #define STORE_W(C, s, cb)                                                                      \
-    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                              \
+    UNROLL for (int u = 0; u < IW * (C) / 128; u++) {                                          \
         W_ITEM(C, u, r, j);                                                                    \
         const int p0 = ((s) % SPC) * PPS(C);                                                   \
         _Pragma("unroll") for (int pp = 0; pp < PPS(C); pp++) {                                \
@@ -265,7 +267,7 @@ __kernel void x_to_half(__global const float* restrict X, __global half* restric
 #define STORE(s, cb)                                                                           \
     {                                                                                          \
         if ((s) / SPC < n128) STORE_W(128, s, cb) else STORE_W(64, s, cb)                      \
-        UNROLL for (int u = 0; u < IX; u++) {                                                    \
+        UNROLL for (int u = 0; u < IX; u++) {                                                  \
             const int i = lid + u * NWI, t = i / (KS / 8), k = (i % (KS / 8)) * 8;             \
             vstore4(xq[u], 0, Xl + ((cb) * BT + t) * LDW + k / 2);                             \
         }                                                                                      \

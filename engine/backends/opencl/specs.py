@@ -153,18 +153,7 @@ GEMM_DOT8 = KernelSpec("gemm_dot8", "gemm_dot8.cl", "matmul", (), model_defines=
     local_bytes=lambda d: (128 + 4 * 8) * (d["BN"] + d["X_LOCAL"] * d["BT"]),   # int8 and (scale, zero) per 32
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
 
-def _mma_warps(d: dict) -> int:
-    return (d["BN"] // d["WM"]) * (d["BT"] // d["WN"])
-
-
-def _mma_local(d: dict) -> int:
-    """gemm_mma.cl's __local arrays: BUFS stages of fp16 W [BN][KS + PAD] and X [BT][KS + PAD]; without the
-    instructions (MMA = 0) also the exchange of the warps' registers, 6 words per work-item."""
-    exchange = 0 if d.get("MMA", 1) else 6 * 4 * 32 * _mma_warps(d)
-    return 2 * d["BUFS"] * (d["BN"] + d["BT"]) * (d["KS"] + MMA_PAD) + exchange
-
-
-GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
+_MMA_PARAMS = (
     Param("gemm_mma", None, "off", (), 'many-token int4 GEMM on matrix units: "off", "ptx", "emulated"'),
     Param("mma_min_tokens", None, 64, (), "T from this uses it"),
     Param("mma_bn", "BN", 128, (), "rows per work-group"),
@@ -181,15 +170,40 @@ GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
           'a __local pointer becomes a shared-window address: "auto" (isspacep), "value", "cvta"'),
     Param("mma_maxrreg", None, 0, (), "at most this many registers per work-item (NVIDIA's -cl-nv-maxrregcount, "
           "128: two work-groups of 256 per SM; 0: the compiler's choice)"),
-), model_defines=("G",), traffic=_matmul_traffic,
-    local_bytes=_mma_local, work_group=lambda d: 32 * _mma_warps(d),     # a warp per WM x WN tile
+)
+
+
+def _mma(d: dict) -> dict:
+    """gemm_mma's defines, those not given at their declared defaults."""
+    return {**{p.define: p.default for p in _MMA_PARAMS if p.define}, **d}
+
+
+def _mma_warps(d: dict) -> int:
+    return (d["BN"] // d["WM"]) * (d["BT"] // d["WN"])
+
+
+def _mma_local(d: dict) -> int:
+    """gemm_mma.cl's __local arrays: BUFS stages of fp16 W [BN][KS + PAD] and X [BT][KS + PAD]; without the
+    instructions (MMA = 0) also the exchange of the warps' registers, 6 words per work-item."""
+    d = _mma(d)
+    exchange = 0 if d.get("MMA", 1) else 6 * 4 * 32 * _mma_warps(d)
+    return 2 * d["BUFS"] * (d["BN"] + d["BT"]) * (d["KS"] + MMA_PAD) + exchange
+
+
+def _mma_items_whole(d: dict) -> bool:
+    """Each work-item has whole X items and an even number of whole W items (gemm_mma.cl's IX, IW)."""
+    d, nwi = _mma(d), 32 * _mma_warps(d)
+    return not (8 * d["BN"] % nwi or d["BT"] * d["KS"] // 8 % nwi or 8 * d["BN"] // nwi % 2)
+
+
+GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", _MMA_PARAMS, model_defines=("G",),
+    traffic=_matmul_traffic, local_bytes=_mma_local, work_group=lambda d: 32 * _mma_warps(d),     # a warp per WM x WN tile
     hint="lower mma_bn or mma_bt (or mma_ks, mma_buffers)",
     constraints=(("BN % WM, BT % WN, WM % 16 and WN % 8 are 0",
                   lambda d: not (d["BN"] % d["WM"] or d["BT"] % d["WN"] or d["WM"] % 16 or d["WN"] % 8)),
-                 ("KS is 32 or 64 and BUFS 1 or 2", lambda d: d["KS"] in (32, 64) and d["BUFS"] in (1, 2)),
-                 ("NWI (32 per warp) divides BT KS / 8, and 8 BN into an even number",
-                  lambda d: not (8 * d["BN"] % (32 * _mma_warps(d)) or d["BT"] * d["KS"] // 8 % (32 * _mma_warps(d))
-                                 or 8 * d["BN"] // (32 * _mma_warps(d)) % 2)),
+                 ("KS is 32 or 64 and BUFS 1 or 2",
+                  lambda d: _mma(d)["KS"] in (32, 64) and _mma(d)["BUFS"] in (1, 2)),
+                 ("NWI (32 per warp) divides BT KS / 8, and 8 BN into an even number", _mma_items_whole),
                  ("with ldmatrix WN % 16 is 0", lambda d: not (d.get("LDSM") and d["WN"] % 16))))
 
 RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
