@@ -131,6 +131,7 @@ PIPELINES = {
     "ks32-2buffers": {"mma_ks": 32, "mma_buffers": 2},
     "ks32-2buffers-words-once": {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1},
     "ks64-2buffers-words-once": {"mma_buffers": 2, "mma_words_once": 1},
+    "words-once": {"mma_words_once": 1},
     "half2": {"mma_deq": "half2"},
     "ldmatrix": {"mma_ldmatrix": "auto"},
     "all": {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1, "mma_deq": "half2", "mma_ldmatrix": "auto"},
