@@ -18,12 +18,9 @@
         fragments of two neighbouring key fragments are the A fragment of their 16 keys;
    and at the end divides O by the row sums and writes the tile's rows.
 
-   Fragments (PTX ISA, mma.m16n8k16 .f16): lane = 4 g + q (g = groupID, q = threadID_in_group).
-   A (16 x 16, row-major): a0 = row g, k 2q, 2q+1; a1 = row g+8; a2, a3 = the same at k + 8.
-   B (16 x 8, column-major): b0 = k 2q, 2q+1 of column g; b1 = k + 8. C/D (16 x 8, f32): c0, c1 = row g,
-   columns 2q, 2q+1; c2, c3 = row g+8. A pair of halves lies in one 32-bit register, the lower column
-   (or k) in the low half. Hence S fragments j = 2kk, 2kk+1 give P's A fragment kk: a0 = (s[2kk].c0,
-   s[2kk].c1), a1 = (s[2kk].c2, c3), a2 = (s[2kk+1].c0, c1), a3 = (s[2kk+1].c2, c3).
+   Fragments: mma_sync.h (its d0..d3 are c0..c3 here). Hence S fragments j = 2kk, 2kk+1 give P's A
+   fragment kk: a0 = (s[2kk].c0, s[2kk].c1), a1 = (s[2kk].c2, c3), a2 = (s[2kk+1].c0, c1),
+   a3 = (s[2kk+1].c2, c3).
 
    MMA = 0 replaces the two PTX instructions by ordinary arithmetic on the same per-lane fragments
    (each lane's registers exchanged through local memory, with barriers), so that CPUs (PoCL) check the
@@ -97,13 +94,10 @@ inline uint pack_half2(const float x, const float y)
     return u;
 }
 
+#include "mma_sync.h"
+
 #if MMA
 #define UNROLL _Pragma("unroll")          /* fragment loops into registers (not with the emulation's barriers) */
-#define MMA_16816(d, a, b0, b1)                                                                \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "                          \
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                        \
-                 : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3])                       \
-                 : "r"((a)[0]), "r"((a)[1]), "r"((a)[2]), "r"((a)[3]), "r"(b0), "r"(b1))
 #define SHFL_XOR(v, mask) shfl_xor((v), (mask))
 
 /* v of the lane whose index differs from this one's by the bits of mask. */
@@ -115,36 +109,7 @@ inline float shfl_xor(const float v, const int mask)
 }
 #else
 #define UNROLL
-#define MMA_16816(d, a, b0, b1) mma_emulated((d), (a), (b0), (b1), xa, xb, lid)
 #define SHFL_XOR(v, mask) shfl_emulated((v), (mask), xs, lid)
-
-/* d += A B for the warp of lid, each lane giving its a[0..3], b0, b1 and getting its d[0..3] in the
-   layout of mma.m16n8k16 (header): the warp's registers go through local memory. */
-inline void mma_emulated(float *d, const uint *a, const uint b0, const uint b1,
-                         __local uint *xa, __local uint *xb, const int lid)
-{
-    for (int i = 0; i < 4; i++)
-        xa[4 * lid + i] = a[i];
-    xb[2 * lid] = b0;
-    xb[2 * lid + 1] = b1;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    const int w = lid & ~31, g = (lid & 31) >> 2, q = lid & 3;
-    __local const half *ah = (__local const half *)(xa + 4 * w);   /* [lane][4 registers][2 halves] */
-    __local const half *bh = (__local const half *)(xb + 2 * w);   /* [lane][2 registers][2 halves] */
-    for (int e = 0; e < 4; e++) {
-        const int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
-        float sum = 0.0f;
-        for (int k = 0; k < 16; k++) {
-            /* A (row, k): lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2 */
-            const int ra = 4 * (4 * (row % 8) + (k % 8) / 2) + row / 8 + 2 * (k / 8);
-            /* B (k, col): lane 4 col + (k % 8) / 2, register k / 8, half k % 2 */
-            const int rb = 2 * (4 * col + (k % 8) / 2) + k / 8;
-            sum = mad(vload_half(2 * ra + k % 2, ah), vload_half(2 * rb + k % 2, bh), sum);
-        }
-        d[e] += sum;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-}
 
 inline float shfl_emulated(const float v, const int mask, __local float *xs, const int lid)
 {

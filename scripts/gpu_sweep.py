@@ -9,14 +9,55 @@ variant timed alone (median of 5 runs of `reps` launches after a warm-up):
 
 prints one table per kernel; --write stores the fastest of each as the device's tuned parameters
 (the tuner's file, engine/backends/opencl/tuning.py write_override), which perfx then loads.
+
+    python3 scripts/gpu_sweep.py --parts mma2 --out mma2.json
+
+checks each pipeline variant of gemm_mma (MMA_PIPELINES: gemm_mma.cl's options, each alone over the
+device's entry, then together) against NumPy (1536 x 4096 x 512 and SwiGLU 2000 x 4096 x 77 on fp16-rounded
+operands, error relative to the output's largest magnitude, passed at 1e-4 as in tests/test_cl_gemm_mma.py)
+and times it on a 7B prefill's products at T = 512 (12288 x 4096, 4096 x 4096, 22016 x 4096 SwiGLU,
+4096 x 11008); the JSON is rewritten after each variant, so a variant that brings the device down leaves
+those before it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
+
+# gemm_mma's pipeline variants, over the device's tuned entry: each option alone, then together; the
+# ldmatrix address modes that are not checked at run time come last (a wrong address can fault).
+ALL = {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1, "mma_deq": "half2", "mma_ldmatrix": "auto"}
+MMA_PIPELINES = [
+    ("entry", {}),
+    ("KS 32", {"mma_ks": 32}),
+    ("KS 32, 2 buffers", {"mma_ks": 32, "mma_buffers": 2}),
+    ("KS 32, 2 buffers, words once", {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1}),
+    ("words once", {"mma_words_once": 1}),
+    ("half2 dequantization", {"mma_deq": "half2"}),
+    ("ldmatrix (auto address)", {"mma_ldmatrix": "auto"}),
+    ("at most 128 registers", {"mma_maxrreg": 128}),
+    ("all", ALL),
+    ("all, at most 128 registers", {**ALL, "mma_maxrreg": 128}),
+    ("all, warps of 32 x 32 (16 warps)", {**ALL, "mma_wn": 32}),
+    ("warps of 32 x 32 (16 warps)", {"mma_wn": 32}),
+    ("all, 128 x 64 tiles (4 warps)", {**ALL, "mma_bt": 64}),
+    ("all, 256 x 64 tiles, 1 buffer",
+     {**ALL, "mma_bn": 256, "mma_bt": 64, "mma_wm": 64, "mma_wn": 32, "mma_buffers": 1}),
+    ("all, 128 x 256 tiles, 1 buffer", {**ALL, "mma_bt": 256, "mma_wm": 64, "mma_wn": 64, "mma_buffers": 1}),
+    ("ldmatrix (the pointer's value)", {"mma_ldmatrix": "value"}),
+    ("ldmatrix (cvta.to.shared)", {"mma_ldmatrix": "cvta"}),
+]
+# checked against NumPy: (label, rows, K, T, op); timed: (label, rows, K, op) at T = 512
+MMA_CHECKS = [("linear 1536x4096x512", 1536, 4096, 512, "linear"), ("SwiGLU 2000x4096x77", 2000, 4096, 77, "swiglu")]
+MMA_SHAPES = [("12288x4096", 12288, 4096, "linear"), ("4096x4096", 4096, 4096, "linear"),
+              ("22016x4096 SwiGLU", 22016, 4096, "swiglu"), ("4096x11008", 4096, 11008, "linear")]
 
 
 def timed(run, sync, reps: int = 10) -> float:
@@ -32,11 +73,85 @@ def timed(run, sync, reps: int = 10) -> float:
     return statistics.median(out)
 
 
+def mma_pipelines(rt, mparams: dict, info, out: str | None) -> None:
+    """The mma2 part (module doc): each of MMA_PIPELINES checked against NumPy and timed; JSON to out."""
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix, Matmul
+
+    rng = np.random.default_rng(1)
+    sync = rt.queue.finish
+
+    def int4(rows, K):
+        q = rng.integers(0, 16, (rows, K), dtype=np.uint8)
+        s = rng.uniform(0.002, 0.004, (rows, K // 32)).astype(np.float16)
+        z = (-rng.uniform(7, 9, s.shape) * s).astype(np.float16)
+        w = q * np.repeat(s, 32, axis=1).astype(np.float32) + np.repeat(z, 32, axis=1)
+        return DeviceMatrix.from_int4(rt, q, s, z, 32), w
+
+    def h(a):
+        return np.asarray(a, np.float64).astype(np.float16).astype(np.float64)
+
+    checks = []           # (name, matrix, x, want, op)
+    for name, rows, K, T, op in MMA_CHECKS:
+        dm, w = int4(rows, K)
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        want = h(x) @ h(w).T
+        if op == "swiglu":
+            gate, up = np.split(want, 2, axis=1)
+            want = gate / (1.0 + np.exp(-gate)) * up
+        checks.append((name, dm, x, want, op))
+    mats = {label: int4(rows, K)[0] for label, rows, K, _ in MMA_SHAPES}
+    x = rt.to_device(rng.standard_normal((512, max(K for _, _, K, _ in MMA_SHAPES))).astype(np.float32))
+    y = rt.empty(4 * 512 * max(rows for _, rows, _, _ in MMA_SHAPES))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    report = {"device": info.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "commit": commit, "entry": {k: v for k, v in mparams.items() if k.startswith(("gemm_mma", "mma_"))},
+              "variants": []}
+    print("\n## gemm_mma pipeline variants, T = 512 (TFLOP/s; check: largest error / largest output)")
+    print("| variant | check | " + " | ".join(label for label, *_ in MMA_SHAPES) + " |")
+    print("| --- | --- |" + " ---: |" * len(MMA_SHAPES))
+    for label, options in MMA_PIPELINES:
+        row = {"label": label, "options": options}
+        try:
+            mm = Matmul(rt, {**mparams, **options})
+            if mm.mma is None or any(mm.mma.options.get(k, v) != v for k, v in options.items()):
+                raise RuntimeError("its probe failed (stderr says why)")
+            errs = {}
+            for name, dm, xc, want, op in checks:
+                xb = rt.to_device(xc)
+                yb = rt.to_device(np.full(want.shape, np.nan, np.float32))
+                run = mm.swiglu if op == "swiglu" else mm.linear
+                run(xb, dm, xc.shape[0], yb, scheme="mma")
+                got = rt.read(yb, want.shape)
+                err = float(np.abs(got - want).max()) if np.isfinite(got).all() else float("inf")
+                errs[name] = err / float(np.abs(want).max())
+            row["check"] = {**errs, "passed": all(e <= 1e-4 for e in errs.values())}
+            row["shapes"] = {}
+            for shape, rows, K, op in MMA_SHAPES:
+                run = mm.swiglu if op == "swiglu" else mm.linear
+                sec = timed(lambda: run(x, mats[shape], 512, y, scheme="mma"), sync)
+                row["shapes"][shape] = {"us": sec * 1e6, "tflops": 2 * rows * K * 512 / sec / 1e12}
+            cells = [f"{row['shapes'][s]['tflops']:.1f}" for s, *_ in MMA_SHAPES]
+            check = f"{'ok' if row['check']['passed'] else 'WRONG'} {max(errs.values()):.1e}"
+        except Exception as e:          # noqa: BLE001 (a variant that fails is reported, the next runs)
+            row["error"] = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            cells, check = ["-"] * len(MMA_SHAPES), row["error"][:80]
+        print(f"| {label} | {check} | " + " | ".join(cells) + " |", flush=True)
+        report["variants"].append(row)
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", default="nvidia")
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--parts", default="mma,gemv,attention,decode,norm,floor", help="which kernels, comma-separated")
+    ap.add_argument("--parts", default="mma,gemv,attention,decode,norm,floor",
+                    help="which kernels, comma-separated; mma2: gemm_mma's pipeline variants (not in the default)")
+    ap.add_argument("--out", help="the mma2 part's JSON")
     a = ap.parse_args()
 
     import pyopencl as cl
@@ -75,6 +190,8 @@ def main() -> None:
     y = rt.empty(4 * 512 * 12288)
 
     parts = a.parts.split(",")
+    if "mma2" in parts:
+        mma_pipelines(rt, mparams, info, a.out)
     # mma tiles
     res = []
     for bn, bt, wm, wn in [(128, 64, 64, 32), (128, 128, 64, 32), (128, 128, 32, 64), (256, 128, 64, 64),

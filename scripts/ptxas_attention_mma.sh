@@ -35,7 +35,7 @@ CL
 cat "$(dirname "$0")/../kernels/attention_mma.cl" >> "$dir/a.cl"
 # shellcheck disable=SC2086
 clang-15 -x cl -cl-std=CL1.2 -target nvptx64-nvidia-nvcl -Xclang -finclude-default-header -O3 \
-    -cl-fast-relaxed-math -cl-mad-enable -Dasm=__asm__ -DMMA=1 $defines -S -emit-llvm -o "$dir/a.ll" "$dir/a.cl" 2>&1 \
+    -cl-fast-relaxed-math -cl-mad-enable -Dasm=__asm__ -DMMA=1 $defines -I "$(dirname "$0")/../kernels" -S -emit-llvm -o "$dir/a.ll" "$dir/a.cl" 2>&1 \
     | grep -v "warning\|^ \|^$\|generated" || true
 /usr/lib/llvm-15/bin/llc -march=nvptx64 -mcpu=sm_80 -mattr=+ptx75 "$dir/a.ll" -o "$dir/a.ptx"
 sed -i 's/^\.version 7\.5/.version 7.8/; s/^\.target sm_80/.target sm_90/' "$dir/a.ptx"   # llc 15 stops at sm_80

@@ -120,3 +120,93 @@ def test_emulated_geglu(rt, mm_emulated):
     dm, w, x = _case(rt, 2 * F, 320, 32, 23, 7)
     gu = oracle16(x, w)
     assert_close(run(rt, mm_emulated, dm, x, F, op="geglu"), gelu_tanh(gu[:, :F]) * gu[:, F:])
+
+
+# The pipeline's options (gemm_mma.cl's header), each alone and all together, on warp tiles of 16 x 16
+# (ldmatrix's B pairs) and 4 warps: stages of 32 (a quarter or half of a chunk), two local buffers, a chunk's
+# words loaded once, the half2 dequantization's bit steps, ldmatrix's row addresses and fragments.
+PIPE_TILES = {"gemm_mma": "emulated", "mma_bn": 32, "mma_bt": 32, "mma_wm": 16, "mma_wn": 16, "mma_min_tokens": 2}
+PIPELINES = {
+    "ks32": {"mma_ks": 32},
+    "ks32-2buffers": {"mma_ks": 32, "mma_buffers": 2},
+    "ks32-2buffers-words-once": {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1},
+    "ks64-2buffers-words-once": {"mma_buffers": 2, "mma_words_once": 1},
+    "words-once": {"mma_words_once": 1},
+    "half2": {"mma_deq": "half2"},
+    "ldmatrix": {"mma_ldmatrix": "auto"},
+    "all": {"mma_ks": 32, "mma_buffers": 2, "mma_words_once": 1, "mma_deq": "half2", "mma_ldmatrix": "auto"},
+}
+# On NVIDIA's tiles (128 x 128, warps of 32 x 64) two buffers of 64-element stages do not fit 48 KB: 64 x 64.
+PTX_PIPELINES = {**PIPELINES,
+                 "ks64-2buffers-words-once": {"mma_buffers": 2, "mma_words_once": 1, "mma_bn": 64, "mma_bt": 64,
+                                              "mma_wm": 32, "mma_wn": 32},
+                 "128-registers": {"mma_maxrreg": 128},
+                 "all-128-registers": {**PIPELINES["all"], "mma_maxrreg": 128},
+                 "all-warps-32x32": {**PIPELINES["all"], "mma_wn": 32}}
+PIPE_CASES = [
+    (37, 576, 32, 19, "linear"),       # 4 chunks of 128 and one of 64; partial tiles
+    (101, 384, 128, 9, "linear"),      # one group per chunk
+    (2 * 12, 320, 64, 35, "swiglu"),   # a 64-chunk, two token tiles
+]
+
+
+def _pipeline_matmul(rt, options: dict, base: dict = PIPE_TILES):
+    from perfx.engine.backends.opencl.matmul import Matmul
+
+    mm = Matmul(rt, {**base, **options})
+    assert mm.mma is not None, "the kernel failed its own probe"
+    assert all(mm.mma.options[k] == v for k, v in options.items()), "the probe fell back to the default pipeline"
+    return mm
+
+
+def _check(rt, mm, N, K, G, T, op, seed):
+    dm, w, x = _case(rt, N, K, G, T, seed)
+    if op == "swiglu":
+        assert_close(run(rt, mm, dm, x, N // 2, op="swiglu", scheme="mma"), silu_mul(oracle16(x, w)))
+    else:
+        assert_close(run(rt, mm, dm, x, N, scheme="mma"), oracle16(x, w))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_emulated_pipeline(rt, name):
+    mm = _pipeline_matmul(rt, PIPELINES[name])
+    for N, K, G, T, op in PIPE_CASES:
+        _check(rt, mm, N, K, G, T, op, N * K + T)
+
+
+def test_pipeline_rules():
+    from perfx.engine.backends.opencl.specs import check_rules
+    from perfx.engine.errors import PerfxError
+
+    tile = {"BN": 32, "BT": 32, "WM": 16, "WN": 16, "KS": 64, "BUFS": 1}
+    check_rules("gemm_mma", tile)
+    for bad in ({"KS": 48}, {"BUFS": 3}, {"WN": 8, "LDSM": 1}, {"BT": 16, "WN": 8, "KS": 32}):
+        with pytest.raises(PerfxError):
+            check_rules("gemm_mma", {**tile, **bad})
+
+
+def test_pipeline_falls_back_where_the_device_lacks_it(rt, capsys):
+    from perfx.engine.backends.opencl.matmul import Matmul
+
+    if "nvidia" in rt.device.platform.name.lower():
+        pytest.skip("the device has the instructions")
+    mm = Matmul(rt, {"gemm_mma": "ptx", "mma_deq": "half2", "mma_ldmatrix": "auto"})
+    err = capsys.readouterr().err
+    assert mm.mma is None
+    assert "mma_deq = half2, mma_ldmatrix = auto is not used" in err and "tensor-core GEMM is not used" in err
+
+
+@pytest.mark.parametrize("name", PTX_PIPELINES)
+def test_ptx_pipeline(rt, name):
+    """On an NVIDIA device: each option on NVIDIA's tiles (128 x 128, warps of 32 x 64), the shapes of a
+    7B prefill cut in rows, with and without a 64-chunk."""
+    from tests.conftest import nvidia_matmul
+
+    options = PTX_PIPELINES[name]
+    mm = nvidia_matmul(rt, **options)
+    assert mm.mma is not None, "the tensor-core GEMM failed its probe"
+    assert all(mm.mma.options[k] == v for k, v in options.items() if k in mm.mma.options), \
+        "the probe fell back to the default pipeline (stderr says why)"
+    for N, K, G, T, op in PIPE_CASES + [(12288 // 8, 4096, 32, 512, "linear"), (4096 // 8, 11008, 32, 200, "linear"),
+                                        (2 * 1000, 4096, 32, 77, "swiglu")]:
+        _check(rt, mm, N, K, G, T, op, N + K + T)

@@ -49,20 +49,23 @@ class Runtime:
         self.recorded: list[tuple] | None = None     # inside recording(): (name, event, cost, host ns) per launch
         self._profiling_queue: cl.CommandQueue | None = None
 
-    def program(self, name: str, std: str | None = None, **defines) -> cl.Program:
+    def program(self, name: str, std: str | None = None, maxrreg: int = 0, **defines) -> cl.Program:
         """kernels/<name>.cl built with -D NAME=VALUE for each define (True means a bare -D NAME); a
         tunable define not given takes its declared default (specs.py). std: the OpenCL C version asked
-        for ("CL3.0": the built-ins of cl_khr_integer_dot_product), else the compiler's default."""
+        for ("CL3.0": the built-ins of cl_khr_integer_dot_product), else the compiler's default. maxrreg: at
+        most this many registers per work-item (NVIDIA's -cl-nv-maxrregcount; 0: the compiler's choice)."""
         defines = {**source_defaults(f"{name}.cl"), **defines}
         options = tuple(
             f"-D{k}" if v is True else f"-D{k}={v}" for k, v in sorted(defines.items()) if v is not False
-        ) + self.math_options + ((f"-cl-std={std}",) if std else ())
+        ) + self.math_options + ((f"-cl-std={std}",) if std else ()) + (
+            (f"-cl-nv-maxrregcount={maxrreg}",) if maxrreg else ())
         key = (name, options)
         if key in self._programs:
             return self._programs[key]
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
-            self.requested.setdefault(key, (name, {**defines, **({"std": std} if std else {})}))
+            self.requested.setdefault(key, (name, {**defines, **({"std": std} if std else {}),
+                                                **({"maxrreg": maxrreg} if maxrreg else {})}))
         with lock:
             if key in self._programs:
                 return self._programs[key]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from ...errors import PerfxError
 
 F32 = 4
-MMA_KS, MMA_PAD = 64, 8      # gemm_mma.cl: K elements per stage, halves of padding per local row
+MMA_PAD = 8                  # gemm_mma.cl: halves of padding per local row
 
 
 @dataclass(frozen=True)
@@ -153,19 +153,58 @@ GEMM_DOT8 = KernelSpec("gemm_dot8", "gemm_dot8.cl", "matmul", (), model_defines=
     local_bytes=lambda d: (128 + 4 * 8) * (d["BN"] + d["X_LOCAL"] * d["BT"]),   # int8 and (scale, zero) per 32
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]))
 
-GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", (
+_MMA_PARAMS = (
     Param("gemm_mma", None, "off", (), 'many-token int4 GEMM on matrix units: "off", "ptx", "emulated"'),
     Param("mma_min_tokens", None, 64, (), "T from this uses it"),
     Param("mma_bn", "BN", 128, (), "rows per work-group"),
     Param("mma_bt", "BT", 64, (), "tokens per work-group"),
     Param("mma_wm", "WM", 64, (), "rows per warp"),
     Param("mma_wn", "WN", 32, (), "tokens per warp"),
-), model_defines=("G",), traffic=_matmul_traffic,
-    local_bytes=lambda d: 2 * (d["BN"] + d["BT"]) * (MMA_KS + MMA_PAD),      # fp16 W[BN][KS + PAD], Xh[BT][KS + PAD]
-    work_group=lambda d: 32 * (d["BN"] // d["WM"]) * (d["BT"] // d["WN"]),  # a warp per WM x WN tile
-    hint="lower mma_bn or mma_bt",
+    Param("mma_ks", "KS", 64, (32, 64), "K elements per stage staged in local memory: 32 or 64"),
+    Param("mma_buffers", "BUFS", 1, (1, 2), "local buffers of stages: 2 stores stage s + 1 while stage s is "
+          "multiplied (one barrier per stage)"),
+    Param("mma_words_once", "WORDS_ONCE", 0, (0, 1), "a chunk's nibble words load once, at its first stage"),
+    Param("mma_deq", None, "f32", (), 'int4 -> fp16 arithmetic: "f32" (converted to fp16) or "half2" '
+          "(lop3 into 1024.0's mantissa, fma.rn.f16x2)"),
+    Param("mma_ldmatrix", None, "off", (), 'fragments by ldmatrix.x4 instead of 32-bit loads: "off", or how '
+          'a __local pointer becomes a shared-window address: "auto" (isspacep), "value", "cvta"'),
+    Param("mma_maxrreg", None, 0, (), "at most this many registers per work-item (NVIDIA's -cl-nv-maxrregcount, "
+          "128: two work-groups of 256 per SM; 0: the compiler's choice)"),
+)
+
+
+def _mma(d: dict) -> dict:
+    """gemm_mma's defines, those not given at their declared defaults."""
+    return {**{p.define: p.default for p in _MMA_PARAMS if p.define}, **d}
+
+
+def _mma_warps(d: dict) -> int:
+    return (d["BN"] // d["WM"]) * (d["BT"] // d["WN"])
+
+
+def _mma_local(d: dict) -> int:
+    """gemm_mma.cl's __local arrays: BUFS stages of fp16 W [BN][KS + PAD] and X [BT][KS + PAD]; without the
+    instructions (MMA = 0) also the exchange of the warps' registers, 6 words per work-item."""
+    d = _mma(d)
+    exchange = 0 if d.get("MMA", 1) else 6 * 4 * 32 * _mma_warps(d)
+    return 2 * d["BUFS"] * (d["BN"] + d["BT"]) * (d["KS"] + MMA_PAD) + exchange
+
+
+def _mma_items_whole(d: dict) -> bool:
+    """Each work-item has whole X items and an even number of whole W items (gemm_mma.cl's IX, IW)."""
+    d, nwi = _mma(d), 32 * _mma_warps(d)
+    return not (8 * d["BN"] % nwi or d["BT"] * d["KS"] // 8 % nwi or 8 * d["BN"] // nwi % 2)
+
+
+GEMM_MMA = KernelSpec("gemm_mma", "gemm_mma.cl", "matmul", _MMA_PARAMS, model_defines=("G",),
+    traffic=_matmul_traffic, local_bytes=_mma_local, work_group=lambda d: 32 * _mma_warps(d),     # a warp per WM x WN tile
+    hint="lower mma_bn or mma_bt (or mma_ks, mma_buffers)",
     constraints=(("BN % WM, BT % WN, WM % 16 and WN % 8 are 0",
-                  lambda d: not (d["BN"] % d["WM"] or d["BT"] % d["WN"] or d["WM"] % 16 or d["WN"] % 8)),))
+                  lambda d: not (d["BN"] % d["WM"] or d["BT"] % d["WN"] or d["WM"] % 16 or d["WN"] % 8)),
+                 ("KS is 32 or 64 and BUFS 1 or 2",
+                  lambda d: _mma(d)["KS"] in (32, 64) and _mma(d)["BUFS"] in (1, 2)),
+                 ("NWI (32 per warp) divides BT KS / 8, and 8 BN into an even number", _mma_items_whole),
+                 ("with ldmatrix WN % 16 is 0", lambda d: not (d.get("LDSM") and d["WN"] % 16))))
 
 RMSNORM = KernelSpec("rmsnorm", "rmsnorm.cl", "fused", (
     Param("rms_wg", "RMS_WG", 64, (32, 64, 128, 256), "add_rmsnorm work-group size (power of two)"),
