@@ -147,3 +147,19 @@ def test_broken_tiling_refused(rt):
     mm = Matmul(rt, {"tiled_reg": True, "reg_mwg": 64, "reg_mdimc": 16, "reg_vw": 4})
     with pytest.raises(PerfxError, match="even count"):
         run(rt, mm, dm, rng.standard_normal((40, 128)), 64, scheme="tiled")
+
+
+def test_tuner_searches_it(monkeypatch):
+    """`perfx tune --kernels reg`: each tiling of its space is checked against NumPy and timed with tiled_reg on,
+    and is kept only if faster than the device's gemm_tiled."""
+    from perfx.engine.backends.opencl import tuner
+    from tests.test_tune import opencl_selection
+
+    space = {"tiled_reg": (True,), "reg_mwg": (16, 32), "reg_nwg": (8,), "reg_mdimc": (4,), "reg_ndimc": (4,),
+             "reg_vw": (2,)}
+    monkeypatch.setattr(tuner, "search_space", lambda kernel: space)
+    result = tuner.Tuner(opencl_selection(), shapes=((72, 224),)).run(["reg"], budget_s=600, write=False)
+    g = result.groups[0]
+    assert (g.group, g.tried, g.worked) == ("reg", 2, 2)
+    assert g.before_s is not None and g.after_s <= g.before_s
+    assert g.chosen["tiled_reg"] is (g.after_s < g.before_s)

@@ -1,8 +1,8 @@
 """The tuner behind `perfx tune`: searches the declared space of the matrix-product kernels on one
 device and keeps the fastest configuration that is right.
 
-A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM): every candidate of the
-group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
+A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM, two-level tiled GEMM):
+every candidate of the group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
 shapes (a wrong or failing candidate is dropped) and timed with OpenCL profiling events (median of
 15 after 3 warm-ups); the best of each group is kept before the next is searched. Each group has an
 equal share of the time budget left when it starts, and stops trying candidates once that is spent.
@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, str, int]] = {
     "gemv": ("gemv", "gemv", 1),
     "few": ("gemm_few", "few", 16),
     "tiled": ("gemm_tiled", "tiled", 256),
+    "reg": ("gemm_reg", "tiled", 256),       # tiled_reg on, against the tiled group's winner (specs.py GEMM_REG)
 }
 SMOLLM2_SHAPES = ((960, 576), (3072, 576), (576, 1536))   # N x K: QKV, gate+up, down of SmolLM2-135M
 MARGIN = 0.03       # a candidate replaces the current setting only when this much faster (timing noise)
