@@ -155,8 +155,8 @@ def test_tuner_searches_it(monkeypatch):
     from perfx.engine.backends.opencl import tuner
     from tests.test_tune import opencl_selection
 
-    space = {"tiled_reg": (True,), "reg_mwg": (16, 32), "reg_nwg": (8,), "reg_mdimc": (4,), "reg_ndimc": (4,),
-             "reg_vw": (2,)}
+    space = {"reg_mwg": (16, 32), "reg_nwg": (8,), "reg_mdimc": (4,), "reg_ndimc": (4,),
+             "reg_vw": (2,), "reg_kww": (2,), "reg_pad": (0,)}
     monkeypatch.setattr(tuner, "search_space", lambda kernel: space)
     result = tuner.Tuner(opencl_selection(), shapes=((72, 224),)).run(["reg"], budget_s=600, write=False)
     g = result.groups[0]

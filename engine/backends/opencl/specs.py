@@ -148,8 +148,8 @@ def _reg_rules(d: dict) -> bool:
 
 
 GEMM_REG = KernelSpec("gemm_reg", "gemm_reg.cl", "matmul", (     # two-level tiles, double-buffered (any OpenCL 1.2)
-    Param("tiled_reg", None, False, (True,), "the many-token GEMM by gemm_reg.cl in place of gemm_tiled "
-          "(the tuner keeps it only where it is faster)"),
+    Param("tiled_reg", None, False, (), "the many-token GEMM by gemm_reg.cl in place of gemm_tiled "
+          "(the tuner's reg group turns it on where one of its tilings is faster)"),
     Param("reg_mwg", "MWG", 128, (64, 128), "rows per work-group (with SWIGLU half gate, half up rows)"),
     Param("reg_nwg", "NWG", 128, (64, 128), "tokens per work-group"),
     Param("reg_mdimc", "MDIMC", 16, (8, 16), "work-items along the rows (register tile: MWG / MDIMC rows)"),
