@@ -41,13 +41,14 @@ def main() -> None:
 
     import pyopencl as cl
 
-    from perfx.engine.backends.opencl.devices import describe
+    from perfx.engine.backends.opencl.devices import describe, setup_icd
     from perfx.engine.backends.opencl.matmul import DEFAULT_PARAMS, DeviceMatrix, Matmul
     from perfx.engine.backends.opencl.runtime import Runtime
     from perfx.engine.backends.opencl.specs import GEMM_REG, over_limits, search_space
     from perfx.engine.backends.opencl.tuning import params_for, write_override
     from perfx.engine.errors import PerfxError
 
+    setup_icd()
     device = next(d for p in cl.get_platforms() if a.platform in p.name.lower() for d in p.get_devices())
     info, rt = describe(device), Runtime(device)
     base = params_for(info, "matmul", DEFAULT_PARAMS)
