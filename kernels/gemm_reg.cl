@@ -7,9 +7,9 @@
 // the matching MWG/2 up rows: one X tile serves both). It walks K in stages of KS = 8 KWW elements:
 // lanes l0 .. l0+KWW of all 8 planes of one chunk (the order of the sum along K does not matter, so W
 // and X are staged in the same permuted order). Per stage:
-//   - the next stage's weights are loaded and dequantized to f32 (each once per work-group) and its X
-//     loaded, into registers, before this stage's multiply; stored to the other half of the
-//     double-buffered local tiles after it; one barrier per stage;
+//   - the next stage's weights and X are loaded into registers before this stage's multiply, and stored
+//     to the other half of the double-buffered local tiles after it, the weights dequantized to f32
+//     (once per work-group; int4 when stored, other formats when loaded); one barrier per stage;
 //   - local tiles are K-major, Wl[KS][MWG + PAD], Xl[KS][NWG + PAD]: the register tile's operands are
 //     read as VW-wide vectors, work-item ri reading rows (i MDIMC + ri) VW .. + VW, so neighbouring
 //     work-items read neighbouring vectors (no bank conflicts without padding on 32 banks of 4 bytes;
@@ -71,6 +71,44 @@
 #define DEQ_PLANE(C, blk, r, l0, p) WLOAD(KWW, (__global const WTYPE*)(blk) + (r) * (C) + (p) * ((C) / 8) + (l0))
 #endif
 
+// A staged row's weights in registers, between the fetch before the multiply and the store after it:
+//   W_REGS             the registers of WPI staging items' RT rows
+//   FETCH_ROW(C, blk, q, r, l0, p)   loads row r of item q (plane p, lanes l0 ..)
+//   W_FLOATS(q, p, r, out)           its KWW values, dequantized, to float out[KWW]
+// int4 holds the words and the scale and zero as loaded (fp16 ones as their bits), so that nothing before the
+// multiply waits on the loads; they are dequantized when stored. Other formats dequantize when loaded.
+#if FORMAT == 4
+#ifdef SCALE_F32
+#define SBITS_T float
+#define SBITS(p, i) ((p)[i])
+#define SFLOAT(b) (b)
+#else
+#define SBITS_T ushort
+#define SBITS(p, i) (((__global const ushort*)(p))[i])
+#define SFLOAT(b) half_bits(b)
+// The float value of fp16 bits b (finite), exact: normal halves re-biased, subnormal ones scaled.
+inline float half_bits(const uint b)
+{
+    const uint m = b & 0x7fffu;
+    const float mag = m < 0x400u ? (float)m * 0x1p-24f : as_float((m << 13) + (112u << 23));
+    return (b & 0x8000u) ? -mag : mag;
+}
+#endif
+#define W_REGS CAT(uint, KWW) wq[WPI][RT]; SBITS_T ws[WPI][RT], wz[WPI][RT];
+#define FETCH_ROW(C, blk, q, r, l0, p)                                                         \
+    {                                                                                          \
+        wq[q][r] = CAT(vload, KWW)(0, (blk) + (r) * ((C) / 8) + (l0));                         \
+        ws[q][r] = SBITS(SCALES(C, blk), GRP(C, r, p));                                        \
+        wz[q][r] = SBITS(SCALES(C, blk), RT * GC(C) + GRP(C, r, p));                           \
+    }
+#define W_FLOATS(q, p, r, out)                                                                 \
+    CAT(vstore, KWW)(DEQ4(KWW, wq[q][r], 4 * (p), SFLOAT(ws[q][r]), SFLOAT(wz[q][r])), 0, out);
+#else
+#define W_REGS float wr[WPI][RT][KWW];
+#define FETCH_ROW(C, blk, q, r, l0, p) CAT(vstore, KWW)(DEQ_PLANE(C, blk, r, l0, p), 0, wr[q][r]);
+#define W_FLOATS(q, p, r, out) for (int j_ = 0; j_ < KWW; j_++) (out)[j_] = wr[q][r][j_];
+#endif
+
 // Stage s of K: (chunk, its width C, first lane l0); the chunk's 128-wide stages, then the 64 and 32 tails.
 inline int3 stage_of(int s, const int n128, const int has64)
 {
@@ -81,7 +119,7 @@ inline int3 stage_of(int s, const int n128, const int has64)
     return (int3)(n128 + has64, 32, (s - s64) * KWW);
 }
 
-// Stage s into registers: wr[q][r][j] (row tile and plane of staging item lid + q WGS; rows past the
+// Stage s into registers: W_REGS (row tile and plane of staging item lid + q WGS; rows past the
 // matrix read its last tile, with SWIGLU the second half of the tiles are the up rows'), xr[q][j]
 // (token and plane; tokens past T read the last token).
 #define FETCH_W(C)                                                                             \
@@ -91,8 +129,7 @@ inline int3 stage_of(int s, const int n128, const int has64)
             const int lt = i % (MWG / RT), p = i / (MWG / RT), h = lt / (MOUT / RT);           \
             const int tl = h * ntiles + min(nb / RT + lt - h * (MOUT / RT), ntiles - 1);       \
             __global const uint* blk = W + (size_t)tl * tile_words + chunk_offset(st.x, n128, has64); \
-            _Pragma("unroll") for (int r = 0; r < RT; r++)                                     \
-                CAT(vstore, KWW)(DEQ_PLANE(C, blk, r, st.z, p), 0, wr[q][r]);                  \
+            _Pragma("unroll") for (int r = 0; r < RT; r++) FETCH_ROW(C, blk, q, r, st.z, p)      \
         }                                                                                      \
     }
 #define FETCH(s)                                                                               \
@@ -117,8 +154,10 @@ inline int3 stage_of(int s, const int n128, const int has64)
             const int i = lid + q * WGS;                                                       \
             if (W_ITEMS % WGS == 0 || i < W_ITEMS) {                                           \
                 const int lt = i % (MWG / RT), p = i / (MWG / RT);                             \
+                float w[RT][KWW];                                                              \
+                _Pragma("unroll") for (int r = 0; r < RT; r++) W_FLOATS(q, p, r, w[r])         \
                 _Pragma("unroll") for (int j = 0; j < KWW; j++)                                \
-                    vstore4((float4)(wr[q][0][j], wr[q][1][j], wr[q][2][j], wr[q][3][j]), 0,   \
+                    vstore4((float4)(w[0][j], w[1][j], w[2][j], w[3][j]), 0,                   \
                             Wl[b] + (p * KWW + j) * LDW + lt * RT);                            \
             }                                                                                  \
         }                                                                                      \
@@ -162,7 +201,8 @@ void gemm_reg(__global const uint* restrict W, __global const float* restrict X,
 
     float acc[MWI][TWI];
     for (int a = 0; a < MWI; a++) for (int c = 0; c < TWI; c++) acc[a][c] = 0.0f;
-    float wr[WPI][RT][KWW], xr[XPI][KWW];
+    W_REGS
+    float xr[XPI][KWW];
     FETCH(0)
     STORE(0)
     barrier(CLK_LOCAL_MEM_FENCE);

@@ -50,6 +50,22 @@ def test_int4(rt, mm, N, K, G, T):
     assert_close(run(rt, mm, dm, x, N, scheme="tiled"), oracle(x, w))
 
 
+def test_int4_subnormal_scales(rt, mm):
+    """fp16 scales and zeros below fp16's smallest normal (6.1e-5), of both signs, held exactly (gemm_reg.cl
+    converts int4's fp16 scales from their bits)."""
+    from perfx.engine.backends.opencl.matmul import DeviceMatrix
+
+    rng = np.random.default_rng(5)
+    N, K, G, T = 132, 608, 32, 19
+    q = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    scale = f16(rng.uniform(1e-7, 5e-5, (N, K // G)))
+    zero = f16(scale * rng.uniform(-12, 4, (N, K // G)))
+    assert np.abs(scale).max() < 6.1e-5 and (zero > 0).any() and (zero < 0).any()
+    w = q * np.repeat(scale, G, axis=1).astype(np.float64) + np.repeat(zero, G, axis=1)
+    x = rng.standard_normal((T, K))
+    assert_close(run(rt, mm, DeviceMatrix.from_int4(rt, q, scale, zero, G), x, N, scheme="tiled"), oracle(x, w))
+
+
 def test_int4_accumulate(rt, mm):
     rng = np.random.default_rng(3)
     N, K, T = 301, 608, 45
