@@ -47,14 +47,12 @@
 #define XPI ((X_ITEMS + WGS - 1) / WGS)
 #define MOUT (MWG / NT)               // output rows per work-group
 
-// Lanes l0 .. l0+KWW of plane p of row r of the chunk block blk (width C), dequantized: floatKWW.
+// Scales (and zeros) of a chunk block blk of width C: GC(C) groups per row, GRP(C, r, p) the group of plane p
+// of row r. DEQ_PLANE: lanes l0 .. l0+KWW of plane p of row r, dequantized (floatKWW; int4 below).
 #if FORMAT == 4
 #define GC(C) ((C) >= G ? (C) / G : 1)
 #define SCALES(C, blk) ((__global const SCALE_T*)((blk) + RT * (C) / 8))
 #define GRP(C, r, p) ((r) * GC(C) + (p) / (8 / GC(C)))
-#define DEQ_PLANE(C, blk, r, l0, p)                                                            \
-    DEQ4(KWW, CAT(vload, KWW)(0, (blk) + (r) * ((C) / 8) + (l0)), 4 * (p),                     \
-         SLOAD1(SCALES(C, blk), GRP(C, r, p)), SLOAD1(SCALES(C, blk), RT * GC(C) + GRP(C, r, p)))
 #elif FORMAT == 8
 #define GC(C) ((C) / G)
 #define SCALES(C, blk) ((__global const SCALE_T*)((blk) + RT * (C) / 4))
