@@ -130,7 +130,8 @@ def main() -> None:
         w, _ = matrix(M, K)
         x = rt.to_device(rng.standard_normal((T, K)).astype(np.float32))
         y = rt.empty(4 * T * M)
-        print(f"\n## {op} {M}x{K}, T = {T}\n| shape | kernel | time | rate | share |\n| --- | --- | ---: | ---: | ---: |")
+        print(f"\n## {op} {M}x{K}, T = {T}\n| shape | kernel | time | rate | share |\n"
+              "| --- | --- | ---: | ---: | ---: |")
         tiled = timing(op, M, K, w, x, y, "gemm_tiled (device's parameters)", None)
         if i == 0:
             best["gemm_tiled"] = tiled or float("inf")
