@@ -9,8 +9,9 @@ tiles; RR x TR register tiles) above, or with tiled_reg `gemm_reg` (two-level ti
 memory: kernels/gemm_reg.cl); a gemm_tiled whose tiles do not fit the device falls back to `gemm_few`, a
 gemm_reg tiling that does not fit is refused. Where the tuning database asks for it (NVIDIA), int4 products
 of T >= mma_min_tokens run on the tensor cores instead (scheme "mma", gemm_mma.py), where it asks for
-tiled_arith "half" or "dot8" the tiled GEMM of int4 matrices runs in fp16 or int8 dot products (gemm_variants.py), and int4 GEMVs on integer
-dot products where it asks for gemv_dp (gemv_dp.py). The GEMV also takes
+tiled_arith "half" or "dot8" the tiled GEMM of int4 matrices runs in fp16 or int8 dot products
+(gemm_variants.py), and int4 GEMVs on integer dot products where it asks for gemv_dp (gemv_dp.py). The GEMV
+also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
