@@ -20,7 +20,7 @@ def _us(seconds: float | None) -> str:
 @command
 def tune(
     device: str = typer.Option("auto", "--device", help="The device to tune: auto | opencl | cpu | gpu | opencl:P:D."),
-    kernels: str = typer.Option("gemv,few,tiled", "--kernels", help="Kernel groups to tune: gemv, few, tiled."),
+    kernels: str = typer.Option("gemv,few,tiled", "--kernels", help="Kernel groups to tune: gemv, few, tiled, reg."),
     budget: float = typer.Option(300.0, "--budget", min=1, help="Seconds to spend searching, at most."),
     model: Optional[str] = typer.Option(None, "-m", "--model", help="Time the products of this model "
                                         "(registry name or file; default: SmolLM2-135M's shapes)."),

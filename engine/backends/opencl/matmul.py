@@ -5,11 +5,13 @@ for the zero terms, unless gemv_zero_inline: kernels/gemv.cl; on x86 CPUs with A
 in int16 blocks of 32 with integer products, `int_dot`, for int8 weights too: kernels/gemv_int.cl; the
 norms write both for the int4 products that read h, `XPrep`), `gemm_few` (weights dequantized once per TT
 tokens into registers) up to `few_max_tokens`, `gemm_tiled` (dequantized W, and optionally X, in local-memory
-tiles; RR x TR register tiles) above; a tiled GEMM whose tiles do not fit the device falls back to
-`gemm_few`. Where the tuning database asks for it (NVIDIA), int4 products of T >= mma_min_tokens run on
-the tensor cores instead (scheme "mma", gemm_mma.py), where it asks for tiled_arith "half" or "dot8" the
-tiled GEMM of int4 matrices runs in fp16 or int8 dot products (gemm_variants.py), and int4 GEMVs on integer
-dot products where it asks for gemv_dp (gemv_dp.py). The GEMV also takes
+tiles; RR x TR register tiles) above, or with tiled_reg `gemm_reg` (two-level tiles, double-buffered local
+memory: kernels/gemm_reg.cl); a gemm_tiled whose tiles do not fit the device falls back to `gemm_few`, a
+gemm_reg tiling that does not fit is refused. Where the tuning database asks for it (NVIDIA), int4 products
+of T >= mma_min_tokens run on the tensor cores instead (scheme "mma", gemm_mma.py), where it asks for
+tiled_arith "half" or "dot8" the tiled GEMM of int4 matrices runs in fp16 or int8 dot products
+(gemm_variants.py), and int4 GEMVs on integer dot products where it asks for gemv_dp (gemv_dp.py). The GEMV
+also takes
 T > 1 (scheme="gemv"): token by token, each row bit-identical to the same token alone, which serving
 uses so that a reply does not depend on the batch it ran in. Kernels are built
 once per set of defines (cached by Runtime); each distinct call (weights, x and y buffers, T, op) gets
@@ -31,7 +33,7 @@ from ...errors import PerfxError
 from . import gemm_mma, gemm_variants, gemv_dp
 from .packing import RT, DeviceMatrix, chunk_widths
 from .runtime import Runtime
-from .specs import GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
+from .specs import GEMM_REG, GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
 DEFAULT_PARAMS: dict[str, Any] = defaults("matmul")   # declared, with their meaning, in specs.py
@@ -316,6 +318,8 @@ class Matmul:
             if planned is not None:
                 return planned
         p = self.params
+        if p["tiled_reg"]:
+            return self._gemm_reg(defines, x, w, T, K, N, y, accumulate)
         tile = {k.upper(): int(p[f"tiled_{k}"]) for k in ("bn", "bt", "rr", "tr", "x_local")}
         bn, bt, x_local = tile["BN"], tile["BT"], tile["X_LOCAL"]
         check_rules("gemm_tiled", tile)
@@ -337,6 +341,21 @@ class Matmul:
         kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), accumulate, w_local, x_tile,
                         np.int32(kc))
         return [(kernel, (local[0] * -(-T // bt), local[1] * -(-N // bn)), local)], ()
+
+    def _gemm_reg(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
+                  accumulate: np.int32) -> tuple[list, tuple]:
+        """gemm_reg.cl: MWG x NWG tiles (with SWIGLU MWG/2 gate and MWG/2 up rows) of MDIMC x NDIMC work-items;
+        a tiling the device cannot hold is refused before the build (its local memory is static)."""
+        tile = {q.define: int(self.params[q.key]) for q in GEMM_REG.params if q.define}
+        dev = self.rt.device
+        budget = dev.local_mem_size - 1024      # drivers keep some for themselves (1 KiB per block on NVIDIA)
+        check_fits("gemm_reg", tile, budget, dev.max_work_group_size)
+        kernel = cl.Kernel(self.rt.program("gemm_reg", **defines, **tile), "gemm_reg")
+        check_fits("gemm_reg", tile, budget, self._max_work_group(kernel))
+        kernel.set_args(w.buf, x, y, np.int32(T), np.int32(K), np.int32(N), accumulate)
+        rows = tile["MWG"] // (2 if defines["SWIGLU"] else 1)              # output rows per work-group
+        local = (tile["NDIMC"], tile["MDIMC"])
+        return [(kernel, (local[0] * -(-T // tile["NWG"]), local[1] * -(-N // rows)), local)], ()
 
     def _local_fits(self, scratch: int, ks: int, wgr: int, tpw: int) -> bool:
         """Whether `scratch` bytes of local memory fit beside the GEMV's own reduction array (and the

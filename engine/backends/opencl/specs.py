@@ -141,6 +141,28 @@ GEMM_TILED = KernelSpec("gemm_tiled", "gemm.cl", "matmul", (
     work_group=lambda d: (d["BT"] // d["TR"]) * (d["BN"] // d["RR"]), traffic=_matmul_traffic,
     constraints=(("BN is a multiple of RR and BT of TR", lambda d: d["BN"] % d["RR"] == 0 and d["BT"] % d["TR"] == 0),))
 
+def _reg_rules(d: dict) -> bool:
+    mwi, twi = d["MWG"] // d["MDIMC"], d["NWG"] // d["NDIMC"]
+    return (d["MWG"] % (d["MDIMC"] * d["VW"]) == 0 and d["NWG"] % (d["NDIMC"] * d["VW"]) == 0
+            and (mwi // d["VW"]) % 2 == 0 and twi >= 1 and d["KWW"] in (2, 4) and d["VW"] in (2, 4))
+
+
+GEMM_REG = KernelSpec("gemm_reg", "gemm_reg.cl", "matmul", (     # two-level tiles, double-buffered (any OpenCL 1.2)
+    Param("tiled_reg", None, False, (), "the many-token GEMM by gemm_reg.cl in place of gemm_tiled "
+          "(the tuner's reg group turns it on where one of its tilings is faster)"),
+    Param("reg_mwg", "MWG", 128, (64, 128), "rows per work-group (with SWIGLU half gate, half up rows)"),
+    Param("reg_nwg", "NWG", 128, (64, 128), "tokens per work-group"),
+    Param("reg_mdimc", "MDIMC", 16, (8, 16), "work-items along the rows (register tile: MWG / MDIMC rows)"),
+    Param("reg_ndimc", "NDIMC", 16, (8, 16), "work-items along the tokens (register tile: NWG / NDIMC tokens)"),
+    Param("reg_kww", "KWW", 2, (2, 4), "lanes of each of a chunk's 8 planes per stage: K stage of 8 KWW elements"),
+    Param("reg_vw", "VW", 4, (2, 4), "width of the local-memory reads of the register tile's operands"),
+    Param("reg_pad", "PAD", 0, (0, 4), "floats of padding per row of the K-major local tiles"),
+), model_defines=("FORMAT", "G"), traffic=_matmul_traffic, hint="lower reg_mwg, reg_nwg or reg_kww",
+    local_bytes=lambda d: F32 * 2 * 8 * d["KWW"] * (d["MWG"] + d["NWG"] + 2 * d["PAD"]),   # Wl, Xl [2][KS][.. + PAD]
+    work_group=lambda d: d["MDIMC"] * d["NDIMC"],
+    constraints=(("MWG is a multiple of MDIMC * VW with an even count of VW-vectors per work-item (SWIGLU's gate "
+                  "and up halves), NWG a multiple of NDIMC * VW, KWW and VW 2 or 4", _reg_rules),))
+
 # The tiled GEMM's variants (gemm_variants.py) take gemm_tiled's tile parameters.
 GEMM_HALF = KernelSpec("gemm_half", "gemm_half.cl", "matmul", (
     Param("half_fold", "HALF_FOLD", 4, (), "products summed in fp16 per accumulator before each fold into f32 "
@@ -273,7 +295,7 @@ ARGMAX = KernelSpec("argmax", "argmax.cl", "fused", (
     constraints=(("ARGMAX_WG is a power of two", lambda d: d["ARGMAX_WG"] & (d["ARGMAX_WG"] - 1) == 0),))
 
 SPECS: dict[str, KernelSpec] = {
-    s.name: s for s in (GEMV, GEMV_DP, GEMM_FEW, GEMM_TILED, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM,
+    s.name: s for s in (GEMV, GEMV_DP, GEMM_FEW, GEMM_TILED, GEMM_REG, GEMM_HALF, GEMM_DOT8, GEMM_MMA, RMSNORM,
                         ATTENTION, ATTENTION_MMA,
                         PAGED_ATTENTION, ARGMAX)}
 

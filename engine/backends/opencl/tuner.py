@@ -1,8 +1,8 @@
 """The tuner behind `perfx tune`: searches the declared space of the matrix-product kernels on one
 device and keeps the fastest configuration that is right.
 
-A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM): every candidate of the
-group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
+A coordinate search, one group at a time (GEMV, few-token GEMM, tiled GEMM, two-level tiled GEMM):
+every candidate of the group's search space (specs.py) is checked against NumPy on random int4 weights of the model's
 shapes (a wrong or failing candidate is dropped) and timed with OpenCL profiling events (median of
 15 after 3 warm-ups); the best of each group is kept before the next is searched. Each group has an
 equal share of the time budget left when it starts, and stops trying candidates once that is spent.
@@ -35,7 +35,11 @@ GROUPS: dict[str, tuple[str, str, int]] = {
     "gemv": ("gemv", "gemv", 1),
     "few": ("gemm_few", "few", 16),
     "tiled": ("gemm_tiled", "tiled", 256),
+    "reg": ("gemm_reg", "tiled", 256),
 }
+# what a group's every candidate sets besides its search space: gemm_reg's tilings run with tiled_reg on, and
+# the group's winner keeps it on only where one beats the current setting (the tiled group's winner)
+FIXED: dict[str, dict] = {"reg": {"tiled_reg": True}}
 SMOLLM2_SHAPES = ((960, 576), (3072, 576), (576, 1536))   # N x K: QKV, gate+up, down of SmolLM2-135M
 MARGIN = 0.03       # a candidate replaces the current setting only when this much faster (timing noise)
 
@@ -145,13 +149,14 @@ class Tuner:
             kernel, scheme, T = GROUPS[name]
             space = search_space(kernel)
             candidates = list(itertools.product(*space.values()))
-            current = {k: best[k] for k in space}
+            fixed = FIXED.get(name, {})
+            current = {k: best[k] for k in (*space, *fixed)}
             before = self.time(best, scheme, T)
             g = GroupResult(name, T, before, None, current)
             for i, values in enumerate(candidates):
                 if time.monotonic() > until:
                     break
-                candidate = dict(zip(space, values))
+                candidate = {**fixed, **dict(zip(space, values))}
                 t = self.time({**best, **candidate}, scheme, T)
                 g.tried += 1
                 if t is not None:
@@ -165,7 +170,8 @@ class Tuner:
             best.update(g.chosen)
             result.groups.append(g)
         searched = [g.group for g in result.groups if g.tried]       # only measured groups are written
-        result.params = {k: best[k] for name in searched for k in search_space(GROUPS[name][0])}
+        result.params = {k: best[k] for name in searched
+                         for k in (*search_space(GROUPS[name][0]), *FIXED.get(name, {}))}
         if write and result.params:
             note = f"measured {date.today().isoformat()} on {self.info.name} ({self.info.platform_label}), " \
                    f"perfx {_commit()}, budget {budget_s:g} s"
