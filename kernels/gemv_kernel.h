@@ -12,7 +12,9 @@
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
 // NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
 // arguments, norm_w, norm_eps and local scratch, follow the others).
-// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (gemv_dp.cl).
+// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (lane_xor.h: gemv_dp.cl, and
+// gemv.cl with gemv_reduce "shfl" or "xor"); REDUCE_ONCE: through local memory in one step, each of
+// the row's work-items summing and storing some of its outputs (gemv_reduce "once").
 
 #include "epilogue.h"
 #include "xq.h"
@@ -102,7 +104,10 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
 #endif
     }
-#if KSPLIT > 1
+#if KSPLIT > 1 && defined(REDUCE_ONCE) && !defined(LANE_XOR)
+    __local float part[WG_ROWS][KSPLIT][NT * RT + 1];   // + 1: the column reads and row writes miss no bank
+    const int lr = get_local_id(1);
+#elif KSPLIT > 1
     __local float part[WG_ROWS][NT * RT][KSPLIT];
     const int lr = get_local_id(1);
 #endif
@@ -126,6 +131,26 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         for (int i = 0; i < NT; i++)
             for (int r = 0; r < RT; r++)
                 for (int m = KSPLIT / 2; m > 0; m /= 2) out[i][r] += LANE_XOR(out[i][r], m);
+#elif KSPLIT > 1 && defined(REDUCE_ONCE)
+        // The KSPLIT partial sums through local memory once: each work-item writes its NT * RT values,
+        // then work-item ks sums outputs ks, ks + KSPLIT, ... of its row of work-items and stores them.
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = 0; i < NT; i++)
+            for (int r = 0; r < RT; r++) part[lr][ks][i * RT + r] = out[i][r];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int v = ks; v < TPW * RT; v += KSPLIT) {
+            const int n = (tile * TPW + v / RT) * RT + v % RT;
+            float gate = 0.0f, up = 0.0f;
+            for (int s = 0; s < KSPLIT; s++) {
+                gate += part[lr][s][v];
+#ifdef SWIGLU
+                up += part[lr][s][TPW * RT + v];
+#endif
+            }
+            if (tile * TPW + v / RT < ntiles && n < N)
+                store_out(y + (size_t)tok * N + n, PRODUCT_OUT(gate, up), accumulate);
+        }
+        continue;                        /* stored: the store of work-item 0 below is the others' */
 #elif KSPLIT > 1
         // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);

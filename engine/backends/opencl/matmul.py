@@ -31,7 +31,8 @@ from ...errors import PerfxError
 from . import gemm_mma, gemm_variants, gemv_dp
 from .packing import RT, DeviceMatrix, chunk_widths
 from .runtime import Runtime
-from .specs import GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
+from .probe import int4_gemv, passed
+from .specs import GEMM_TILED, GEMV_REDUCE, SPECS, check_fits, check_rules, defaults, over_limits
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
 DEFAULT_PARAMS: dict[str, Any] = defaults("matmul")   # declared, with their meaning, in specs.py
@@ -115,7 +116,18 @@ class Matmul:
         self.variant = gemm_variants.make(rt, self.params)   # gemm_tiled in fp16 or int8 dots, None: f32
         self.dp = gemv_dp.make(rt, self.params)       # the int4 GEMV by dot products, None where not used
         self.dp = gemv_dp.checked(self, self.dp)      # ... kept where its probe through this Matmul passes
+        self._shfl_checked()
         self._plans.clear()
+
+    def _shfl_checked(self) -> None:
+        """gemv_reduce "shfl" (NVIDIA inline PTX) is kept where a small product through this Matmul builds
+        and matches NumPy; elsewhere the partial sums meet in local memory once ("once"), said on stderr."""
+        reduce = self.params["gemv_reduce"]
+        if reduce not in GEMV_REDUCE:
+            raise PerfxError(f"gemv_reduce must be one of {tuple(GEMV_REDUCE)}, got {reduce!r}")
+        if reduce == "shfl" and not passed(self.rt.device, int4_gemv(self), "the GEMV's shfl.sync reduction",
+                                           "its partial sums meet in local memory"):
+            self.params["gemv_reduce"] = "once"
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
@@ -230,7 +242,9 @@ class Matmul:
         p = self.params
         dp = self.dp is not None and self.dp.takes(w, norm, norm_in)     # int4 by dot products (gemv_dp.cl)
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
-        shape, spec = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw}, "gemv"
+        shape = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw, "PREFETCH": int(p["gemv_prefetch"]),
+                 **GEMV_REDUCE[p["gemv_reduce"]]}
+        spec = "gemv"
         if dp:
             shape, spec = self.dp.defines(), "gemv_dp"
             ks, wgr, tpw = self.dp.ksplit, self.dp.wg_rows, self.dp.tpw
@@ -341,7 +355,8 @@ class Matmul:
     def _local_fits(self, scratch: int, ks: int, wgr: int, tpw: int) -> bool:
         """Whether `scratch` bytes of local memory fit beside the GEMV's own reduction array (and the
         1 KiB per work-group some drivers keep)."""
-        own = 4 * wgr * 2 * tpw * RT * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
+        once = self.params["gemv_reduce"] == "once"            # part[WG_ROWS][KSPLIT][NT * RT + 1]
+        own = 4 * wgr * (2 * tpw * RT + once) * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
         return scratch + own + 1024 <= self.rt.device.local_mem_size
 
     def _max_work_group(self, kernel: cl.Kernel) -> int:
