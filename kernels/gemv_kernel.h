@@ -7,7 +7,8 @@
 // Buffers: W row tiles; x [T, K]; y [T, N]; xs_all [T, K/G]; with INT_DOT (gemv_int.cl) xq_all [T, K]
 // int16 and xd_all [T, K/32]; with NORM norm_w [N], h [T, N], hs [T, N/HS_G], hq [T, N] int16,
 // hd [T, N/32], done int [1] (0 before the launch, left at 0).
-// Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
+// Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS);
+// with GRID_STRIDE any smaller multiple of WG_ROWS along the rows (the work-groups loop over the rest).
 // Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
 // NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
@@ -91,19 +92,17 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           NORM_IN_ARGS)
 {
     const int ks = get_local_id(0);
-    const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
     const int ntiles = (N + RT - 1) / RT;
     const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
-
-    size_t tw[NT];                // word offsets of the work-item's tiles (past the end: the last tile)
-    for (int i = 0; i < TPW; i++) {
-        const int t = min(tile * TPW + i, ntiles - 1);
-        tw[i] = (size_t)t * tile_words;
-#ifdef SWIGLU
-        tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
+#ifdef GRID_STRIDE
+    // Fewer work-groups than groups of rows (gemv_waves: whole waves of the compute units): work-group
+    // g takes the row groups g, g + its count, ... (the same number of passes for all its work-items).
+    const int row_groups = ((ntiles + TPW - 1) / TPW + WG_ROWS - 1) / WG_ROWS;
+    const int passes = (row_groups - (int)get_group_id(1) + (int)get_num_groups(1) - 1) / (int)get_num_groups(1);
+#else
+    const int passes = 1;
 #endif
-    }
 #if KSPLIT > 1 && defined(REDUCE_ONCE) && !defined(LANE_XOR)
     __local float part[WG_ROWS][KSPLIT][NT * RT + 1];   // + 1: the column reads and row writes miss no bank
     const int lr = get_local_id(1);
@@ -114,7 +113,17 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
 
     // Token by token, each with exactly the arithmetic of a single token: a row's result does not
     // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
-    for (int tok = 0; tok < T; tok++) {
+    for (int pass = 0; pass < passes * T; pass++) {
+        const int tok = pass % T;
+        const int tile = ((int)get_group_id(1) + pass / T * (int)get_num_groups(1)) * WG_ROWS + get_local_id(1);
+        size_t tw[NT];            // word offsets of the work-item's tiles (past the end: the last tile)
+        for (int i = 0; i < TPW; i++) {
+            const int t = min(tile * TPW + i, ntiles - 1);
+            tw[i] = (size_t)t * tile_words;
+#ifdef SWIGLU
+            tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
+#endif
+        }
         const int xo = tok * K;                              // x row of this token
         NORM_IN_PROLOGUE(tok)
         __global const float* restrict xs = xs_all + tok * (K / G);

@@ -265,7 +265,8 @@ class Matmul:
         defines.update(**shape, USE_IMAGE=use_image, ZERO_INLINE=inline,
                        INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
-                       HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage)
+                       HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage,
+                       GRID_STRIDE=int(p["gemv_waves"]) > 0)
         if dp:
             defines.update(self.dp.defines(), INT_DOT_256=False)
         program = self.rt.program("gemv_dp" if dp else "gemv_int" if int_dot else "gemv", **defines)
@@ -308,7 +309,10 @@ class Matmul:
         gemv.set_args(*args)
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows
-        steps.append((gemv, (ks, _round_up(items, wgr)), (ks, wgr)))
+        groups = -(-items // wgr)                # work-groups along the rows
+        if int(p["gemv_waves"]) > 0:             # ... or whole waves, looping over the rest (GRID_STRIDE)
+            groups = min(groups, int(p["gemv_waves"]) * dev.max_compute_units)
+        steps.append((gemv, (ks, groups * wgr), (ks, wgr)))
         return steps, keep
 
     def _gemm_few(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,

@@ -106,6 +106,8 @@ GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float p
     Param("gemv_reduce", None, "tree", (), 'how the K split\'s partial sums meet: "tree" (local memory, '
           'log2(KSPLIT) barriers), "once" (local memory, one step), "shfl" (shfl.sync.bfly by NVIDIA inline PTX, '
           'probed at load; KSPLIT <= 32), "xor" (shfl emulated through local memory, for CPUs)'),
+    Param("gemv_waves", None, 0, (), "work-groups per compute unit, each looping over row groups (GRID_STRIDE): "
+          "whole waves; 0: one work-group per WG_ROWS row items"),
 ), model_defines=("FORMAT", "G"),
     local_bytes=lambda d: F32 * d["WG_ROWS"] * d["KSPLIT"] * (d["TPW"] * 4 + ("REDUCE_ONCE" in d)),   # part[][][]
     work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic, hint="lower gemv_ksplit or gemv_wg_rows",
