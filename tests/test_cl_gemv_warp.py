@@ -201,8 +201,8 @@ SHIPPED_GPU = {"gemv_vec": 4, "gemv_ksplit": 64, "gemv_wg_rows": 2, "gemv_zero_i
                                          ("xor-prefetch3-waves", dict(qtype="Q4_1", tied=False, n_layers=3)),
                                          ("once-xsum-tpw2-vec8", dict(qtype="Q4_0", tied=True, dim=256, ffn_dim=512))])
 def test_decode_with_the_warp_layout(tmp_path, gemv_params, layout, spec):
-    """The same logits (1e-4 of their largest) and greedy tokens as the shipped GPU layout, with as many
-    launches per step."""
+    """The same logits (1e-4 of their largest) and greedy tokens as the shipped GPU layout, with the
+    same launches per step (besides xsum, where a layout takes the int4 zero terms from x's group sums)."""
     from perfx.engine import load_model
     from tests.conftest import TinySpec, write_tiny_gguf
 
@@ -220,7 +220,7 @@ def test_decode_with_the_warp_layout(tmp_path, gemv_params, layout, spec):
         with pytest.MonkeyPatch.context() as mp:
             launches = count_launches(mp)
             greedy = list(t.greedy(np.array([9]), len(ids) + 3, 12))
-        runs.append((prompt, steps, greedy, len(launches)))
+        runs.append((prompt, steps, greedy, [n for n in launches if n != "xsum"]))
     (p0, s0, g0, n0), (p1, s1, g1, n1) = runs
     np.testing.assert_allclose(p1, p0, atol=1e-4 * np.abs(p0).max(), rtol=0)
     for a, b in zip(s0, s1):
