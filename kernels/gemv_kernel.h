@@ -9,7 +9,8 @@
 // hd [T, N/32], done int [1] (0 before the launch, left at 0).
 // Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS);
 // with GRID_STRIDE any smaller multiple of WG_ROWS along the rows (the work-groups loop over the rest).
-// Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
+// Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1 (REDUCE_ONCE: [WG_ROWS][KSPLIT]
+// [NT * RT + 1]; with LANE_XOR by shfl.sync none is used).
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
 // NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
 // arguments, norm_w, norm_eps and local scratch, follow the others).
@@ -159,7 +160,7 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
             if (tile * TPW + v / RT < ntiles && n < N)
                 store_out(y + (size_t)tok * N + n, PRODUCT_OUT(gate, up), accumulate);
         }
-        continue;                        /* stored: the store of work-item 0 below is the others' */
+        continue;                        // stored: on to the next token
 #elif KSPLIT > 1
         // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);

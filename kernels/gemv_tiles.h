@@ -39,13 +39,14 @@
 // CPU (PoCL): KSPLIT=1, VEC=16: each work-item runs explicit 512-bit vector code along K (PoCL's own
 // vectorization across work-items reached only 1-2 GB/s on this kernel), with all of a block's loads
 // issued before its arithmetic. GPU: VEC=4 and KSPLIT=16..32 so that neighbouring work-items read
-// neighbouring 16-byte pieces.
+// neighbouring 16-byte pieces; in the warp layout (KSPLIT 32, PREFETCH > 1: WALK128 below) each work-item
+// loads several pieces' weights before their arithmetic.
 //
 // Defines: FORMAT (4, 8, 16, 17, 32), G (int4 group; int8: 32 or 16), SCALE_F32, ZERO8 (int8 zeros),
 // SWIGLU, USE_IMAGE (x through an image1d_buffer_t), ZERO_INLINE (float int4 only: each work-item adds
 // the zero terms of its own lanes from the x it loaded, so no xsum launch; the NVIDIA setting).
 // Tunables (defaults in engine/backends/opencl/specs.py): VEC (4, 8, 16), KSPLIT (a power of two),
-// WG_ROWS, TPW (row tiles per work-item).
+// WG_ROWS, TPW (row tiles per work-item), PREFETCH (int4 pieces loaded before their arithmetic).
 // The including file defines DOT128(c, j), the products of one 128-element chunk, before TILES_DOT
 // is used.
 
@@ -141,7 +142,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 // The data words of all rows are loaded before the scales: the loads go out together. TLOAD loads
 // them (wr[RT], uintPV), TPIECE_W multiplies them (the walk with PREFETCH loads several pieces first).
 #define TLOAD(C, PV, blk, j0, wr)                                                              \
-    _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * ((C) / 8) + (j0));
+    { _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * ((C) / 8) + (j0)); }
 #define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
     {                                                                                          \
         CAT(uint, PV) wr[RT];                                                                  \

@@ -125,8 +125,14 @@ class Matmul:
         reduce = self.params["gemv_reduce"]
         if reduce not in GEMV_REDUCE:
             raise PerfxError(f"gemv_reduce must be one of {tuple(GEMV_REDUCE)}, got {reduce!r}")
-        if reduce == "shfl" and not passed(self.rt.device, int4_gemv(self), "the GEMV's shfl.sync reduction",
-                                           "its partial sums meet in local memory"):
+        if reduce != "shfl":
+            return
+        dp, self.dp = self.dp, None              # the probe's product through gemv.cl, not gemv_dp.cl
+        try:
+            why = int4_gemv(self)
+        finally:
+            self.dp = dp
+        if not passed(self.rt.device, why, "the GEMV's shfl.sync reduction", "its partial sums meet in local memory"):
             self.params["gemv_reduce"] = "once"
 
     def _int_dot_works(self) -> bool:
