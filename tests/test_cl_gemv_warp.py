@@ -13,7 +13,10 @@ terms show.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +163,16 @@ def test_off_by_default_everywhere():
     assert {k: DEFAULT_PARAMS[k] for k in off} == off
     text = resources.files("perfx.kernels").joinpath("tuning.toml").read_text()
     assert not re.search(r"^\s*(gemv_prefetch|gemv_reduce|gemv_waves)\s*=", text, re.M)
+
+
+@pytest.mark.skipif(not (shutil.which("clang-15") and shutil.which("ptxas")), reason="needs clang-15 and ptxas")
+def test_shfl_ptx_assembles_for_sm_90():
+    """The inline PTX of the shfl reduction is valid PTX for sm_90 (scripts/ptxas_gemv_warp.sh: clang-15,
+    llc, ptxas), 5 exchanges for each of the 4 rows of a tile."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ptxas_gemv_warp.sh"
+    done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Function properties for gemv" in done.stdout, done.stdout + done.stderr
+    assert "shfl.sync: 20 " in done.stdout
 
 
 # ---- on NVIDIA: the PTX reduction ----------------------------------------------------------------------
