@@ -96,14 +96,6 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
     const int ntiles = (N + RT - 1) / RT;
     const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
-#ifdef GRID_STRIDE
-    // Fewer work-groups than groups of rows (gemv_waves: whole waves of the compute units): work-group
-    // g takes the row groups g, g + its count, ... (the same number of passes for all its work-items).
-    const int row_groups = ((ntiles + TPW - 1) / TPW + WG_ROWS - 1) / WG_ROWS;
-    const int passes = (row_groups - (int)get_group_id(1) + (int)get_num_groups(1) - 1) / (int)get_num_groups(1);
-#else
-    const int passes = 1;
-#endif
 #if KSPLIT > 1 && defined(REDUCE_ONCE) && !defined(LANE_XOR)
     __local float part[WG_ROWS][KSPLIT][NT * RT + 1];   // + 1: the column reads and row writes miss no bank
     const int lr = get_local_id(1);
@@ -114,9 +106,19 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
 
     // Token by token, each with exactly the arithmetic of a single token: a row's result does not
     // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
+#ifdef GRID_STRIDE
+    // Fewer work-groups than groups of rows (gemv_waves: whole waves of the compute units): work-group
+    // g takes the row groups g, g + its count, ... (the same number of passes for all its work-items),
+    // each pass token by token.
+    const int row_groups = ((ntiles + TPW - 1) / TPW + WG_ROWS - 1) / WG_ROWS;
+    const int passes = (row_groups - (int)get_group_id(1) + (int)get_num_groups(1) - 1) / (int)get_num_groups(1);
     for (int pass = 0; pass < passes * T; pass++) {
         const int tok = pass % T;
         const int tile = ((int)get_group_id(1) + pass / T * (int)get_num_groups(1)) * WG_ROWS + get_local_id(1);
+#else
+    const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
+    for (int tok = 0; tok < T; tok++) {
+#endif
         size_t tw[NT];            // word offsets of the work-item's tiles (past the end: the last tile)
         for (int i = 0; i < TPW; i++) {
             const int t = min(tile * TPW + i, ntiles - 1);
