@@ -5,7 +5,8 @@ token, weights from DRAM (scripts/gemv_dp_bench.py's `measure`: copies cycled th
 and kernel times, medians).
 
     python3 scripts/gemv_warp_bench.py --json /tmp/gemv_warp.json
-    python3 scripts/gemv_warp_bench.py --json x.json --layout "w4:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=shfl"
+    python3 scripts/gemv_warp_bench.py --json x.json \
+        --layout "w4:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=shfl"
     python3 scripts/gemv_warp_bench.py --device cpu --shapes 1024x1024,512x768s --rotate-mib 16 --json x.json \
         --layout "xor:gemv_vec=4,gemv_ksplit=32,gemv_wg_rows=2,gemv_prefetch=4,gemv_reduce=xor"
 
