@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GEMV's warp layout (matmul parameters gemv_prefetch, gemv_reduce, gemv_waves with gemv_ksplit 32;
+r"""The GEMV's warp layout (matmul parameters gemv_prefetch, gemv_reduce, gemv_waves with gemv_ksplit 32;
 docs/performance.md, H200) against the device's shipped GEMV (its tuned parameters, kernels/gemv.cl), one
 token, weights from DRAM (scripts/gemv_dp_bench.py's `measure`: copies cycled through 4x the cache, gated
 and kernel times, medians).
