@@ -20,7 +20,12 @@
 // Launch gemv: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
 //
 // Defines and tunables: those of gemv_tiles.h (FORMAT, G, SCALE_F32, ZERO8, SWIGLU, GELU, USE_IMAGE,
-// ZERO_INLINE; VEC, KSPLIT, WG_ROWS, TPW) and gemv_kernel.h's epilogue (NORM, HS_G, HQ).
+// ZERO_INLINE; VEC, KSPLIT, WG_ROWS, TPW, PREFETCH) and gemv_kernel.h's (NORM, HS_G, HQ, REDUCE_ONCE),
+// LANE_SHFL with LANE_PTX (lane_xor.h).
+//
+// The warp layout for GPUs (specs.py gemv_prefetch, gemv_reduce; docs/performance.md, H200): a row tile
+// per KSPLIT = 32 work-items (a warp), each loading PREFETCH pieces of 4 words per row (PREFETCH x 64
+// bytes) before any arithmetic, the partial sums met by shfl.sync.bfly (or local memory once).
 //
 // Per call, SmolLM2-135M shapes (bytes of packed weights incl. scales; FLOPs = 2*N*K):
 //   int4 g32 576x576 (o): 0.21 MB, 0.66 MFLOP      int4 g32 960x576 (qkv): 0.35 MB, 1.1 MFLOP
@@ -60,4 +65,8 @@ __kernel void xsum(__global const float* restrict x, __global float* restrict xs
 {
     xs[get_global_id(0)] = group_sum(x, get_global_id(0));
 }
+
+#ifdef LANE_SHFL                // gemv_reduce "shfl" (LANE_PTX 1) or "xor" (its emulation): LANE_XOR
+#include "lane_xor.h"
+#endif
 #include "gemv_kernel.h"

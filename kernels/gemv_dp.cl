@@ -41,6 +41,8 @@
 #ifndef DP_PTX
 #define DP_PTX 1
 #endif
+#define LANE_PTX DP_PTX
+#include "lane_xor.h"           // LANE_XOR: shfl.sync.bfly, or its emulation through local memory
 
 #if DP_PTX
 inline uint prmt(uint a, uint b, uint s)
@@ -61,31 +63,7 @@ inline int dp2a_hi(uint a, uint b, int c)
     asm volatile("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
-// Work-item ks ^ m's v (m < 32; all 32 lanes of the warp take part).
-inline float shfl_bfly(float v, int m)
-{
-    uint d;
-    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(d) : "r"(as_uint(v)), "r"(m));
-    return as_float(d);
-}
-#if KSPLIT <= 32
-#if (KSPLIT * WG_ROWS) % 32
-#error "gemv_dp.cl with PTX: KSPLIT * WG_ROWS must fill whole warps (a multiple of 32)"
-#endif
-#define LANE_XOR(v, m) shfl_bfly(v, m)
-#endif
 #else
-// Work-item ks ^ m's v through local memory (ex: KSPLIT floats of this row of work-items).
-inline float exchange(float v, int m, __local float* ex, int ks)
-{
-    barrier(CLK_LOCAL_MEM_FENCE);
-    ex[ks] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return ex[ks ^ m];
-}
-#if KSPLIT <= 32
-#define LANE_XOR(v, m) exchange(v, m, part[lr][0], ks)
-#endif
 // The PTX ISA's semantics: prmt's selector nibbles pick bytes of {b, a} (a: 0-3, b: 4-7; the sign bit
 // of a nibble is not used here); dp2a: c + the signed 16-bit halves of a times bytes 0, 1 (lo) or 2, 3
 // (hi) of b, unsigned.

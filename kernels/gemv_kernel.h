@@ -7,12 +7,16 @@
 // Buffers: W row tiles; x [T, K]; y [T, N]; xs_all [T, K/G]; with INT_DOT (gemv_int.cl) xq_all [T, K]
 // int16 and xd_all [T, K/32]; with NORM norm_w [N], h [T, N], hs [T, N/HS_G], hq [T, N] int16,
 // hd [T, N/32], done int [1] (0 before the launch, left at 0).
-// Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS).
-// Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1.
+// Launch: global (KSPLIT, WG_ROWS * ceil(ceil(ceil(N/4) / TPW) / WG_ROWS)), local (KSPLIT, WG_ROWS);
+// with GRID_STRIDE any smaller multiple of WG_ROWS along the rows (the work-groups loop over the rest).
+// Local memory: part [WG_ROWS][NT * RT][KSPLIT] floats when KSPLIT > 1 (REDUCE_ONCE: [WG_ROWS][KSPLIT]
+// [NT * RT + 1]; with LANE_XOR by shfl.sync none is used).
 // Defines: SWIGLU, GELU (with SWIGLU: GeGLU), NORM, HS_G (the group of h's sums), HQ (h in int16 too);
 // NORM_IN (with NORM_STAGE): the input's RMSNorm in the prologue, the GPU counterpart (norm_in.h: its
 // arguments, norm_w, norm_eps and local scratch, follow the others).
-// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (gemv_dp.cl).
+// LANE_XOR(v, m): the partial sums reduced by butterfly exchanges instead (lane_xor.h: gemv_dp.cl, and
+// gemv.cl with gemv_reduce "shfl" or "xor"); REDUCE_ONCE: through local memory in one step, each of
+// the row's work-items summing and storing some of its outputs (gemv_reduce "once").
 
 #include "epilogue.h"
 #include "xq.h"
@@ -89,27 +93,40 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
           NORM_IN_ARGS)
 {
     const int ks = get_local_id(0);
-    const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
     const int ntiles = (N + RT - 1) / RT;
     const int n128 = K / 128, has64 = (K / 64) & 1, has32 = (K / 32) & 1;
     const int tile_words = n128 * BLOCK_WORDS(128) + has64 * BLOCK_WORDS(64) + has32 * BLOCK_WORDS(32);
-
-    size_t tw[NT];                // word offsets of the work-item's tiles (past the end: the last tile)
-    for (int i = 0; i < TPW; i++) {
-        const int t = min(tile * TPW + i, ntiles - 1);
-        tw[i] = (size_t)t * tile_words;
-#ifdef SWIGLU
-        tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
-#endif
-    }
-#if KSPLIT > 1
+#if KSPLIT > 1 && defined(REDUCE_ONCE) && !defined(LANE_XOR)
+    __local float part[WG_ROWS][KSPLIT][NT * RT + 1];   // + 1: the column reads and row writes miss no bank
+    const int lr = get_local_id(1);
+#elif KSPLIT > 1
     __local float part[WG_ROWS][NT * RT][KSPLIT];
     const int lr = get_local_id(1);
 #endif
 
     // Token by token, each with exactly the arithmetic of a single token: a row's result does not
     // depend on how many tokens share the launch. The tiles stay in cache from one token to the next.
+#ifdef GRID_STRIDE
+    // Fewer work-groups than groups of rows (gemv_waves: whole waves of the compute units): work-group
+    // g takes the row groups g, g + its count, ... (the same number of passes for all its work-items),
+    // each pass token by token.
+    const int row_groups = ((ntiles + TPW - 1) / TPW + WG_ROWS - 1) / WG_ROWS;
+    const int passes = (row_groups - (int)get_group_id(1) + (int)get_num_groups(1) - 1) / (int)get_num_groups(1);
+    for (int pass = 0; pass < passes * T; pass++) {
+        const int tok = pass % T;
+        const int tile = ((int)get_group_id(1) + pass / T * (int)get_num_groups(1)) * WG_ROWS + get_local_id(1);
+#else
+    const int tile = get_group_id(1) * WG_ROWS + get_local_id(1);
     for (int tok = 0; tok < T; tok++) {
+#endif
+        size_t tw[NT];            // word offsets of the work-item's tiles (past the end: the last tile)
+        for (int i = 0; i < TPW; i++) {
+            const int t = min(tile * TPW + i, ntiles - 1);
+            tw[i] = (size_t)t * tile_words;
+#ifdef SWIGLU
+            tw[TPW + i] = (size_t)(t + ntiles) * tile_words;
+#endif
+        }
         const int xo = tok * K;                              // x row of this token
         NORM_IN_PROLOGUE(tok)
         __global const float* restrict xs = xs_all + tok * (K / G);
@@ -126,6 +143,26 @@ void gemv(__global const uint* restrict W, X_ARG, __global float* Y_RESTRICT y,
         for (int i = 0; i < NT; i++)
             for (int r = 0; r < RT; r++)
                 for (int m = KSPLIT / 2; m > 0; m /= 2) out[i][r] += LANE_XOR(out[i][r], m);
+#elif KSPLIT > 1 && defined(REDUCE_ONCE)
+        // The KSPLIT partial sums through local memory once: each work-item writes its NT * RT values,
+        // then work-item ks sums outputs ks, ks + KSPLIT, ... of its row of work-items and stores them.
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int i = 0; i < NT; i++)
+            for (int r = 0; r < RT; r++) part[lr][ks][i * RT + r] = out[i][r];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int v = ks; v < TPW * RT; v += KSPLIT) {
+            const int n = (tile * TPW + v / RT) * RT + v % RT;
+            float gate = 0.0f, up = 0.0f;
+            for (int s = 0; s < KSPLIT; s++) {
+                gate += part[lr][s][v];
+#ifdef SWIGLU
+                up += part[lr][s][TPW * RT + v];
+#endif
+            }
+            if (tile * TPW + v / RT < ntiles && n < N)
+                store_out(y + (size_t)tok * N + n, PRODUCT_OUT(gate, up), accumulate);
+        }
+        continue;                        // stored: on to the next token
 #elif KSPLIT > 1
         // Tree reduction of the KSPLIT partial sums (KSPLIT a power of two).
         barrier(CLK_LOCAL_MEM_FENCE);

@@ -39,13 +39,14 @@
 // CPU (PoCL): KSPLIT=1, VEC=16: each work-item runs explicit 512-bit vector code along K (PoCL's own
 // vectorization across work-items reached only 1-2 GB/s on this kernel), with all of a block's loads
 // issued before its arithmetic. GPU: VEC=4 and KSPLIT=16..32 so that neighbouring work-items read
-// neighbouring 16-byte pieces.
+// neighbouring 16-byte pieces; in the warp layout (KSPLIT 32, PREFETCH > 1: WALK128 below) each work-item
+// loads several pieces' weights before their arithmetic.
 //
 // Defines: FORMAT (4, 8, 16, 17, 32), G (int4 group; int8: 32 or 16), SCALE_F32, ZERO8 (int8 zeros),
 // SWIGLU, USE_IMAGE (x through an image1d_buffer_t), ZERO_INLINE (float int4 only: each work-item adds
 // the zero terms of its own lanes from the x it loaded, so no xsum launch; the NVIDIA setting).
 // Tunables (defaults in engine/backends/opencl/specs.py): VEC (4, 8, 16), KSPLIT (a power of two),
-// WG_ROWS, TPW (row tiles per work-item).
+// WG_ROWS, TPW (row tiles per work-item), PREFETCH (int4 pieces loaded before their arithmetic).
 // The including file defines DOT128(c, j), the products of one 128-element chunk, before TILES_DOT
 // is used.
 
@@ -138,13 +139,19 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define SCALES(sz) SVLOAD(4, sz).s0000111122223333
 #endif
 #define ZTYPE(C) CAT(float, RT_GC_##C)
-// The data words of all rows are loaded before the scales: the loads go out together.
+// The data words of all rows are loaded before the scales: the loads go out together. TLOAD loads
+// them (wr[RT], uintPV), TPIECE_W multiplies them (the walk with PREFETCH loads several pieces first).
+#define TLOAD(C, PV, blk, j0, wr)                                                              \
+    { _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * ((C) / 8) + (j0)); }
 #define TPIECE(C, PV, blk, k0, j0, xp, acc, zacc)                                              \
     {                                                                                          \
-        const int L = (C) / 8;                                                                 \
         CAT(uint, PV) wr[RT];                                                                  \
-        _Pragma("unroll") for (int r = 0; r < RT; r++) wr[r] = CAT(vload, PV)(0, (blk) + r * L + (j0)); \
-        __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * L);                \
+        TLOAD(C, PV, blk, j0, wr)                                                              \
+        TPIECE_W(C, PV, blk, k0, j0, xp, wr, acc, zacc)                                        \
+    }
+#define TPIECE_W(C, PV, blk, k0, j0, xp, wr, acc, zacc)                                        \
+    {                                                                                          \
+        __global const SCALE_T* sz = (__global const SCALE_T*)((blk) + RT * ((C) / 8));        \
         const ZTYPE(C) s16 = SVLOAD(RT_GC_##C, sz) * 16.0f;                                    \
         _Pragma("unroll") for (int r = 0; r < RT; r++) {                                       \
             _Pragma("unroll") for (int g = 0; g < GC_(C); g++) {                               \
@@ -255,6 +262,41 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
 #define NT TPW
 #endif
 
+#if !defined(PREFETCH) && !defined(INT_DOT)
+#error "PREFETCH: its default is declared in engine/backends/opencl/specs.py"
+#endif
+#if FORMAT == 4 && PREFETCH > 1 && !defined(INT_DOT)
+// The 128-chunks' pieces PREFETCH at a time (gemv.cl, int4): the weight words of all of them, PREFETCH x
+// NT x RT loads of VEC words, go out before any arithmetic, so that a work-item has that many bytes in
+// flight (with VEC 4 and one tile: PREFETCH x 64 bytes). Past the end a piece loads the last one again
+// and skips its arithmetic. Other formats and the integer products walk one piece at a time.
+#define WALK128                                                                                \
+    for (int it = ks; it < n128 * NP128; it += PREFETCH * KSPLIT) {                            \
+        CAT(uint, VEC) wp[PREFETCH][NT][RT];                                                   \
+        _Pragma("unroll") for (int u = 0; u < PREFETCH; u++) {                                 \
+            const int iu = min(it + u * KSPLIT, n128 * NP128 - 1);                             \
+            _Pragma("unroll") for (int i = 0; i < NT; i++)                                     \
+                TLOAD(128, VEC, W + tw[i] + (iu / NP128) * BLOCK_WORDS(128), (iu % NP128) * VEC, wp[u][i]) \
+        }                                                                                      \
+        _Pragma("unroll") for (int u = 0; u < PREFETCH; u++) {                                 \
+            const int iu = it + u * KSPLIT;                                                    \
+            if (iu < n128 * NP128) {                                                           \
+                const int c = iu / NP128, j = (iu % NP128) * VEC;                              \
+                XPLANES(128, VEC, c * 128, j, xp)                                              \
+                _Pragma("unroll") for (int i = 0; i < NT; i++)                                 \
+                    TPIECE_W(128, VEC, W + tw[i] + c * BLOCK_WORDS(128), c * 128, j, xp, wp[u][i], acc[i], zacc[i]) \
+            }                                                                                  \
+        }                                                                                      \
+    }
+#else
+// One piece at a time: the including file's DOT128 (x loaded once for the NT tiles).
+#define WALK128                                                                                \
+    for (int it = ks; it < n128 * NP128; it += KSPLIT) {                                       \
+        const int c = it / NP128, j = (it % NP128) * VEC;                                      \
+        DOT128(c, j)                                                                           \
+    }
+#endif
+
 // out[i][r] = this work-item's share of row r of tile i (word offsets tw[i] into W), i < NT: the
 // chunk pieces it, ks, ks+KSPLIT, ... owns. x is loaded once per piece for all NT tiles.
 #define TILES_DOT(tw, out)                                                                     \
@@ -265,10 +307,7 @@ inline float hsum16(float16 v) { return hsum8(v.lo + v.hi); }
             zacc[i] = 0.0f;                                                                    \
             for (int r = 0; r < RT; r++) acc[i][r] = 0.0f;                                     \
         }                                                                                      \
-        for (int it = ks; it < n128 * NP128; it += KSPLIT) {                                   \
-            const int c = it / NP128, j = (it % NP128) * VEC;                                  \
-            DOT128(c, j)                                                                       \
-        }                                                                                      \
+        WALK128                                                                                \
         for (int i = 0; i < NT; i++) {                                                         \
             for (int r = 0; r < RT; r++) out[i][r] = HSUM(VEC, acc[i][r]);                     \
             ZERO_TERMS(128, zacc[i], out[i])                                                   \

@@ -47,36 +47,46 @@ def matrices(rt: Runtime, n: int, k: int, group: int, rotate: int, rng) -> list:
                       for _ in range(-(-rotate // first.nbytes) - 1)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="gpu")
-    ap.add_argument("--shapes", default=SHAPES, help='NxK, comma-separated; "s" after K: gate+up with SwiGLU')
-    ap.add_argument("--group", type=int, default=32)
-    ap.add_argument("--mode", default="ptx", choices=("ptx", "emulated"), help="gemv_dp mode")
-    ap.add_argument("--grid", default="", help='dot-product GEMV parameters to try, e.g. "dp_ksplit=16,32"')
-    ap.add_argument("--rotate-mib", type=int, default=0, help="bytes of weight copies cycled (default: 4x cache)")
-    ap.add_argument("--json", required=True, help="where to write the rows")
-    args = ap.parse_args()
-
-    sel = select(args.device)
+def setup(device: str, rotate_mib: int):
+    """(selection, profiling Runtime, the device's tuned matmul parameters, copy bandwidth in bytes/s,
+    bytes of weight copies to cycle: rotate_mib, else 4x the last-level cache); says them."""
+    sel = select(device)
     rt = Runtime(sel.device, profiling=True)
     base = params_for(sel.info, "matmul", matmul.DEFAULT_PARAMS)
     copy_bw = bandwidth(sel.device)
     cache = max(int(sel.device.global_mem_cache_size), 64 << 20)   # drivers may report only L1
-    rotate = (args.rotate_mib << 20) or 4 * cache
+    rotate = (rotate_mib << 20) or 4 * cache
     print(f"device {sel.info.name.strip()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; weights cycled {rotate >> 20} MiB; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    variants = [("tuned", {**base, "gemv_dp": "off"})]             # gemv.cl on GPUs
-    variants += [("dp " + (", ".join(f"{a}={b}" for a, b in o.items()) or "defaults"), {**base, "gemv_dp": args.mode, **o})
-                 for o in parse_grid(args.grid)]
+    return sel, rt, base, copy_bw, rotate
+
+
+def write(path: str, sel, copy_bw: float, rotate: int, rows: list[dict]) -> None:
+    Path(path).write_text(json.dumps({"device": sel.info.name.strip(), "copy_gbs": copy_bw / 1e9,
+                                      "rotate_bytes": rotate, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                      "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+def in_effect(name: str, mm: matmul.Matmul) -> None:
+    """Raises where a dot-product variant is not what runs (its probe failed, said above)."""
+    if name != "tuned" and mm.dp is None:
+        raise RuntimeError("the dot-product GEMV failed its probe (see above)")
+
+
+def measure(rt: Runtime, variants: list[tuple[str, dict]], shapes: str, group: int, rotate: int,
+            check) -> list[dict]:
+    """Each variant's GEMV on each shape ("NxK", "s": gate+up with SwiGLU), weights cycled through
+    `rotate` bytes of copies: its output against the first variant's, then gated and kernel times;
+    check(name, matmul) raises where a variant is not in effect. Prints a table; the rows."""
     print("| N x K | op | GEMV | gated us | GB/s | kernel us | GB/s | max diff vs tuned |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     rows, rng = [], np.random.default_rng(0)
-    for shape in args.shapes.split(","):
+    for shape in shapes.split(","):
         swiglu = shape.endswith("s")
         n, k = (int(v) for v in shape.rstrip("s").lower().split("x"))
         out = n // 2 if swiglu else n
-        copies = matrices(rt, n, k, args.group, rotate, rng)
+        copies = matrices(rt, n, k, group, rotate, rng)
         x = rt.to_device(rng.standard_normal(k).astype(np.float32))
         y = rt.empty(4 * out)
         moved = copies[0].nbytes + 4 * (k + out)
@@ -84,8 +94,7 @@ def main() -> None:
         for name, params in variants:
             try:
                 mm = matmul.Matmul(rt, params)
-                if name != "tuned" and mm.dp is None:
-                    raise RuntimeError("the dot-product GEMV failed its probe (see above)")
+                check(name, mm)
             except Exception as e:  # a candidate the device cannot build or run
                 print(f"| {n} x {k} | | {name} | failed: {str(e).splitlines()[0][:100]} | | | | |")
                 continue
@@ -99,7 +108,7 @@ def main() -> None:
             reference = got if reference is None else reference
             diff = float(np.abs(got - reference).max() / np.abs(reference).max())
             t_gated, t_kernel = gated(rt, enqueue), kernel_only(rt, enqueue)
-            row = {"shape": f"{n}x{k}", "op": "swiglu" if swiglu else "linear", "group": args.group, "gemv": name,
+            row = {"shape": f"{n}x{k}", "op": "swiglu" if swiglu else "linear", "group": group, "gemv": name,
                    "gated_us": t_gated * 1e6, "gated_gbs": moved / t_gated / 1e9,
                    "kernel_us": t_kernel * 1e6, "kernel_gbs": moved / t_kernel / 1e9,
                    "bytes": moved, "max_diff": diff, "params": {k_: v for k_, v in params.items() if k_.startswith(("gemv", "dp_", "use_image"))}}
@@ -107,9 +116,26 @@ def main() -> None:
             print(f"| {n} x {k} | {row['op']} | {name} | {row['gated_us']:.1f} | {row['gated_gbs']:.0f} | "
                   f"{row['kernel_us']:.1f} | {row['kernel_gbs']:.0f} | {diff:.1e} |", flush=True)
         del copies
-    Path(args.json).write_text(json.dumps({"device": sel.info.name.strip(), "copy_gbs": copy_bw / 1e9,
-                                           "rotate_bytes": rotate, "rows": rows}, indent=1))
-    print(f"wrote {args.json}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="gpu")
+    ap.add_argument("--shapes", default=SHAPES, help='NxK, comma-separated; "s" after K: gate+up with SwiGLU')
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--mode", default="ptx", choices=("ptx", "emulated"), help="gemv_dp mode")
+    ap.add_argument("--grid", default="", help='dot-product GEMV parameters to try, e.g. "dp_ksplit=16,32"')
+    ap.add_argument("--rotate-mib", type=int, default=0, help="bytes of weight copies cycled (default: 4x cache)")
+    ap.add_argument("--json", required=True, help="where to write the rows")
+    args = ap.parse_args()
+
+    sel, rt, base, copy_bw, rotate = setup(args.device, args.rotate_mib)
+    variants = [("tuned", {**base, "gemv_dp": "off"})]             # gemv.cl on GPUs
+    variants += [("dp " + (", ".join(f"{a}={b}" for a, b in o.items()) or "defaults"), {**base, "gemv_dp": args.mode, **o})
+                 for o in parse_grid(args.grid)]
+    rows = measure(rt, variants, args.shapes, args.group, rotate, in_effect)
+    write(args.json, sel, copy_bw, rotate, rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
 #   bash scripts/h200.sh ab
 #       the decode options of the NVIDIA entry against the shipped settings (scripts/decode_ab.py), and the
 #       dot-product GEMV against the float one (scripts/gemv_dp_bench.py)
+#   bash scripts/h200.sh warp
+#       the GEMV's warp layout (off in kernels/tuning.toml): its tests with the PTX reduction, its layouts
+#       against the shipped GEMV with weights from DRAM (scripts/gemv_warp_bench.py), a 7B decode A/B
 #   bash scripts/h200.sh compare
 #       waits for llama.cpp's build, then perfx bench --vs llama.cpp on both files, alternating
 #
@@ -44,10 +47,20 @@ ab)
   timeout 200 python3 scripts/gemv_dp_bench.py --json "$out/gemv_dp.json" \
     --grid "dp_vec=4,8;dp_ksplit=32;dp_wg_rows=2,4;dp_tpw=1" 2>&1 | tee "$out/gemv_dp.md" | tail -16
   ;;
+warp)
+  PERFX_TEST_CL_PLATFORM=nvidia timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_cl_gemv_warp.py \
+    tests/test_cl_gemv_dp.py 2>&1 | tail -3
+  timeout 400 python3 scripts/gemv_warp_bench.py --json "$out/gemv_warp.json" 2>&1 | tee "$out/gemv_warp.md" | tail -12
+  timeout 300 python3 scripts/decode_ab.py /tmp/l7b.gguf "$out/decode_warp.json" --tokens 64 --rounds 3 \
+    --variant shipped: --variant warp:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=shfl \
+    --variant warp_once:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=once \
+    --variant warp_waves:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=shfl,gemv_waves=4 \
+    2>&1 | tail -6 | tee "$out/decode_warp.md"
+  ;;
 compare)
   bash .gpu/llama-cpp-cuda.sh wait || exit 1
   timeout 540 python3 -m perfx.cli bench -m $models --device gpu -p 512 -n 128 -r 3 --vs llama.cpp \
     --llama-bench "$PWD/.gpu/llama-bench" 2>&1 | tee "$out/vs.md"
   ;;
-*) echo "usage: $0 check [TOK.gguf] [SMOL.gguf] | compare"; exit 2;;
+*) echo "usage: $0 check [TOK.gguf] [SMOL.gguf] | ab | warp | compare"; exit 2;;
 esac

@@ -14,10 +14,8 @@ Matmul uses it for int4 GEMVs (fp16 scales, no norm epilogue) when the tuning da
 from __future__ import annotations
 
 
-import numpy as np
-
 from ...errors import PerfxError
-from .probe import passed, verdict
+from .probe import int4_gemv, passed
 from .runtime import Runtime
 from .specs import check_fits
 
@@ -51,26 +49,9 @@ class DpGemv:
     def probe(self, mm) -> str | None:
         """None when the kernel builds and matches NumPy on a small product through `mm` (a Matmul using
         this GEMV): two tokens, rows not a multiple of 4, a 64- and a 32-element tail; else why not."""
-        from ...quant.quantize import quantize_int4
-        from .packing import DeviceMatrix
-
-        rng = np.random.default_rng(11)
-        T, K, N = 2, 352, 45
-        q, scale, zero = quantize_int4(rng.standard_normal((N, K)).astype(np.float32), 32)
-        x = rng.standard_normal((T, K)).astype(np.float32)
-        w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
-        want = x.astype(np.float64) @ w.T
         dev = self.rt.device
-
-        def run() -> np.ndarray:
-            check_fits("gemv_dp", {**self.defines(), "G": 32}, dev.local_mem_size, dev.max_work_group_size)
-            dm = DeviceMatrix.from_int4(self.rt, q, scale, zero, 32)
-            xb = self.rt.to_device(x)
-            yb = self.rt.to_device(np.full((T, N), np.nan, np.float32))
-            mm.linear(xb, dm, T, yb, scheme="gemv")
-            return self.rt.read(yb, (T, N))
-
-        return verdict(run, want, 1e-3)
+        return int4_gemv(mm, lambda: check_fits("gemv_dp", {**self.defines(), "G": 32}, dev.local_mem_size,
+                                                dev.max_work_group_size))
 
 
 def make(rt: Runtime, params: dict) -> DpGemv | None:

@@ -33,7 +33,8 @@ from ...errors import PerfxError
 from . import gemm_mma, gemm_variants, gemv_dp
 from .packing import RT, DeviceMatrix, chunk_widths
 from .runtime import Runtime
-from .specs import GEMM_REG, GEMM_TILED, SPECS, check_fits, check_rules, defaults, over_limits
+from .probe import int4_gemv, passed
+from .specs import GEMM_REG, GEMM_TILED, GEMV_REDUCE, SPECS, check_fits, check_rules, defaults, over_limits
 
 # Best found on PoCL 3.1 (pthread, AVX-512), 1 and 2 threads; see scripts/bench_kernels.py.
 DEFAULT_PARAMS: dict[str, Any] = defaults("matmul")   # declared, with their meaning, in specs.py
@@ -117,7 +118,24 @@ class Matmul:
         self.variant = gemm_variants.make(rt, self.params)   # gemm_tiled in fp16 or int8 dots, None: f32
         self.dp = gemv_dp.make(rt, self.params)       # the int4 GEMV by dot products, None where not used
         self.dp = gemv_dp.checked(self, self.dp)      # ... kept where its probe through this Matmul passes
+        self._shfl_checked()
         self._plans.clear()
+
+    def _shfl_checked(self) -> None:
+        """gemv_reduce "shfl" (NVIDIA inline PTX) is kept where a small product through this Matmul builds
+        and matches NumPy; elsewhere the partial sums meet in local memory once ("once"), said on stderr."""
+        reduce = self.params["gemv_reduce"]
+        if reduce not in GEMV_REDUCE:
+            raise PerfxError(f"gemv_reduce must be one of {tuple(GEMV_REDUCE)}, got {reduce!r}")
+        if reduce != "shfl":
+            return
+        dp, self.dp = self.dp, None              # the probe's product through gemv.cl, not gemv_dp.cl
+        try:
+            why = int4_gemv(self)
+        finally:
+            self.dp = dp
+        if not passed(self.rt.device, why, "the GEMV's shfl.sync reduction", "its partial sums meet in local memory"):
+            self.params["gemv_reduce"] = "once"
 
     def _int_dot_works(self) -> bool:
         """Whether the int4 and int8 GEMVs take x in int16 (kernels/gemv_int.cl): asked for (gemv_int_dot), the CPU
@@ -232,7 +250,9 @@ class Matmul:
         p = self.params
         dp = self.dp is not None and self.dp.takes(w, norm, norm_in)     # int4 by dot products (gemv_dp.cl)
         ks, wgr, tpw = int(p["gemv_ksplit"]), int(p["gemv_wg_rows"]), int(p["gemv_tpw"])
-        shape, spec = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw}, "gemv"
+        shape = {"VEC": p["gemv_vec"], "KSPLIT": ks, "WG_ROWS": wgr, "TPW": tpw, "PREFETCH": int(p["gemv_prefetch"]),
+                 **GEMV_REDUCE[p["gemv_reduce"]]}
+        spec = "gemv"
         if dp:
             shape, spec = self.dp.defines(), "gemv_dp"
             ks, wgr, tpw = self.dp.ksplit, self.dp.wg_rows, self.dp.tpw
@@ -253,7 +273,8 @@ class Matmul:
         defines.update(**shape, USE_IMAGE=use_image, ZERO_INLINE=inline,
                        INT_DOT_256=int_dot and bool(p["gemv_int_dot_256"]),
                        NORM=norm is not None, HS_G=norm.group if hx is not None else False,
-                       HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage)
+                       HQ=hx is not None and hx.q is not None, NORM_IN=norm_in is not None, NORM_STAGE=stage,
+                       GRID_STRIDE=int(p["gemv_waves"]) > 0)
         if dp:
             defines.update(self.dp.defines(), INT_DOT_256=False)
         program = self.rt.program("gemv_dp" if dp else "gemv_int" if int_dot else "gemv", **defines)
@@ -296,7 +317,10 @@ class Matmul:
         gemv.set_args(*args)
         tiles = -(-N // RT)
         items = -(-tiles // tpw)                 # work-items along the rows
-        steps.append((gemv, (ks, _round_up(items, wgr)), (ks, wgr)))
+        groups = -(-items // wgr)                # work-groups along the rows
+        if int(p["gemv_waves"]) > 0:             # ... or whole waves, looping over the rest (GRID_STRIDE)
+            groups = min(groups, int(p["gemv_waves"]) * dev.max_compute_units)
+        steps.append((gemv, (ks, groups * wgr), (ks, wgr)))
         return steps, keep
 
     def _gemm_few(self, defines: dict, x: cl.Buffer, w: DeviceMatrix, T: int, K: int, N: int, y: cl.Buffer,
@@ -360,7 +384,8 @@ class Matmul:
     def _local_fits(self, scratch: int, ks: int, wgr: int, tpw: int) -> bool:
         """Whether `scratch` bytes of local memory fit beside the GEMV's own reduction array (and the
         1 KiB per work-group some drivers keep)."""
-        own = 4 * wgr * 2 * tpw * RT * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
+        once = self.params["gemv_reduce"] == "once"            # part[WG_ROWS][KSPLIT][NT * RT + 1]
+        own = 4 * wgr * (2 * tpw * RT + once) * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
         return scratch + own + 1024 <= self.rt.device.local_mem_size
 
     def _max_work_group(self, kernel: cl.Kernel) -> int:

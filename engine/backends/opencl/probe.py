@@ -32,6 +32,32 @@ def passed(device: cl.Device, why: str | None, what: str, instead: str) -> bool:
     return why is None
 
 
+def int4_gemv(mm, check: Callable[[], None] = lambda: None) -> str | None:
+    """A GEMV's probe through the Matmul mm (with the GEMV layout to check): a small int4 product, two
+    tokens, rows not a multiple of 4, a 64- and a 32-element tail, against NumPy; check() runs first
+    (a configuration check that raises PerfxError). None when it passes, else why not."""
+    from ...quant.quantize import quantize_int4
+    from .packing import DeviceMatrix
+
+    rng = np.random.default_rng(11)
+    T, K, N = 2, 352, 45
+    q, scale, zero = quantize_int4(rng.standard_normal((N, K)).astype(np.float32), 32)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = q * np.repeat(scale, 32, axis=1).astype(np.float64) + np.repeat(zero, 32, axis=1)
+    want = x.astype(np.float64) @ w.T
+    rt = mm.rt
+
+    def run() -> np.ndarray:
+        check()
+        dm = DeviceMatrix.from_int4(rt, q, scale, zero, 32)
+        xb = rt.to_device(x)
+        yb = rt.to_device(np.full((T, N), np.nan, np.float32))
+        mm.linear(xb, dm, T, yb, scheme="gemv")
+        return rt.read(yb, (T, N))
+
+    return verdict(run, want, 1e-3)
+
+
 def int4_product(rt, seed: int, T: int, K: int, N: int,
                  steps: Callable[[object, cl.Buffer, cl.Buffer], tuple[list, tuple]]
                  ) -> tuple[Callable[[], np.ndarray], tuple]:

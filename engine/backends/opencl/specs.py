@@ -100,11 +100,26 @@ GEMV = KernelSpec("gemv", ("gemv.cl", "gemv_int.cl"), "matmul", (      # float p
           "their prologue, the o and down GEMVs add into it: no norm launches in decode (norm_in.h)"),
     Param("gemv_norm_stage", None, True, (), "... with x * norm weight staged in local memory (else scaled per load)"),
     Param("use_image", None, False, (), "read x through an image1d_buffer_t"),
+    # The warp layout (GPUs; docs/performance.md, H200): gemv_ksplit 32, several pieces in flight, no tree.
+    Param("gemv_prefetch", "PREFETCH", 1, (), "int4 pieces of the K walk whose weights a work-item loads "
+          "before any arithmetic (gemv_tiles.h WALK128; 1: one piece at a time)"),
+    Param("gemv_reduce", None, "tree", (), 'how the K split\'s partial sums meet: "tree" (local memory, '
+          'log2(KSPLIT) barriers), "once" (local memory, one step), "shfl" (shfl.sync.bfly by NVIDIA inline PTX, '
+          'probed at load; KSPLIT <= 32), "xor" (shfl emulated through local memory, for CPUs)'),
+    Param("gemv_waves", None, 0, (), "work-groups per compute unit, each looping over row groups (GRID_STRIDE): "
+          "whole waves; 0: one work-group per WG_ROWS row items"),
 ), model_defines=("FORMAT", "G"),
-    local_bytes=lambda d: F32 * d["WG_ROWS"] * d["TPW"] * 4 * d["KSPLIT"],   # part[WG_ROWS][NT * RT][KSPLIT]
+    local_bytes=lambda d: F32 * d["WG_ROWS"] * d["KSPLIT"] * (d["TPW"] * 4 + ("REDUCE_ONCE" in d)),   # part[][][]
     work_group=lambda d: d["KSPLIT"] * d["WG_ROWS"], traffic=_matmul_traffic, hint="lower gemv_ksplit or gemv_wg_rows",
     constraints=(("KSPLIT is a power of two and TPW at least 1",
-                  lambda d: d["KSPLIT"] >= 1 and d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and d["TPW"] >= 1),))
+                  lambda d: d["KSPLIT"] >= 1 and d["KSPLIT"] & (d["KSPLIT"] - 1) == 0 and d["TPW"] >= 1),
+                 ("PREFETCH is at least 1", lambda d: d.get("PREFETCH", 1) >= 1),
+                 ("with shfl.sync (LANE_PTX) KSPLIT is 2 to 32 and KSPLIT * WG_ROWS fills whole warps",
+                  lambda d: not d.get("LANE_PTX") or (1 < d["KSPLIT"] <= 32 and d["KSPLIT"] * d["WG_ROWS"] % 32 == 0))))
+
+# gemv_reduce's defines (gemv_kernel.h, lane_xor.h); "tree" sets none.
+GEMV_REDUCE = {"tree": {}, "once": {"REDUCE_ONCE": True}, "shfl": {"LANE_SHFL": True, "LANE_PTX": 1},
+               "xor": {"LANE_SHFL": True, "LANE_PTX": 0}}
 
 GEMV_DP = KernelSpec("gemv_dp", "gemv_dp.cl", "matmul", (      # int4 x int16 by dp2a (NVIDIA PTX)
     Param("gemv_dp", None, "off", (), 'int4 GEMV by integer dot products: "off", "ptx", "emulated"'),
