@@ -13,6 +13,10 @@
 #   bash scripts/h200.sh warp
 #       the GEMV's warp layout (off in kernels/tuning.toml): its tests with the PTX reduction, its layouts
 #       against the shipped GEMV with weights from DRAM (scripts/gemv_warp_bench.py), a 7B decode A/B
+#   bash scripts/h200.sh prefill
+#       the prefill GEMMs' options (off in kernels/tuning.toml): gemm_mma's pipeline (double-buffered stages,
+#       half2 dequantization, ldmatrix) and the portable two-level tiled GEMM (gemm_reg), each tested with
+#       the PTX paths, then checked against NumPy and timed on the 7B prefill's products
 #   bash scripts/h200.sh compare
 #       waits for llama.cpp's build, then perfx bench --vs llama.cpp on both files, alternating
 #
@@ -57,10 +61,17 @@ warp)
     --variant warp_waves:gemv_ksplit=32,gemv_wg_rows=4,gemv_prefetch=4,gemv_reduce=shfl,gemv_waves=4 \
     2>&1 | tail -6 | tee "$out/decode_warp.md"
   ;;
+prefill)
+  PERFX_TEST_CL_PLATFORM=nvidia timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cl_gemm_mma.py -k ptx \
+    tests/test_cl_gemm_reg.py 2>&1 | tail -3
+  timeout 400 python3 scripts/gpu_sweep.py --parts mma2 --out "$out/mma2.json" 2>&1 | tee "$out/mma2.md" | tail -20
+  timeout 300 python3 scripts/gemm_reg_sweep.py --out "$out/gemm_reg.json" --platform nvidia 2>&1 \
+    | tee "$out/gemm_reg.md" | tail -12
+  ;;
 compare)
   bash .gpu/llama-cpp-cuda.sh wait || exit 1
   timeout 540 python3 -m perfx.cli bench -m $models --device gpu -p 512 -n 128 -r 3 --vs llama.cpp \
     --llama-bench "$PWD/.gpu/llama-bench" 2>&1 | tee "$out/vs.md"
   ;;
-*) echo "usage: $0 check [TOK.gguf] [SMOL.gguf] | ab | warp | compare"; exit 2;;
+*) echo "usage: $0 check [TOK.gguf] [SMOL.gguf] | ab | warp | prefill | compare"; exit 2;;
 esac
