@@ -40,8 +40,9 @@ class Act:
                                     # GEMV reading them computes in its prologue (gemv_norm_in)
 
     def rows(self, T: int) -> Act:
-        """The same buffer holding T tokens."""
-        return self if T == self.T else replace(self, T=T)
+        """The same buffer holding T tokens (built directly: dataclasses.replace, 14 times a layer, cost a
+        decode step hundreds of µs)."""
+        return self if T == self.T else Act(self.buf, self.width, T, self.norm)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class OpenCLBackend(Backend):
         rt, T, dim, f32 = self.rt, self.max_tokens, self.config.dim, 4
         (fmt, group), *others = {(m.fmt, m.group) for l in layers for m in (l.wqkv.m, l.w_gate_up)}
         self.h_xs, self.xs_group = None, 0
+        self.epilogues: dict[int, Norm] = {}     # norm weight's int_ptr -> the epilogue (_epilogue)
         if not others and fmt == "int4" and (self.matmul.int_dot or not self.matmul.params["gemv_zero_inline"]):
             self.xs_group = group
             int16 = self.matmul.int_dot
@@ -310,10 +312,17 @@ class OpenCLBackend(Backend):
             return x, replace(x, norm=norm)
         if (self.scheme or self.matmul.scheme(x.T)) == "gemv" and self.matmul.params["gemv_norm"] \
                 and w.m.bias is None:
-            epilogue = Norm(norm, self.h.buf, self.h_xs, self.xs_group, self.config.norm_eps)
-            self.matmul.residual_norm(a.buf, w.m, x.T, x.buf, epilogue, xs=self._sums_of(a, w.m))
+            self.matmul.residual_norm(a.buf, w.m, x.T, x.buf, self._epilogue(norm), xs=self._sums_of(a, w.m))
             return x, self.h.rows(x.T)
         return self.add_rmsnorm(x, self.linear(a, w), norm)
+
+    def _epilogue(self, norm: cl.Buffer) -> Norm:
+        """The GEMV's norm epilogue writing h (and its group sums) with the weight `norm`, made once."""
+        epilogue = self.epilogues.get(norm.int_ptr)
+        if epilogue is None:
+            epilogue = self.epilogues[norm.int_ptr] = Norm(norm, self.h.buf, self.h_xs, self.xs_group,
+                                                           self.config.norm_eps)
+        return epilogue
 
     def _sums_of(self, x: Act, w: DeviceMatrix) -> XPrep | None:
         """The group sums (and int16 blocks) of x the norm wrote, when x is h and w an int4 matrix of

@@ -24,6 +24,7 @@ kernels/tuning.toml holds the values for other devices (NVIDIA GPUs among them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ class XPrep:
     q: cl.Buffer | None = None        # int16 [T, K]: x in int16 blocks of 32 (kernels/xq.h), int-dot GEMV
     scale: cl.Buffer | None = None    # f32 [T, K/32]: the blocks' scales
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         return tuple(0 if b is None else b.int_ptr for b in (self.sums, self.q, self.scale))
 
@@ -69,7 +70,7 @@ class Norm:
     group: int                 # group of hx.sums
     eps: float
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         return (self.w.int_ptr, self.h.int_ptr, self.hx.key if self.hx is not None else 0, self.group, self.eps)
 
@@ -82,7 +83,7 @@ class NormIn:
     w: cl.Buffer               # f32 [K]: norm weight
     eps: float
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         return (self.w.int_ptr, self.eps)
 
