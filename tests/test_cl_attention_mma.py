@@ -19,7 +19,7 @@ import pytest
 
 from perfx.engine.backends.numpy_backend import apply_rope
 from perfx.engine.backends.opencl.attention_mma import oracle16
-from tests.test_cl_fused import cl_rt, fused_ops, make_config, reference  # noqa: F401 (cl_rt: fixture)
+from tests.test_cl_fused import check_cache, cl_rt, fused_ops, make_config, reference  # noqa: F401 (cl_rt: fixture)
 
 GUARD = 64
 SENTINEL = 1.0e30
@@ -69,13 +69,7 @@ def _check(rt, config, ctx, steps, params, seed=0):
         ends[layer] = max(ends.get(layer, 0), end)
     assert calls == [T for _, _, T in steps if T >= ops.mma.min_tokens]
     half = bool(ops.params["kv_half"])
-    for layer, end in ends.items():
-        k, v = ops.read_kv(layer)
-        want_k, want_v = ref.k_cache[layer, :end], ref.v_cache[layer, :end]
-        if half:
-            want_k, want_v = (a.astype(np.float16).astype(np.float32) for a in (want_k, want_v))
-        np.testing.assert_allclose(k[:end], want_k, rtol=2e-3 if half else 1e-6, atol=1e-6)
-        np.testing.assert_allclose(v[:end], want_v, rtol=0, atol=0)
+    for end, k, v in check_cache(ops, ref, ends, half, v_atol=0):
         assert np.isnan(k[end:]).all() and np.isnan(v[end:]).all(), "a cache write past the last position"
     return ops
 

@@ -294,14 +294,23 @@ def _check_attention(rt: Runtime, config: ModelConfig, ctx: int, steps: list[Ste
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol,
                                    err_msg=f"layer {layer} start {start} T {T} splits {n_splits}")
         ends[layer] = max(ends.get(layer, 0), start + T)
+    check_cache(ops, ref, ends, half, v_atol=1e-7 if half else 0)
+    return ops
+
+
+def check_cache(ops, ref, ends: dict[int, int], half: bool, v_atol: float) -> list:
+    """Each layer's K and V cache up to its end (layer -> end) against the reference's (rounded to fp16 where
+    the cache is half); returns the (k, v) read back, for checks past the end."""
+    read = []
     for layer, end in ends.items():
         k, v = ops.read_kv(layer)
         want_k, want_v = ref.k_cache[layer, :end], ref.v_cache[layer, :end]
         if half:
             want_k, want_v = (a.astype(np.float16).astype(np.float32) for a in (want_k, want_v))
         np.testing.assert_allclose(k[:end], want_k, rtol=2e-3 if half else 1e-6, atol=1e-6)
-        np.testing.assert_allclose(v[:end], want_v, rtol=0, atol=1e-7 if half else 0)
-    return ops
+        np.testing.assert_allclose(v[:end], want_v, rtol=0, atol=v_atol)
+        read.append((end, k, v))
+    return read
 
 
 KEY_LANES = {"att_key_lanes": 8, "split_min_chunk": 16}    # decode scored by 8 work-items per key
