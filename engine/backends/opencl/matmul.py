@@ -385,8 +385,9 @@ class Matmul:
     def _local_fits(self, scratch: int, ks: int, wgr: int, tpw: int) -> bool:
         """Whether `scratch` bytes of local memory fit beside the GEMV's own reduction array (and the
         1 KiB per work-group some drivers keep)."""
-        once = self.params["gemv_reduce"] == "once"            # part[WG_ROWS][KSPLIT][NT * RT + 1]
-        own = 4 * wgr * (2 * tpw * RT + once) * ks if ks > 1 else 0     # part[WG_ROWS][NT * RT][KSPLIT], NT <= 2 TPW
+        # part[WG_ROWS][NT * RT][KSPLIT] (tree), part[WG_ROWS][KSPLIT][NT * RT + 1] (once); NT <= 2 TPW
+        once = self.params["gemv_reduce"] == "once"
+        own = 4 * wgr * (2 * tpw * RT + once) * ks if ks > 1 else 0
         return scratch + own + 1024 <= self.rt.device.local_mem_size
 
     def _max_work_group(self, kernel: cl.Kernel) -> int:
